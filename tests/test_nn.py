@@ -1,0 +1,404 @@
+"""bnlab.nn modules: drop-in parity with torch, checkpoints both ways, conversion, and every bad-input case."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.functional import NonFiniteStatisticsWarning
+from conftest import BACKENDS
+from helpers import make_input
+
+PAIRS = [
+    (nn.BatchNorm1d, bnlab.nn.BatchNorm1d),
+    (nn.BatchNorm2d, bnlab.nn.BatchNorm2d),
+    (nn.BatchNorm3d, bnlab.nn.BatchNorm3d),
+]
+
+
+def _trained(cls, channels=4, shape=None, steps=2, **kw):
+    layer = cls(channels, **kw)
+    shape = shape or {"BatchNorm1d": (6, channels), "BatchNorm2d": (3, channels, 2, 3)}.get(
+        cls.__name__, (2, channels, 2, 2, 3)
+    )
+    for s in range(steps):
+        layer(make_input(shape, seed=s))
+    return layer
+
+
+# ---- drop-in parity ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("torch_cls", "bnlab_cls"), PAIRS)
+def test_same_attributes_keys_and_isinstance(torch_cls, bnlab_cls):
+    ours, theirs = (
+        bnlab_cls(5, eps=1e-3, momentum=None, affine=False),
+        torch_cls(5, eps=1e-3, momentum=None, affine=False),
+    )
+    assert isinstance(ours, torch_cls)
+    for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(ours, attr) == getattr(theirs, attr)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert ours.state_dict()._metadata[""]["version"] == theirs.state_dict()._metadata[""]["version"]
+    assert repr(ours) == repr(theirs)
+    assert "small_batch='use_running_stats'" in repr(bnlab_cls(5, small_batch="use_running_stats"))
+
+
+@pytest.mark.parametrize(("torch_cls", "bnlab_cls"), PAIRS)
+def test_checkpoints_load_both_ways(torch_cls, bnlab_cls):
+    theirs = _trained(torch_cls)
+    ours = bnlab_cls(4)
+    ours.load_state_dict(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value)
+    trained_ours = _trained(bnlab_cls, steps=3)
+    buffer = io.BytesIO()
+    torch.save(trained_ours.state_dict(), buffer)
+    buffer.seek(0)
+    back = torch_cls(4)
+    back.load_state_dict(torch.load(buffer))
+    for key, value in trained_ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    state = _trained(nn.BatchNorm2d).state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1
+    layer = bnlab.nn.BatchNorm2d(4)
+    layer.load_state_dict(state)
+    assert layer.num_batches_tracked.item() == 0
+
+
+def test_bias_false_keeps_the_scale_only():
+    layer = bnlab.nn.BatchNorm2d(3, bias=False, backend="reference")
+    assert layer.bias is None and layer.weight is not None
+    theirs = nn.BatchNorm2d(3, bias=False)
+    x = make_input((4, 3, 2, 2))
+    torch.testing.assert_close(layer(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_deepcopy_and_pickle_keep_the_options():
+    layer = bnlab.nn.BatchNorm1d(3, nonfinite="error", name="head.bn")
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.nonfinite == "error" and clone.name == "head.bn"
+        with pytest.raises(ValueError, match=r"BatchNorm1d\(3\) 'head\.bn'"):
+            clone(torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cumulative_average_with_momentum_none(backend):
+    layer = bnlab.nn.BatchNorm1d(2, momentum=None, backend=backend)
+    batches = [make_input((5, 2), seed=s, dtype=torch.float32) for s in range(4)]
+    for x in batches:
+        layer(x)
+    torch.testing.assert_close(layer.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
+    torch.testing.assert_close(layer.running_var, torch.stack([x.var(0) for x in batches]).mean(0))
+    assert layer.num_batches_tracked.item() == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_leaves_running_statistics_alone(backend):
+    layer = _trained(bnlab.nn.BatchNorm2d, backend=backend)
+    before = copy.deepcopy(layer.state_dict())
+    x = torch.zeros(0, 4, 3, 3, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "bad", "expected"),
+    [
+        (
+            bnlab.nn.BatchNorm1d,
+            (2, 4, 3, 3),
+            r"BatchNorm1d\(4\): expected input of shape \(N, 4\) or \(N, 4, L\), got 4-D",
+        ),
+        (bnlab.nn.BatchNorm2d, (2, 4, 3), r"BatchNorm2d\(4\): expected input of shape \(N, 4, H, W\), got 3-D"),
+        (bnlab.nn.BatchNorm3d, (2, 4, 3, 3), r"BatchNorm3d\(4\): expected input of shape \(N, 4, D, H, W\), got 4-D"),
+        (bnlab.nn.BatchNorm2d, (2, 5, 3, 3), r"input has 5 channels .* but running_mean has 4 values"),
+        (bnlab.nn.BatchNorm1d, (4,), r"got 1-D input of shape \(4,\)"),
+    ],
+)
+def test_wrong_shapes_name_the_layer_and_the_expected_shape(cls, bad, expected):
+    layer = cls(4)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match=expected):
+        layer(torch.randn(*bad))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_channel_mismatch_without_running_stats_is_caught_too():
+    layer = bnlab.nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match=r"input has 3 channels .* but weight has 4 values"):
+        layer(torch.randn(2, 3, 2, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"eps": 0.0}, r"eps must be a finite number > 0"),
+        ({"eps": -1e-5}, r"eps must be a finite number > 0"),
+        ({"eps": float("nan")}, r"eps must be a finite number > 0"),
+        ({"momentum": -0.1}, r"momentum must be in \[0, 1\]"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\]"),
+        ({"small_batch": "ignore"}, r"small_batch='ignore' is not one of 'error', 'use_running_stats'"),
+        ({"nonfinite": "warn"}, r"nonfinite='warn' is not one of 'skip', 'error', 'ignore'"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, expected):
+    with pytest.raises(ValueError, match=expected):
+        bnlab.nn.BatchNorm2d(8, **kwargs)
+
+
+@pytest.mark.parametrize("num_features", [0, -3, 2.5, True])
+def test_bad_num_features(num_features):
+    with pytest.raises(ValueError, match="num_features must be a positive integer"):
+        bnlab.nn.BatchNorm1d(num_features)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1), (1, 4, 1, 1)])
+def test_one_value_per_channel_is_a_clear_error_by_default(backend, shape):
+    cls = {2: bnlab.nn.BatchNorm1d, 3: bnlab.nn.BatchNorm1d, 4: bnlab.nn.BatchNorm2d}[len(shape)]
+    layer = bnlab.nn.convert(nn.Sequential(nn.Identity(), cls(4, backend=backend)))
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError) as info:
+        layer(torch.randn(*shape))
+    message = str(info.value)
+    assert "'1'" in message and str(shape) in message
+    for option in ("larger batch", ".eval()", "small_batch='use_running_stats'", "GroupNorm"):
+        assert option in message
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_batch_policy_uses_running_stats(backend):
+    layer = _trained(bnlab.nn.BatchNorm1d, small_batch="use_running_stats", backend=backend)
+    before = copy.deepcopy(layer.state_dict())
+    x = torch.randn(1, 4)
+    y = layer(x)
+    torch.testing.assert_close(y, copy.deepcopy(layer).eval()(x))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key])
+    without_stats = bnlab.nn.BatchNorm1d(4, small_batch="use_running_stats", track_running_stats=False)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        without_stats(x)
+
+
+def _poison(kind, shape=(6, 4)):
+    x = make_input(shape)
+    if kind == "nan":
+        x[2, 1] = float("nan")
+    elif kind == "inf":
+        x[0, 3] = float("inf")
+    else:  # finite values whose variance overflows float32
+        x[:, 2] = torch.tensor([3e38, -3e38] * (shape[0] // 2))
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["nan", "inf", "overflow"])
+def test_nonfinite_statistics_are_skipped_with_a_warning(backend, kind):
+    layer = bnlab.nn.convert(nn.Sequential(nn.Linear(4, 4), _trained(bnlab.nn.BatchNorm1d, backend=backend)))
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.warns(NonFiniteStatisticsWarning, match=r"BatchNorm1d\(4\) '1': non-finite batch statistics"):
+        out = layer(_poison(kind))
+    out.sum().backward()  # backward still runs (a GradScaler can then skip the step), and grads exist
+    assert layer[1].weight.grad is not None
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer[1](make_input((6, 4)))  # a good batch afterwards updates as usual
+    assert layer[1].num_batches_tracked.item() == before["1.num_batches_tracked"].item() + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_error_policy_raises_and_keeps_state(backend):
+    layer = _trained(bnlab.nn.BatchNorm1d, nonfinite="error", backend=backend)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(FloatingPointError, match=r"BatchNorm1d\(4\): non-finite batch statistics"):
+        layer(_poison("nan"))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_nonfinite_ignore_policy_is_torchs_behaviour():
+    ours = _trained(bnlab.nn.BatchNorm1d, nonfinite="ignore")
+    theirs = _trained(nn.BatchNorm1d)
+    x = _poison("nan")
+    ours(x)
+    theirs(x)
+    assert torch.isnan(ours.running_mean).any()
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, equal_nan=True)
+
+
+def test_nonfinite_statistics_from_an_already_broken_layer_are_reported_as_such():
+    layer = _trained(bnlab.nn.BatchNorm1d)
+    with torch.no_grad():
+        layer.running_var[0] = float("nan")
+    with pytest.warns(NonFiniteStatisticsWarning, match="already non-finite"):
+        layer(make_input((6, 4)))
+
+
+# ---- numerics --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(4096, 16), (64, 8, 5, 5)])
+def test_large_offset_normalizes_without_cancellation(backend, shape):
+    x = (1e4 + torch.randn(*shape, dtype=torch.float64)).float()
+    dims = [0, *range(2, x.dim())]
+    xd = x.double()
+    truth = (xd - xd.mean(dims, keepdim=True)) / torch.sqrt(xd.var(dims, unbiased=False, keepdim=True) + 1e-5)
+    y = bnlab.functional.batch_norm(x, None, None, training=True, backend=backend).double()
+    # E[x^2] - E[x]^2 in float32 would give a variance off by ~1e8 * 6e-8, i.e. garbage; every backend
+    # must keep each channel at mean 0 and variance 1 (torch's own kernels lose ~1e-2 in the output).
+    torch.testing.assert_close(y.mean(dims), torch.zeros(shape[1], dtype=torch.float64), atol=2e-2, rtol=0)
+    torch.testing.assert_close(
+        y.var(dims, unbiased=False), torch.ones(shape[1], dtype=torch.float64), atol=2e-3, rtol=0
+    )
+    if backend == "reference":
+        torch.testing.assert_close(y, truth, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input_with_float32_statistics(backend, dtype):
+    layer = bnlab.nn.BatchNorm2d(3, backend=backend)
+    x = make_input((8, 3, 4, 4), dtype=dtype, offset=3.0).requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == dtype
+    assert layer.running_mean.dtype == layer.running_var.dtype == layer.weight.dtype == torch.float32
+    xd = x.detach().double()
+    truth = (xd - xd.mean((0, 2, 3), keepdim=True)) / torch.sqrt(xd.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.double(), truth, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(layer.running_mean, 0.1 * xd.mean((0, 2, 3)).float(), atol=1e-4, rtol=1e-3)
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype and layer.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_matches_torch(backend):
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ours = bnlab.nn.convert(theirs, backend=backend)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yt, yo = theirs(x), ours(x)
+    assert yo.dtype == yt.dtype == torch.bfloat16
+    assert ours[1].running_mean.dtype == torch.float32
+    torch.testing.assert_close(yo.float(), yt.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours[1].running_mean, theirs[1].running_mean, atol=1e-3, rtol=1e-3)
+
+
+# ---- torch.compile -----------------------------------------------------------------------------------------
+
+
+def _compile_check(backend, compiler):
+    torch.manual_seed(0)
+    eager = bnlab.nn.convert(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU()), backend=backend)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend=compiler)
+    for s in range(3):
+        x = make_input((8, 5), seed=s)
+        ye, yc = eager(x), compiled(x)
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+        torch.testing.assert_close(yc, ye, atol=1e-5, rtol=1e-5)
+    for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(pc.grad, pe.grad, atol=1e-5, rtol=1e-5, msg=name)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled_model.state_dict()[key], value, atol=1e-5, rtol=1e-5)
+    # A NaN batch under compile: the running statistics are restored without a host sync or a warning.
+    before = copy.deepcopy(compiled_model.state_dict())
+    compiled(_poison("nan", (8, 5)))
+    for key, value in compiled_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_traces_bnlab_layers(backend):
+    torch._dynamo.reset()
+    _compile_check(backend, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_inductor(backend):
+    torch._dynamo.reset()
+    _compile_check(backend, "inductor")
+
+
+# ---- convert -------------------------------------------------------------------------------------------------
+
+
+def _torch_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5, momentum=None, affine=False)),
+    )
+
+
+def test_convert_swaps_every_layer_and_keeps_behaviour():
+    model = _torch_model()
+    x = torch.randn(4, 3, 8, 8)
+    model(x)  # some running statistics to carry over
+    converted = bnlab.nn.convert(model, small_batch="use_running_stats")
+    assert type(converted[1]) is bnlab.nn.BatchNorm2d and type(converted[3][2]) is bnlab.nn.BatchNorm1d
+    assert type(model[1]) is nn.BatchNorm2d, "the default returns a copy and leaves the model alone"
+    assert converted[3][2].momentum is None and converted[3][2].small_batch == "use_running_stats"
+    assert converted[1].name == "1" and converted[3][2].name == "3.2"
+    for key, value in model.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value)
+    model.eval(), converted.eval()
+    torch.testing.assert_close(converted(x), model(x))
+    back = bnlab.nn.convert(converted, to="torch")
+    assert type(back[1]) is nn.BatchNorm2d and type(back[3][2]) is nn.BatchNorm1d
+    assert back.state_dict().keys() == model.state_dict().keys()
+    torch.testing.assert_close(back(x), model(x))
+
+
+def test_convert_inplace_keeps_parameters_for_the_optimizer():
+    model = _torch_model()
+    weight = model[1].weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    same = bnlab.nn.convert(model, inplace=True)
+    assert same is model and type(model[1]) is bnlab.nn.BatchNorm2d and model[1].weight is weight
+    model(torch.randn(4, 3, 8, 8)).square().sum().backward()  # a plain sum of BN outputs has zero gradient
+    opt.step()
+    assert not torch.equal(weight, torch.ones(4)), "the optimizer still updates the converted layer's weight"
+
+
+def test_convert_a_bare_layer_and_training_mode():
+    layer = nn.BatchNorm3d(2).eval()
+    ours = bnlab.nn.convert(layer)
+    assert type(ours) is bnlab.nn.BatchNorm3d and not ours.training and ours.name == "BatchNorm3d"
+
+
+def test_convert_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="to='keras' is not one of 'bnlab', 'torch'"):
+        bnlab.nn.convert(_torch_model(), to="keras")
+    with pytest.raises(ValueError, match=r"LazyBatchNorm2d '0' is not initialized yet"):
+        bnlab.nn.convert(nn.Sequential(nn.LazyBatchNorm2d()))
+    with pytest.raises(ValueError, match="apply only with to='bnlab'"):
+        bnlab.nn.convert(_torch_model(), to="torch", backend="native")
+    with pytest.raises(ValueError, match="small_batch='x' is not one of"):
+        bnlab.nn.convert(_torch_model(), small_batch="x")
