@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed-stamp
 PYTEST_CI_MARKERS := not slow and not gpu
 
-.PHONY: setup run test test-all lint format bench clean
+.PHONY: setup data run test test-all lint format bench clean
 
 setup: $(STAMP)
 
@@ -17,9 +17,19 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
 	touch $@
 
-# The main job. For now: the quick CPU benchmark of bnlab's layers against torch.nn.
-run: $(STAMP)
-	$(BIN)/bnlab bench --quick
+# Fashion-MNIST from Debian's package where apt and root are at hand; elsewhere bnlab downloads it
+# (official mirror, sha256-checked) into ~/.cache/bnlab on first use.
+DEBIAN_DATA := /usr/share/datasets/fashion-mnist
+data:
+	@if [ -d $(DEBIAN_DATA) ]; then echo "data: $(DEBIAN_DATA)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
+		|| echo "data: apt could not install dataset-fashion-mnist; bnlab will download the files"; \
+	else echo "data: no apt (or not root); bnlab will download Fashion-MNIST on first use"; fi
+
+# The main job: every experiment at the quick profile (2 CPU cores), then the report in runs/report.html.
+run: $(STAMP) data
+	$(BIN)/bnlab reproduce --profile quick
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "$(PYTEST_CI_MARKERS)"

@@ -22,3 +22,27 @@ def _isolate_backend_choice(monkeypatch):
 
 
 BACKENDS = ("reference", "native")
+
+
+def write_synthetic_mnist(folder, train=600, test=200, seed=0):
+    """Tiny learnable IDX files with the official names: class k lights up a 6x6 block at position k."""
+    import numpy as np
+
+    from bnlab.datasets.idx import write_idx
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("t10k", test)):
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        images = rng.integers(0, 60, (count, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            row, col = divmod(int(k), 4)
+            images[i, 2 + 8 * row : 8 + 8 * row, 2 + 6 * col : 8 + 6 * col] += 150
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic-mnist"))

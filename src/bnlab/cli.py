@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +35,70 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    from bnlab import experiments
+
+    for name in experiments.names():
+        exp = experiments.get(name)
+        print(f"{name:<20} {exp.title}")
+        print(f"{'':<20} profiles: {', '.join(exp.profiles)}; default seeds: {exp.default_seeds}")
+    return 0
+
+
+def _run_one(name: str, args: argparse.Namespace, overrides: Sequence[str]) -> Path:
+    from bnlab import runner
+
+    run_dir = runner.run_experiment(
+        name,
+        profile=args.profile,
+        seeds=args.seeds,
+        out=args.out,
+        overrides=overrides,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print(f"{name} [{args.profile}, {len(metrics['seeds'])} seed(s)] -> {run_dir}")
+    for v in metrics["verdicts"]:
+        print(f"  {v['verdict']:<15} {v['claim']}\n  {'':<15} ours: {v['ours']}")
+    return run_dir
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _run_one(args.name, args, args.overrides)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bnlab.report import build_report
+
+    html_path, md_path = build_report(args.runs_dir, out=args.out, profile=args.profile)
+    print(f"report: {html_path}\n        {md_path}")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from bnlab import experiments
+    from bnlab.report import build_report
+
+    started = time.perf_counter()
+    for name in experiments.names():
+        _run_one(name, args, ())
+    html_path, md_path = build_report(args.out, profile=args.profile, title=f"bnlab reproduction ({args.profile})")
+    print(f"report: {html_path}\n        {md_path}\nwall time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="quick", help="smoke (tests), quick (default; 2 CPU cores), full (paper scale)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the profile's)")
+    p.add_argument("--out", default="runs", help="folder of runs (default: runs)")
+    p.add_argument(
+        "--data-dir", default=None, help="folder with the dataset's IDX files (default: search, then download)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization: the layer, fast, and reproduced.")
     parser.add_argument("--version", action="version", version=f"bnlab {bnlab.__version__}")
@@ -46,15 +112,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="where to write the CSV (default runs/bench/cpu-<time>.csv)")
     p.add_argument("--gpu", action="store_true", help="GPU benchmark (needs the Triton backend; not yet)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("list", help="list the experiments")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("run", help="run (or resume) one experiment")
+    p.add_argument("name", help="experiment name (see `bnlab list`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="build the HTML and Markdown report from a folder of runs")
+    p.add_argument("runs_dir", nargs="?", default="runs", help="folder of runs (default: runs)")
+    p.add_argument("--out", default=None, help="where to write report.html/report.md (default: RUNS_DIR)")
+    p.add_argument("--profile", default=None, help="only runs of this profile")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("reproduce", help="run every experiment, then the report")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_reproduce)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after the options; argparse alone takes them only before.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if e not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "rounds", None) is not None and args.rounds < 1:
         print("bnlab: --rounds must be at least 1", file=sys.stderr)
         return 2
-    return int(args.func(args))
+    from bnlab.config import ConfigError
+    from bnlab.datasets import DatasetError
+    from bnlab.runner import RunError
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, DatasetError, RunError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"bnlab {args.command}: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
