@@ -263,3 +263,21 @@ def test_sigkill_midway_then_resume_ends_identical_to_uninterrupted(tmp_path, sy
         assert a["history"] == b["history"], arm
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run_a, run_b))
     assert ma["summary"] == mb["summary"] and ma["verdicts"] == mb["verdicts"]
+
+
+def test_atomic_write_leaves_no_partial_file_and_normal_permissions(tmp_path):
+    from bnlab.fileio import atomic_write
+
+    target = tmp_path / "out.json"
+    atomic_write(target, lambda f: f.write(b"old"))
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

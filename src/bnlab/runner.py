@@ -45,7 +45,18 @@ class _Progress:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+            # In a log file (CI, nohup) a bar redrawn ten times a second is noise: redraw every 30 s there.
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.05,
+                mininterval=interval,
+                maxinterval=max(10.0, interval),
+            )
 
     def __call__(self, n: int) -> None:
         if self._bar is not None:
