@@ -4,7 +4,9 @@ Three kinds of case, each timed for every provider (torch, and bnlab with each b
 - ``forward``: one training-mode forward pass (running statistics updated);
 - ``backward``: the backward pass alone (gradients of input, weight and bias, graph kept between calls);
 - ``mlp-step``: a full SGD training step of Ioffe & Szegedy's Figure-1 network (3 hidden layers of 100
-  sigmoid units, BN on each, batch 60), the number that tells a user what bnlab costs in practice.
+  sigmoid units, BN on each, batch 60), the number that tells a user what bnlab costs in practice;
+- ``ghost``: forward + backward of ghost batch norm (ghosts of `g` examples): bnlab's vectorized
+  GhostBatchNorm2d against the usual loop of nn.BatchNorm2d over chunks (the "torch" row).
 
 Providers are timed in interleaved rounds (each round runs every provider once, in turn), so slow drift of
 a shared machine hits all of them alike; a ratio is the median over rounds of the per-round ratio to torch.
@@ -83,6 +85,25 @@ def _layer_fn(provider: str, shape: Sequence[int], dtype: torch.dtype, kind: str
         return torch.autograd.grad(y, inputs, dy, retain_graph=True)
 
     return backward
+
+
+def _ghost_fn(provider: str, shape: Sequence[int], ghost: int) -> Callable[[], object]:
+    """Forward + backward of ghost BN; torch's "provider" is the usual chunk loop over nn.BatchNorm2d."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    dy = torch.randn(*shape, generator=gen)
+    if provider == TORCH:
+        bn = nn.BatchNorm2d(shape[1])
+
+        def layer(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([bn(chunk) for chunk in t.split(ghost)])
+    else:
+        layer = bnlab.nn.GhostBatchNorm2d(shape[1], ghost_batch_size=ghost, backend=provider.removeprefix("bnlab-"))
+
+    def step() -> object:
+        return torch.autograd.grad(layer(x), x, dy)
+
+    return step
 
 
 def _mlp_step_fn(provider: str, batch: int = 60) -> Callable[[], object]:
@@ -167,6 +188,9 @@ def run_bench(
             fns = {p: _layer_fn(p, shape, torch.float32, kind) for p in providers}
             plan.append((kind, "x".join(map(str, shape)), fns))
     plan.append(("mlp-step", "60x784 -> 3x100 -> 10", {p: _mlp_step_fn(p) for p in providers}))
+    ghost_shape, ghost = ((128, 16, 8, 8), 8) if quick else ((256, 32, 8, 8), 16)
+    label = "x".join(map(str, ghost_shape)) + f" /{ghost}"
+    plan.append(("ghost", label, {p: _ghost_fn(p, ghost_shape, ghost) for p in providers}))
     rows: list[BenchRow] = []
     for i, (case, shape, fns) in enumerate(plan, 1):
         log(f"[{i}/{len(plan)}] {case} {shape} ...")

@@ -179,7 +179,14 @@ def _update_guarded(
     # saved batch statistics there), and a tracked in-place write would make backward refuse to run.
     running_mean.data.copy_(before[:channels].view_as(running_mean))
     running_var.data.copy_(before[channels:].view_as(running_var))
-    if not torch.isfinite(before).all():
+    already_bad = not bool(torch.isfinite(before).all())
+    _report_nonfinite(policy, name, already_bad, stacklevel=5)
+    return output, False
+
+
+def _report_nonfinite(policy: str, name: str, already_bad: bool, stacklevel: int) -> None:
+    """Raise (policy "error") or warn (policy "skip") that a batch's statistics were not used."""
+    if already_bad:
         detail = "the running statistics were already non-finite before this batch"
     else:
         detail = "the batch's mean or variance is NaN or infinite (a non-finite input, or an overflow)"
@@ -192,6 +199,198 @@ def _update_guarded(
         f"{name}: non-finite batch statistics in training ({detail}); the running statistics and "
         f"num_batches_tracked were left unchanged for this batch.",
         NonFiniteStatisticsWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
-    return output, False
+
+
+# ---- variants: small siblings of batch_norm that reuse its checks, policies and backends -----------------
+
+
+def batch_renorm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.01,
+    eps: float = 1e-5,
+    *,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+    num_batches_tracked: torch.Tensor | None = None,
+    small_batch: str = "error",
+    nonfinite: str = "skip",
+    backend: str | None = None,
+    layer: str | None = None,
+) -> torch.Tensor:
+    """Batch Renormalization (Ioffe 2017): x_hat = (x - mu_B) / sigma_B * r + d in training.
+
+    r = clip(sigma_B / sigma, 1/rmax, rmax) and d = clip((mu_B - mu) / sigma, -dmax, dmax), where mu and
+    sigma = sqrt(running_var + eps) are the running statistics before this batch's update, and both are
+    constants for the gradient (stop_gradient). Since r and d are per-channel constants,
+    weight * x_hat + bias = (weight * r) * x_hat_B + (weight * d + bias): renorm is batch norm with an
+    effective affine, and runs through `batch_norm` (same backends, checks, policies, running-statistics
+    update). With rmax = 1 and dmax = 0 it is exactly batch norm. Inference is batch norm's.
+
+    The running statistics keep torch's convention (an EMA of the unbiased variance, not of sigma as in the
+    paper), so checkpoints and inference are interchangeable with BatchNorm.
+    """
+    name = layer or "batch_renorm"
+    if not (rmax >= 1.0 and dmax >= 0.0):
+        raise ValueError(f"{name}: need rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+    common = dict(
+        num_batches_tracked=num_batches_tracked,
+        small_batch=small_batch,
+        nonfinite=nonfinite,
+        backend=backend,
+        layer=layer,
+    )
+    count = input.numel() // max(input.shape[1], 1) if input.dim() >= 2 else 0
+    plain = rmax == 1.0 and dmax == 0.0
+    if (
+        not training
+        or plain
+        or running_mean is None
+        or running_var is None
+        or count < 2
+        or not _channels_match(input, running_mean, running_var, weight, bias)
+    ):
+        # No running statistics to correct towards, or nothing to correct: plain batch norm (which also
+        # owns the tiny-batch and empty-batch policies, and the errors for mismatched shapes).
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, **common)
+    with torch.no_grad():
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        dims = [0, *range(2, input.dim())]
+        batch_var, batch_mean = torch.var_mean(input.to(acc), dim=dims, correction=0)
+        sigma = torch.sqrt(running_var.to(acc) + eps)
+        r = (torch.sqrt(batch_var + eps) / sigma).clamp(1.0 / rmax, rmax)
+        d = ((batch_mean - running_mean.to(acc)) / sigma).clamp(-dmax, dmax)
+    param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
+    r, d = r.to(param_dtype), d.to(param_dtype)
+    eff_weight = r if weight is None else weight * r
+    eff_bias = d if weight is None else weight * d
+    if bias is not None:
+        eff_bias = eff_bias + bias
+    return batch_norm(input, running_mean, running_var, eff_weight, eff_bias, True, momentum, eps, **common)
+
+
+def ghost_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    ghost_batch_size: int,
+    num_batches_tracked: torch.Tensor | None = None,
+    small_batch: str = "error",
+    nonfinite: str = "skip",
+    backend: str | None = None,
+    layer: str | None = None,
+) -> torch.Tensor:
+    """Ghost batch norm (Hoffer et al. 2017): in training, statistics per consecutive chunk of
+    `ghost_batch_size` examples, all chunks in one vectorized call.
+
+    The k ghost batches of an (N, C, *) input are laid side by side as k*C channels of an (N/k, k*C, *)
+    tensor, normalized by one batch-norm call (weight and bias repeated k times, so their gradients sum
+    over the ghosts), and laid back. The result equals k separate batch-norm calls on the chunks.
+
+    Running statistics: as if the k chunks had gone through the layer one after the other, i.e. k EMA
+    updates in a row, in closed form: running = (1-m)^k running + sum_j m (1-m)^(k-1-j) stat_j (and for
+    momentum=None the cumulative average over all ghost batches seen); num_batches_tracked grows by k.
+    A batch whose size is not a multiple of `ghost_batch_size` is an error (use drop_last=True in the
+    DataLoader); a batch no larger than one ghost is plain batch norm. Inference is plain batch norm.
+    """
+    name = layer or "ghost_batch_norm"
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
+        raise ValueError(f"{name}: ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
+    common = dict(small_batch=small_batch, nonfinite=nonfinite, backend=backend, layer=layer)
+    batch = input.shape[0] if input.dim() >= 2 else 0
+    if not training or batch <= ghost_batch_size:
+        return batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked=num_batches_tracked, **common,
+        )  # fmt: skip
+    if batch % ghost_batch_size:
+        raise ValueError(
+            f"{name}: a batch of {batch} examples does not split into ghost batches of {ghost_batch_size}; "
+            f"use batch sizes that are multiples of {ghost_batch_size} (e.g. DataLoader(drop_last=True))"
+        )
+    k, channels, rest = batch // ghost_batch_size, input.shape[1], input.shape[2:]
+    if ghost_batch_size * math.prod(rest) == 1:  # one value per channel in each ghost: no variance
+        if small_batch == "use_running_stats" and running_mean is not None and running_var is not None:
+            return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, **common)
+        raise ValueError(small_batch_message(name, tuple(input.shape)) + f" (ghost batches of {ghost_batch_size})")
+    if not _channels_match(input, running_mean, running_var, weight, bias):
+        return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps, **common)  # raises
+    # (N, C, *S) -> (k, g, C, *S) -> (g, k, C, *S) -> (g, k*C, *S): ghost j's channel c becomes channel j*C + c.
+    side_by_side = (
+        input.reshape(k, ghost_batch_size, channels, *rest)
+        .transpose(0, 1)
+        .reshape(ghost_batch_size, k * channels, *rest)
+    )
+    wide_weight = None if weight is None else weight.repeat(k)
+    wide_bias = None if bias is None else bias.repeat(k)
+    track = running_mean is not None and running_var is not None
+    if track:
+        # momentum 1 makes the kernel write each ghost's mean and unbiased variance into these buffers.
+        ghost_mean = torch.zeros(k * channels, dtype=running_mean.dtype, device=input.device)
+        ghost_var = torch.zeros(k * channels, dtype=running_var.dtype, device=input.device)
+        out = batch_norm(
+            side_by_side, ghost_mean, ghost_var, wide_weight, wide_bias, True, 1.0, eps,
+            **{**common, "nonfinite": "ignore"},  # checked below, on the ghost statistics, before any update
+        )  # fmt: skip
+    else:
+        out = batch_norm(side_by_side, None, None, wide_weight, wide_bias, True, 0.0, eps, **common)
+    out = out.reshape(ghost_batch_size, k, channels, *rest).transpose(0, 1).reshape(input.shape)
+    if input.dim() in (4, 5) and not input.is_contiguous() and input.is_contiguous(memory_format=_channels_last(input)):
+        out = out.contiguous(memory_format=_channels_last(input))
+    if track:
+        _update_sequentially(
+            running_mean, running_var, ghost_mean.view(k, channels), ghost_var.view(k, channels), momentum,
+            num_batches_tracked, nonfinite, name,
+        )  # fmt: skip
+    return out
+
+
+def _channels_match(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    return input.dim() >= 2 and all(t is None or t.numel() == input.shape[1] for t in tensors)
+
+
+def _channels_last(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _update_sequentially(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    means: torch.Tensor,
+    variances: torch.Tensor,
+    momentum: float | None,
+    num_batches_tracked: torch.Tensor | None,
+    policy: str,
+    name: str,
+) -> None:
+    """Apply k running-statistics updates (rows of `means`/`variances`, unbiased) as one closed-form step."""
+    k = means.shape[0]
+    with torch.no_grad():
+        if policy != "ignore" and not bool(torch.isfinite(variances).all() & torch.isfinite(means).all()):
+            _report_nonfinite(policy, name, not bool(torch.isfinite(running_var).all()), stacklevel=4)
+            return
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+            seen = float(num_batches_tracked)
+            keep, weights = seen / (seen + k), torch.full((k,), 1.0 / (seen + k), dtype=means.dtype)
+        else:
+            keep = (1.0 - momentum) ** k
+            weights = torch.tensor([momentum * (1.0 - momentum) ** (k - 1 - j) for j in range(k)], dtype=means.dtype)
+        weights = weights.to(means.device)
+        running_mean.mul_(keep).add_((weights[:, None] * means).sum(0))
+        running_var.mul_(keep).add_((weights[:, None] * variances).sum(0))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(k)

@@ -30,11 +30,22 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
 
 
+_NO_OPTIONS: dict[str, Any] = {}
+
+
 class _BatchNormMixin:
-    """The forward pass and options shared by the 1d/2d/3d classes; they differ only in the input check."""
+    """The forward pass and options shared by the 1d/2d/3d classes; they differ only in the input check.
+
+    Variants (batch renorm, ghost BN) reuse it by naming their functional and its extra arguments.
+    """
 
     _expected_dims: tuple[int, ...] = ()
     _shape_hint: str = ""
+    _functional = staticmethod(F.batch_norm)
+
+    def _variant_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for `_functional` (none for plain batch norm)."""
+        return _NO_OPTIONS
 
     # Declared for type checkers; torch's base class creates them.
     num_features: int
@@ -120,7 +131,7 @@ class _BatchNormMixin:
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         training, track = self.training, self.track_running_stats
         use_buffers = not training or track
-        return F.batch_norm(
+        return self._functional(
             input,
             running_mean if use_buffers else None,
             running_var if use_buffers else None,
@@ -134,6 +145,7 @@ class _BatchNormMixin:
             nonfinite=self.nonfinite,
             backend=self.backend,
             layer=self._label,
+            **self._variant_options(),
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,214 @@
+"""Batch renorm and ghost batch norm: the special cases that must equal BN, their own math, and bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab import functional as BF
+from bnlab.functional import NonFiniteStatisticsWarning
+from conftest import BACKENDS
+from helpers import make_input, train_steps
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _same_params(*layers):
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, layer.num_features))
+            layer.bias.copy_(torch.linspace(-0.2, 0.3, layer.num_features))
+    return layers
+
+
+def _assert_runs_equal(a, b, inputs, grads):
+    out_a, grad_a = train_steps(a, inputs, grads)
+    out_b, grad_b = train_steps(b, inputs, grads)
+    for x, y in zip(out_a, out_b, strict=True):
+        torch.testing.assert_close(x, y, **TOL)
+    for ga, gb in zip(grad_a, grad_b, strict=True):
+        for x, y in zip(ga, gb, strict=True):
+            torch.testing.assert_close(x, y, **TOL)
+    for key, value in b.state_dict().items():
+        torch.testing.assert_close(a.state_dict()[key], value, **TOL)
+
+
+# ---- batch renorm ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5, 5)])
+def test_renorm_with_rmax_1_dmax_0_is_batch_norm(backend, shape):
+    cls = bnlab.nn.BatchRenorm1d if len(shape) == 2 else bnlab.nn.BatchRenorm2d
+    plain_cls = bnlab.nn.BatchNorm1d if len(shape) == 2 else bnlab.nn.BatchNorm2d
+    renorm, plain = _same_params(
+        cls(3, momentum=0.1, rmax=1.0, dmax=0.0, warmup_steps=0, rmax_ramp_end=0, dmax_ramp_end=0, backend=backend),
+        plain_cls(3, backend=backend),
+    )
+    inputs = [make_input(shape, seed=s) for s in range(3)]
+    grads = [make_input(shape, seed=10 + s, offset=0.0) for s in range(3)]
+    _assert_runs_equal(renorm, plain, inputs, grads)
+
+
+def test_renorm_warmup_is_batch_norm_and_the_schedule_follows_the_paper():
+    layer = bnlab.nn.BatchRenorm1d(3)
+    assert layer.momentum == 0.01 and layer.current_limits() == (1.0, 0.0)
+    for step, expected in [
+        (4_999, (1.0, 0.0)),
+        (5_000, (1.0, 0.0)),
+        (15_000, (1 + 2 * 10 / 35, 2.5)),
+        (40_000, (3.0, 5.0)),
+    ]:
+        layer.num_batches_tracked.fill_(step)
+        rmax, dmax = layer.current_limits()
+        assert rmax == pytest.approx(expected[0]) and dmax == pytest.approx(expected[1])
+    layer.num_batches_tracked.fill_(10**6)
+    assert layer.current_limits() == (3.0, 5.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unclipped_renorm_normalizes_with_the_running_statistics(backend):
+    # r = sigma_B / sigma and d = (mu_B - mu) / sigma turn (x - mu_B) / sigma_B into (x - mu) / sigma.
+    x = make_input((16, 4), dtype=torch.float64)
+    mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    y = BF.batch_renorm(x, mean.clone(), var.clone(), None, None, True, 0.1, 1e-5, rmax=1e6, dmax=1e6, backend=backend)
+    torch.testing.assert_close(y, (x - mean) / torch.sqrt(var + 1e-5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_renorm_gradients_treat_r_and_d_as_constants(backend):
+    x = make_input((12, 3), dtype=torch.float64).requires_grad_(True)
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    mean, var = torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64), torch.tensor([2.0, 1.5, 9.0], dtype=torch.float64)
+    dy = make_input((12, 3), dtype=torch.float64, seed=5)
+    y = BF.batch_renorm(x, mean.clone(), var.clone(), w, b, True, 0.0, 1e-5, rmax=2.0, dmax=0.5, backend=backend)
+    got = torch.autograd.grad(y, (x, w, b), dy)
+    with torch.no_grad():  # the same r and d, computed by hand and held fixed
+        batch_var, batch_mean = torch.var_mean(x, 0, correction=0)
+        sigma = torch.sqrt(var + 1e-5)
+        r = (torch.sqrt(batch_var + 1e-5) / sigma).clamp(0.5, 2.0)
+        d = ((batch_mean - mean) / sigma).clamp(-0.5, 0.5)
+    y_ref = torch.nn.functional.batch_norm(x, None, None, w * r, w * d + b, True, 0.0, 1e-5)
+    torch.testing.assert_close(y, y_ref)
+    for g, e in zip(got, torch.autograd.grad(y_ref, (x, w, b), dy), strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_renorm_gradcheck_where_r_and_d_are_clipped():
+    # With running statistics far from the batch's, r = rmax and d = +-dmax are locally constant, so the
+    # stop-gradient and the true derivative agree and gradcheck/gradgradcheck apply.
+    x = make_input((6, 3), dtype=torch.float64).requires_grad_(True)
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        mean = torch.tensor([50.0, -50.0, 50.0], dtype=torch.float64)
+        var = torch.full((3,), 1e-3, dtype=torch.float64)
+        return BF.batch_renorm(x, mean, var, w, b, True, 0.0, 1e-5, rmax=3.0, dmax=5.0, backend="reference")
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_renorm_half_precision_and_state_dict():
+    layer = bnlab.nn.BatchRenorm2d(3, warmup_steps=0, rmax_ramp_end=0, dmax_ramp_end=0)
+    layer.load_state_dict(nn.BatchNorm2d(3).state_dict())
+    x = make_input((4, 3, 5, 5), dtype=torch.bfloat16, offset=2.0)
+    for _ in range(3):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert layer.running_var.dtype == torch.float32
+    assert layer.state_dict().keys() == nn.BatchNorm2d(3).state_dict().keys()
+
+
+def test_renorm_bad_arguments():
+    with pytest.raises(ValueError, match="needs track_running_stats=True"):
+        bnlab.nn.BatchRenorm2d(3, track_running_stats=False)
+    with pytest.raises(ValueError, match="rmax >= 1"):
+        bnlab.nn.BatchRenorm2d(3, rmax=0.5)
+    with pytest.raises(ValueError, match="rmax >= 1"):
+        BF.batch_renorm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, dmax=-1.0)
+
+
+# ---- ghost batch norm --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("shape", "layout"), [((12, 3), "contiguous"), ((8, 3, 4, 5), "channels_last")])
+def test_ghost_of_the_whole_batch_is_batch_norm(backend, shape, layout):
+    cls = bnlab.nn.GhostBatchNorm1d if len(shape) == 2 else bnlab.nn.GhostBatchNorm2d
+    plain_cls = bnlab.nn.BatchNorm1d if len(shape) == 2 else bnlab.nn.BatchNorm2d
+    ghost, plain = _same_params(cls(3, ghost_batch_size=shape[0], backend=backend), plain_cls(3, backend=backend))
+    inputs = [make_input(shape, layout, seed=s) for s in range(3)]
+    grads = [make_input(shape, layout, seed=10 + s, offset=0.0) for s in range(3)]
+    _assert_runs_equal(ghost, plain, inputs, grads)
+
+
+class _ChunkLoop(nn.Module):
+    """The reference for ghost BN: one plain BN layer called on each chunk in turn."""
+
+    def __init__(self, bn, ghost):
+        super().__init__()
+        self.bn, self.ghost = bn, ghost
+        self.weight, self.bias = bn.weight, bn.bias
+
+    def forward(self, x):
+        return torch.cat([self.bn(chunk) for chunk in x.split(self.ghost)])
+
+    def state_dict(self, *args, **kwargs):
+        return self.bn.state_dict(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(
+    ("shape", "layout"), [((12, 3), "contiguous"), ((12, 3, 2, 3), "channels_last"), ((8, 2, 3, 2, 2), "contiguous")]
+)
+def test_k_ghosts_equal_k_separate_batch_norm_calls(backend, momentum, shape, layout):
+    ndim = len(shape)
+    cls = {2: bnlab.nn.GhostBatchNorm1d, 4: bnlab.nn.GhostBatchNorm2d, 5: bnlab.nn.GhostBatchNorm3d}[ndim]
+    plain_cls = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[ndim]
+    ghost_size = shape[0] // 4 if shape[0] % 4 == 0 else shape[0] // 3
+    ghost, plain = _same_params(
+        cls(shape[1], momentum=momentum, ghost_batch_size=ghost_size, backend=backend),
+        plain_cls(shape[1], momentum=momentum),
+    )
+    inputs = [make_input(shape, layout, seed=s) for s in range(3)]
+    grads = [make_input(shape, layout, seed=10 + s, offset=0.0) for s in range(3)]
+    _assert_runs_equal(ghost, _ChunkLoop(plain, ghost_size), inputs, grads)
+    with torch.no_grad():
+        x = make_input(shape, layout, seed=42)
+        torch.testing.assert_close(ghost.eval()(x), plain.eval()(x), **TOL)
+
+
+def test_ghost_refuses_uneven_batches_and_bad_sizes():
+    layer = bnlab.nn.GhostBatchNorm2d(3, ghost_batch_size=4, name="stem.bn")
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"GhostBatchNorm2d\(3\) 'stem.bn': a batch of 10 examples does not split into ghost batches of 4",
+    ):
+        layer(torch.randn(10, 3, 2, 2))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key])
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="ghost_batch_size must be a positive integer"):
+            bnlab.nn.GhostBatchNorm1d(3, ghost_batch_size=bad)
+    with pytest.raises(ValueError, match=r"more than one value per channel.*\(ghost batches of 1\)"):
+        bnlab.nn.GhostBatchNorm1d(3, ghost_batch_size=1)(torch.randn(4, 3))
+    assert "ghost_batch_size=4" in repr(layer)
+
+
+def test_ghost_nonfinite_statistics_leave_running_statistics_alone():
+    layer = bnlab.nn.GhostBatchNorm1d(3, ghost_batch_size=4)
+    layer(make_input((8, 3)))
+    before = copy.deepcopy(layer.state_dict())
+    x = make_input((8, 3))
+    x[5, 1] = float("nan")
+    with pytest.warns(NonFiniteStatisticsWarning, match="GhostBatchNorm1d"):
+        layer(x)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key])
