@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import bnlab
+from bnlab.runner import RunError
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -89,6 +90,41 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(spec: str, checkpoint: str | None):
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise RunError(f"MODEL must be 'package.module:callable', got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RunError(f"cannot load {spec!r}: {exc}") from exc
+    model = factory()
+    if checkpoint:
+        import torch
+
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # a bnlab training checkpoint
+        model.load_state_dict(state)
+    return model
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from bnlab import datasets
+    from bnlab.tools.doctor import doctor
+
+    model = _load_model(args.model, args.checkpoint)
+    if args.eval:
+        model.eval()
+    x, _ = datasets.load_tensors(args.dataset, args.split, data_dir=args.data_dir, flatten=not args.image)
+    batches = [x[i : i + args.batch_size] for i in range(0, len(x) - args.batch_size + 1, args.batch_size)]
+    report = doctor(model, batches, num_batches=min(args.batches, len(batches)))
+    print(report.format())
+    return 1 if any(f.severity == "problem" for f in report.findings) else 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="quick", help="smoke (tests), quick (default; 2 CPU cores), full (paper scale)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the profile's)")
@@ -128,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="only runs of this profile")
     p.set_defaults(func=_cmd_report)
 
+    p = sub.add_parser("doctor", help="diagnose the BN layers of a model on data (exit 1 if a problem is found)")
+    p.add_argument("model", help="'package.module:callable' returning the model, e.g. bnlab.models:fig1_mlp")
+    p.add_argument("--checkpoint", default=None, help="a state_dict (or bnlab checkpoint) to load into it")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or mnist")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=20, help="batches to pass through a copy of the model")
+    p.add_argument("--image", action="store_true", help="feed (N, 1, 28, 28) images instead of flat vectors")
+    p.add_argument("--eval", action="store_true", help="put the model in eval mode first (as deployed)")
+    p.set_defaults(func=_cmd_doctor)
+
     p = sub.add_parser("reproduce", help="run every experiment, then the report")
     _add_run_options(p)
     p.set_defaults(func=_cmd_reproduce)
@@ -148,7 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from bnlab.config import ConfigError
     from bnlab.datasets import DatasetError
-    from bnlab.runner import RunError
 
     try:
         return int(args.func(args))

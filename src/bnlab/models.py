@@ -36,3 +36,10 @@ def mlp(
         width = units
     layers.append(nn.Linear(width, classes))
     return nn.Sequential(*layers)
+
+
+def fig1_mlp() -> nn.Sequential:
+    """Figure 1's network with bnlab BN on every hidden layer (a ready factory for `bnlab doctor`)."""
+    from bnlab.nn import BatchNorm1d, name_layers
+
+    return name_layers(mlp(norm=BatchNorm1d))
