@@ -2,6 +2,14 @@
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.nn.convert import convert, name_layers
+from bnlab.nn.frozen import (
+    FrozenAffineBatchNorm1d,
+    FrozenAffineBatchNorm2d,
+    FrozenAffineBatchNorm3d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+)
 from bnlab.nn.variants import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -18,6 +26,12 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FrozenAffineBatchNorm1d",
+    "FrozenAffineBatchNorm2d",
+    "FrozenAffineBatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",

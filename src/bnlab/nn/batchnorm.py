@@ -42,6 +42,8 @@ class _BatchNormMixin:
     _expected_dims: tuple[int, ...] = ()
     _shape_hint: str = ""
     _functional = staticmethod(F.batch_norm)
+    # Where forward finds weight and bias: the parameters, or the buffers for a layer whose affine is frozen.
+    _affine_store = "_parameters"
 
     def _variant_options(self) -> dict[str, Any]:
         """Extra keyword arguments for `_functional` (none for plain batch norm)."""
@@ -127,7 +129,7 @@ class _BatchNormMixin:
             self._check_input_dim(input)
         # The same buffer logic as torch's _BatchNorm.forward, so behaviour matches flag for flag. Buffers and
         # parameters are read from their dicts directly: nn.Module.__getattr__ costs more than the check.
-        buffers, params = self._buffers, self._parameters
+        buffers, affine = self._buffers, getattr(self, self._affine_store)
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         training, track = self.training, self.track_running_stats
         use_buffers = not training or track
@@ -135,8 +137,8 @@ class _BatchNormMixin:
             input,
             running_mean if use_buffers else None,
             running_var if use_buffers else None,
-            params["weight"],
-            params["bias"],
+            affine["weight"],
+            affine["bias"],
             training or (running_mean is None and running_var is None),
             self.momentum,
             self.eps,

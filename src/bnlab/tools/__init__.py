@@ -1,1 +1,25 @@
-"""Operations on whole models that use BN. Each says whether it mutates the model or returns a new one."""
+"""Operations on whole models that use BN. Each says whether it mutates the model or returns a new one.
+
+- `freeze_bn` / `unfreeze_bn`: keep BN frozen across .train() (mutate by default, `inplace=False` copies).
+- `precise_bn`: recompute population statistics with the weights fixed (mutates the statistics only).
+- `doctor`: a per-layer diagnosis with causes and fixes (never mutates).
+- `conventions`: Keras/Flax momentum, names and variance conventions.
+"""
+
+from bnlab.tools.conventions import convert_momentum, load_foreign_batchnorm, variance_correction
+from bnlab.tools.doctor import DoctorReport, doctor
+from bnlab.tools.freeze import freeze_bn, unfreeze_bn
+from bnlab.tools.precise import LayerStatistics, PopulationAccumulator, precise_bn
+
+__all__ = [
+    "DoctorReport",
+    "LayerStatistics",
+    "PopulationAccumulator",
+    "convert_momentum",
+    "doctor",
+    "freeze_bn",
+    "load_foreign_batchnorm",
+    "precise_bn",
+    "unfreeze_bn",
+    "variance_correction",
+]
