@@ -212,3 +212,33 @@ def test_ghost_nonfinite_statistics_leave_running_statistics_alone():
         layer(x)
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ghost_renorm_reduces_to_ghost_bn_and_to_running_statistics(backend):
+    limits = {"warmup_steps": 0, "rmax_ramp_end": 0, "dmax_ramp_end": 0}
+    plain_ghost = bnlab.nn.GhostBatchNorm1d(3, momentum=0.1, ghost_batch_size=4, backend=backend)
+    as_bn = bnlab.nn.BatchRenorm1d(3, momentum=0.1, rmax=1.0, dmax=0.0, ghost_batch_size=4, backend=backend, **limits)
+    _same_params(plain_ghost, as_bn)
+    inputs = [make_input((12, 3), seed=s) for s in range(3)]
+    grads = [make_input((12, 3), seed=10 + s, offset=0.0) for s in range(3)]
+    _assert_runs_equal(as_bn, plain_ghost, inputs, grads)
+    # Unclipped, every ghost is normalized with the running statistics of the start of the step.
+    x = make_input((12, 3), dtype=torch.float64)
+    mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    y = BF.ghost_batch_norm(
+        x,
+        mean.clone(),
+        var.clone(),
+        None,
+        None,
+        True,
+        0.1,
+        1e-5,
+        ghost_batch_size=4,
+        rmax=1e6,
+        dmax=1e6,
+        backend=backend,
+    )
+    torch.testing.assert_close(y, (x - mean) / torch.sqrt(var + 1e-5))
+    assert "ghost_batch_size=4" in repr(as_bn)

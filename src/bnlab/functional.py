@@ -259,20 +259,41 @@ def batch_renorm(
         # No running statistics to correct towards, or nothing to correct: plain batch norm (which also
         # owns the tiny-batch and empty-batch policies, and the errors for mismatched shapes).
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, **common)
+    eff_weight, eff_bias = _renorm_affine(input, running_mean, running_var, weight, bias, eps, rmax, dmax)
+    return batch_norm(input, running_mean, running_var, eff_weight, eff_bias, True, momentum, eps, **common)
+
+
+def _renorm_affine(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rmax: float,
+    dmax: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch renorm's effective (weight * r, weight * d + bias), r and d held constant for the gradient.
+
+    `input` may hold more channels than the running statistics (k ghost batches side by side, k*C
+    channels): each block of C channels is compared with the same running statistics.
+    """
+    channels = running_mean.numel()
+    repeat = input.shape[1] // channels
     with torch.no_grad():
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         dims = [0, *range(2, input.dim())]
         batch_var, batch_mean = torch.var_mean(input.to(acc), dim=dims, correction=0)
-        sigma = torch.sqrt(running_var.to(acc) + eps)
+        sigma = torch.sqrt(running_var.to(acc) + eps).repeat(repeat)
         r = (torch.sqrt(batch_var + eps) / sigma).clamp(1.0 / rmax, rmax)
-        d = ((batch_mean - running_mean.to(acc)) / sigma).clamp(-dmax, dmax)
+        d = ((batch_mean - running_mean.to(acc).repeat(repeat)) / sigma).clamp(-dmax, dmax)
     param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
     r, d = r.to(param_dtype), d.to(param_dtype)
     eff_weight = r if weight is None else weight * r
     eff_bias = d if weight is None else weight * d
     if bias is not None:
         eff_bias = eff_bias + bias
-    return batch_norm(input, running_mean, running_var, eff_weight, eff_bias, True, momentum, eps, **common)
+    return eff_weight, eff_bias
 
 
 def ghost_batch_norm(
@@ -286,6 +307,8 @@ def ghost_batch_norm(
     eps: float = 1e-5,
     *,
     ghost_batch_size: int,
+    rmax: float | None = None,
+    dmax: float | None = None,
     num_batches_tracked: torch.Tensor | None = None,
     small_batch: str = "error",
     nonfinite: str = "skip",
@@ -304,16 +327,22 @@ def ghost_batch_norm(
     momentum=None the cumulative average over all ghost batches seen); num_batches_tracked grows by k.
     A batch whose size is not a multiple of `ghost_batch_size` is an error (use drop_last=True in the
     DataLoader); a batch no larger than one ghost is plain batch norm. Inference is plain batch norm.
+
+    With `rmax` and `dmax`, each ghost batch is batch-renormalized (see `batch_renorm`) against the running
+    statistics: per-device batch renorm, as in the batch renorm paper's micro-batch experiment.
     """
     name = layer or "ghost_batch_norm"
     if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
         raise ValueError(f"{name}: ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
     common = dict(small_batch=small_batch, nonfinite=nonfinite, backend=backend, layer=layer)
     batch = input.shape[0] if input.dim() >= 2 else 0
+    renorm = rmax is not None and dmax is not None and not (rmax == 1.0 and dmax == 0.0)
     if not training or batch <= ghost_batch_size:
-        return batch_norm(
+        plain = batch_renorm if renorm else batch_norm
+        extra = {"rmax": rmax, "dmax": dmax} if renorm else {}
+        return plain(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
-            num_batches_tracked=num_batches_tracked, **common,
+            num_batches_tracked=num_batches_tracked, **common, **extra,
         )  # fmt: skip
     if batch % ghost_batch_size:
         raise ValueError(
@@ -336,6 +365,10 @@ def ghost_batch_norm(
     wide_weight = None if weight is None else weight.repeat(k)
     wide_bias = None if bias is None else bias.repeat(k)
     track = running_mean is not None and running_var is not None
+    if renorm and track:
+        wide_weight, wide_bias = _renorm_affine(
+            side_by_side, running_mean, running_var, wide_weight, wide_bias, eps, rmax, dmax
+        )
     if track:
         # momentum 1 makes the kernel write each ghost's mean and unbiased variance into these buffers.
         ghost_mean = torch.zeros(k * channels, dtype=running_mean.dtype, device=input.device)

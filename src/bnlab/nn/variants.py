@@ -28,7 +28,9 @@ class _RenormMixin(_BatchNormMixin):
     statistics settle); then both grow linearly, reaching `rmax` at step `rmax_ramp_end` and `dmax` at step
     `dmax_ramp_end`. The defaults are Ioffe (2017)'s: rmax 3 by 40k steps, dmax 5 by 25k steps, after 5k
     steps of warm-up; set warmup_steps=0 and the ramp ends to 0 for fixed limits from the start. The
-    default momentum is the paper's 0.01 rather than BatchNorm's 0.1.
+    default momentum is the paper's 0.01 rather than BatchNorm's 0.1. With `ghost_batch_size`, statistics
+    (and r, d) are per ghost batch: per-device renorm with simulated devices; the schedule then counts
+    ghost batches, since num_batches_tracked grows by one per ghost.
     """
 
     _functional = staticmethod(F.batch_renorm)
@@ -48,9 +50,14 @@ class _RenormMixin(_BatchNormMixin):
         warmup_steps: int = 5_000,
         rmax_ramp_end: int = 40_000,
         dmax_ramp_end: int = 25_000,
+        ghost_batch_size: int | None = None,
         **options: Any,
     ) -> None:
         label = f"{type(self).__name__}({num_features})"
+        if ghost_batch_size is not None and (
+            isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1
+        ):
+            raise ValueError(f"{label}: ghost_batch_size must be a positive integer or None, got {ghost_batch_size!r}")
         if not (math.isfinite(rmax) and rmax >= 1.0 and math.isfinite(dmax) and dmax >= 0.0):
             raise ValueError(f"{label}: need finite rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
         if min(warmup_steps, rmax_ramp_end, dmax_ramp_end) < 0:
@@ -62,6 +69,11 @@ class _RenormMixin(_BatchNormMixin):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **options)
         self.rmax, self.dmax = float(rmax), float(dmax)
         self.warmup_steps, self.rmax_ramp_end, self.dmax_ramp_end = warmup_steps, rmax_ramp_end, dmax_ramp_end
+        self.ghost_batch_size = ghost_batch_size
+        if ghost_batch_size is not None:
+            # Per-device renorm: every ghost batch is corrected against the running statistics of the start
+            # of the step, as devices running in parallel would be.
+            self._functional = F.ghost_batch_norm
 
     def current_limits(self) -> tuple[float, float]:
         """(rmax, dmax) in force at the current num_batches_tracked."""
@@ -76,14 +88,17 @@ class _RenormMixin(_BatchNormMixin):
 
     def _variant_options(self) -> dict[str, Any]:
         if not self.training:
-            return {}
+            return {} if self.ghost_batch_size is None else {"ghost_batch_size": self.ghost_batch_size}
         rmax, dmax = self.current_limits()
+        if self.ghost_batch_size is not None:
+            return {"rmax": rmax, "dmax": dmax, "ghost_batch_size": self.ghost_batch_size}
         return {"rmax": rmax, "dmax": dmax}
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}, "
             f"rmax_ramp_end={self.rmax_ramp_end}, dmax_ramp_end={self.dmax_ramp_end}"
+            + ("" if self.ghost_batch_size is None else f", ghost_batch_size={self.ghost_batch_size}")
         )
 
 
