@@ -281,3 +281,21 @@ def test_atomic_write_leaves_no_partial_file_and_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("name", experiments.names())
+def test_every_experiment_runs_its_smoke_profile(name, tmp_path, synthetic_data):
+    exp = experiments.get(name)
+    assert "Claim" in exp.description(), "the module docstring states the claim being tested"
+    run_dir = runner.run_experiment(name, "smoke", seeds=2, out=tmp_path, data_dir=synthetic_data, progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["verdicts"] and all(
+        v["verdict"] in ("reproduced", "partly", "not reproduced") for v in metrics["verdicts"]
+    )
+    assert all(v["paper"] and v["ours"] and v["reason"] for v in metrics["verdicts"])
+    for figure in metrics["figures"]:
+        assert (run_dir / figure).stat().st_size > 1000
+    for table in metrics["tables"]:
+        assert all(len(row) == len(table["columns"]) for row in table["rows"])
+    html, _ = build_report(tmp_path, out=tmp_path)
+    assert metrics["title"] in html.read_text().replace("&#x27;", "'")

@@ -402,3 +402,25 @@ def test_convert_refuses_what_it_cannot_do():
         bnlab.nn.convert(_torch_model(), to="torch", backend="native")
     with pytest.raises(ValueError, match="small_batch='x' is not one of"):
         bnlab.nn.convert(_torch_model(), small_batch="x")
+
+
+def test_convert_to_sync_and_back_keeps_tensors_and_classes():
+    model = bnlab.nn.convert(_torch_model())
+    weight = model[1].weight
+    synced = bnlab.nn.convert(model, to="sync")
+    assert type(synced[1]) is bnlab.nn.SyncBatchNorm and type(synced[3][2]) is bnlab.nn.SyncBatchNorm
+    back = bnlab.nn.convert(synced, to="bnlab")
+    assert type(back[1]) is bnlab.nn.BatchNorm2d and type(back[3][2]) is bnlab.nn.BatchNorm1d
+    assert type(model[1]) is bnlab.nn.BatchNorm2d and model[1].weight is weight, "copies by default"
+    x = torch.randn(4, 3, 8, 8)
+    model.eval(), back.eval()
+    torch.testing.assert_close(back(x), model(x))
+    with pytest.raises(ValueError, match="apply only with to='bnlab'"):
+        bnlab.nn.convert(model, to="sync", small_batch="error")
+
+
+def test_convert_replaces_a_layer_used_in_two_places_once():
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    converted = bnlab.nn.convert(model)
+    assert type(converted[0]) is bnlab.nn.BatchNorm1d and converted[0] is converted[2]

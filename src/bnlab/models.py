@@ -43,3 +43,23 @@ def fig1_mlp() -> nn.Sequential:
     from bnlab.nn import BatchNorm1d, name_layers
 
     return name_layers(mlp(norm=BatchNorm1d))
+
+
+def small_convnet(
+    norm: Callable[[int], nn.Module] | None = None, widths: Sequence[int] = (16, 32, 64), classes: int = 10
+) -> nn.Sequential:
+    """The experiments' conv network for 1x28x28 images: three 3x3 conv blocks (conv -> norm -> ReLU,
+    max-pooling after the first two), global average pooling, and a linear classifier. Convolutions
+    followed by a normalization have no bias."""
+    layers: list[nn.Module] = []
+    channels = 1
+    for i, width in enumerate(widths):
+        layers.append(nn.Conv2d(channels, width, 3, padding=1, bias=norm is None))
+        if norm is not None:
+            layers.append(norm(width))
+        layers.append(nn.ReLU())
+        if i < len(widths) - 1:
+            layers.append(nn.MaxPool2d(2))
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)]
+    return nn.Sequential(*layers)

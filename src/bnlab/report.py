@@ -89,6 +89,10 @@ def _html(runs: Sequence[dict[str, Any]], title: str) -> str:
                 f"<small>{e(v['reason'])}</small></td></tr>"
             )
         parts.append("</table>")
+        for table in run.get("tables", []):
+            head = "".join(f"<th>{e(str(c))}</th>" for c in table["columns"])
+            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in table["rows"])
+            parts.append(f"<p><b>{e(table['title'])}</b></p><table><tr>{head}</tr>{body}</table>")
         for name in run["figures"]:
             data = base64.b64encode((run["_dir"] / name).read_bytes()).decode()
             parts.append(f"<p><img alt='{e(name)}' src='data:image/png;base64,{data}'></p>")
@@ -124,6 +128,11 @@ def _markdown(runs: Sequence[dict[str, Any]], title: str, base: Path) -> str:
             cells = [v["claim"], v["paper"], v["ours"], f"**{v['verdict']}** ({v['reason']})"]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
+        for table in run.get("tables", []):
+            lines += [f"**{table['title']}**", "", "| " + " | ".join(map(str, table["columns"])) + " |"]
+            lines.append("|" + "---|" * len(table["columns"]))
+            lines += ["| " + " | ".join(map(str, row)) + " |" for row in table["rows"]]
+            lines.append("")
         for name in run["figures"]:
             lines += [f"![{name}]({Path(os.path.relpath(run['_dir'] / name, base)).as_posix()})", ""]
         prov = run["_provenance"]

@@ -171,6 +171,7 @@ def analyze(
         "seeds": sorted(results),
         "summary": summary,
         "verdicts": [v.to_dict() for v in verdicts],
+        "tables": exp.tables(config, summary),
         "figures": figure_names,
         "train_seconds": train_seconds,
         "analyzed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

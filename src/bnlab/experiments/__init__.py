@@ -38,4 +38,4 @@ def get(name: str) -> Experiment:
 
 def _load_all() -> None:
     # Importing an experiment module registers it; kept lazy so that `import bnlab` stays light.
-    from bnlab.experiments import ioffe2015_fig1  # noqa: F401
+    from bnlab.experiments import ioffe2015_fig1, precise_bn, smallbatch  # noqa: F401

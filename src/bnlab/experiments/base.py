@@ -88,6 +88,10 @@ class Experiment(ABC):
     def figures(self, config: Any, summary: dict[str, Any]) -> dict[str, Any]:
         """Matplotlib figures by file stem, drawn from the summary alone."""
 
+    def tables(self, config: Any, summary: dict[str, Any]) -> list[dict[str, Any]]:
+        """Optional tables for the report: [{"title": str, "columns": [...], "rows": [[...], ...]}]."""
+        return []
+
     def description(self) -> str:
         """The claim and setup, from the experiment module's docstring."""
         import sys

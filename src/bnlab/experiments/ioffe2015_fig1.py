@@ -30,6 +30,7 @@ from torch import nn
 import bnlab
 from bnlab.experiments import register
 from bnlab.experiments.base import Experiment, UnitContext, Verdict
+from bnlab.experiments.common import grade, load_data, mean_std
 from bnlab.models import mlp
 from bnlab.train import train_classifier
 
@@ -79,24 +80,6 @@ def build_model(config: Fig1Config, arm: str, seed: int) -> nn.Sequential:
     return bnlab.nn.name_layers(model)
 
 
-def _data(config: Fig1Config, ctx: UnitContext) -> dict[str, torch.Tensor]:
-    key = f"data:{config.dataset}"
-    if key not in ctx.cache:
-        from bnlab import datasets
-
-        train_x, train_y = datasets.load_tensors(config.dataset, "train", data_dir=ctx.data_dir)
-        test_x, test_y = datasets.load_tensors(config.dataset, "test", data_dir=ctx.data_dir)
-        found = datasets.locate(config.dataset, "test", data_dir=ctx.data_dir)
-        ctx.cache[key] = {
-            "train_x": train_x,
-            "train_y": train_y,
-            "test_x": test_x,
-            "test_y": test_y,
-            "files": {"folder": str(found.images.parent), "source": found.source} if found else None,
-        }
-    return ctx.cache[key]
-
-
 @register
 class Ioffe2015Fig1(Experiment):
     name = "ioffe2015-fig1"
@@ -116,10 +99,10 @@ class Ioffe2015Fig1(Experiment):
         return config.steps
 
     def run_unit(self, config: Fig1Config, seed: int, arm: str, ctx: UnitContext) -> dict[str, Any]:
-        data = _data(config, ctx)
+        data = load_data(ctx, config.dataset, flatten=True)
         model = build_model(config, arm, seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-        test_x, test_y = data["test_x"], data["test_y"]
+        test_x, test_y = data.test_x, data.test_y
         tracked_x = test_x[: config.tracked_examples]
         to_last_sigmoid = slice(0, len(model) - 2)  # everything before the last sigmoid and the output layer
 
@@ -140,8 +123,8 @@ class Ioffe2015Fig1(Experiment):
         result = train_classifier(
             model,
             optimizer,
-            data["train_x"],
-            data["train_y"],
+            data.train_x,
+            data.train_y,
             steps=config.steps,
             batch_size=config.batch_size,
             data_seed=seed + config.data_seed_offset,
@@ -150,7 +133,7 @@ class Ioffe2015Fig1(Experiment):
             checkpoint=ctx.checkpoint,
             on_steps=ctx.progress,
         )
-        return {"seed": seed, "arm": arm, "data": data["files"], **result}
+        return {"seed": seed, "arm": arm, "data": data.files, **result}
 
     def summarize(self, config: Fig1Config, results: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         seeds = sorted(results)
@@ -166,9 +149,9 @@ class Ioffe2015Fig1(Experiment):
                 "test_acc_mean": table["test_acc"].mean(0).tolist(),
                 "test_acc_std": table["test_acc"].std(0).tolist(),
                 **{f"{k}_mean": table[k].mean(0).tolist() for k in ("p15", "p50", "p85")},
-                "final_acc": _mean_std(table["test_acc"][:, -1]),
-                "median_range": _mean_std(median_range),
-                "spread_ratio": _mean_std(spread_ratio),
+                "final_acc": mean_std(table["test_acc"][:, -1]),
+                "median_range": mean_std(median_range),
+                "spread_ratio": mean_std(spread_ratio),
             }
         base_final = summary["arms"]["baseline"]["final_acc"]["mean"]
         bn_curve = summary["arms"]["bn"]["test_acc_mean"]
@@ -201,7 +184,7 @@ class Ioffe2015Fig1(Experiment):
                 f"test accuracy after {summary['steps'][-1]:,} steps: BN {_pct(bn['final_acc'])}, "
                 f"no BN {_pct(base['final_acc'])}; {reach}"
             ),
-            verdict=_grade(higher, faster),
+            verdict=grade(higher and faster, higher or faster),
             reason=(
                 f"higher: {'yes' if higher else 'no'} (gap {100 * gap:+.2f} points vs seed std {100 * noise:.2f}); "
                 f"at least 2x faster to the baseline's final accuracy: {'yes' if faster else 'no'}"
@@ -217,7 +200,7 @@ class Ioffe2015Fig1(Experiment):
                 f"BN {_num(bn['median_range'])}; "
                 f"max/min of the 15-85 spread: no BN {_num(base['spread_ratio'])}, BN {_num(bn['spread_ratio'])}"
             ),
-            verdict=_grade(stable_mean, stable_spread),
+            verdict=grade(stable_mean and stable_spread, stable_mean or stable_spread),
             reason=(
                 f"median moves less with BN: {'yes' if stable_mean else 'no'}; "
                 f"spread varies less with BN: {'yes' if stable_spread else 'no'}"
@@ -257,19 +240,9 @@ class Ioffe2015Fig1(Experiment):
 _KEYS = ("test_acc", "p15", "p50", "p85")
 
 
-def _mean_std(values: np.ndarray) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
-
-
 def _pct(stat: dict[str, float]) -> str:
     return f"{100 * stat['mean']:.2f}% ± {100 * stat['std']:.2f}"
 
 
 def _num(stat: dict[str, float]) -> str:
     return f"{stat['mean']:.3g} ± {stat['std']:.2g}" if math.isfinite(stat["mean"]) else "n/a"
-
-
-def _grade(*checks: bool) -> str:
-    if all(checks):
-        return "reproduced"
-    return "partly" if any(checks) else "not reproduced"

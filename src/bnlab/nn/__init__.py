@@ -10,6 +10,7 @@ from bnlab.nn.frozen import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
 )
+from bnlab.nn.sync import SyncBatchNorm, from_sync, to_sync
 from bnlab.nn.variants import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -35,6 +36,9 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "SyncBatchNorm",
     "convert",
+    "from_sync",
     "name_layers",
+    "to_sync",
 ]
