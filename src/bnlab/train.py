@@ -58,12 +58,15 @@ def train_classifier(
     evaluate: Evaluate,
     checkpoint: Path,
     on_steps: Callable[[int], None] = lambda n: None,
+    lr_at: Callable[[int], float] | None = None,
 ) -> dict[str, Any]:
     """Train with cross-entropy for `steps` steps; evaluate at step 0, every `eval_every` steps and at the end.
 
     Returns {"history": [{"step", "train_loss", **evaluate(model)}, ...], "elapsed_s": float}. Resumes from
     `checkpoint` if it exists (the model and optimizer must be built the same way as in the first run).
     A non-finite loss does not stop training: it is recorded, as a diverging run is a result too.
+    `lr_at(step)`, if given, sets every parameter group's learning rate before each step (a function of the
+    step alone, so resumption needs no scheduler state).
     """
     order = BatchOrder(len(inputs), batch_size, data_seed)
     if checkpoint.exists():
@@ -95,6 +98,9 @@ def train_classifier(
     loss_sum, loss_count = 0.0, 0
     while step < steps:
         model.train()
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
         idx = order.indices(step)
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(inputs[idx]), targets[idx])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch import nn
 
 from bnlab.experiments.base import UnitContext
 
-__all__ = ["Data", "accuracy", "grade", "load_data", "mean_std"]
+__all__ = ["Data", "accuracy", "cosine_lr", "grade", "load_data", "mean_std"]
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,25 @@ class Data:
     files: dict[str, str] | None  # where the test split was found, for the record
 
 
-def load_data(ctx: UnitContext, dataset: str, *, flatten: bool) -> Data:
-    """Both splits as float tensors, loaded once per run (kept in the run's shared cache)."""
-    key = f"data:{dataset}:{'flat' if flatten else 'image'}"
+def cosine_lr(base: float, steps: int) -> Callable[[int], float]:
+    """Learning rate at a step: cosine decay from `base` to 0 over `steps` (a stable final model to judge)."""
+    return lambda step: 0.5 * base * (1.0 + math.cos(math.pi * step / steps))
+
+
+def load_data(ctx: UnitContext, dataset: str, *, flatten: bool, image_size: int = 28) -> Data:
+    """Both splits as float tensors, loaded once per run (kept in the run's shared cache). With
+    `image_size` below 28 (and not flattened), images are average-pooled down to that size."""
+    key = f"data:{dataset}:{'flat' if flatten else 'image'}:{image_size}"
     if key not in ctx.cache:
         from bnlab import datasets
 
         train_x, train_y = datasets.load_tensors(dataset, "train", data_dir=ctx.data_dir, flatten=flatten)
         test_x, test_y = datasets.load_tensors(dataset, "test", data_dir=ctx.data_dir, flatten=flatten)
+        if image_size != 28:
+            if flatten or 28 % image_size:
+                raise ValueError(f"image_size must divide 28 and needs unflattened images, got {image_size}")
+            train_x = nn.functional.avg_pool2d(train_x, 28 // image_size)
+            test_x = nn.functional.avg_pool2d(test_x, 28 // image_size)
         found = datasets.locate(dataset, "test", data_dir=ctx.data_dir)
         files = {"folder": str(found.images.parent), "source": found.source} if found else None
         ctx.cache[key] = Data(train_x, train_y, test_x, test_y, files)
