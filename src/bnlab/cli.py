@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import bnlab
+from bnlab import distributed
 from bnlab.runner import RunError
 
 
@@ -57,11 +58,13 @@ def _run_one(name: str, args: argparse.Namespace, overrides: Sequence[str]) -> P
         overrides=overrides,
         data_dir=args.data_dir,
         progress=not args.no_progress,
+        sync_bn=args.sync_bn,
     )
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    print(f"{name} [{args.profile}, {len(metrics['seeds'])} seed(s)] -> {run_dir}")
-    for v in metrics["verdicts"]:
-        print(f"  {v['verdict']:<15} {v['claim']}\n  {'':<15} ours: {v['ours']}")
+    if distributed.is_main():  # under torchrun, one copy of the output
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        print(f"{name} [{args.profile}, {len(metrics['seeds'])} seed(s)] -> {run_dir}")
+        for v in metrics["verdicts"]:
+            print(f"  {v['verdict']:<15} {v['claim']}\n  {'':<15} ours: {v['ours']}")
     return run_dir
 
 
@@ -85,8 +88,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for name in experiments.names():
         _run_one(name, args, ())
-    html_path, md_path = build_report(args.out, profile=args.profile, title=f"bnlab reproduction ({args.profile})")
-    print(f"report: {html_path}\n        {md_path}\nwall time {time.perf_counter() - started:.0f} s")
+    title = f"bnlab reproduction ({args.profile})"
+    html_path, md_path = distributed.on_main(build_report, args.out, profile=args.profile, title=title)
+    if distributed.is_main():
+        print(f"report: {html_path}\n        {md_path}\nwall time {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -133,6 +138,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--data-dir", default=None, help="folder with the dataset's IDX files (default: search, then download)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: BN statistics over the global batch (SyncBatchNorm), as in a single process; "
+        "without it each process's BN uses its own share (plain DDP). No effect in a single process",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,14 +208,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bnlab.config import ConfigError
     from bnlab.datasets import DatasetError
 
+    # Under torchrun (`torchrun --nproc_per_node=N -m bnlab.cli run ...`) each process joins the world here;
+    # in a plain process this does nothing. Only these commands train.
+    joined, ended = args.command in ("run", "reproduce") and distributed.init_from_env(), False
     try:
-        return int(args.func(args))
-    except (ConfigError, DatasetError, RunError, KeyError, FileNotFoundError) as exc:
+        code = int(args.func(args))
+    except (ConfigError, DatasetError, RunError, KeyError, FileNotFoundError, distributed.DataParallelError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"bnlab {args.command}: {message}", file=sys.stderr)
-        return 2
+        # Every rank says it: torchrun stops the others as soon as one worker exits, so a rank 0 that waited
+        # for its turn could be killed before it spoke. Ranks other than 0 name themselves.
+        where = "" if distributed.is_main() else f" [rank {distributed.rank()}]"
+        print(f"bnlab {args.command}{where}: {message}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    finally:
+        if joined:
+            ended = distributed.shutdown()  # False if the group was someone else's (main() called in-process)
+    if ended:
+        distributed.exit_now(code)  # a torchrun worker that made its group: see exit_now for the abort it avoids
+    return code
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ class UnitContext:
     data_dir: Path | None  # an explicit dataset folder (--data-dir), else the loader's search order
     progress: Callable[[int], None] = field(default=lambda n: None)  # advance the progress bar by n steps
     cache: dict[str, Any] = field(default_factory=dict)  # shared between the units of one run (e.g. data)
+    # --sync-bn: pass it on as `train_classifier(..., sync_bn=ctx.sync_bn)`, which converts the model's BN
+    # layers to SyncBatchNorm in data-parallel runs (a no-op in a single process); the runner checks it arrived.
+    sync_bn: bool = False
 
     @property
     def checkpoint(self) -> Path:

@@ -132,6 +132,7 @@ class Ioffe2015Fig1(Experiment):
             evaluate=evaluate,
             checkpoint=ctx.checkpoint,
             on_steps=ctx.progress,
+            sync_bn=ctx.sync_bn,
         )
         return {"seed": seed, "arm": arm, "data": data.files, **result}
 

@@ -123,6 +123,7 @@ class PreciseBN(Experiment):
             evaluate=evaluate,
             checkpoint=ctx.checkpoint,
             on_steps=ctx.progress,
+            sync_bn=ctx.sync_bn,
         )
         return {"seed": seed, "arm": arm, "data": data.files, **result}
 

@@ -153,6 +153,7 @@ class SmallBatch(Experiment):
             evaluate=evaluate,
             checkpoint=ctx.checkpoint,
             on_steps=ctx.progress,
+            sync_bn=ctx.sync_bn,
             lr_at=cosine_lr(config.lr, config.steps),
         )
         return {"seed": seed, "arm": arm, "data": data.files, **result}
