@@ -33,7 +33,24 @@ _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.modules.batchnorm._NormBas
 _NO_OPTIONS: dict[str, Any] = {}
 
 
-class _BatchNormMixin:
+class _NamedLayer:
+    """A `name` (the layer's qualified name in its model) and the `_label` that error messages start with."""
+
+    num_features: int
+
+    @property
+    def name(self) -> str | None:
+        """The layer's name in its model (set by `bnlab.nn.name_layers` and `convert`), used in messages."""
+        return self._name
+
+    @name.setter
+    def name(self, value: str | None) -> None:
+        self._name = value
+        base = f"{type(self).__name__}({self.num_features})"
+        self._label = base if value is None else f"{base} '{value}'"
+
+
+class _BatchNormMixin(_NamedLayer):
     """The forward pass and options shared by the 1d/2d/3d classes; they differ only in the input check.
 
     Variants (batch renorm, ghost BN) reuse it by naming their functional and its extra arguments.
@@ -105,17 +122,6 @@ class _BatchNormMixin:
         self.nonfinite = nonfinite
         self.backend = backend
         self.name = name
-
-    @property
-    def name(self) -> str | None:
-        """The layer's name in its model (set by `bnlab.nn.name_layers` and `convert`), used in messages."""
-        return self._name
-
-    @name.setter
-    def name(self, value: str | None) -> None:
-        self._name = value
-        base = f"{type(self).__name__}({self.num_features})"
-        self._label = base if value is None else f"{base} '{value}'"
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in self._expected_dims:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from bnlab.nn._swap import rebuild, replace_modules
-from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _NamedLayer
 from bnlab.nn.sync import SyncBatchNorm, from_sync, to_sync
 
 __all__ = ["convert", "name_layers"]
@@ -25,7 +25,7 @@ _TARGETS = ("bnlab", "torch", "sync")
 def name_layers(model: nn.Module) -> nn.Module:
     """Give every bnlab BN layer its qualified name in `model` (used in error messages). Mutates; returns model."""
     for qualified, module in model.named_modules():
-        if isinstance(module, _BatchNormMixin):
+        if isinstance(module, _NamedLayer):
             module.name = qualified or type(module).__name__
     return model
 

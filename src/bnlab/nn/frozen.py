@@ -41,7 +41,7 @@ from torch import nn
 
 from bnlab import functional as F
 from bnlab.backends import _validate as _validate_backend
-from bnlab.nn.batchnorm import _TORCH_HAS_BIAS_FLAG, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.nn.batchnorm import _TORCH_HAS_BIAS_FLAG, BatchNorm1d, BatchNorm2d, BatchNorm3d, _NamedLayer
 
 __all__ = [
     "FrozenAffineBatchNorm1d",
@@ -72,7 +72,7 @@ def _check_source(cls: type, bn: nn.Module, expected: type[nn.Module]) -> None:
         )
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(_NamedLayer, nn.Module):
     """Inference-mode BN in every mode; the 1d/2d/3d classes differ only in the input check."""
 
     # Version 2 of torch's BN added num_batches_tracked; saying so in our checkpoints lets torch load them as is.
@@ -143,17 +143,6 @@ class _FrozenBatchNorm(nn.Module):
         Read-only: it reports where the tensors live, so it cannot disagree with what the layer does.
         """
         return "weight" in self._parameters
-
-    @property
-    def name(self) -> str | None:
-        """The layer's name in its model (set by `bnlab.tools.freeze_bn`), used in error messages."""
-        return self._name
-
-    @name.setter
-    def name(self, value: str | None) -> None:
-        self._name = value
-        base = f"{type(self).__name__}({self.num_features})"
-        self._label = base if value is None else f"{base} '{value}'"
 
     @classmethod
     def from_bn(cls: type[_Frozen], bn: nn.Module, *, affine_trainable: bool = False) -> _Frozen:
