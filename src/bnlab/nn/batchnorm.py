@@ -34,9 +34,19 @@ _NO_OPTIONS: dict[str, Any] = {}
 
 
 class _NamedLayer:
-    """A `name` (the layer's qualified name in its model) and the `_label` that error messages start with."""
+    """A `name` (the layer's qualified name in its model), the `_label` that error messages start with, and
+    the input-rank check that uses them (`_expected_dims` and `_shape_hint` come from each class)."""
 
     num_features: int
+    _expected_dims: tuple[int, ...] = ()
+    _shape_hint: str = ""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in self._expected_dims:
+            raise ValueError(
+                f"{self._label}: expected input of shape {self._shape_hint.format(C=self.num_features)}, got "
+                f"{input.dim()}-D input of shape {tuple(input.shape)}"
+            )
 
     @property
     def name(self) -> str | None:
@@ -122,13 +132,6 @@ class _BatchNormMixin(_NamedLayer):
         self.nonfinite = nonfinite
         self.backend = backend
         self.name = name
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() not in self._expected_dims:
-            raise ValueError(
-                f"{self._label}: expected input of shape {self._shape_hint.format(C=self.num_features)}, got "
-                f"{input.dim()}-D input of shape {tuple(input.shape)}"
-            )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() not in self._expected_dims:

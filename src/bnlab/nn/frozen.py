@@ -193,13 +193,6 @@ class _FrozenBatchNorm(_NamedLayer, nn.Module):
         frozen.train(bn.training)
         return frozen
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() not in self._expected_dims:
-            raise ValueError(
-                f"{self._label}: expected input of shape {self._shape_hint.format(C=self.num_features)}, got "
-                f"{input.dim()}-D input of shape {tuple(input.shape)}"
-            )
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() not in self._expected_dims:
             self._check_input_dim(input)
