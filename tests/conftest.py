@@ -4,7 +4,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter; Triton reads this when a kernel module
+# is first imported, so it is set before anything imports bnlab.kernels.batchnorm.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import bnlab.backends
+from bnlab import kernels
 
 # CI runs a bounded number of property examples; BNLAB_HYPOTHESIS=thorough runs many more.
 settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -21,7 +27,10 @@ def _isolate_backend_choice(monkeypatch):
     yield
 
 
-BACKENDS = ("reference", "native")
+# Every backend runs the shared parity tests; "triton" where Triton is installed (in the interpreter on CPU).
+BACKENDS = ("reference", "native", *(("triton",) if kernels.triton_installed() else ()))
+# Backends that take float64 inputs (the Triton kernels take float32/16 and bfloat16 and say so).
+FLOAT64_BACKENDS = tuple(b for b in BACKENDS if b != "triton")
 
 
 def write_synthetic_mnist(folder, train=600, test=200, seed=0):

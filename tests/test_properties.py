@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from bnlab import functional as BF
 from bnlab import reference as R
-from conftest import BACKENDS
+from conftest import BACKENDS, FLOAT64_BACKENDS
 
 # Output tolerance per input dtype, for normalized values of order 1: the input itself is rounded to the
 # dtype before the reference sees it, so what is left is the arithmetic and the rounding of the output.
@@ -30,6 +30,7 @@ def cases(draw):
 @given(case=cases())
 def test_training_forward_and_backward_match_the_numpy_reference(backend, case):
     shape, dtype, seed, scale, offset = case
+    assume(dtype != torch.float64 or backend in FLOAT64_BACKENDS)
     rng = np.random.default_rng(seed)
     x = torch.tensor(rng.normal(offset, scale, size=shape)).to(dtype)
     # Channels with (nearly) no spread are ill-conditioned for any finite precision; the reference is

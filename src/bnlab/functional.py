@@ -17,10 +17,15 @@ keyword-only extras are what a module needs to keep its state honest:
   statistics silently (a compiled graph cannot warn or raise on data).
 - ``backend``: a backend name for this call only (see ``bnlab.backends``).
 - ``layer``: the name to put in error messages.
+- ``residual`` and ``activation``: the output becomes ``activation(bn(input) + residual)`` (``activation``
+  None or ``"relu"``; ``residual`` of the input's shape), the tail of a ResNet block. The ``triton`` backend
+  fuses them into its kernels (no intermediate tensors, the ReLU mask recomputed in backward); the
+  other backends apply them as separate torch ops, with the same result.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -28,10 +33,11 @@ import torch
 
 from bnlab import backends
 
-__all__ = ["NONFINITE_POLICIES", "SMALL_BATCH_POLICIES", "batch_norm"]
+__all__ = ["ACTIVATIONS", "NONFINITE_POLICIES", "SMALL_BATCH_POLICIES", "batch_norm"]
 
 SMALL_BATCH_POLICIES = ("error", "use_running_stats")
 NONFINITE_POLICIES = ("skip", "error", "ignore")
+ACTIVATIONS = (None, "relu")
 
 
 class NonFiniteStatisticsWarning(RuntimeWarning):
@@ -76,6 +82,8 @@ def batch_norm(
     nonfinite: str = "skip",
     backend: str | None = None,
     layer: str | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """Batch normalization of an (N, C, *) input; see the module docstring for the keyword-only options.
 
@@ -104,6 +112,8 @@ def batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{name}: give both running_mean and running_var, or neither")
     impl = backends.resolve(backend, input)
+    if residual is not None or activation is not None:
+        impl = _with_epilogue(impl, input, residual, activation, name)
 
     if not training:
         if running_mean is None:
@@ -135,6 +145,33 @@ def batch_norm(
     if num_batches_tracked is not None and updated is not False:
         num_batches_tracked.add_(1 if updated is True else updated)
     return output
+
+
+def _with_epilogue(
+    impl: backends.BatchNormFn,
+    input: torch.Tensor,
+    residual: torch.Tensor | None,
+    activation: str | None,
+    name: str,
+) -> backends.BatchNormFn:
+    """`impl` followed by ``+ residual`` and the activation: fused where the backend can, else torch ops."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation={activation!r} is not one of {', '.join(map(repr, ACTIVATIONS))}")
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(
+            f"{name}: residual has shape {tuple(residual.shape)} but the input has {tuple(input.shape)}; "
+            f"they must match (it is added to the normalized input)"
+        )
+    if backends.fuses_epilogue(impl):
+        return functools.partial(impl, residual=residual, activation=activation)
+
+    def composed(*args: object) -> torch.Tensor:
+        out = impl(*args)
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if activation == "relu" else out
+
+    return composed
 
 
 def _update_guarded(

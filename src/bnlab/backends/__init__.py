@@ -21,9 +21,9 @@ from contextlib import contextmanager
 
 import torch
 
-from bnlab.backends import native, reference
+from bnlab.backends import native, reference, triton_backend
 
-__all__ = ["AUTO", "available_backends", "get_backend", "resolve", "set_backend", "use_backend"]
+__all__ = ["AUTO", "available_backends", "fuses_epilogue", "get_backend", "resolve", "set_backend", "use_backend"]
 
 BatchNormFn = Callable[..., torch.Tensor]
 
@@ -33,8 +33,8 @@ ENV_VAR = "BNLAB_BACKEND"
 _BACKENDS: dict[str, BatchNormFn] = {
     "reference": reference.batch_norm,
     "native": native.batch_norm,
+    "triton": triton_backend.batch_norm,
 }
-_PLANNED = {"triton": "the fused Triton kernels are not in this version yet"}
 
 # None means "not chosen in code": fall back to the environment variable, then to auto.
 _selected: str | None = None
@@ -51,8 +51,7 @@ def _validate(name: str, origin: str) -> str:
     key = name.strip().lower()
     if key == AUTO or key in _BACKENDS:
         return key
-    hint = f" ({_PLANNED[key]})" if key in _PLANNED else ""
-    raise ValueError(f"{origin}: unknown backend {name!r}{hint}; choose one of {', '.join(available_backends())}")
+    raise ValueError(f"{origin}: unknown backend {name!r}; choose one of {', '.join(available_backends())}")
 
 
 def set_backend(name: str) -> None:
@@ -89,9 +88,14 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 def _auto(input: torch.Tensor) -> BatchNormFn:
-    # torch's own kernels are the fastest correct choice on every device supported today; the Triton
-    # kernels will take CUDA inputs here once they beat them (see the README's table).
+    # torch's own kernels: correct everywhere and the measured choice until the Triton kernels have been
+    # benchmarked on a GPU against them (`bnlab bench --gpu`, README); only then may auto pick "triton".
     return _BACKENDS["native"]
+
+
+def fuses_epilogue(fn: BatchNormFn) -> bool:
+    """Whether a backend computes ``relu(bn(x) + residual)`` itself (``residual=``/``activation=`` keywords)."""
+    return getattr(fn, "fuses_epilogue", False)
 
 
 def resolve(name: str | None, input: torch.Tensor) -> BatchNormFn:

@@ -1,0 +1,112 @@
+"""The ``triton`` backend: fused Triton kernels (``bnlab.kernels``) behind torch's batch-norm contract.
+
+What it adds to the contract: ``residual=`` and ``activation="relu"`` fuse ``relu(bn(x) + residual)``
+into the same two passes over memory (the other backends compose those ops; see
+``bnlab.functional.batch_norm``). The running-statistics update is fused into the statistics pass.
+
+Where it runs: CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for
+tests: slow). Input dtypes float32, float16, bfloat16, with float32 statistics and accumulation; the
+parameters and running statistics may be float32 or the input's dtype. Layouts: contiguous (NCHW) and
+channels-last are read in place; any other strides are copied to contiguous first.
+
+Limits, by design: no double backward (the backward is a kernel, not differentiable ops: use the
+``reference`` backend for higher derivatives); under ``torch.compile`` the call is a graph break.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from bnlab import kernels
+
+__all__ = ["SUPPORTED_DTYPES", "batch_norm"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = (None, "relu")
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu):  # type: ignore[override]
+        k = kernels.load()
+        needs_grad = any(ctx.needs_input_grad[:4])
+        y, mean, invstd = k.forward(
+            x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
+            residual=residual, relu=relu, save_stats=training or needs_grad,
+        )  # fmt: skip
+        if needs_grad:
+            ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
+        ctx.training, ctx.relu = training, relu
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        k = kernels.load()
+        x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
+        dy = k.to_layout(dy, k.layout_of(x))
+        dx, dweight, dbias, dz = k.backward(
+            dy, x, weight, bias, mean, invstd, training=ctx.training, residual=residual, relu=ctx.relu,
+            need_input=need_x, need_params=need_w or need_b, need_residual=need_z,
+        )  # fmt: skip
+        return (
+            dx,
+            dweight.to(weight.dtype) if need_w else None,
+            dbias.to(bias.dtype) if need_b else None,
+            dz,
+            *(None,) * 6,
+        )
+
+
+def _check(input: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> None:
+    reason = kernels.unavailable_reason(input.device.type)
+    if reason is not None:
+        raise RuntimeError(f"backend 'triton': {reason}; use backend='native' or 'reference' here")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"backend 'triton': input dtype {input.dtype} is not supported (float32, float16, bfloat16); "
+            f"use backend='reference' or 'native' for it"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"backend 'triton': activation={activation!r} is not one of {ACTIVATIONS}")
+    if residual is not None and (residual.shape != input.shape or residual.device != input.device):
+        raise ValueError(
+            f"backend 'triton': residual of shape {tuple(residual.shape)} on {residual.device} does not match "
+            f"the input's {tuple(input.shape)} on {input.device}"
+        )
+
+
+@torch.compiler.disable
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    *,
+    residual: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """torch's batch_norm contract, optionally fused with ``+ residual`` and ReLU (see the module doc)."""
+    _check(input, residual, activation)
+    if input.numel() == 0:  # nothing to launch: torch's op gives the empty result and its graph
+        out = torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, False)
+        out = out if residual is None else out + residual
+        return torch.relu(out) if activation == "relu" else out
+    k = kernels.load()
+    layout = k.layout_of(input)
+    if layout is None:
+        input, layout = input.contiguous(), k.PLANES
+    if residual is not None:
+        residual = k.to_layout(residual.to(input.dtype), layout)
+    return _FusedBatchNorm.apply(
+        input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation == "relu"
+    )
+
+
+batch_norm.fuses_epilogue = True  # type: ignore[attr-defined]

@@ -1,0 +1,738 @@
+"""Triton kernels for training and inference batch norm, optionally fused with ``+ residual`` and ReLU.
+
+Math (per channel c; n values share one mean and variance; all arithmetic in float32 whatever the
+input dtype; the affine parameters default to weight 1, bias 0):
+
+    forward    mean, var = batch statistics (biased var)          invstd = 1 / sqrt(var + eps)
+               p = (x - mean) * (invstd * weight) + bias [+ z]    y = relu(p) if relu else p
+    running    running = (1 - momentum) * running + momentum * (mean, var * n / (n - 1))
+    backward   g = dy * (p > 0) if relu else dy                   dz = g   (the residual's gradient)
+               dbias = sum g        dweight = invstd * sum g * (x - mean)
+               training:  dx = weight * invstd * (g - dbias / n - (x - mean) * invstd * dweight / n)
+               inference: dx = weight * invstd * g   (mean and invstd are constants there)
+
+The ReLU mask is recomputed from x (and z) in backward instead of being stored: the same shared
+`_pre_activation` code runs in both directions, so the mask is bit for bit the forward's.
+
+Every reduction is split deterministically: pass 1 ("partial") gives each program a fixed slice of a
+channel's values and writes one partial result per (slice, channel); pass 2 ("finalize") combines the
+partials of a channel in slice order. No float atomics, so results are identical run to run. When one
+slice covers the whole channel the partial kernel finalizes in place and the finalize launch is skipped.
+Batch statistics are combined with Chan et al.'s pairwise update of (count, mean, M2) per tile, which
+has no E[x^2] - E[x]^2 cancellation, on values shifted by their channel's first value (the pivot), so
+that a large common offset (1e4 + N(0, 1)) never enters a rounded sum.
+
+Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in one of two ways:
+- "rows": channels contiguous, value (r, c) at r * C + c with r in [0, N * S): channels-last 2-D/3-D
+  tensors, (N, C) matrices (BatchNorm1d), and (N, C, L) with C contiguous. Tiles are [BLOCK_R, BLOCK_C].
+- "planes": NCHW-contiguous, value (n, c, s) at (n * C + c) * S + s. One channel per program, tiles of
+  [BLOCK_N, BLOCK_S] values of that channel.
+Other strides are made contiguous first (a copy, documented in the backend).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["Plan", "backward", "forward", "plan_for"]
+
+ROWS = "rows"
+PLANES = "planes"
+
+
+# ---- shared device code -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries (Chan, Golub & LeVeque): exact up to rounding, no cancellation."""
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL: tl.constexpr):
+    """p = (x - mean) * scale + shift [+ z]: the one place both directions compute the pre-activation."""
+    p = (x - mean) * scale + shift
+    if HAS_RESIDUAL:
+        p = p + z
+    return p
+
+
+@triton.jit
+def _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+    else:
+        w = tl.full(cols.shape, 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros(cols.shape, tl.float32)
+    return w, b
+
+
+@triton.jit
+def _rows_tile(r0, r_end, pid_c, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets and mask of the [BLOCK_R, BLOCK_C] tile at row r0 (rows layout)."""
+    rows = r0 + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < r_end
+    mask = rmask[:, None] & (cols < C)[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    return offs, mask, rmask
+
+
+@triton.jit
+def _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of tile t (in (n-block, s-block) order) of channel c (planes layout)."""
+    nb = t // S_BLOCKS
+    sb = t - nb * S_BLOCKS
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (n < N)[:, None] & (s < S)[None, :]
+    offs = (n.to(tl.int64) * C + c)[:, None] * S + s[None, :]
+    return offs, mask
+
+
+@triton.jit
+def _pivot(x_ptr, cols, cmask, pivot_stride):
+    """The channel's first value: every program of a channel shifts by it before summing (see module doc)."""
+    return tl.load(x_ptr + cols.to(tl.int64) * pivot_stride, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _finalize_stats(
+    n, shifted_mean, m2, pivot, cols, cmask, eps, momentum,
+    mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    mean = pivot + shifted_mean
+    var = m2 / tl.maximum(n, 1.0)  # n is 0 only in padding lanes past C, whose stores are masked
+    tl.store(mean_out + cols, mean, mask=cmask)
+    tl.store(invstd_out + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    if HAS_RUNNING:
+        rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        unbiased = m2 / tl.maximum(n - 1.0, 1.0)
+        tl.store(rmean_ptr + cols, (rm + momentum * (mean - rm)).to(rmean_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rvar_ptr + cols, (rv + momentum * (unbiased - rv)).to(rvar_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C):
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    dweight = sum_gc * invstd
+    tl.store(dw_ptr + cols, dweight, mask=cmask)
+    tl.store(db_ptr + cols, sum_g, mask=cmask)
+    # dx = weight * invstd * (g - k1 - (x - mean) * k2): k1 = mean of g, k2 = invstd * mean of g * x_hat.
+    tl.store(coef_ptr + cols, sum_g / n, mask=cmask)
+    tl.store(coef_ptr + C + cols, dweight * invstd / n, mask=cmask)
+
+
+# ---- forward ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_rows_kernel(
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    R, C, rows_per_split, eps, momentum,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    pivot = _pivot(x_ptr, cols, cmask, 1)
+    n = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        offs, mask, _ = _rows_tile(r0, r_end, pid_c, C, BLOCK_R, BLOCK_C)
+        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
+        n_t = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
+        mean_t = tl.sum(x, axis=0) / n_t
+        d = tl.where(mask, x - mean_t[None, :], 0.0)
+        n, mean, m2 = _chan_combine(n, mean, m2, n_t, mean_t, tl.sum(d * d, axis=0))
+    if FINALIZE:
+        _finalize_stats(
+            n, mean, m2, pivot, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
+        )
+    else:
+        tl.store(pn_ptr + split * C + cols, n, mask=cmask)
+        tl.store(pmean_ptr + split * C + cols, mean, mask=cmask)
+        tl.store(pm2_ptr + split * C + cols, m2, mask=cmask)
+
+
+@triton.jit
+def _stats_planes_kernel(
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    split = tl.program_id(1)
+    t_start = split * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, TILES)
+    # One channel per program; the summaries are kept as 1-element vectors so that the finalize code is
+    # the rows layout's.
+    cols = c + tl.arange(0, 1)
+    cmask = cols < C
+    pivot = _pivot(x_ptr, cols, cmask, S)
+    n = tl.zeros([1], tl.float32)
+    mean = tl.zeros([1], tl.float32)
+    m2 = tl.zeros([1], tl.float32)
+    for t in range(t_start, t_end):
+        offs, mask = _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N, BLOCK_S)
+        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot[:, None], 0.0)
+        n_t = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
+        mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
+        d = tl.where(mask, x - mean_t, 0.0)
+        m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        n, mean, m2 = _chan_combine(n, mean, m2, n_t, mean_t, m2_t)
+    if FINALIZE:
+        _finalize_stats(
+            n, mean, m2, pivot, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
+        )
+    else:
+        tl.store(pn_ptr + split * C + cols, n, mask=cmask)
+        tl.store(pmean_ptr + split * C + cols, mean, mask=cmask)
+        tl.store(pm2_ptr + split * C + cols, m2, mask=cmask)
+
+
+@triton.jit
+def _stats_finalize_kernel(
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    C, SPLITS, pivot_stride, eps, momentum, BLOCK_C: tl.constexpr, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    pivot = _pivot(x_ptr, cols, cmask, pivot_stride)
+    n = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(0, SPLITS):  # in slice order: deterministic
+        n_s = tl.load(pn_ptr + s * C + cols, mask=cmask, other=0.0)
+        mean_s = tl.load(pmean_ptr + s * C + cols, mask=cmask, other=0.0)
+        m2_s = tl.load(pm2_ptr + s * C + cols, mask=cmask, other=0.0)
+        n, mean, m2 = _chan_combine(n, mean, m2, n_s, mean_s, m2_s)
+    _finalize_stats(
+        n, mean, m2, pivot, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
+    )
+
+
+@triton.jit
+def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constexpr):
+    """Per-channel mean and invstd: saved batch statistics, or running mean and variance (inference)."""
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if FROM_RUNNING:
+        var = tl.load(invstd_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    return mean, invstd
+
+
+@triton.jit
+def _apply_rows_kernel(
+    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+    R, C, rows_per_split, eps,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    r_start = tl.program_id(1) * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    scale = invstd * w
+    for r0 in range(r_start, r_end, BLOCK_R):
+        offs, mask, _ = _rows_tile(r0, r_end, pid_c, C, BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = x
+        if HAS_RESIDUAL:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = _pre_activation(x, mean[None, :], scale[None, :], shift[None, :], z, HAS_RESIDUAL)
+        if RELU:
+            p = tl.maximum(p, 0.0)
+        tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_planes_kernel(
+    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    t_start = tl.program_id(1) * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, TILES)
+    cols = c + tl.arange(0, 1)
+    cmask = cols < C
+    mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    scale = invstd * w
+    for t in range(t_start, t_end):
+        offs, mask = _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = x
+        if HAS_RESIDUAL:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = _pre_activation(x, mean[:, None], scale[:, None], shift[:, None], z, HAS_RESIDUAL)
+        if RELU:
+            p = tl.maximum(p, 0.0)
+        tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- backward ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """g = dy where the forward's ReLU passed its input (recomputed), else 0; dy itself without ReLU."""
+    if RELU:
+        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
+        dy = tl.where(p > 0.0, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _grad_rows_kernel(
+    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, dw_ptr, db_ptr, coef_ptr,
+    R, C, rows_per_split,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    scale = invstd * w
+    sum_g = tl.zeros([BLOCK_C], tl.float32)
+    sum_gc = tl.zeros([BLOCK_C], tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        offs, mask, _ = _rows_tile(r0, r_end, pid_c, C, BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = x
+        if HAS_RESIDUAL:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _masked_grad(dy, x, z, mean[None, :], scale[None, :], shift[None, :], HAS_RESIDUAL, RELU)
+        sum_g += tl.sum(g, axis=0)
+        sum_gc += tl.sum(tl.where(mask, g * (x - mean[None, :]), 0.0), axis=0)
+    if FINALIZE:
+        n = (r_end - r_start).to(tl.float32)
+        _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
+    else:
+        tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
+        tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
+
+
+@triton.jit
+def _grad_planes_kernel(
+    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, dw_ptr, db_ptr, coef_ptr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    split = tl.program_id(1)
+    t_start = split * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, TILES)
+    cols = c + tl.arange(0, 1)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    scale = invstd * w
+    sum_g = tl.zeros([1], tl.float32)
+    sum_gc = tl.zeros([1], tl.float32)
+    for t in range(t_start, t_end):
+        offs, mask = _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = x
+        if HAS_RESIDUAL:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _masked_grad(dy, x, z, mean[:, None], scale[:, None], shift[:, None], HAS_RESIDUAL, RELU)
+        sum_g += tl.sum(tl.sum(g, axis=1), axis=0)
+        sum_gc += tl.sum(tl.sum(tl.where(mask, g * (x - mean[:, None]), 0.0), axis=1), axis=0)
+    if FINALIZE:
+        n = (N * S).to(tl.float32)
+        _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
+    else:
+        tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
+        tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
+
+
+@triton.jit
+def _grad_finalize_kernel(
+    psum_ptr, psumc_ptr, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C, SPLITS, count, BLOCK_C: tl.constexpr
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sum_g = tl.zeros([BLOCK_C], tl.float32)
+    sum_gc = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(0, SPLITS):  # in slice order: deterministic
+        sum_g += tl.load(psum_ptr + s * C + cols, mask=cmask, other=0.0)
+        sum_gc += tl.load(psumc_ptr + s * C + cols, mask=cmask, other=0.0)
+    _finalize_grads(sum_g, sum_gc, count, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
+
+
+@triton.jit
+def _dx(g, x, mean, scale, k1, k2, TRAINING: tl.constexpr):
+    if TRAINING:
+        g = g - k1 - (x - mean) * k2
+    return g * scale
+
+
+@triton.jit
+def _input_grad_rows_kernel(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
+    R, C, rows_per_split,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr,
+    WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    r_start = tl.program_id(1) * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    scale = invstd * w
+    k1 = mean
+    k2 = mean
+    if TRAINING:
+        k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)
+        k2 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        offs, mask, _ = _rows_tile(r0, r_end, pid_c, C, BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = x
+        if HAS_RESIDUAL:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _masked_grad(dy, x, z, mean[None, :], scale[None, :], shift[None, :], HAS_RESIDUAL, RELU)
+        if WRITE_DZ:
+            tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            dx = _dx(g, x, mean[None, :], scale[None, :], k1[None, :], k2[None, :], TRAINING)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _input_grad_planes_kernel(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr,
+    WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    t_start = tl.program_id(1) * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, TILES)
+    cols = c + tl.arange(0, 1)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    scale = invstd * w
+    k1 = mean
+    k2 = mean
+    if TRAINING:
+        k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)
+        k2 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)
+    for t in range(t_start, t_end):
+        offs, mask = _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = x
+        if HAS_RESIDUAL:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _masked_grad(dy, x, z, mean[:, None], scale[:, None], shift[:, None], HAS_RESIDUAL, RELU)
+        if WRITE_DZ:
+            tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            dx = _dx(g, x, mean[:, None], scale[:, None], k1[:, None], k2[:, None], TRAINING)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launch planning --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a (N, C, S) tensor is cut into tiles and slices; pure arithmetic, unit-tested on its own.
+
+    rows:   tiles of [block_a = BLOCK_R, block_b = BLOCK_C]; `per_split` rows per slice.
+    planes: tiles of [block_a = BLOCK_N, block_b = BLOCK_S]; `per_split` tiles per slice.
+    """
+
+    layout: str
+    N: int
+    C: int
+    S: int
+    block_a: int
+    block_b: int
+    per_split: int
+    splits: int
+    num_warps: int
+
+    @property
+    def channel_programs(self) -> int:
+        return triton.cdiv(self.C, self.block_b) if self.layout == ROWS else self.C
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.channel_programs, self.splits)
+
+    @property
+    def s_blocks(self) -> int:
+        return triton.cdiv(self.S, self.block_b)
+
+    @property
+    def tiles(self) -> int:
+        return triton.cdiv(self.N, self.block_a) * self.s_blocks
+
+
+def _spatial_block(S: int, tile: int) -> int:
+    """The block width for a channel's runs of S contiguous values: least padding, then widest.
+
+    A block that runs past S idles its lanes (49 values in a block of 64 use 77% of them), but blocks
+    narrower than 64 values cut each contiguous run into short pieces, which costs more than idle lanes
+    (partly used memory sectors): candidates are the powers of two from min(64, S) up to min(S, tile).
+    """
+    widest = min(triton.next_power_of_2(S), tile, 1024)
+    candidates = []
+    b = widest
+    while b >= min(64, widest):
+        candidates.append(b)
+        b //= 2
+    return min(candidates, key=lambda b: (triton.cdiv(S, b) * b - S, -b))
+
+
+def plan_for(
+    layout: str, N: int, C: int, S: int, *, target_programs: int, tile: int = 4096, num_warps: int = 8
+) -> Plan:
+    """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
+
+    Slices make the reduction parallel when there are few channels for many values; each slice is at
+    least one tile. The same plan serves the partial and the elementwise passes.
+    """
+    if layout == ROWS:
+        R = N * S
+        block_c = min(triton.next_power_of_2(C), 128)
+        block_r = max(1, min(tile // block_c, triton.next_power_of_2(R)))
+        row_tiles = triton.cdiv(R, block_r)
+        want = max(1, min(row_tiles, triton.cdiv(target_programs, triton.cdiv(C, block_c))))
+        per_split = triton.cdiv(row_tiles, want) * block_r
+        return Plan(ROWS, N, C, S, block_r, block_c, per_split, triton.cdiv(R, per_split), num_warps)
+    if layout != PLANES:
+        raise ValueError(f"unknown layout {layout!r}")
+    block_s = _spatial_block(S, tile)
+    block_n = max(1, min(tile // block_s, triton.next_power_of_2(N)))
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(S, block_s)
+    want = max(1, min(tiles, triton.cdiv(target_programs, C)))
+    per_split = triton.cdiv(tiles, want)
+    return Plan(PLANES, N, C, S, block_n, block_s, per_split, triton.cdiv(tiles, per_split), num_warps)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's CPU interpreter: a few programs, enough to exercise the split reductions
+
+
+def layout_of(x: torch.Tensor) -> str | None:
+    """The kernel layout that addresses `x` as it is in memory, or None if it needs a copy first."""
+    S = math.prod(x.shape[2:])
+    if x.is_contiguous():
+        return ROWS if S == 1 else PLANES
+    if x.movedim(1, -1).is_contiguous():
+        return ROWS
+    return None
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """`t` laid out as `layout` (a copy only if it is not already)."""
+    if layout == PLANES or math.prod(t.shape[2:]) == 1:
+        return t.contiguous()
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+# Values per tile and warps per program: the knobs a GPU session tunes (tests shrink TILE to exercise
+# many tiles and slices on small inputs).
+TILE = 4096
+NUM_WARPS = 8
+
+
+def make_plan(x: torch.Tensor, layout: str) -> Plan:
+    return plan_for(
+        layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]),
+        target_programs=_target_programs(x.device), tile=TILE, num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def _shape_args(plan: Plan) -> tuple[int, ...]:
+    if plan.layout == ROWS:
+        return (plan.N * plan.S, plan.C, plan.per_split)
+    return (plan.N, plan.C, plan.S, plan.s_blocks, plan.tiles, plan.per_split)
+
+
+def _block_args(plan: Plan) -> dict[str, int]:
+    if plan.layout == ROWS:
+        return {"BLOCK_R": plan.block_a, "BLOCK_C": plan.block_b, "num_warps": plan.num_warps}
+    return {"BLOCK_N": plan.block_a, "BLOCK_S": plan.block_b, "num_warps": plan.num_warps}
+
+
+_FINALIZE_BLOCK = 256
+
+
+def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor]:
+    """`count` float32 workspaces of one partial result per (slice, channel)."""
+    return [torch.empty((plan.splits, plan.C), device=device, dtype=torch.float32) for _ in range(count)]
+
+
+# ---- launchers --------------------------------------------------------------------------------------
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    save_stats: bool = True,
+    plan: Plan | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(y, mean, invstd): y in x's layout; mean and invstd float32 per channel, the ones y was computed with.
+
+    `x` (and `residual`) must already be in a kernel layout (see `layout_of`, `to_layout`); in training the
+    running statistics, when given, are updated in place (momentum already resolved by the caller). In
+    inference, `save_stats=False` (no backward to come) lets the kernel read the running statistics
+    directly and returns None for mean and invstd.
+    """
+    plan = plan or make_plan(x, layout_of(x))
+    C = plan.C
+    y = torch.empty_like(x)
+    mean = torch.empty(C, device=x.device, dtype=torch.float32)
+    invstd = torch.empty(C, device=x.device, dtype=torch.float32)
+    dummy = mean
+    rows = plan.layout == ROWS
+    if training:
+        has_running = running_mean is not None
+        finalize = plan.splits == 1
+        parts = [dummy] * 3 if finalize else _partials(plan, x.device, 3)
+        stats_kernel = _stats_rows_kernel if rows else _stats_planes_kernel
+        stats_kernel[plan.grid](
+            x, *parts, mean, invstd,
+            running_mean if has_running else dummy, running_var if has_running else dummy,
+            *_shape_args(plan), eps, momentum,
+            FINALIZE=finalize, HAS_RUNNING=has_running, **_block_args(plan),
+        )  # fmt: skip
+        if not finalize:
+            _stats_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK),)](
+                x, *parts, mean, invstd,
+                running_mean if has_running else dummy, running_var if has_running else dummy,
+                C, plan.splits, 1 if rows else plan.S, eps, momentum, BLOCK_C=_FINALIZE_BLOCK, HAS_RUNNING=has_running,
+            )  # fmt: skip
+    elif save_stats:
+        # The backward must see the very invstd the forward used (it recomputes the ReLU mask from it).
+        mean.copy_(running_mean)
+        torch.rsqrt(running_var.float() + eps, out=invstd)
+    from_running = not training and not save_stats
+    stats = (running_mean, running_var) if from_running else (mean, invstd)
+    apply_kernel = _apply_rows_kernel if rows else _apply_planes_kernel
+    apply_kernel[plan.grid](
+        x, residual if residual is not None else x, y, *stats,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        *_shape_args(plan), eps,
+        FROM_RUNNING=from_running, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, RELU=relu, **_block_args(plan),
+    )  # fmt: skip
+    return (y, None, None) if from_running else (y, mean, invstd)
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    *,
+    training: bool,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    need_input: bool = True,
+    need_params: bool = True,
+    need_residual: bool = False,
+    plan: Plan | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight, dbias, dresidual), each None where not needed; dweight/dbias float32.
+
+    `dy` must be in x's layout (see `to_layout`). In training dx needs the per-channel sums, so the
+    reduction pass runs whenever dx or a parameter gradient is needed.
+    """
+    plan = plan or make_plan(x, layout_of(x))
+    C = plan.C
+    rows = plan.layout == ROWS
+    dummy = mean
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
+    tensors = (
+        x, residual if residual is not None else x, mean, invstd,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+    )  # fmt: skip
+    dweight = dbias = None
+    coef = dummy
+    if need_params or (training and need_input):
+        dweight = torch.empty(C, device=x.device, dtype=torch.float32)
+        dbias = torch.empty(C, device=x.device, dtype=torch.float32)
+        coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
+        finalize = plan.splits == 1
+        parts = [dummy] * 2 if finalize else _partials(plan, x.device, 2)
+        grad_kernel = _grad_rows_kernel if rows else _grad_planes_kernel
+        grad_kernel[plan.grid](
+            dy, *tensors, *parts, dweight, dbias, coef, *_shape_args(plan),
+            FINALIZE=finalize, **flags, **_block_args(plan),
+        )  # fmt: skip
+        if not finalize:
+            _grad_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK),)](
+                *parts, invstd, dweight, dbias, coef, C, plan.splits, float(plan.N * plan.S),
+                BLOCK_C=_FINALIZE_BLOCK,
+            )  # fmt: skip
+    dx = torch.empty_like(x) if need_input else None
+    dz = torch.empty_like(x) if need_residual and residual is not None else None
+    if dx is not None or dz is not None:
+        input_kernel = _input_grad_rows_kernel if rows else _input_grad_planes_kernel
+        input_kernel[plan.grid](
+            dy, tensors[0], tensors[1], dx if dx is not None else dy, dz if dz is not None else dy, *tensors[2:],
+            coef, *_shape_args(plan),
+            TRAINING=training, WRITE_DX=dx is not None, WRITE_DZ=dz is not None, **flags, **_block_args(plan),
+        )  # fmt: skip
+    return dx, (dweight if need_params else None), (dbias if need_params else None), dz

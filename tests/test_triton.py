@@ -1,0 +1,278 @@
+"""The Triton kernels against the reference backend: every pass, layout, dtype, flag and the fused epilogue.
+
+Without a GPU they run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1), on small shapes;
+with one, on the GPU. The shared parity tests (test_backends, test_nn, test_properties, ...) also run the
+"triton" backend; this file covers what only it has: tiles and slices (shrunk here so that small inputs
+cross many of them), the fused residual + ReLU, its determinism and its compiled form for real GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab import functional as BF
+from bnlab import kernels
+from helpers import make_input
+
+pytest.importorskip("triton")
+K = kernels.load()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@pytest.fixture(params=["one-tile", "many-slices"])
+def tiling(request, monkeypatch):
+    """Default tiles (each small input is one tile), or tiny tiles and many programs (split reductions)."""
+    if request.param == "many-slices":
+        monkeypatch.setattr(K, "TILE", 8)
+        monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    return request.param
+
+
+def _operands(shape, layout, dtype, seed=0, offset=0.5):
+    x = make_input(shape, layout, seed=seed, offset=offset).to(DEVICE, dtype)
+    z = make_input(shape, layout, seed=seed + 1, offset=-0.3).to(DEVICE, dtype)
+    dy = make_input(shape, "contiguous", seed=seed + 2, offset=0.0).to(DEVICE, dtype)
+    C = shape[1]
+    w = torch.linspace(0.5, 1.5, C, device=DEVICE)
+    b = torch.linspace(-0.2, 0.3, C, device=DEVICE)
+    return x, z, dy, w, b
+
+
+def _run(backend, x, z, dy, w, b, *, training, activation, rm=None, rv=None, with_residual=True):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, z)]
+    xl, wl, bl, zl = leaves
+    y = BF.batch_norm(
+        xl, rm, rv, wl, bl, training, 0.1, 1e-5, backend=backend, nonfinite="ignore",
+        residual=zl if with_residual else None, activation=activation,
+    )  # fmt: skip
+    wanted = leaves if with_residual else leaves[:3]
+    grads = torch.autograd.grad(y, wanted, dy)
+    return y, grads
+
+
+def _close(ours, ref, dtype, what):
+    tol = TOL[dtype]
+    scale = ref.double().abs().max().item() + 1.0
+    err = (ours.double() - ref.double()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol * scale:.3g}"
+
+
+FUSED_SHAPES = [(5, 3), (4, 3, 5), (3, 4, 5, 6), (2, 3, 3, 2, 5)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "activation", "with_residual"),
+    [
+        (s, layout, act, res)
+        for s in FUSED_SHAPES
+        for layout in (["contiguous", "channels_last"] if len(s) >= 4 else ["contiguous"])
+        for act, res in [("relu", True), ("relu", False), (None, True)]
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_epilogue_matches_the_composed_reference(tiling, shape, layout, activation, with_residual, training):
+    x, z, dy, w, b = _operands(shape, layout, torch.float32)
+    rm, rv = torch.linspace(-0.5, 0.5, shape[1], device=DEVICE), torch.linspace(0.5, 2.0, shape[1], device=DEVICE)
+    stats = {}
+    outs = {}
+    for backend in ("triton", "reference"):
+        stats[backend] = (rm.clone(), rv.clone())
+        outs[backend] = _run(
+            backend, x, z, dy, w, b, training=training, activation=activation,
+            rm=stats[backend][0], rv=stats[backend][1], with_residual=with_residual,
+        )  # fmt: skip
+    (y_t, g_t), (y_r, g_r) = outs["triton"], outs["reference"]
+    _close(y_t, y_r, torch.float32, "output")
+    assert y_t.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
+    for name, a, r in zip(("dx", "dweight", "dbias", "dresidual"), g_t, g_r, strict=False):
+        _close(a, r, torch.float32, name)
+    for a, r in zip(stats["triton"], stats["reference"], strict=True):
+        _close(a, r, torch.float32, "running statistics")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_precision_inputs_keep_float32_statistics(tiling, dtype, layout):
+    shape = (6, 5, 4, 3)
+    x, z, dy, w, b = _operands(shape, layout, dtype, offset=3.0)
+    rm, rv = torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)
+    y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+    # The reference computes half inputs in float32: the same arithmetic, other rounding.
+    rm_r, rv_r = torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)
+    y_r, grads_r = _run("reference", x, z, dy, w, b, training=True, activation="relu", rm=rm_r, rv=rv_r)
+    assert y.dtype == dtype and all(g.dtype == t.dtype for g, t in zip(grads, (x, w, b, z), strict=True))
+    _close(y, y_r, dtype, "output")
+    for name, a, r in zip(("dx", "dweight", "dbias", "dresidual"), grads, grads_r, strict=True):
+        _close(a, r, dtype, name)
+    assert rm.dtype == torch.float32
+    _close(rm, rm_r, torch.float32, "running mean")  # statistics are float32 sums of the same half values
+    _close(rv, rv_r, torch.float32, "running var")
+
+
+def test_half_precision_parameters_and_running_statistics_are_accepted():
+    x = make_input((8, 3, 4), seed=3).to(DEVICE, torch.bfloat16)
+    w, b = torch.ones(3, device=DEVICE, dtype=torch.bfloat16), torch.zeros(3, device=DEVICE, dtype=torch.bfloat16)
+    rm, rv = torch.zeros(3, device=DEVICE, dtype=torch.bfloat16), torch.ones(3, device=DEVICE, dtype=torch.bfloat16)
+    y = BF.batch_norm(x, rm, rv, w, b, True, 0.5, 1e-5, backend="triton")
+    mean = x.float().mean((0, 2))
+    assert y.dtype == torch.bfloat16 and rm.dtype == torch.bfloat16
+    torch.testing.assert_close(rm.float(), 0.5 * mean, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_split_reductions_are_deterministic(monkeypatch, layout):
+    monkeypatch.setattr(K, "TILE", 8)
+    monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
+    first = _run("triton", x, z, dy, w, b, training=True, activation="relu")
+    again = _run("triton", x, z, dy, w, b, training=True, activation="relu")
+    assert torch.equal(first[0], again[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], again[1], strict=True))
+
+
+def test_large_offset_statistics_do_not_cancel(tiling):
+    # 1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 would lose every digit of the variance; Chan's update keeps them.
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(64, 3, 17, generator=gen, dtype=torch.float64) + 1e4
+    x = x64.float().to(DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    y = BF.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5, backend="triton")
+    x32 = x.double().cpu()  # the values the kernel saw
+    true_mean, true_var = x32.mean((0, 2)), x32.var((0, 2))
+    assert (rm.double().cpu() - true_mean).abs().max() < 1e-3  # within one float32 ulp at 1e4 (9.8e-4)
+    assert ((rv.double().cpu() - true_var) / true_var).abs().max() < 1e-4
+    expected = (x32 - x32.mean((0, 2), keepdim=True)) / (x32.var((0, 2), correction=0, keepdim=True) + 1e-5).sqrt()
+    assert (y.double().cpu() - expected).abs().max() < 5e-3
+
+
+def test_dy_in_another_layout_than_x_is_handled():
+    x, z, dy, w, b = _operands((3, 4, 5, 2), "channels_last", torch.float32)
+    assert dy.is_contiguous() and not x.is_contiguous()
+    _, g_t = _run("triton", x, z, dy, w, b, training=True, activation="relu")
+    _, g_r = _run("reference", x, z, dy, w, b, training=True, activation="relu")
+    for a, r in zip(g_t, g_r, strict=True):
+        _close(a, r, torch.float32, "grad")
+
+
+def test_inference_without_grad_reads_the_running_statistics_directly():
+    x = make_input((4, 3, 5)).to(DEVICE)
+    rm, rv = torch.tensor([0.1, -0.2, 0.3], device=DEVICE), torch.tensor([0.5, 2.0, 1.0], device=DEVICE)
+    y, mean, invstd = K.forward(
+        x, None, None, rm, rv, training=False, momentum=0.0, eps=1e-5, save_stats=False
+    )  # fmt: skip
+    assert mean is None and invstd is None
+    expected = (x - rm[:, None]) / (rv[:, None] + 1e-5).sqrt()
+    torch.testing.assert_close(y, expected)
+
+
+def test_only_the_requested_gradients_are_computed():
+    x = make_input((6, 3)).to(DEVICE)
+    w = torch.ones(3, device=DEVICE, requires_grad=True)
+    y = BF.batch_norm(x, None, None, w, None, True, 0.1, 1e-5, backend="triton")
+    (dw,) = torch.autograd.grad(y, [w], torch.ones_like(y))
+    torch.testing.assert_close(dw, torch.zeros(3, device=DEVICE), atol=1e-5, rtol=0)  # sum of x_hat is 0
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    x = make_input((6, 3)).to(DEVICE).requires_grad_(True)
+    y = BF.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, backend="triton")
+    # A gradient penalty: the incoming gradient (2 y) depends on x, so dx must be differentiable again.
+    (dx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
+
+
+def test_errors_name_the_problem():
+    x = make_input((4, 3)).to(DEVICE)
+    with pytest.raises(TypeError, match=r"float64 is not supported.*reference"):
+        BF.batch_norm(x.double(), None, None, training=True, backend="triton")
+    with pytest.raises(ValueError, match="bn7: residual has shape"):
+        BF.batch_norm(x, None, None, training=True, backend="triton", residual=x[:2], layer="bn7")
+    with pytest.raises(ValueError, match="bn7: activation='gelu'"):
+        BF.batch_norm(x, None, None, training=True, backend="triton", activation="gelu", layer="bn7")
+
+
+def test_without_gpu_or_interpreter_the_backend_says_how_to_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = kernels.unavailable_reason("cpu")
+    assert "CUDA tensors" in reason and "TRITON_INTERPRET=1" in reason
+    if DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match="backend 'triton': the Triton kernels run on CUDA tensors"):
+            BF.batch_norm(make_input((4, 3)), None, None, training=True, backend="triton")
+
+
+def test_empty_batch_gives_an_empty_output():
+    x = torch.empty(0, 3, 4, device=DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    y = BF.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5, backend="triton", activation="relu")
+    assert y.shape == x.shape
+    assert torch.equal(rm, torch.zeros(3, device=DEVICE))
+
+
+# ---- launch planning ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("S", "block"), [(49, 64), (196, 256), (784, 64), (3136, 64), (12544, 256), (1, 1), (7, 8), (100, 128)]
+)
+def test_spatial_block_keeps_padding_small(S, block):
+    got = K._spatial_block(S, 4096)
+    assert got == block
+
+
+@pytest.mark.parametrize(
+    ("layout", "N", "C", "S", "target"),
+    [
+        (K.ROWS, 65536, 1024, 1, 528),
+        (K.ROWS, 100000, 32, 1, 528),
+        (K.ROWS, 256, 64, 3136, 528),
+        (K.PLANES, 256, 2048, 49, 528),
+        (K.PLANES, 32, 64, 12544, 528),
+        (K.PLANES, 1, 3, 5, 4),
+        (K.ROWS, 3, 5, 1, 4),
+    ],
+)
+def test_plans_cover_every_value_once(layout, N, C, S, target):
+    plan = K.plan_for(layout, N, C, S, target_programs=target)
+    units = N * S if layout == K.ROWS else plan.tiles  # slices count rows (rows) or tiles (planes)
+    assert (plan.splits - 1) * plan.per_split < units <= plan.splits * plan.per_split  # no empty slice
+    if layout == K.ROWS:
+        assert plan.per_split % plan.block_a == 0  # slices start on tile boundaries
+        assert plan.block_b >= min(C, 128)
+    else:
+        assert plan.tiles == -(-N // plan.block_a) * -(-S // plan.block_b)
+    assert plan.block_a * plan.block_b <= 4096
+    programs = plan.channel_programs * plan.splits
+    assert programs >= min(target, plan.channel_programs * (units // plan.per_split or 1)) // 2
+
+
+def test_layouts_are_recognised():
+    assert K.layout_of(torch.empty(4, 3)) == K.ROWS
+    assert K.layout_of(torch.empty(4, 3, 5)) == K.PLANES
+    assert K.layout_of(torch.empty(4, 3, 5, 2)) == K.PLANES
+    assert K.layout_of(torch.empty(4, 3, 5, 2).contiguous(memory_format=torch.channels_last)) == K.ROWS
+    assert K.layout_of(torch.empty(4, 3, 2, 5, 2).contiguous(memory_format=torch.channels_last_3d)) == K.ROWS
+    assert K.layout_of(torch.empty(4, 5, 3).transpose(1, 2)) == K.ROWS  # (N, C, L) with C contiguous
+    assert K.layout_of(torch.empty(4, 6, 5)[:, ::2]) is None
+
+
+# ---- the kernels compile for real GPUs (ahead of time, no GPU needed) -----------------------------------
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_kernel_compiles_for_nvidia_gpus(arch):
+    """The interpreter runs Python semantics; Triton's real compiler must also take every kernel variant
+    down to a cubin (sm_90: H100/H200; sm_80: A100). It runs in a subprocess because kernels imported
+    under TRITON_INTERPRET=1 are interpreter objects."""
+    script = Path(__file__).with_name("triton_aot.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, str(script), str(arch)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "compiled" in done.stdout and " 0 failed" in done.stdout

@@ -1,0 +1,72 @@
+"""Compile every Triton kernel variant for an NVIDIA architecture, ahead of time, without a GPU.
+
+Usage: python tests/triton_aot.py ARCH (e.g. 90 for H100/H200). Run with TRITON_INTERPRET unset or 0.
+Prints one line per failure and "compiled K variants, F failed"; exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bnlab.kernels import batchnorm as K
+
+DATA_POINTERS = {"x_ptr", "y_ptr", "z_ptr", "dy_ptr", "dx_ptr", "dz_ptr"}
+
+
+def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith(("_ptr", "_out")):
+            sig[name] = "*" + (dtype if name in DATA_POINTERS else "fp32")
+        elif name in ("eps", "momentum", "count"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_cases():
+    rows, planes = {"BLOCK_R": 32, "BLOCK_C": 128}, {"BLOCK_N": 64, "BLOCK_S": 64}
+    epilogues = [
+        dict(HAS_WEIGHT=w, HAS_BIAS=w, HAS_RESIDUAL=res, RELU=relu)
+        for w, (res, relu) in itertools.product((True, False), ((False, False), (False, True), (True, True)))
+    ]
+    for blocks, suffix in ((rows, "rows"), (planes, "planes")):
+        for fin in (True, False):
+            yield getattr(K, f"_stats_{suffix}_kernel"), {**blocks, "FINALIZE": fin, "HAS_RUNNING": fin}
+        for ep in epilogues:
+            yield getattr(K, f"_apply_{suffix}_kernel"), {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"]}
+            yield getattr(K, f"_grad_{suffix}_kernel"), {**blocks, **ep, "FINALIZE": ep["RELU"]}
+            for training in (True, False):
+                flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
+                yield getattr(K, f"_input_grad_{suffix}_kernel"), {**blocks, **ep, **flags}
+    yield K._stats_finalize_kernel, {"BLOCK_C": 256, "HAS_RUNNING": True}
+    yield K._grad_finalize_kernel, {"BLOCK_C": 256}
+
+
+def main(arch: int) -> int:
+    dtypes = ("bf16", "fp32") if arch >= 90 else ("fp16",)
+    done, failures = 0, []
+    for fn, constexprs in compile_cases():
+        for dtype in dtypes:
+            src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
+            try:
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": K.NUM_WARPS})
+                assert "cubin" in compiled.asm
+            except Exception as exc:  # report every failure, not just the first
+                failures.append(f"{fn.__name__} {dtype} {constexprs}: {type(exc).__name__}: {str(exc)[:400]}")
+            done += 1
+    print("\n".join(failures))
+    print(f"compiled {done} variants for sm_{arch}, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))
