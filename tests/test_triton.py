@@ -26,9 +26,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(params=["one-tile", "many-slices"])
+@pytest.fixture(params=["default", "two-pass", "many-slices"])
 def tiling(request, monkeypatch):
-    """Default tiles (each small input is one tile), or tiny tiles and many programs (split reductions)."""
+    """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
+    default tiles, or tiny tiles and many programs (split reductions and their finalize kernels)."""
+    if request.param != "default":
+        monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     if request.param == "many-slices":
         monkeypatch.setattr(K, "TILE", 8)
         monkeypatch.setattr(K, "_target_programs", lambda device: 64)
@@ -128,6 +131,7 @@ def test_half_precision_parameters_and_running_statistics_are_accepted():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_split_reductions_are_deterministic(monkeypatch, layout):
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
     monkeypatch.setattr(K, "_target_programs", lambda device: 64)
     x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
@@ -276,3 +280,11 @@ def test_every_kernel_compiles_for_nvidia_gpus(arch):
     done = subprocess.run([sys.executable, str(script), str(arch)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "compiled" in done.stdout and " 0 failed" in done.stdout
+
+
+def test_small_planes_channels_get_the_single_pass_plan():
+    small = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=528, single_tile_max=8192)
+    assert small.single and small.grid == (2048, 1) and small.block_a * small.block_b == 2048
+    large = K.plan_for(K.PLANES, 256, 2048, 49, target_programs=528, single_tile_max=8192)
+    assert not large.single  # 256 x 64 padded values: over the register budget, two passes
+    assert not K.plan_for(K.ROWS, 32, 2048, 1, target_programs=528, single_tile_max=8192).single

@@ -47,6 +47,10 @@ def compile_cases():
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 yield getattr(K, f"_input_grad_{suffix}_kernel"), {**blocks, **ep, **flags}
+    for ep in epilogues:
+        yield K._single_tile_forward_kernel, {**planes, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}
+        flags = {"WRITE_DX": ep["HAS_WEIGHT"], "WRITE_DZ": ep["HAS_RESIDUAL"]}
+        yield K._single_tile_backward_kernel, {**planes, **ep, **flags}
     yield K._stats_finalize_kernel, {"BLOCK_C": 256, "HAS_RUNNING": True}
     yield K._grad_finalize_kernel, {"BLOCK_C": 256}
 

@@ -476,6 +476,81 @@ def _input_grad_planes_kernel(
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# ---- one tile per channel: a single pass over memory -----------------------------------------------
+# When a whole channel fits in one program's registers (small N * S, e.g. ResNet's 7x7 layers), the
+# statistics and the normalization (or the gradient sums and dx) come from the same loaded values: x is
+# read once per direction instead of twice, and one launch replaces two or three.
+
+
+@triton.jit
+def _single_tile_forward_kernel(
+    x_ptr, z_ptr, y_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, w_ptr, b_ptr,
+    N, C, S, eps, momentum,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    cols = c + tl.arange(0, 1)
+    cmask = cols < C
+    offs, mask = _planes_tile(0, c, C, N, S, 1, BLOCK_N, BLOCK_S)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    n = (N * S).to(tl.float32)
+    # Two passes over registers: the exact mean, then the centred sum of squares.
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
+    d = tl.where(mask, x - mean, 0.0)
+    m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+    zero = tl.zeros([1], tl.float32)
+    _finalize_stats(
+        zero + n, zero, zero + m2, zero + mean, cols, cmask, eps, momentum,
+        mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING,
+    )  # fmt: skip
+    invstd = 1.0 / tl.sqrt(m2 / n + eps)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    z = x
+    if HAS_RESIDUAL:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = _pre_activation(x, mean, (invstd * w)[:, None], shift[:, None], z, HAS_RESIDUAL)
+    if RELU:
+        p = tl.maximum(p, 0.0)
+    tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _single_tile_backward_kernel(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, dw_ptr, db_ptr,
+    N, C, S,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    cols = c + tl.arange(0, 1)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    scale = invstd * w
+    offs, mask = _planes_tile(0, c, C, N, S, 1, BLOCK_N, BLOCK_S)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = x
+    if HAS_RESIDUAL:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _masked_grad(dy, x, z, mean[:, None], scale[:, None], shift[:, None], HAS_RESIDUAL, RELU)
+    sum_g = tl.sum(tl.sum(g, axis=1), axis=0)
+    sum_gc = tl.sum(tl.sum(tl.where(mask, g * (x - mean[:, None]), 0.0), axis=1), axis=0)
+    n = (N * S).to(tl.float32)
+    dweight = sum_gc * invstd
+    tl.store(dw_ptr + cols, dweight, mask=cmask)
+    tl.store(db_ptr + cols, sum_g + tl.zeros([1], tl.float32), mask=cmask)
+    if WRITE_DZ:
+        tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DX:
+        k1 = sum_g / n
+        k2 = dweight * invstd / n
+        dx = _dx(g, x, mean[:, None], scale[:, None], k1, k2[:, None], True)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- launch planning --------------------------------------------------------------------------------
 
 
@@ -496,6 +571,7 @@ class Plan:
     per_split: int
     splits: int
     num_warps: int
+    single: bool = False  # planes, one tile per channel: the single-pass kernels (training)
 
     @property
     def channel_programs(self) -> int:
@@ -531,13 +607,26 @@ def _spatial_block(S: int, tile: int) -> int:
 
 
 def plan_for(
-    layout: str, N: int, C: int, S: int, *, target_programs: int, tile: int = 4096, num_warps: int = 8
+    layout: str,
+    N: int,
+    C: int,
+    S: int,
+    *,
+    target_programs: int,
+    tile: int = 4096,
+    num_warps: int = 8,
+    single_tile_max: int = 0,
+    single_warps: int = 16,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
 
     Slices make the reduction parallel when there are few channels for many values; each slice is at
-    least one tile. The same plan serves the partial and the elementwise passes.
+    least one tile. The same plan serves the partial and the elementwise passes. A planes-layout channel
+    that fits in one tile of at most `single_tile_max` values gets the single-pass plan instead.
     """
+    if layout == PLANES and triton.next_power_of_2(N) * triton.next_power_of_2(S) <= single_tile_max:
+        bn, bs = triton.next_power_of_2(N), triton.next_power_of_2(S)
+        return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
     if layout == ROWS:
         R = N * S
         block_c = min(triton.next_power_of_2(C), 128)
@@ -583,12 +672,17 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 # many tiles and slices on small inputs).
 TILE = 4096
 NUM_WARPS = 8
+# Largest channel (N * S, padded to powers of two) for the single-pass kernels, and their warps: at 8192
+# values and 16 warps the sm_90 build keeps everything in registers (no spills, cuobjdump); 0 disables.
+SINGLE_TILE_MAX = 8192
+SINGLE_WARPS = 16
 
 
 def make_plan(x: torch.Tensor, layout: str) -> Plan:
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]),
         target_programs=_target_programs(x.device), tile=TILE, num_warps=NUM_WARPS,
+        single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS,
     )  # fmt: skip
 
 
@@ -644,6 +738,20 @@ def forward(
     invstd = torch.empty(C, device=x.device, dtype=torch.float32)
     dummy = mean
     rows = plan.layout == ROWS
+    epilogue = dict(
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu
+    )
+    params = (weight if weight is not None else dummy, bias if bias is not None else dummy)
+    if training and plan.single:
+        has_running = running_mean is not None
+        _single_tile_forward_kernel[(C,)](
+            x, residual if residual is not None else x, y, mean, invstd,
+            running_mean if has_running else dummy, running_var if has_running else dummy, *params,
+            plan.N, C, plan.S, eps, momentum,
+            BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
+            **epilogue,
+        )  # fmt: skip
+        return y, mean, invstd
     if training:
         has_running = running_mean is not None
         finalize = plan.splits == 1
@@ -669,11 +777,8 @@ def forward(
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     apply_kernel = _apply_rows_kernel if rows else _apply_planes_kernel
     apply_kernel[plan.grid](
-        x, residual if residual is not None else x, y, *stats,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        *_shape_args(plan), eps,
-        FROM_RUNNING=from_running, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, RELU=relu, **_block_args(plan),
+        x, residual if residual is not None else x, y, *stats, *params, *_shape_args(plan), eps,
+        FROM_RUNNING=from_running, **epilogue, **_block_args(plan),
     )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
@@ -710,6 +815,18 @@ def backward(
     )  # fmt: skip
     dweight = dbias = None
     coef = dummy
+    if training and plan.single and (need_input or need_params or need_residual):
+        dweight = torch.empty(C, device=x.device, dtype=torch.float32)
+        dbias = torch.empty(C, device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x) if need_input else None
+        dz = torch.empty_like(x) if need_residual and residual is not None else None
+        _single_tile_backward_kernel[(C,)](
+            dy, x, tensors[1], dx if dx is not None else dy, dz if dz is not None else dy, *tensors[2:],
+            dweight, dbias, plan.N, C, plan.S,
+            BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, WRITE_DX=dx is not None, WRITE_DZ=dz is not None,
+            num_warps=plan.num_warps, **flags,
+        )  # fmt: skip
+        return dx, (dweight if need_params else None), (dbias if need_params else None), dz
     if need_params or (training and need_input):
         dweight = torch.empty(C, device=x.device, dtype=torch.float32)
         dbias = torch.empty(C, device=x.device, dtype=torch.float32)
