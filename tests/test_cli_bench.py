@@ -48,7 +48,8 @@ def test_cli_bench_writes_csv_with_machine_and_versions(tmp_path, capsys):
     [
         (["bench", "--backends", "nope"], "--backends: unknown backend 'nope'"),
         (["bench", "--rounds", "0"], "--rounds must be at least 1"),
-        (["bench", "--gpu"], "--gpu needs the Triton backend"),
+        (["bench", "--gpu", "--rounds", "3"], "--rounds and --csv are for the CPU bench"),
+        (["bench", "--strict"], "--strict only with --gpu"),
     ],
 )
 def test_cli_refuses_bad_options(argv, message, capsys):

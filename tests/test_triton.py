@@ -288,3 +288,40 @@ def test_small_planes_channels_get_the_single_pass_plan():
     large = K.plan_for(K.PLANES, 256, 2048, 49, target_programs=528, single_tile_max=8192)
     assert not large.single  # 256 x 64 padded values: over the register budget, two passes
     assert not K.plan_for(K.ROWS, 32, 2048, 1, target_programs=528, single_tile_max=8192).single
+
+
+# ---- on a GPU: real shapes, every plan, against the reference -------------------------------------------
+
+GPU_SHAPES = [
+    (32, 64, 56, 56),  # two passes, split reductions (many values per channel)
+    (32, 2048, 7, 7),  # single pass (one tile per channel in NCHW)
+    (256, 512, 7, 7),  # two passes, one slice per channel
+    (8192, 256),  # BatchNorm1d, rows layout
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_shapes_on_the_gpu_match_the_reference(shape, layout, dtype):
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("2-D input has one layout")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(shape, generator=gen, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
+    z = torch.randn(shape, generator=gen, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    C = shape[1]
+    w = 1 + 0.1 * torch.randn(C, generator=gen, device="cuda")
+    b = 0.1 * torch.randn(C, generator=gen, device="cuda")
+    results = {}
+    for backend in ("triton", "reference"):
+        rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+        results[backend] = (y, *grads, rm, rv)
+    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
+    for name, ours, ref in zip(names, results["triton"], results["reference"], strict=True):
+        # Parameter gradients and statistics are float32 sums over many values: relative to their size.
+        _close(ours, ref, dtype if ours.dtype == dtype else torch.float32, name)

@@ -206,10 +206,14 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[BenchRow], path: Path) -> Path:
-    """Write rows with the machine and versions on every line; written to a temp file, then renamed."""
+def write_csv(rows: Sequence[object], path: Path, record: dict[str, object] | None = None) -> Path:
+    """Write dataclass rows with the machine and versions on every line; written to a temp file, then renamed.
+
+    `record` defaults to `provenance()`; the GPU bench passes its own (GPU, driver, CUDA, copy bandwidth),
+    collected once, because it rewrites its CSV as it goes and the git calls behind `provenance()` are not free.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = provenance()
+    record = provenance() if record is None else record
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*asdict(rows[0]), *record])

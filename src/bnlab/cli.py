@@ -14,12 +14,23 @@ import bnlab
 from bnlab import distributed
 from bnlab.runner import RunError
 
+# `bench` options for --gpu only; all default to None (--strict too), so "given" means "not None".
+_GPU_ONLY = ("out", "check", "strict", "device", "budget_s", "providers", "bnlab_backend")
+
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bnlab import bench
 
     if args.gpu:
-        print("bnlab bench: --gpu needs the Triton backend, which is not in this version yet", file=sys.stderr)
+        if args.rounds is not None or args.csv:
+            print("bnlab bench: --rounds and --csv are for the CPU bench; with --gpu use --out DIR", file=sys.stderr)
+            return 2
+        from bnlab import gpubench
+
+        return gpubench.run_cli(args)
+    given = [f"--{name.replace('_', '-')}" for name in _GPU_ONLY if getattr(args, name) is not None]
+    if given:
+        print(f"bnlab bench: {', '.join(given)} only with --gpu", file=sys.stderr)
         return 2
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for name in backends:
@@ -152,12 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("bench", help="time bnlab's layers against torch.nn.BatchNorm (CPU)")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and rounds (about half a minute)")
+    p = sub.add_parser("bench", help="time bnlab's layers against torch.nn.BatchNorm (CPU; --gpu: on a GPU)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer shapes and rounds (about half a minute); with --gpu: batch 256, bf16 and fp32, forward+backward",
+    )
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15 quick, 60 full)")
     p.add_argument("--backends", default="native,reference", help="comma-separated bnlab backends to time")
     p.add_argument("--csv", default=None, help="where to write the CSV (default runs/bench/cpu-<time>.csv)")
-    p.add_argument("--gpu", action="store_true", help="GPU benchmark (needs the Triton backend; not yet)")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="GPU benchmark: ResNet-50's BN shapes and more, bnlab-triton vs torch eager and torch.compile "
+        "(see bnlab.gpubench); prints per-iteration sums and the acceptance check",
+    )
+    p.add_argument("--out", default=None, help="--gpu: folder for the CSV (default benchmarks/results)")
+    p.add_argument("--check", metavar="CSV", default=None, help="--gpu: sums and acceptance check of a saved CSV")
+    p.add_argument(
+        "--strict", action="store_true", default=None, help="--gpu: exit status 1 if an acceptance criterion fails"
+    )
+    p.add_argument("--device", default=None, help="--gpu: torch device (default cuda; cpu is for tests)")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="--gpu: start no new group after this many seconds (default 480)"
+    )
+    p.add_argument(
+        "--providers", default=None, help="--gpu: comma-separated, from bnlab-triton,torch-eager,torch-compile"
+    )
+    p.add_argument("--bnlab-backend", default=None, help="--gpu: the bnlab backend of bnlab-triton (default triton)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("list", help="list the experiments")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["cpu_model", "git_revision", "machine_summary", "provenance"]
+__all__ = ["cpu_model", "git_revision", "gpu_provenance", "machine_summary", "provenance"]
 
 
 def cpu_model() -> str:
@@ -70,3 +70,55 @@ def machine_summary(record: dict[str, object] | None = None) -> str:
     r = record or provenance()
     gpu = f", {r['gpu']}" if r.get("gpu") else ", no GPU"
     return f"{r['cpu']} ({r['cpu_count']} cores, {r['torch_threads']} torch threads){gpu}; torch {r['torch']}"
+
+
+def gpu_provenance(device: torch.device | str | None = None) -> dict[str, object]:
+    """The GPU and the software under a GPU timing (driver, CUDA, cuDNN, Triton): GPU numbers depend on all four.
+
+    Every key is always present (empty where there is no CUDA device), so CSV columns do not depend on the
+    machine. `device` picks the GPU (default: the current one).
+    """
+    record: dict[str, object] = {
+        "gpu": "",
+        "gpu_capability": "",
+        "gpu_memory_gib": "",
+        "gpu_driver": "",
+        "cuda": torch.version.cuda or "",
+        "cudnn": "",
+        "triton": _triton_version(),
+    }
+    if not torch.cuda.is_available():
+        return record
+    index = torch.device(device).index if device is not None else None
+    index = torch.cuda.current_device() if index is None else index
+    props = torch.cuda.get_device_properties(index)
+    record.update(
+        gpu=props.name,
+        gpu_capability=f"{props.major}.{props.minor}",
+        gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        gpu_driver=_nvidia_driver(index),
+        cudnn=str(torch.backends.cudnn.version() or ""),
+    )
+    return record
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return str(getattr(triton, "__version__", ""))
+
+
+def _nvidia_driver(index: int) -> str:
+    """The NVIDIA driver version from nvidia-smi (torch does not expose it), or 'unknown'."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", str(index)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU runs, in one command of under 10 minutes (the device tool's limit):
+#   1. the GPU tests of the Triton kernels and of the GPU bench (native, not the interpreter);
+#   2. the knob sweep (benchmarks/tune_triton.py), bf16;
+#   3. `bnlab bench --gpu --quick` (batch 256, bf16 + fp32, forward+backward, with the acceptance check).
+# Results land in $OUT (the device tool brings that folder back) or /tmp/bnlab-gpu.
+# Usage, from the repository root, on the GPU machine (python3 there has torch and triton):
+#   bash benchmarks/gpu_session.sh [tests|tune|quick|full]...   (default: tests tune quick)
+set -uo pipefail
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/bnlab-gpu}"
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests tune quick)
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null || true
+} | tee "$OUT/machine.txt"
+
+for step in "${steps[@]}"; do
+  echo "=== $step ($(date -u +%T))"
+  case "$step" in
+    tests)
+      timeout 240 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/test_triton.py tests/test_gpubench.py \
+        2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    tune)
+      timeout 180 python3 benchmarks/tune_triton.py --out "$OUT/tune.csv" 2>&1 | tee "$OUT/tune.log" | grep -E "BEST|copy|Error" ;;
+    quick)
+      timeout 300 python3 -m bnlab.cli bench --gpu --quick --out "$OUT" --budget-s 200 2>&1 | tee "$OUT/bench-quick.log" | tail -80 ;;
+    full)
+      timeout 560 python3 -m bnlab.cli bench --gpu --out "$OUT" --budget-s 420 2>&1 | tee "$OUT/bench-full.log" | tail -80 ;;
+    *) echo "unknown step $step (tests, tune, quick, full)"; exit 2 ;;
+  esac
+done
+echo "=== done ($(date -u +%T)); files in $OUT"

@@ -1,0 +1,104 @@
+"""Sweep the Triton kernels' launch knobs on a GPU: tile size, warps, and the single-pass threshold.
+
+Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/tune_triton.py [--out FILE.csv]
+Times training forward+backward (bnlab.functional.batch_norm, backend "triton") on shapes that stress
+each plan: many values per channel (split reductions), few (7x7), channels-last, BatchNorm1d, with the
+same timer as `bnlab bench --gpu` (CUDA events, L2 flushed). Prints one line per (shape, knobs) with the
+fraction of the measured copy bandwidth on the minimal traffic, and the best knobs per shape; the
+defaults in bnlab/kernels/batchnorm.py (TILE, NUM_WARPS, SINGLE_TILE_MAX, SINGLE_WARPS) come from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import itertools
+import math
+import sys
+
+import torch
+
+from bnlab import functional as BF
+from bnlab import kernels
+from bnlab.gpubench import copy_bandwidth_gbps, make_timer, min_traffic_bytes
+
+SHAPES = [
+    ((256, 64, 56, 56), "NCHW"),
+    ((256, 64, 56, 56), "channels_last"),
+    ((256, 2048, 7, 7), "NCHW"),
+    ((256, 2048, 7, 7), "channels_last"),
+    ((32, 1024, 14, 14), "NCHW"),
+    ((32, 2048, 7, 7), "NCHW"),
+    ((65536, 1024), "NC"),
+]
+KNOBS = {
+    "TILE": (2048, 4096, 8192),
+    "NUM_WARPS": (4, 8),
+    "SINGLE_TILE_MAX": (0, 8192, 16384),
+}
+
+
+def _train_step(x, rm, rv, w, b, dy, _: object = None) -> object:
+    y = BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="triton", nonfinite="ignore")
+    return torch.autograd.grad(y, (x, w, b), dy)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="CSV of every measurement")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    K = kernels.load()
+    timer = make_timer("cuda", warmup_ms=5, rep_ms=15)
+    copy = copy_bandwidth_gbps(timer, "cuda")
+    dtype = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; dtype {args.dtype}", flush=True)
+    rows = []
+    for shape, layout in SHAPES:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+        dy = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+        C = shape[1]
+        w = torch.ones(C, device="cuda", requires_grad=True)
+        b = torch.zeros(C, device="cuda", requires_grad=True)
+        rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+        nbytes = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both")
+
+        step = functools.partial(_train_step, x, rm, rv, w, b, dy)
+        best = None
+        K.SINGLE_TILE_MAX = max(KNOBS["SINGLE_TILE_MAX"])
+        could_be_single = K.make_plan(x, K.layout_of(x)).single
+        # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
+        grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
+        for values in itertools.product(*grid.values()):
+            knobs = dict(zip(grid, values, strict=True))
+            for name, value in knobs.items():
+                setattr(K, name, value)
+            try:
+                seconds = timer(step)
+                frac = nbytes / seconds / 1e9 / copy
+                err = ""
+            except Exception as exc:  # keep sweeping; the row says what failed
+                seconds, frac, err = float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:200]
+            plan = K.make_plan(x, K.layout_of(x))
+            row = {"shape": "x".join(map(str, shape)), "layout": layout, **knobs, "us": seconds * 1e6,
+                   "frac_of_copy": frac, "plan": f"{plan.layout} blocks={plan.block_a}x{plan.block_b} "
+                   f"splits={plan.splits} single={plan.single}", "error": err}  # fmt: skip
+            rows.append(row)
+            print(f"{row['shape']:>16} {layout:>13} {knobs} {row['us']:9.1f} us {frac:6.3f} {row['plan']} {err}",
+                  flush=True)  # fmt: skip
+            if err == "" and (best is None or seconds < best[0]):
+                best = (seconds, knobs, frac)
+        if best:
+            print(f"BEST {shape} {layout}: {best[1]} {best[0] * 1e6:.1f} us, {best[2]:.3f} of copy", flush=True)
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

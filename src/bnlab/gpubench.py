@@ -1,0 +1,927 @@
+"""``bnlab bench --gpu``: time bnlab's Triton batch norm against torch eager and torch.compile on a GPU.
+
+What is timed, and why:
+
+- every BN layer of ResNet-50 (torchvision's layout, 224x224 input) at batch 256 and 32: the layer shapes a
+  user actually trains. Its 53 layers have only 12 distinct shapes; each is timed once and the
+  per-iteration sum multiplies by the number of layers that share it;
+- three BatchNorm1d shapes (wide, very wide, long and thin), where the reduction runs over the batch only;
+- BN + add + ReLU (``relu(bn(x) + residual)``, the end of every bottleneck block) on the ``bn3`` shapes,
+  forward+backward: the case a fused kernel exists for;
+
+in float32, bfloat16 and float16 (parameters and running statistics in float32, as under mixed precision),
+NCHW and channels_last, and three directions: ``forward`` (training mode, running statistics updated, the
+autograd graph built), ``backward`` (the backward alone: ``torch.autograd.grad`` on a kept graph) and
+``both``. Providers: ``bnlab-triton`` (``bnlab.functional.batch_norm(..., backend="triton")``),
+``torch-eager`` (``torch.nn.functional.batch_norm``) and ``torch-compile`` (that function under
+``torch.compile(dynamic=False)``, compiled once per shape, dtype and layout; compile time excluded).
+
+Timing: the median of CUDA-event timings with the L2 cache flushed before every call (the loop of
+``triton.testing.do_bench``, plus an untimed setup so that backward is timed alone; see `make_timer`); on
+CPU, used only by the tests, ``time.perf_counter`` medians. Bandwidth is the minimal traffic
+(`min_traffic_bytes`) over the median time, also as a fraction of the device's own copy bandwidth,
+measured once at the start.
+
+The run is made for one unattended 10-minute command on a borrowed machine, so: a failure of one provider
+on one case becomes an error row and the run goes on; the CSV is rewritten every few seconds, so a killed
+run leaves what it measured; groups run in order of priority (what the acceptance check needs first), and
+after a time budget the rest are recorded as skipped instead of run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as _dt
+import inspect
+import math
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bnlab
+import bnlab.functional
+from bnlab.bench import write_csv
+from bnlab.provenance import gpu_provenance, provenance
+
+__all__ = [
+    "PROVIDERS",
+    "QUICK",
+    "Case",
+    "GpuRow",
+    "Group",
+    "IterationSum",
+    "Settings",
+    "Verdict",
+    "acceptance",
+    "build_plan",
+    "copy_bandwidth_gbps",
+    "distinct_shapes",
+    "format_acceptance",
+    "format_sums",
+    "make_provider",
+    "make_timer",
+    "measure_group",
+    "min_traffic_bytes",
+    "per_iteration_sums",
+    "read_rows",
+    "resnet50_bn_shapes",
+    "run_cli",
+    "run_gpu_bench",
+    "torch_bn",
+]
+
+BNLAB = "bnlab-triton"
+EAGER = "torch-eager"
+COMPILE = "torch-compile"
+PROVIDERS = (BNLAB, EAGER, COMPILE)
+
+RESNET = "resnet50"
+FUSED = "resnet50-bn-add-relu"
+BN1D = "bn1d"
+CASE_LAYERS = {RESNET: 53, FUSED: 16}  # BN layers per ResNet-50 iteration; fused: the bn3 layers (residual adds)
+
+NCHW, CHANNELS_LAST, NC = "NCHW", "channels_last", "NC"
+DIRECTIONS = ("forward", "backward", "both")
+MOMENTUM, EPS = 0.1, 1e-5
+FALLBACK_NOTE = "unfused fallback"
+SKIPPED = "skipped: over the time budget"
+
+# Rough costs for the printed estimate (not measured on a GPU here): one torch.compile of BN forward+backward
+# for a new shape, and one timing's fixed overhead on top of its warm-up and repetitions.
+COMPILE_S_GUESS = 2.5
+TIMING_OVERHEAD_S = 0.03
+CSV_EVERY_S = 5.0  # rewriting the whole CSV after every group would cost seconds over a full run
+
+
+# ---- what is measured ----------------------------------------------------------------------------------
+
+
+def resnet50_bn_shapes(
+    batch: int,
+    widths: Sequence[int] = (64, 128, 256, 512),
+    resolutions: Sequence[int] = (56, 28, 14, 7),
+    blocks: Sequence[int] = (3, 4, 6, 3),
+) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """The input shape of every BatchNorm2d of torchvision's ResNet-50 at 224x224, in module order.
+
+    Built from the architecture's rule rather than from torchvision (not a dependency): stem ``bn1`` at
+    twice the first stage's resolution with ``widths[0]`` channels; then per stage, bottleneck blocks with
+    ``bn1`` (width), ``bn2`` (width), ``bn3`` (4 x width) and, in the first block, the downsample BN
+    (4 x width). The stride sits on the 3x3 conv, so the first block's ``bn1`` still sees the previous
+    stage's resolution. Other widths and resolutions give the same structure at toy sizes (tests).
+    """
+    shapes: list[tuple[str, tuple[int, int, int, int]]] = [
+        ("bn1", (batch, widths[0], 2 * resolutions[0], 2 * resolutions[0]))
+    ]
+    previous = resolutions[0]
+    for stage, (width, res, count) in enumerate(zip(widths, resolutions, blocks, strict=True), 1):
+        for block in range(count):
+            name = f"layer{stage}.{block}"
+            first = previous if block == 0 else res
+            shapes += [
+                (f"{name}.bn1", (batch, width, first, first)),
+                (f"{name}.bn2", (batch, width, res, res)),
+                (f"{name}.bn3", (batch, 4 * width, res, res)),
+            ]
+            if block == 0:
+                shapes.append((f"{name}.downsample.1", (batch, 4 * width, res, res)))
+        previous = res
+    return shapes
+
+
+def distinct_shapes(
+    layers: Iterable[tuple[str, tuple[int, ...]]],
+) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Group layers by shape (first appearance order): each shape is timed once, then counted per layer."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, shape in layers:
+        groups.setdefault(tuple(shape), []).append(name)
+    return [(shape, tuple(names)) for shape, names in groups.items()]
+
+
+def min_traffic_bytes(numel: int, itemsize: int, direction: str, fused: bool = False) -> int:
+    """Bytes a perfect kernel must move, the yardstick for "achieved bandwidth".
+
+    Plain BN: forward reads x and writes y (2 tensors); backward reads x and dy and writes dx (3); both: 5.
+    BN + add + ReLU: forward reads x and z and writes y (3); backward reads x, z and dy and writes dx and dz
+    (5); both: 8. Per-channel vectors (statistics, weight, bias and their gradients) are negligible and left
+    out; so is anything a real kernel saves or rereads beyond this (that is its inefficiency).
+    """
+    per_direction = {"forward": 3 if fused else 2, "backward": 5 if fused else 3}
+    per_direction["both"] = per_direction["forward"] + per_direction["backward"]
+    if direction not in per_direction:
+        raise ValueError(f"unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
+    return per_direction[direction] * numel * itemsize
+
+
+@dataclass(frozen=True)
+class Case:
+    """One tensor shape of one kind of case; `layers` names the ResNet-50 layers that have it."""
+
+    name: str
+    shape: tuple[int, ...]
+    layers: tuple[str, ...] = ()
+
+    @property
+    def fused(self) -> bool:
+        return self.name == FUSED
+
+
+@dataclass(frozen=True)
+class Group:
+    """One set of input tensors on which every provider is timed in every direction (one compile each)."""
+
+    case: Case
+    dtype: str
+    layout: str
+    directions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run measures and how long it may take; the defaults are the full benchmark of the issue."""
+
+    device: str = "cuda"
+    providers: tuple[str, ...] = PROVIDERS
+    backend: str = "triton"  # the bnlab backend behind the "bnlab-triton" provider (tests: reference, native)
+    batches: tuple[int, ...] = (256, 32)
+    dtypes: tuple[str, ...] = ("bfloat16", "float32", "float16")
+    layouts: tuple[str, ...] = (NCHW, CHANNELS_LAST)
+    directions: tuple[str, ...] = DIRECTIONS
+    bn1d_shapes: tuple[tuple[int, int], ...] = ((65536, 1024), (8192, 4096), (100000, 32))
+    fused: bool = True
+    warmup_ms: float = 5.0
+    rep_ms: float = 20.0
+    budget_s: float = 480.0
+    copy_bytes: int = 2**30
+    compile_backend: str = "inductor"
+    profile: str = "default"
+
+
+QUICK = Settings(batches=(256,), dtypes=("bfloat16", "float32"), directions=("both",), profile="quick")
+
+
+def build_plan(
+    settings: Settings,
+    resnet_shapes: Callable[[int], list[tuple[str, tuple[int, int, int, int]]]] = resnet50_bn_shapes,
+) -> list[Group]:
+    """Every group to time, most important first: the dtypes, then the batches, in the order given.
+
+    So a run cut short by its time budget still has the first dtypes (bf16, fp32: what the acceptance
+    check reads) at the first batch. BatchNorm1d cases ride with the first batch.
+    """
+    keyed: list[tuple[tuple[int, int, int], Group]] = []
+    for d, dtype in enumerate(settings.dtypes):
+        for b, batch in enumerate(settings.batches):
+            distinct = distinct_shapes(resnet_shapes(batch))
+            bn3 = distinct_shapes((n, s) for n, s in resnet_shapes(batch) if n.endswith(".bn3"))
+            for layout in settings.layouts:
+                for shape, names in distinct:
+                    keyed.append(((d, b, 0), Group(Case(RESNET, shape, names), dtype, layout, settings.directions)))
+                if settings.fused and "both" in settings.directions:
+                    for shape, names in bn3:
+                        keyed.append(((d, b, 1), Group(Case(FUSED, shape, names), dtype, layout, ("both",))))
+        for shape in settings.bn1d_shapes:
+            keyed.append(((d, 0, 2), Group(Case(BN1D, tuple(shape)), dtype, NC, settings.directions)))
+    keyed.sort(key=lambda item: item[0])  # stable: within a key, the order above
+    return [group for _, group in keyed]
+
+
+# ---- providers -----------------------------------------------------------------------------------------
+
+BNFn = Callable[..., torch.Tensor]  # (x, running_mean, running_var, weight, bias, residual or None) -> y
+
+
+def torch_bn(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torch's training-mode batch norm, followed by ``relu(. + residual)`` when a residual is given."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
+    return y if residual is None else torch.relu(y + residual)
+
+
+def _bnlab_bn(backend: str) -> tuple[BNFn, str]:
+    """bnlab's batch norm on `backend`, with the fused residual + ReLU where bnlab.functional offers it."""
+    fused_api = "residual" in inspect.signature(bnlab.functional.batch_norm).parameters
+    options = {"backend": backend, "nonfinite": "ignore"}  # "ignore": no guard, the same work as torch
+
+    def bn(x, running_mean, running_var, weight, bias, residual=None):
+        args = (x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
+        if residual is None:
+            return bnlab.functional.batch_norm(*args, **options)
+        if fused_api:
+            return bnlab.functional.batch_norm(*args, residual=residual, activation="relu", **options)
+        # TODO(fused kernels): remove once bnlab.functional.batch_norm has residual=/activation= everywhere;
+        # until then the "fused" bnlab rows time this unfused sequence and carry FALLBACK_NOTE.
+        return torch.relu(bnlab.functional.batch_norm(*args, **options) + residual)
+
+    note = "" if fused_api else f"{FALLBACK_NOTE}: bnlab.functional.batch_norm has no residual= yet"
+    return bn, note
+
+
+def make_provider(name: str, backend: str = "triton", compile_backend: str = "inductor") -> tuple[BNFn, str]:
+    """The function a provider times, and a note for its rows (e.g. that fused means unfused for now).
+
+    torch-compile starts from a reset compiler cache: the benchmark compiles the same function for a new
+    shape in every group, and past Dynamo's recompile limit it would silently run eager code instead.
+    """
+    if name == BNLAB:
+        return _bnlab_bn(backend)
+    if name == EAGER:
+        return torch_bn, ""
+    if name == COMPILE:
+        torch.compiler.reset()
+        return torch.compile(torch_bn, dynamic=False, backend=compile_backend), "compile time excluded"
+    raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+
+
+# ---- timing --------------------------------------------------------------------------------------------
+
+# timer(fn, setup=None) -> median seconds of fn(setup()), setup() untimed (backward's fresh forward)
+Timer = Callable[..., float]
+MAX_REPS = 1000
+
+
+def make_timer(device: str, warmup_ms: float = 5.0, rep_ms: float = 20.0) -> Timer:
+    """A median-seconds timer: CUDA events with the L2 flushed before each call on a GPU, perf_counter on CPU.
+
+    The GPU loop is triton.testing.do_bench's (one call, a 5-call estimate, warm-up for `warmup_ms`, then
+    about `rep_ms` of calls, each after zeroing a 256 MB buffer, timed by its own pair of events), with one
+    addition do_bench lacks: an untimed `setup` before each call. Backward is timed that way, after a fresh
+    forward, instead of repeating backward on a kept graph: torch.compile's backward refuses
+    ``retain_graph=True`` (its donated buffers), and a kept graph is not what training runs.
+    """
+    if torch.device(device).type != "cuda":
+        return _cpu_median
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    return lambda fn, setup=None: _event_median(fn, setup, flush, warmup_ms, rep_ms)
+
+
+def _no_setup() -> None:
+    return None
+
+
+def _cpu_median(fn: Callable[[object], object], setup: Callable[[], object] | None = None, reps: int = 3) -> float:
+    prepare = setup or _no_setup
+    fn(prepare())  # warm-up
+    samples = []
+    for _ in range(reps):
+        arg = prepare()
+        start = time.perf_counter()
+        fn(arg)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _event_median(
+    fn: Callable[[object], object],
+    setup: Callable[[], object] | None,
+    flush: torch.Tensor,
+    warmup_ms: float,
+    rep_ms: float,
+) -> float:
+    prepare = setup or _no_setup
+    fn(prepare())
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):  # the estimate includes setup and flush: it sizes the loop by wall time, not by fn alone
+        arg = prepare()
+        flush.zero_()
+        fn(arg)
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn(prepare())
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(min(MAX_REPS, max(3, int(rep_ms / estimate_ms))))
+    ]
+    for begin, finish in events:
+        arg = prepare()
+        flush.zero_()
+        begin.record()
+        fn(arg)
+        finish.record()
+    torch.cuda.synchronize()
+    return statistics.median(begin.elapsed_time(finish) for begin, finish in events) / 1e3
+
+
+def copy_bandwidth_gbps(timer: Timer, device: str, nbytes: int = 2**30) -> float:
+    """The device's practical bandwidth: a `nbytes` copy (read + write = 2 x nbytes) over its median time."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timer(lambda _: dst.copy_(src)) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- measuring one group -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    """One case x provider x direction. Times in microseconds; None where there is no number."""
+
+    case: str
+    shape: str
+    dtype: str
+    layout: str
+    direction: str
+    provider: str
+    median_us: float | None
+    gbps: float | None
+    frac_of_copy: float | None
+    speedup_vs_eager: float | None
+    speedup_vs_best_torch: float | None
+    error: str
+    layers: int  # ResNet-50 layers with this shape (the multiplicity in per-iteration sums); 0 otherwise
+    layer_names: str
+    bytes: int
+    max_abs_diff: float | None  # vs torch eager, over output and input gradients of one forward+backward
+    note: str
+
+
+@dataclass
+class _Inputs:
+    x: torch.Tensor
+    dy: torch.Tensor
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def wrt(self) -> list[torch.Tensor]:
+        """What backward differentiates: the activation(s) first (compared with eager's), then parameters."""
+        return [t for t in (self.x, self.residual, self.weight, self.bias) if t is not None]
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        channels = self.weight.numel()
+        return (
+            torch.zeros(channels, device=self.x.device, dtype=torch.float32),
+            torch.ones(channels, device=self.x.device, dtype=torch.float32),
+        )
+
+
+def _make_inputs(group: Group, device: str) -> _Inputs:
+    dtype = getattr(torch, group.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    fmt = torch.channels_last if group.layout == CHANNELS_LAST else torch.contiguous_format
+
+    def activation(requires_grad: bool) -> torch.Tensor:
+        t = torch.randn(group.case.shape, generator=gen, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        return t.requires_grad_(requires_grad)
+
+    channels = group.case.shape[1]
+    weight = (1 + 0.1 * torch.randn(channels, generator=gen, device=device)).requires_grad_(True)
+    bias = (0.1 * torch.randn(channels, generator=gen, device=device)).requires_grad_(True)
+    residual = activation(True) if group.case.fused else None
+    return _Inputs(x=activation(True), dy=activation(False), residual=residual, weight=weight, bias=bias)
+
+
+def _direction_fn(
+    fn: BNFn, inp: _Inputs, stats: tuple[torch.Tensor, torch.Tensor], direction: str
+) -> tuple[Callable[[object], object], Callable[[], object] | None]:
+    """What to time and its untimed setup: forward (graph built), backward alone (after a fresh forward), both."""
+
+    def forward(_: object = None) -> torch.Tensor:
+        return fn(inp.x, *stats, inp.weight, inp.bias, inp.residual)
+
+    wrt = inp.wrt()
+    if direction == "forward":
+        return forward, None
+    if direction == "backward":
+        return (lambda y: torch.autograd.grad(y, wrt, inp.dy)), forward
+    if direction == "both":
+        return (lambda _: torch.autograd.grad(forward(), wrt, inp.dy)), None
+    raise ValueError(f"unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
+
+
+def _outputs_once(fn: BNFn, inp: _Inputs, stats: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    """Output and activation gradients of one forward+backward (also the first call that compiles)."""
+    y = fn(inp.x, *stats, inp.weight, inp.bias, inp.residual)
+    grads = torch.autograd.grad(y, inp.wrt(), inp.dy)
+    return [y.detach(), *grads[: 2 if inp.residual is not None else 1]]
+
+
+def _max_abs_diff(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, reference, strict=True))
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _row(
+    group: Group, provider: str, direction: str, copy_gbps: float, seconds: float | None = None, **extra
+) -> GpuRow:
+    case = group.case
+    nbytes = min_traffic_bytes(math.prod(case.shape), getattr(torch, group.dtype).itemsize, direction, case.fused)
+    gbps = nbytes / seconds / 1e9 if seconds else None
+    fields = {
+        "case": case.name,
+        "shape": _shape_str(case.shape),
+        "dtype": group.dtype,
+        "layout": group.layout,
+        "direction": direction,
+        "provider": provider,
+        "median_us": seconds * 1e6 if seconds else None,
+        "gbps": gbps,
+        "frac_of_copy": gbps / copy_gbps if gbps and copy_gbps else None,
+        "speedup_vs_eager": None,
+        "speedup_vs_best_torch": None,
+        "error": "",
+        "layers": len(case.layers),
+        "layer_names": ";".join(case.layers),
+        "bytes": nbytes,
+        "max_abs_diff": None,
+        "note": "",
+    }
+    return GpuRow(**{**fields, **extra})
+
+
+def _error_text(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _measure_provider(
+    provider: str,
+    group: Group,
+    inp: _Inputs,
+    reference: Sequence[torch.Tensor],
+    settings: Settings,
+    timer: Timer,
+    copy_gbps: float,
+) -> list[GpuRow]:
+    device = torch.device(settings.device)
+    try:
+        fn, note = make_provider(provider, settings.backend, settings.compile_backend)
+        stats = inp.stats()
+        start = time.perf_counter()
+        diff = _max_abs_diff(_outputs_once(fn, inp, stats), reference)
+        _sync(device)
+        if provider == COMPILE:
+            note = f"compile time excluded (first call {time.perf_counter() - start:.1f} s)"
+    except Exception as exc:
+        return [_row(group, provider, d, copy_gbps, error=_error_text(exc)) for d in group.directions]
+    rows = []
+    for direction in group.directions:
+        try:
+            seconds = timer(*_direction_fn(fn, inp, stats, direction))
+            rows.append(_row(group, provider, direction, copy_gbps, seconds, max_abs_diff=diff, note=note))
+        except Exception as exc:
+            rows.append(_row(group, provider, direction, copy_gbps, error=_error_text(exc), note=note))
+    return rows
+
+
+def measure_group(group: Group, settings: Settings, timer: Timer, copy_gbps: float) -> list[GpuRow]:
+    """Time every provider in every direction of `group`; a failing provider or direction gives error rows."""
+    inp = _make_inputs(group, settings.device)
+    reference = _outputs_once(torch_bn, inp, inp.stats())
+    rows: list[GpuRow] = []
+    for provider in settings.providers:
+        rows += _measure_provider(provider, group, inp, reference, settings, timer, copy_gbps)
+    return with_speedups(rows)
+
+
+def _ok(row: GpuRow | None) -> bool:
+    return row is not None and not row.error and bool(row.median_us)
+
+
+def with_speedups(rows: Sequence[GpuRow]) -> list[GpuRow]:
+    """Fill the speedup columns: torch eager's time, and the faster of eager and compile, over each row's."""
+    out = []
+    for row in rows:
+        same = {r.provider: r for r in rows if r.direction == row.direction and _ok(r)}
+        eager = same[EAGER].median_us if EAGER in same else None
+        best = min((same[p].median_us for p in (EAGER, COMPILE) if p in same), default=None)
+        if _ok(row):
+            row = replace(
+                row,
+                speedup_vs_eager=eager / row.median_us if eager else None,
+                speedup_vs_best_torch=best / row.median_us if best else None,
+            )
+        out.append(row)
+    return out
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+def estimate_seconds(plan: Sequence[Group], settings: Settings) -> float:
+    """A rough duration: the timing budget per measurement plus a guessed compile time per group."""
+    per_timing = (settings.warmup_ms + settings.rep_ms) / 1e3 + TIMING_OVERHEAD_S
+    timings = sum(len(g.directions) for g in plan) * len(settings.providers)
+    compiles = len(plan) if COMPILE in settings.providers else 0
+    return timings * per_timing + compiles * COMPILE_S_GUESS
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def _progress_line(index: int, total: int, elapsed: float, group: Group, rows: Sequence[GpuRow]) -> str:
+    left = elapsed / index * (total - index)
+    head = f"[{index:>3}/{total} {elapsed:4.0f}s, ~{left:4.0f}s left] {group.case.name} {_shape_str(group.case.shape)}"
+    parts = []
+    for direction in group.directions:
+        cells = []
+        for r in rows:
+            if r.direction == direction:
+                value = f"{r.median_us:.1f}us" if _ok(r) else "ERROR"
+                frac = f" ({r.frac_of_copy:.2f} of copy)" if r.provider == BNLAB and r.frac_of_copy else ""
+                cells.append(f"{r.provider} {value}{frac}")
+        parts.append(f"{direction}: " + ", ".join(cells))
+    errors = sorted({f"    {r.provider}: {r.error}" for r in rows if r.error})
+    return "\n".join([f"{head} {group.dtype} {group.layout} | " + " | ".join(parts), *errors])
+
+
+def run_gpu_bench(
+    settings: Settings,
+    out_dir: Path,
+    plan: Sequence[Group] | None = None,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> tuple[list[GpuRow], Path]:
+    """Run the plan (default `build_plan(settings)`); returns the rows and the CSV (rewritten as it goes)."""
+    device = torch.device(settings.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # "cuda" alone (no index) is refused here and means the current GPU anyway
+    plan = build_plan(settings) if plan is None else list(plan)
+    timer = make_timer(settings.device, settings.warmup_ms, settings.rep_ms)
+    copy_gbps = copy_bandwidth_gbps(timer, settings.device, settings.copy_bytes)
+    record = {**provenance(), **gpu_provenance(device if device.type == "cuda" else None)}
+    record.update(device=str(device), copy_gbps=round(copy_gbps, 1), profile=settings.profile)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out_dir) / f"gpu-{_slug(str(record['gpu'] or device.type))}-{stamp}.csv"
+    estimate = estimate_seconds(plan, settings)
+    log(
+        f"bnlab bench --gpu ({settings.profile}) on {record['gpu'] or device}: device copy {copy_gbps:.0f} GB/s; "
+        f"{len(plan)} groups, {len(settings.providers)} providers; rough estimate {estimate:.0f} s (torch.compile "
+        f"~{COMPILE_S_GUESS} s per group is a guess; bnlab's Triton JIT comes on top; compile and JIT time are "
+        f"excluded from every number); budget {settings.budget_s:.0f} s, then the rest is skipped; CSV: {path}"
+    )
+    if estimate > settings.budget_s:
+        log(f"note: the estimate exceeds the budget; the last groups ({settings.dtypes[-1]} first) may be skipped")
+    if BNLAB in settings.providers and settings.backend not in bnlab.available_backends():
+        log(f"warning: bnlab has no backend {settings.backend!r} in this version: the {BNLAB} rows will be errors")
+    rows: list[GpuRow] = []
+    start = written = time.monotonic()
+    for index, group in enumerate(plan, 1):
+        elapsed = time.monotonic() - start
+        if elapsed > settings.budget_s:
+            rows += [_row(group, p, d, copy_gbps, error=SKIPPED) for p in settings.providers for d in group.directions]
+            continue
+        try:
+            new = measure_group(group, settings, timer, copy_gbps)
+        except Exception as exc:  # the inputs or the reference failed (e.g. out of memory): the whole group
+            error = _error_text(exc)
+            new = [_row(group, p, d, copy_gbps, error=error) for p in settings.providers for d in group.directions]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows += new
+        if time.monotonic() - written > CSV_EVERY_S:  # a killed run keeps all but its last seconds
+            write_csv(rows, path, record)
+            written = time.monotonic()
+        log(_progress_line(index, len(plan), time.monotonic() - start, group, new))
+    if rows:
+        write_csv(rows, path, record)
+    skipped = sum(r.error == SKIPPED for r in rows)
+    log(f"done in {time.monotonic() - start:.0f} s" + (f"; {skipped} rows skipped (time budget)" if skipped else ""))
+    return rows, path
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(GpuRow)}
+
+
+def _parse(name: str, text: str) -> object:
+    kind = _FIELD_TYPES[name]
+    if kind == "str":
+        return text
+    if kind == "int":
+        return int(text)
+    return float(text) if text not in ("", "None") else None
+
+
+def read_rows(path: Path) -> list[GpuRow]:
+    """Rows of a CSV written by `run_gpu_bench` (extra provenance columns are ignored)."""
+    with Path(path).open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(_FIELD_TYPES) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: not a bnlab GPU bench CSV (missing columns {', '.join(sorted(missing))})")
+        return [GpuRow(**{name: _parse(name, line[name]) for name in _FIELD_TYPES}) for line in reader]
+
+
+# ---- per-iteration sums and the acceptance check --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IterationSum:
+    """A provider's time for all BN layers of one ResNet-50 iteration (complete only if no layer is missing)."""
+
+    case: str
+    batch: int
+    dtype: str
+    layout: str
+    direction: str
+    provider: str
+    total_us: float
+    layers: int  # layers with a time
+    expected: int
+
+    @property
+    def complete(self) -> bool:
+        return self.layers == self.expected
+
+
+def per_iteration_sums(rows: Iterable[GpuRow]) -> dict[tuple[str, int, str, str, str, str], IterationSum]:
+    """Sum multiplicity x median over the layer shapes, per case, batch, dtype, layout, direction, provider."""
+    totals: dict[tuple[str, int, str, str, str, str], list[float]] = {}
+    for r in rows:
+        if r.case not in CASE_LAYERS:
+            continue
+        key = (r.case, int(r.shape.split("x")[0]), r.dtype, r.layout, r.direction, r.provider)
+        acc = totals.setdefault(key, [0.0, 0])
+        if _ok(r):
+            acc[0] += r.layers * r.median_us
+            acc[1] += r.layers
+    return {key: IterationSum(*key, total, int(n), CASE_LAYERS[key[0]]) for key, (total, n) in totals.items()}
+
+
+def _unique(values: Iterable[object]) -> list:
+    return list(dict.fromkeys(values))
+
+
+def format_sums(rows: Sequence[GpuRow]) -> str:
+    """The per-iteration BN time of ResNet-50 per provider (ms), with bnlab's speedups where complete."""
+    sums = per_iteration_sums(rows)
+    providers = _unique(r.provider for r in rows)
+    lines = []
+    for case, batch in _unique((k[0], k[1]) for k in sums):
+        lines.append(
+            f"{case}, batch {batch}: per-iteration sum over its {CASE_LAYERS[case]} BN layers, ms "
+            f"(multiplicity x median; (k/n) = only k layers measured)"
+        )
+        head = f"  {'dtype':<9} {'layout':<14} {'direction':<9}" + "".join(f" {p:>14}" for p in providers)
+        lines.append(head + (f" {'bnlab/eager':>12} {'bnlab/compile':>14}" if BNLAB in providers else ""))
+        for dtype, layout, direction in _unique(k[2:5] for k in sums if k[:2] == (case, batch)):
+            got = {p: sums.get((case, batch, dtype, layout, direction, p)) for p in providers}
+            cells = [
+                f"{s.total_us / 1e3:.3f}" if s and s.complete else (f"({s.layers}/{s.expected})" if s else "-")
+                for s in got.values()
+            ]
+            line = f"  {dtype:<9} {layout:<14} {direction:<9}" + "".join(f" {c:>14}" for c in cells)
+            mine = got.get(BNLAB)
+            for other, width in ((EAGER, 12), (COMPILE, 14)):
+                if mine is None:
+                    break
+                theirs = got.get(other)
+                ok = mine.complete and theirs is not None and theirs.complete
+                line += f" {f'{theirs.total_us / mine.total_us:.2f}x' if ok else '-':>{width}}"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One acceptance criterion: passed or not, the numbers behind it, and what failed."""
+
+    name: str
+    passed: bool
+    detail: str
+    failures: tuple[str, ...] = ()
+
+
+MIN_FRAC_OF_COPY = 0.55
+MIN_SPEEDUP_VS_BEST = 0.95
+MIN_SUM_SPEEDUP_VS_EAGER = 2.0
+MIN_SUM_SPEEDUP_VS_COMPILE = 1.2
+MIN_FUSED_SPEEDUP_VS_EAGER = 1.5
+_ACCEPT_DTYPES = ("bfloat16", "float32")
+_ACCEPT_LAYOUTS = (NCHW, CHANNELS_LAST)
+
+
+def _label(r: GpuRow) -> str:
+    return f"{r.case} {r.shape} {r.dtype} {r.layout} {r.direction}"
+
+
+def _batches(rows: Sequence[GpuRow], case: str) -> list[int]:
+    return sorted({int(r.shape.split("x")[0]) for r in rows if r.case == case}, reverse=True)
+
+
+def _check_layers(rows: Sequence[GpuRow], provider: str) -> Verdict:
+    name = (
+        f"1. forward+backward on every ResNet-50 layer shape (bf16, fp32; NCHW, channels_last): {provider} "
+        f">= {MIN_FRAC_OF_COPY} of copy bandwidth and time <= 1/{MIN_SPEEDUP_VS_BEST} x the faster torch"
+    )
+    index = {(r.shape, r.dtype, r.layout, r.provider): r for r in rows if r.case == RESNET and r.direction == "both"}
+    mine = [r for r in index.values() if r.provider == provider and r.dtype in _ACCEPT_DTYPES]
+    mine = [r for r in mine if r.layout in _ACCEPT_LAYOUTS]
+    if not mine:
+        return Verdict(name, False, "no data")
+    failures, fracs, ratios = [], [], []
+    for r in mine:
+        best = min(
+            (t.median_us for p in (EAGER, COMPILE) if _ok(t := index.get((r.shape, r.dtype, r.layout, p)))),
+            default=None,
+        )
+        if not _ok(r) or best is None:
+            failures.append(f"{_label(r)}: {r.error or 'no time'}" if not _ok(r) else f"{_label(r)}: no torch time")
+            continue
+        frac, ratio = r.frac_of_copy or 0.0, r.median_us / best
+        fracs.append((frac, _label(r)))
+        ratios.append((ratio, _label(r)))
+        if frac < MIN_FRAC_OF_COPY or ratio > 1 / MIN_SPEEDUP_VS_BEST:
+            failures.append(f"{_label(r)}: {frac:.2f} of copy, {ratio:.3f}x the faster torch's time")
+    passing = len(mine) - len(failures)
+    for batch in _batches(rows, RESNET):  # every layer of every (dtype, layout) must have been measured
+        for dtype in _ACCEPT_DTYPES:
+            for layout in _ACCEPT_LAYOUTS:
+                shapes = [r for r in mine if (r.dtype, r.layout) == (dtype, layout) and r.shape.startswith(f"{batch}x")]
+                if sum(r.layers for r in shapes) != CASE_LAYERS[RESNET]:
+                    got = sum(r.layers for r in shapes)
+                    failures.append(f"batch {batch} {dtype} {layout}: {got}/{CASE_LAYERS[RESNET]} layers measured")
+    detail = f"{passing}/{len(mine)} shapes pass"
+    if fracs:
+        (low, low_at), (high, high_at) = min(fracs), max(ratios)
+        detail += f"; lowest {low:.2f} of copy ({low_at}); highest time over the faster torch {high:.3f} ({high_at})"
+    return Verdict(name, not failures, detail, tuple(failures))
+
+
+def _check_sums(rows: Sequence[GpuRow], provider: str) -> Verdict:
+    name = (
+        f"2. per-iteration sum over ResNet-50's 53 layers, bf16 forward+backward: {provider} >= "
+        f"{MIN_SUM_SPEEDUP_VS_EAGER}x faster than eager and >= {MIN_SUM_SPEEDUP_VS_COMPILE}x than torch.compile"
+    )
+    sums = per_iteration_sums(rows)
+    parts, failures = [], []
+    for batch in _batches(rows, RESNET):
+        for layout in _ACCEPT_LAYOUTS:
+            got = {p: sums.get((RESNET, batch, "bfloat16", layout, "both", p)) for p in (provider, EAGER, COMPILE)}
+            where = f"batch {batch} {layout}"
+            incomplete = [f"{p} {s.layers if s else 0}/53" for p, s in got.items() if s is None or not s.complete]
+            if incomplete:
+                failures.append(f"{where}: incomplete ({', '.join(incomplete)} layers)")
+                continue
+            vs_eager = got[EAGER].total_us / got[provider].total_us
+            vs_compile = got[COMPILE].total_us / got[provider].total_us
+            total_ms = got[provider].total_us / 1e3
+            parts.append(f"{where}: {total_ms:.2f} ms, {vs_eager:.2f}x vs eager, {vs_compile:.2f}x vs compile")
+            if vs_eager < MIN_SUM_SPEEDUP_VS_EAGER or vs_compile < MIN_SUM_SPEEDUP_VS_COMPILE:
+                failures.append(parts[-1])
+    if not parts and not failures:
+        return Verdict(name, False, "no data")
+    return Verdict(name, not failures, "; ".join(parts) or "no complete sum", tuple(failures))
+
+
+def _check_fused(rows: Sequence[GpuRow], provider: str) -> Verdict:
+    name = (
+        f"3. fused BN+add+ReLU forward+backward: {provider} >= {MIN_FUSED_SPEEDUP_VS_EAGER}x faster than "
+        f"eager's unfused sequence"
+    )
+    index = {(r.shape, r.dtype, r.layout, r.provider): r for r in rows if r.case == FUSED and r.direction == "both"}
+    mine = [r for key, r in index.items() if key[3] == provider]
+    failures, speedups = [], []
+    for r in mine:
+        eager = index.get((r.shape, r.dtype, r.layout, EAGER))
+        if not _ok(r) or not _ok(eager):
+            failures.append(f"{_label(r)}: {r.error or (eager.error if eager else 'no eager row') or 'no time'}")
+            continue
+        speedup = eager.median_us / r.median_us
+        speedups.append((speedup, _label(r)))
+        if FALLBACK_NOTE in r.note:
+            failures.append(f"{_label(r)}: not fused ({r.note})")
+        elif speedup < MIN_FUSED_SPEEDUP_VS_EAGER:
+            failures.append(f"{_label(r)}: {speedup:.2f}x")
+    if not mine:
+        return Verdict(name, False, "no data")
+    detail = f"{len(mine) - len(failures)}/{len(mine)} cases pass"
+    if speedups:
+        low = min(speedups)
+        detail += f"; lowest {low[0]:.2f}x ({low[1]}), median {statistics.median(s for s, _ in speedups):.2f}x"
+    return Verdict(name, not failures, detail, tuple(failures))
+
+
+def acceptance(rows: Sequence[GpuRow], provider: str = BNLAB) -> list[Verdict]:
+    """The issue's three acceptance criteria, evaluated on measured (or reloaded) rows; missing data fails."""
+    return [_check_layers(rows, provider), _check_sums(rows, provider), _check_fused(rows, provider)]
+
+
+def format_acceptance(verdicts: Sequence[Verdict], max_failures: int = 8) -> str:
+    lines = ["Acceptance check:"]
+    for v in verdicts:
+        lines.append(f"  [{'PASS' if v.passed else 'FAIL'}] {v.name}")
+        lines.append(f"         {v.detail}")
+        lines += [f"         - {f}" for f in v.failures[:max_failures]]
+        if len(v.failures) > max_failures:
+            lines.append(f"         ... and {len(v.failures) - max_failures} more")
+    return "\n".join(lines)
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+
+def _report(rows: Sequence[GpuRow], strict: bool) -> int:
+    print(format_sums(rows))
+    print()
+    verdicts = acceptance(rows)
+    print(format_acceptance(verdicts))
+    return 1 if strict and not all(v.passed for v in verdicts) else 0
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``bnlab bench --gpu``: run (or, with --check, reload) the benchmark, print the sums and the check."""
+    if args.check:
+        try:
+            rows = read_rows(Path(args.check))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"bnlab bench --gpu --check: {exc}", file=sys.stderr)
+            return 2
+        return _report(rows, args.strict)
+    device = args.device or "cuda"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print(
+            f"bnlab bench --gpu: needs a CUDA device, and torch {torch.__version__} sees none "
+            f"(use --check FILE.csv to check saved results)",
+            file=sys.stderr,
+        )
+        return 2
+    settings = replace(QUICK if args.quick else Settings(), device=device)
+    if torch.device(device).type != "cuda":
+        settings = replace(settings, copy_bytes=2**24)  # CPU runs are for tests: a small copy will do
+    if args.providers:
+        providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+        unknown = [p for p in providers if p not in PROVIDERS]
+        if unknown or not providers:
+            print(
+                f"bnlab bench --gpu: --providers: unknown {unknown}; choose from {', '.join(PROVIDERS)}",
+                file=sys.stderr,
+            )
+            return 2
+        settings = replace(settings, providers=providers)
+    if args.bnlab_backend:
+        settings = replace(settings, backend=args.bnlab_backend)
+    if args.budget_s is not None:
+        settings = replace(settings, budget_s=args.budget_s)
+    rows, path = run_gpu_bench(settings, Path(args.out or "benchmarks/results"), plan=build_plan(settings))
+    code = _report(rows, args.strict)
+    print(f"\nCSV: {path}")
+    return code
