@@ -33,25 +33,26 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 
 
 def compile_cases():
-    rows, planes = {"BLOCK_R": 32, "BLOCK_C": 128}, {"BLOCK_N": 64, "BLOCK_S": 64}
+    layouts = ({"BLOCK_A": 32, "BLOCK_B": 128, "PLANES": False}, {"BLOCK_A": 64, "BLOCK_B": 64, "PLANES": True})
     epilogues = [
         dict(HAS_WEIGHT=w, HAS_BIAS=w, HAS_RESIDUAL=res, RELU=relu)
         for w, (res, relu) in itertools.product((True, False), ((False, False), (False, True), (True, True)))
     ]
-    for blocks, suffix in ((rows, "rows"), (planes, "planes")):
+    for blocks in layouts:
         for fin in (True, False):
-            yield getattr(K, f"_stats_{suffix}_kernel"), {**blocks, "FINALIZE": fin, "HAS_RUNNING": fin}
+            yield K._stats_kernel, {**blocks, "FINALIZE": fin, "HAS_RUNNING": fin}
+            yield K._stats_finalize_kernel, {"BLOCK_C": 256, "PLANES": blocks["PLANES"], "HAS_RUNNING": fin}
         for ep in epilogues:
-            yield getattr(K, f"_apply_{suffix}_kernel"), {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"]}
-            yield getattr(K, f"_grad_{suffix}_kernel"), {**blocks, **ep, "FINALIZE": ep["RELU"]}
+            yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"]}
+            yield K._grad_kernel, {**blocks, **ep, "FINALIZE": ep["RELU"]}
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
-                yield getattr(K, f"_input_grad_{suffix}_kernel"), {**blocks, **ep, **flags}
+                yield K._input_grad_kernel, {**blocks, **ep, **flags}
+    single = {"BLOCK_N": 64, "BLOCK_S": 64}
     for ep in epilogues:
-        yield K._single_tile_forward_kernel, {**planes, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}
+        yield K._single_tile_forward_kernel, {**single, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}
         flags = {"WRITE_DX": ep["HAS_WEIGHT"], "WRITE_DZ": ep["HAS_RESIDUAL"]}
-        yield K._single_tile_backward_kernel, {**planes, **ep, **flags}
-    yield K._stats_finalize_kernel, {"BLOCK_C": 256, "HAS_RUNNING": True}
+        yield K._single_tile_backward_kernel, {**single, **ep, **flags}
     yield K._grad_finalize_kernel, {"BLOCK_C": 256}
 
 

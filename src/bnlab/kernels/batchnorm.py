@@ -80,32 +80,67 @@ def _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIA
 
 
 @triton.jit
-def _rows_tile(r0, r_end, pid_c, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Offsets and mask of the [BLOCK_R, BLOCK_C] tile at row r0 (rows layout)."""
-    rows = r0 + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < r_end
-    mask = rmask[:, None] & (cols < C)[None, :]
-    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    return offs, mask, rmask
+def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+    """The channels of a program: one (planes) or a block of BLOCK_B (rows); and which of them exist."""
+    if PLANES:
+        cols = pid_c + tl.arange(0, 1)
+    else:
+        cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
+    return cols, cols < C
 
 
 @triton.jit
-def _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets and mask of tile t (in (n-block, s-block) order) of channel c (planes layout)."""
-    nb = t // S_BLOCKS
-    sb = t - nb * S_BLOCKS
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = (n < N)[:, None] & (s < S)[None, :]
-    offs = (n.to(tl.int64) * C + c)[:, None] * S + s[None, :]
+def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+    """Offsets and mask of a program's tile i.
+
+    rows:   rows [i * BLOCK_A, +BLOCK_A) of the (N * S, C) matrix, channels [pid_c * BLOCK_B, +BLOCK_B).
+    planes: channel pid_c; tile i in (n-block, s-block) order covers n in [nb * BLOCK_A, +BLOCK_A) and
+            s in [sb * BLOCK_B, +BLOCK_B).
+    """
+    if PLANES:
+        nb = i // S_BLOCKS
+        sb = i - nb * S_BLOCKS
+        n = nb * BLOCK_A + tl.arange(0, BLOCK_A)
+        s = sb * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask = (n < N)[:, None] & (s < S)[None, :]
+        offs = (n.to(tl.int64) * C + pid_c)[:, None] * S + s[None, :]
+    else:
+        rows = i * BLOCK_A + tl.arange(0, BLOCK_A)
+        cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask = (rows < N * S)[:, None] & (cols < C)[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
     return offs, mask
 
 
 @triton.jit
-def _pivot(x_ptr, cols, cmask, pivot_stride):
+def _spread(v, PLANES: tl.constexpr):
+    """A per-channel vector shaped to broadcast against the program's tiles."""
+    if PLANES:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _channel_sum(t, PLANES: tl.constexpr):
+    """Sum a tile per channel: over both axes (planes: one channel) or over rows (rows)."""
+    if PLANES:
+        return tl.sum(tl.sum(t, axis=1), axis=0)
+    else:
+        return tl.sum(t, axis=0)
+
+
+@triton.jit
+def _slice(pid_s, TILES, tiles_per_split):
+    start = pid_s * tiles_per_split
+    return start, tl.minimum(start + tiles_per_split, TILES)
+
+
+@triton.jit
+def _pivot(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
     """The channel's first value: every program of a channel shifts by it before summing (see module doc)."""
-    return tl.load(x_ptr + cols.to(tl.int64) * pivot_stride, mask=cmask, other=0.0).to(tl.float32)
+    stride = S if PLANES else 1
+    return tl.load(x_ptr + cols.to(tl.int64) * stride, mask=cmask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -140,64 +175,28 @@ def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd_ptr, dw_ptr, db_ptr, c
 
 
 @triton.jit
-def _stats_rows_kernel(
+def _stats_kernel(
     x_ptr, pn_ptr, pmean_ptr, pm2_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-    R, C, rows_per_split, eps, momentum,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FINALIZE: tl.constexpr,
+    HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    r_start = split * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    pivot = _pivot(x_ptr, cols, cmask, 1)
-    n = tl.zeros([BLOCK_C], tl.float32)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        offs, mask, _ = _rows_tile(r0, r_end, pid_c, C, BLOCK_R, BLOCK_C)
-        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
-        n_t = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
-        mean_t = tl.sum(x, axis=0) / n_t
-        d = tl.where(mask, x - mean_t[None, :], 0.0)
-        n, mean, m2 = _chan_combine(n, mean, m2, n_t, mean_t, tl.sum(d * d, axis=0))
-    if FINALIZE:
-        _finalize_stats(
-            n, mean, m2, pivot, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
-        )
-    else:
-        tl.store(pn_ptr + split * C + cols, n, mask=cmask)
-        tl.store(pmean_ptr + split * C + cols, mean, mask=cmask)
-        tl.store(pm2_ptr + split * C + cols, m2, mask=cmask)
-
-
-@triton.jit
-def _stats_planes_kernel(
-    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0)
-    split = tl.program_id(1)
-    t_start = split * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, TILES)
-    # One channel per program; the summaries are kept as 1-element vectors so that the finalize code is
-    # the rows layout's.
-    cols = c + tl.arange(0, 1)
-    cmask = cols < C
-    pivot = _pivot(x_ptr, cols, cmask, S)
-    n = tl.zeros([1], tl.float32)
-    mean = tl.zeros([1], tl.float32)
-    m2 = tl.zeros([1], tl.float32)
+    t_start, t_end = _slice(split, TILES, tiles_per_split)
+    cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
+    pivot = _pivot(x_ptr, cols, cmask, S, PLANES)
+    n = tl.zeros(cols.shape, tl.float32)
+    mean = tl.zeros(cols.shape, tl.float32)
+    m2 = tl.zeros(cols.shape, tl.float32)
     for t in range(t_start, t_end):
-        offs, mask = _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N, BLOCK_S)
-        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot[:, None], 0.0)
-        n_t = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-        mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
-        d = tl.where(mask, x - mean_t, 0.0)
-        m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
-        n, mean, m2 = _chan_combine(n, mean, m2, n_t, mean_t, m2_t)
+        offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - _spread(pivot, PLANES), 0.0)
+        n_t = _channel_sum(mask.to(tl.float32), PLANES)
+        mean_t = _channel_sum(x, PLANES) / tl.maximum(n_t, 1.0)
+        d = tl.where(mask, x - _spread(mean_t + tl.zeros(cols.shape, tl.float32), PLANES), 0.0)
+        n, mean, m2 = _chan_combine(n, mean, m2, n_t, mean_t, _channel_sum(d * d, PLANES))
     if FINALIZE:
         _finalize_stats(
             n, mean, m2, pivot, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
@@ -211,11 +210,11 @@ def _stats_planes_kernel(
 @triton.jit
 def _stats_finalize_kernel(
     x_ptr, pn_ptr, pmean_ptr, pm2_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-    C, SPLITS, pivot_stride, eps, momentum, BLOCK_C: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    C, S, SPLITS, eps, momentum, BLOCK_C: tl.constexpr, PLANES: tl.constexpr, HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    pivot = _pivot(x_ptr, cols, cmask, pivot_stride)
+    pivot = _pivot(x_ptr, cols, cmask, S, PLANES)
     n = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
@@ -242,54 +241,25 @@ def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constex
 
 
 @triton.jit
-def _apply_rows_kernel(
-    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-    R, C, rows_per_split, eps,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-):  # fmt: skip
-    pid_c = tl.program_id(0)
-    r_start = tl.program_id(1) * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
-    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    scale = invstd * w
-    for r0 in range(r_start, r_end, BLOCK_R):
-        offs, mask, _ = _rows_tile(r0, r_end, pid_c, C, BLOCK_R, BLOCK_C)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = x
-        if HAS_RESIDUAL:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = _pre_activation(x, mean[None, :], scale[None, :], shift[None, :], z, HAS_RESIDUAL)
-        if RELU:
-            p = tl.maximum(p, 0.0)
-        tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _apply_planes_kernel(
+def _apply_kernel(
     x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0)
-    t_start = tl.program_id(1) * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, TILES)
-    cols = c + tl.arange(0, 1)
-    cmask = cols < C
+    pid_c = tl.program_id(0)
+    t_start, t_end = _slice(tl.program_id(1), TILES, tiles_per_split)
+    cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
     mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    scale = invstd * w
+    mean, scale, shift = _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
     for t in range(t_start, t_end):
-        offs, mask = _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N, BLOCK_S)
+        offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = x
         if HAS_RESIDUAL:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = _pre_activation(x, mean[:, None], scale[:, None], shift[:, None], z, HAS_RESIDUAL)
+        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
         if RELU:
             p = tl.maximum(p, 0.0)
         tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
@@ -308,74 +278,34 @@ def _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU:
 
 
 @triton.jit
-def _grad_rows_kernel(
+def _grad_kernel(
     dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, dw_ptr, db_ptr, coef_ptr,
-    R, C, rows_per_split,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FINALIZE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    r_start = split * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    t_start, t_end = _slice(split, TILES, tiles_per_split)
+    cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    scale = invstd * w
-    sum_g = tl.zeros([BLOCK_C], tl.float32)
-    sum_gc = tl.zeros([BLOCK_C], tl.float32)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        offs, mask, _ = _rows_tile(r0, r_end, pid_c, C, BLOCK_R, BLOCK_C)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = x
-        if HAS_RESIDUAL:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _masked_grad(dy, x, z, mean[None, :], scale[None, :], shift[None, :], HAS_RESIDUAL, RELU)
-        sum_g += tl.sum(g, axis=0)
-        sum_gc += tl.sum(tl.where(mask, g * (x - mean[None, :]), 0.0), axis=0)
-    if FINALIZE:
-        n = (r_end - r_start).to(tl.float32)
-        _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
-    else:
-        tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
-        tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
-
-
-@triton.jit
-def _grad_planes_kernel(
-    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, dw_ptr, db_ptr, coef_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0)
-    split = tl.program_id(1)
-    t_start = split * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, TILES)
-    cols = c + tl.arange(0, 1)
-    cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    scale = invstd * w
-    sum_g = tl.zeros([1], tl.float32)
-    sum_gc = tl.zeros([1], tl.float32)
+    mean_t, scale, shift = _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
+    sum_g = tl.zeros(cols.shape, tl.float32)
+    sum_gc = tl.zeros(cols.shape, tl.float32)
     for t in range(t_start, t_end):
-        offs, mask = _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N, BLOCK_S)
+        offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = x
         if HAS_RESIDUAL:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _masked_grad(dy, x, z, mean[:, None], scale[:, None], shift[:, None], HAS_RESIDUAL, RELU)
-        sum_g += tl.sum(tl.sum(g, axis=1), axis=0)
-        sum_gc += tl.sum(tl.sum(tl.where(mask, g * (x - mean[:, None]), 0.0), axis=1), axis=0)
+        g = _masked_grad(dy, x, z, mean_t, scale, shift, HAS_RESIDUAL, RELU)
+        sum_g += _channel_sum(g, PLANES)
+        sum_gc += _channel_sum(tl.where(mask, g * (x - mean_t), 0.0), PLANES)
     if FINALIZE:
-        n = (N * S).to(tl.float32)
-        _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
+        _finalize_grads(sum_g, sum_gc, (N * S).to(tl.float32), cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
     else:
         tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
         tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
@@ -403,76 +333,38 @@ def _dx(g, x, mean, scale, k1, k2, TRAINING: tl.constexpr):
 
 
 @triton.jit
-def _input_grad_rows_kernel(
-    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
-    R, C, rows_per_split,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr,
-    WRITE_DZ: tl.constexpr,
-):  # fmt: skip
-    pid_c = tl.program_id(0)
-    r_start = tl.program_id(1) * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    scale = invstd * w
-    k1 = mean
-    k2 = mean
-    if TRAINING:
-        k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)
-        k2 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        offs, mask, _ = _rows_tile(r0, r_end, pid_c, C, BLOCK_R, BLOCK_C)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = x
-        if HAS_RESIDUAL:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _masked_grad(dy, x, z, mean[None, :], scale[None, :], shift[None, :], HAS_RESIDUAL, RELU)
-        if WRITE_DZ:
-            tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
-        if WRITE_DX:
-            dx = _dx(g, x, mean[None, :], scale[None, :], k1[None, :], k2[None, :], TRAINING)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _input_grad_planes_kernel(
+def _input_grad_kernel(
     dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
     N, C, S, S_BLOCKS, TILES, tiles_per_split,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr,
-    WRITE_DZ: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0)
-    t_start = tl.program_id(1) * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, TILES)
-    cols = c + tl.arange(0, 1)
-    cmask = cols < C
+    pid_c = tl.program_id(0)
+    t_start, t_end = _slice(tl.program_id(1), TILES, tiles_per_split)
+    cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    scale = invstd * w
     k1 = mean
     k2 = mean
     if TRAINING:
         k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)
         k2 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)
+    mean, scale, shift = _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
+    k1, k2 = _spread(k1, PLANES), _spread(k2, PLANES)
     for t in range(t_start, t_end):
-        offs, mask = _planes_tile(t, c, C, N, S, S_BLOCKS, BLOCK_N, BLOCK_S)
+        offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = x
         if HAS_RESIDUAL:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _masked_grad(dy, x, z, mean[:, None], scale[:, None], shift[:, None], HAS_RESIDUAL, RELU)
+        g = _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
         if WRITE_DZ:
             tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
         if WRITE_DX:
-            dx = _dx(g, x, mean[:, None], scale[:, None], k1[:, None], k2[:, None], TRAINING)
+            dx = _dx(g, x, mean, scale, k1, k2, TRAINING)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -492,7 +384,7 @@ def _single_tile_forward_kernel(
     c = tl.program_id(0)
     cols = c + tl.arange(0, 1)
     cmask = cols < C
-    offs, mask = _planes_tile(0, c, C, N, S, 1, BLOCK_N, BLOCK_S)
+    offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     n = (N * S).to(tl.float32)
     # Two passes over registers: the exact mean, then the centred sum of squares.
@@ -529,7 +421,7 @@ def _single_tile_backward_kernel(
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
     scale = invstd * w
-    offs, mask = _planes_tile(0, c, C, N, S, 1, BLOCK_N, BLOCK_S)
+    offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z = x
@@ -558,8 +450,9 @@ def _single_tile_backward_kernel(
 class Plan:
     """How a (N, C, S) tensor is cut into tiles and slices; pure arithmetic, unit-tested on its own.
 
-    rows:   tiles of [block_a = BLOCK_R, block_b = BLOCK_C]; `per_split` rows per slice.
-    planes: tiles of [block_a = BLOCK_N, block_b = BLOCK_S]; `per_split` tiles per slice.
+    rows:   tiles of [block_a rows, block_b channels]; a program owns block_b channels.
+    planes: tiles of [block_a samples, block_b spatial positions] of one channel per program.
+    Each program (channel block, slice) covers `per_split` consecutive tiles of its channels.
     """
 
     layout: str
@@ -587,6 +480,8 @@ class Plan:
 
     @property
     def tiles(self) -> int:
+        if self.layout == ROWS:
+            return triton.cdiv(self.N * self.S, self.block_a)
         return triton.cdiv(self.N, self.block_a) * self.s_blocks
 
 
@@ -633,8 +528,8 @@ def plan_for(
         block_r = max(1, min(tile // block_c, triton.next_power_of_2(R)))
         row_tiles = triton.cdiv(R, block_r)
         want = max(1, min(row_tiles, triton.cdiv(target_programs, triton.cdiv(C, block_c))))
-        per_split = triton.cdiv(row_tiles, want) * block_r
-        return Plan(ROWS, N, C, S, block_r, block_c, per_split, triton.cdiv(R, per_split), num_warps)
+        per_split = triton.cdiv(row_tiles, want)
+        return Plan(ROWS, N, C, S, block_r, block_c, per_split, triton.cdiv(row_tiles, per_split), num_warps)
     if layout != PLANES:
         raise ValueError(f"unknown layout {layout!r}")
     block_s = _spatial_block(S, tile)
@@ -687,15 +582,16 @@ def make_plan(x: torch.Tensor, layout: str) -> Plan:
 
 
 def _shape_args(plan: Plan) -> tuple[int, ...]:
-    if plan.layout == ROWS:
-        return (plan.N * plan.S, plan.C, plan.per_split)
     return (plan.N, plan.C, plan.S, plan.s_blocks, plan.tiles, plan.per_split)
 
 
 def _block_args(plan: Plan) -> dict[str, int]:
-    if plan.layout == ROWS:
-        return {"BLOCK_R": plan.block_a, "BLOCK_C": plan.block_b, "num_warps": plan.num_warps}
-    return {"BLOCK_N": plan.block_a, "BLOCK_S": plan.block_b, "num_warps": plan.num_warps}
+    return {
+        "BLOCK_A": plan.block_a,
+        "BLOCK_B": plan.block_b,
+        "PLANES": plan.layout == PLANES,
+        "num_warps": plan.num_warps,
+    }
 
 
 _FINALIZE_BLOCK = 256
@@ -737,7 +633,6 @@ def forward(
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
     invstd = torch.empty(C, device=x.device, dtype=torch.float32)
     dummy = mean
-    rows = plan.layout == ROWS
     epilogue = dict(
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu
     )
@@ -756,8 +651,7 @@ def forward(
         has_running = running_mean is not None
         finalize = plan.splits == 1
         parts = [dummy] * 3 if finalize else _partials(plan, x.device, 3)
-        stats_kernel = _stats_rows_kernel if rows else _stats_planes_kernel
-        stats_kernel[plan.grid](
+        _stats_kernel[plan.grid](
             x, *parts, mean, invstd,
             running_mean if has_running else dummy, running_var if has_running else dummy,
             *_shape_args(plan), eps, momentum,
@@ -767,7 +661,8 @@ def forward(
             _stats_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK),)](
                 x, *parts, mean, invstd,
                 running_mean if has_running else dummy, running_var if has_running else dummy,
-                C, plan.splits, 1 if rows else plan.S, eps, momentum, BLOCK_C=_FINALIZE_BLOCK, HAS_RUNNING=has_running,
+                C, plan.S, plan.splits, eps, momentum,
+                BLOCK_C=_FINALIZE_BLOCK, PLANES=plan.layout == PLANES, HAS_RUNNING=has_running,
             )  # fmt: skip
     elif save_stats:
         # The backward must see the very invstd the forward used (it recomputes the ReLU mask from it).
@@ -775,8 +670,7 @@ def forward(
         torch.rsqrt(running_var.float() + eps, out=invstd)
     from_running = not training and not save_stats
     stats = (running_mean, running_var) if from_running else (mean, invstd)
-    apply_kernel = _apply_rows_kernel if rows else _apply_planes_kernel
-    apply_kernel[plan.grid](
+    _apply_kernel[plan.grid](
         x, residual if residual is not None else x, y, *stats, *params, *_shape_args(plan), eps,
         FROM_RUNNING=from_running, **epilogue, **_block_args(plan),
     )  # fmt: skip
@@ -806,7 +700,6 @@ def backward(
     """
     plan = plan or make_plan(x, layout_of(x))
     C = plan.C
-    rows = plan.layout == ROWS
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
     tensors = (
@@ -833,8 +726,7 @@ def backward(
         coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
         finalize = plan.splits == 1
         parts = [dummy] * 2 if finalize else _partials(plan, x.device, 2)
-        grad_kernel = _grad_rows_kernel if rows else _grad_planes_kernel
-        grad_kernel[plan.grid](
+        _grad_kernel[plan.grid](
             dy, *tensors, *parts, dweight, dbias, coef, *_shape_args(plan),
             FINALIZE=finalize, **flags, **_block_args(plan),
         )  # fmt: skip
@@ -846,8 +738,7 @@ def backward(
     dx = torch.empty_like(x) if need_input else None
     dz = torch.empty_like(x) if need_residual and residual is not None else None
     if dx is not None or dz is not None:
-        input_kernel = _input_grad_rows_kernel if rows else _input_grad_planes_kernel
-        input_kernel[plan.grid](
+        _input_grad_kernel[plan.grid](
             dy, tensors[0], tensors[1], dx if dx is not None else dy, dz if dz is not None else dy, *tensors[2:],
             coef, *_shape_args(plan),
             TRAINING=training, WRITE_DX=dx is not None, WRITE_DZ=dz is not None, **flags, **_block_args(plan),
