@@ -324,3 +324,26 @@ def test_real_shapes_on_the_gpu_match_the_reference(shape, layout, dtype):
     for name, ours, ref in zip(names, results["triton"], results["reference"], strict=True):
         # Parameter gradients and statistics are float32 sums over many values: relative to their size.
         _close(ours, ref, dtype if ours.dtype == dtype else torch.float32, name)
+
+
+@pytest.mark.parametrize("ghost", [None, 4])
+def test_batch_renorm_and_ghost_renorm_run_on_the_kernels(ghost):
+    # float32 twin of the float64 renorm tests in test_variants (which the kernels do not take).
+    x = make_input((12, 3, 5), seed=4).to(DEVICE)
+    dy = make_input((12, 3, 5), seed=5, offset=0.0).to(DEVICE)
+    results = {}
+    for backend in ("triton", "reference"):
+        mean = torch.tensor([0.3, 0.2, 0.1], device=DEVICE)
+        var = torch.tensor([2.0, 1.5, 9.0], device=DEVICE)
+        xl = x.clone().requires_grad_(True)
+        w = torch.tensor([0.5, 1.0, 2.0], device=DEVICE, requires_grad=True)
+        b = torch.tensor([0.1, -0.2, 0.3], device=DEVICE, requires_grad=True)
+        if ghost is None:
+            y = BF.batch_renorm(xl, mean, var, w, b, True, 0.1, 1e-5, rmax=1.5, dmax=0.5, backend=backend)
+        else:
+            y = BF.ghost_batch_norm(
+                xl, mean, var, w, b, True, 0.1, 1e-5, ghost_batch_size=ghost, rmax=1.5, dmax=0.5, backend=backend
+            )
+        results[backend] = (y, *torch.autograd.grad(y, (xl, w, b), dy), mean, var)
+    for name, ours, ref in zip(("y", "dx", "dw", "db", "mean", "var"), *results.values(), strict=True):
+        _close(ours, ref, torch.float32, name)
