@@ -278,6 +278,22 @@ def _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU:
 
 
 @triton.jit
+def _grad_tile(
+    t, pid_c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    """Tile t's offsets, mask, x and g (dy through the recomputed ReLU mask), all float32."""
+    offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = x
+    if HAS_RESIDUAL:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, x, _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
+
+
+@triton.jit
 def _grad_kernel(
     dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, dw_ptr, db_ptr, coef_ptr,
     N, C, S, S_BLOCKS, TILES, tiles_per_split,
@@ -295,13 +311,10 @@ def _grad_kernel(
     sum_g = tl.zeros(cols.shape, tl.float32)
     sum_gc = tl.zeros(cols.shape, tl.float32)
     for t in range(t_start, t_end):
-        offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = x
-        if HAS_RESIDUAL:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _masked_grad(dy, x, z, mean_t, scale, shift, HAS_RESIDUAL, RELU)
+        _, mask, x, g = _grad_tile(
+            t, pid_c, dy_ptr, x_ptr, z_ptr, mean_t, scale, shift, N, C, S, S_BLOCKS,
+            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+        )  # fmt: skip
         sum_g += _channel_sum(g, PLANES)
         sum_gc += _channel_sum(tl.where(mask, g * (x - mean_t), 0.0), PLANES)
     if FINALIZE:
@@ -354,13 +367,10 @@ def _input_grad_kernel(
     mean, scale, shift = _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
     k1, k2 = _spread(k1, PLANES), _spread(k2, PLANES)
     for t in range(t_start, t_end):
-        offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = x
-        if HAS_RESIDUAL:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
+        offs, mask, x, g = _grad_tile(
+            t, pid_c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
+            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+        )  # fmt: skip
         if WRITE_DZ:
             tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
         if WRITE_DX:
@@ -421,13 +431,10 @@ def _single_tile_backward_kernel(
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
     scale = invstd * w
-    offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = x
-    if HAS_RESIDUAL:
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = _masked_grad(dy, x, z, mean[:, None], scale[:, None], shift[:, None], HAS_RESIDUAL, RELU)
+    offs, mask, x, g = _grad_tile(
+        0, c, dy_ptr, x_ptr, z_ptr, mean[:, None], scale[:, None], shift[:, None], N, C, S, 1,
+        BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU,
+    )  # fmt: skip
     sum_g = tl.sum(tl.sum(g, axis=1), axis=0)
     sum_gc = tl.sum(tl.sum(tl.where(mask, g * (x - mean[:, None]), 0.0), axis=1), axis=0)
     n = (N * S).to(tl.float32)
