@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from bnlab import backends
+from bnlab.backends import native
 
 __all__ = ["ACTIVATIONS", "NONFINITE_POLICIES", "SMALL_BATCH_POLICIES", "batch_norm"]
 
@@ -157,19 +158,16 @@ def _with_epilogue(
     """`impl` followed by ``+ residual`` and the activation: fused where the backend can, else torch ops."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"{name}: activation={activation!r} is not one of {', '.join(map(repr, ACTIVATIONS))}")
-    if residual is not None and residual.shape != input.shape:
+    if residual is not None and (residual.shape != input.shape or residual.device != input.device):
         raise ValueError(
-            f"{name}: residual has shape {tuple(residual.shape)} but the input has {tuple(input.shape)}; "
-            f"they must match (it is added to the normalized input)"
+            f"{name}: residual has shape {tuple(residual.shape)} on {residual.device} but the input has "
+            f"{tuple(input.shape)} on {input.device}; they must match (it is added to the normalized input)"
         )
     if backends.fuses_epilogue(impl):
         return functools.partial(impl, residual=residual, activation=activation)
 
     def composed(*args: object) -> torch.Tensor:
-        out = impl(*args)
-        if residual is not None:
-            out = out + residual
-        return torch.relu(out) if activation == "relu" else out
+        return native.epilogue(impl(*args), residual, activation)
 
     return composed
 

@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 
 
+def epilogue(out: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """``activation(out + residual)`` with torch ops: how a backend that does not fuse them finishes."""
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if activation == "relu" else out
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,

@@ -32,6 +32,7 @@ Other strides are made contiguous first (a copy, documented in the backend).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -549,8 +550,14 @@ def plan_for(
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # Triton's CPU interpreter: a few programs, enough to exercise the split reductions
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    # Asked on every launch plan: once per GPU is enough.
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def layout_of(x: torch.Tensor) -> str | None:
