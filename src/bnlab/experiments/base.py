@@ -14,6 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+from torch import nn
+
+from bnlab.train import train_classifier
+
 __all__ = ["VERDICTS", "Experiment", "UnitContext", "Verdict"]
 
 VERDICTS = ("reproduced", "partly", "not reproduced")
@@ -45,13 +50,27 @@ class UnitContext:
     data_dir: Path | None  # an explicit dataset folder (--data-dir), else the loader's search order
     progress: Callable[[int], None] = field(default=lambda n: None)  # advance the progress bar by n steps
     cache: dict[str, Any] = field(default_factory=dict)  # shared between the units of one run (e.g. data)
-    # --sync-bn: pass it on as `train_classifier(..., sync_bn=ctx.sync_bn)`, which converts the model's BN
-    # layers to SyncBatchNorm in data-parallel runs (a no-op in a single process); the runner checks it arrived.
+    # --sync-bn: `train` passes it on to `train_classifier`, which converts the model's BN layers to
+    # SyncBatchNorm in data-parallel runs (a no-op in a single process); the runner checks it arrived.
     sync_bn: bool = False
 
     @property
     def checkpoint(self) -> Path:
         return self.directory / "checkpoint.pt"
+
+    def train(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """`train_classifier` with this unit's checkpoint, progress bar and --sync-bn filled in."""
+        return train_classifier(
+            model, optimizer, inputs, targets,
+            checkpoint=self.checkpoint, on_steps=self.progress, sync_bn=self.sync_bn, **options,
+        )  # fmt: skip
 
 
 class Experiment(ABC):

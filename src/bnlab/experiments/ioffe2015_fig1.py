@@ -32,7 +32,6 @@ from bnlab.experiments import register
 from bnlab.experiments.base import Experiment, UnitContext, Verdict
 from bnlab.experiments.common import grade, load_data, mean_std
 from bnlab.models import mlp
-from bnlab.train import train_classifier
 
 ARMS = ("baseline", "bn")
 PERCENTILES = (0.15, 0.50, 0.85)
@@ -120,7 +119,7 @@ class Ioffe2015Fig1(Experiment):
                 "p85": q[2],
             }
 
-        result = train_classifier(
+        result = ctx.train(
             model,
             optimizer,
             data.train_x,
@@ -130,9 +129,6 @@ class Ioffe2015Fig1(Experiment):
             data_seed=seed + config.data_seed_offset,
             eval_every=config.eval_every,
             evaluate=evaluate,
-            checkpoint=ctx.checkpoint,
-            on_steps=ctx.progress,
-            sync_bn=ctx.sync_bn,
         )
         return {"seed": seed, "arm": arm, "data": data.files, **result}
 

@@ -36,7 +36,6 @@ from bnlab.experiments.base import Experiment, UnitContext, Verdict
 from bnlab.experiments.common import accuracy, grade, load_data, mean_std
 from bnlab.models import small_convnet
 from bnlab.tools.precise import precise_bn
-from bnlab.train import train_classifier
 
 VARIANTS = ("ema", "precise", "batch")
 
@@ -111,7 +110,7 @@ class PreciseBN(Experiment):
                 "batch": accuracy(batch_mode, test_x, test_y, batch, whole_batches=True),
             }
 
-        result = train_classifier(
+        result = ctx.train(
             model,
             optimizer,
             train_x,
@@ -121,9 +120,6 @@ class PreciseBN(Experiment):
             data_seed=seed + config.data_seed_offset,
             eval_every=config.eval_every,
             evaluate=evaluate,
-            checkpoint=ctx.checkpoint,
-            on_steps=ctx.progress,
-            sync_bn=ctx.sync_bn,
         )
         return {"seed": seed, "arm": arm, "data": data.files, **result}
 

@@ -37,7 +37,6 @@ from bnlab.experiments import register
 from bnlab.experiments.base import Experiment, UnitContext, Verdict
 from bnlab.experiments.common import accuracy, cosine_lr, grade, load_data, mean_std
 from bnlab.models import small_convnet
-from bnlab.train import train_classifier
 
 METHODS = ("bn", "renorm", "gn")
 LABELS = {"bn": "BN (per-device = ghost batches)", "renorm": "Batch renorm (per device)", "gn": "GroupNorm"}
@@ -141,7 +140,7 @@ class SmallBatch(Experiment):
         def evaluate(net: nn.Module) -> dict[str, Any]:
             return {"test_error": 100.0 * (1.0 - accuracy(net, data.test_x, data.test_y))}
 
-        result = train_classifier(
+        result = ctx.train(
             model,
             optimizer,
             data.train_x,
@@ -151,9 +150,6 @@ class SmallBatch(Experiment):
             data_seed=seed + config.data_seed_offset,
             eval_every=config.eval_every,
             evaluate=evaluate,
-            checkpoint=ctx.checkpoint,
-            on_steps=ctx.progress,
-            sync_bn=ctx.sync_bn,
             lr_at=cosine_lr(config.lr, config.steps),
         )
         return {"seed": seed, "arm": arm, "data": data.files, **result}
