@@ -29,12 +29,14 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 @pytest.fixture(params=["default", "two-pass", "many-slices"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
-    default tiles, or tiny tiles and many programs (split reductions and their finalize kernels)."""
+    default tiles, or tiny tiles and many programs (split reductions, combined by the last program of
+    each channel block a few partials at a time)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     if request.param == "many-slices":
         monkeypatch.setattr(K, "TILE", 8)
         monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+        monkeypatch.setattr(K, "COMBINE_VALUES", 4)
     return request.param
 
 
@@ -139,6 +141,29 @@ def test_split_reductions_are_deterministic(monkeypatch, layout):
     again = _run("triton", x, z, dy, w, b, training=True, activation="relu")
     assert torch.equal(first[0], again[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], again[1], strict=True))
+
+
+def test_split_reductions_leave_their_counters_at_zero(monkeypatch):
+    """The last program of each channel block zeroes its arrival counter again, so that one buffer serves
+    every launch on a stream (on a GPU the cached per-stream buffer; here a shared one put in its place):
+    a counter left at k would make a later launch finalize too early, from partials not yet written."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 8)
+    monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    shared = torch.zeros(1024, dtype=torch.int32, device=DEVICE)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
+    for layout in ("contiguous", "channels_last"):
+        x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
+        assert K.make_plan(x, K.layout_of(x)).splits > 1
+        expected = _run("reference", x, z, dy, w, b, training=True, activation="relu")
+        for _ in range(2):  # the second run starts from the counters that the first one left
+            y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu")
+            _close(y, expected[0], torch.float32, "output")
+            for name, a, r in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected[1], strict=True):
+                _close(a, r, torch.float32, name)
+    buffers = [shared] if DEVICE == "cpu" else list(K._SEMAPHORES.values())
+    assert buffers and all(int(buf.count_nonzero()) == 0 for buf in buffers)
 
 
 def test_large_offset_statistics_do_not_cancel(tiling):

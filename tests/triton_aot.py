@@ -23,6 +23,8 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name == "sem_ptr":
+            sig[name] = "*i32"
         elif name.endswith(("_ptr", "_out")):
             sig[name] = "*" + (dtype if name in DATA_POINTERS else "fp32")
         elif name in ("eps", "momentum", "count"):
@@ -39,12 +41,12 @@ def compile_cases():
         for w, (res, relu) in itertools.product((True, False), ((False, False), (False, True), (True, True)))
     ]
     for blocks in layouts:
-        for fin in (True, False):
-            yield K._stats_kernel, {**blocks, "FINALIZE": fin, "HAS_RUNNING": fin}
-            yield K._stats_finalize_kernel, {"BLOCK_C": 256, "PLANES": blocks["PLANES"], "HAS_RUNNING": fin}
+        split_block = {"SPLIT_BLOCK": 16 if blocks["PLANES"] else 4}
+        for split in (True, False):
+            yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split}
         for ep in epilogues:
             yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"]}
-            yield K._grad_kernel, {**blocks, **ep, "FINALIZE": ep["RELU"]}
+            yield K._grad_kernel, {**blocks, **ep, **split_block, "SPLIT": ep["RELU"]}
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 yield K._input_grad_kernel, {**blocks, **ep, **flags}
@@ -53,7 +55,6 @@ def compile_cases():
         yield K._single_tile_forward_kernel, {**single, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}
         flags = {"WRITE_DX": ep["HAS_WEIGHT"], "WRITE_DZ": ep["HAS_RESIDUAL"]}
         yield K._single_tile_backward_kernel, {**single, **ep, **flags}
-    yield K._grad_finalize_kernel, {"BLOCK_C": 256}
 
 
 def main(arch: int) -> int:

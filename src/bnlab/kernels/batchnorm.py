@@ -14,13 +14,16 @@ input dtype; the affine parameters default to weight 1, bias 0):
 The ReLU mask is recomputed from x (and z) in backward instead of being stored: the same shared
 `_pre_activation` code runs in both directions, so the mask is bit for bit the forward's.
 
-Every reduction is split deterministically: pass 1 ("partial") gives each program a fixed slice of a
-channel's values and writes one partial result per (slice, channel); pass 2 ("finalize") combines the
-partials of a channel in slice order. No float atomics, so results are identical run to run. When one
-slice covers the whole channel the partial kernel finalizes in place and the finalize launch is skipped.
-Batch statistics are combined with Chan et al.'s pairwise update of (count, mean, M2) per tile, which
-has no E[x^2] - E[x]^2 cancellation, on values shifted by their channel's first value (the pivot), so
-that a large common offset (1e4 + N(0, 1)) never enters a rounded sum.
+Every reduction is split deterministically: each program owns a fixed slice of a channel's values
+and accumulates per lane (no cross-lane reduction inside its loop), reduces its lanes once at the end
+and writes one partial result per (slice, channel). The last program of a channel to finish (an
+integer atomic counter, the only atomic) combines the partials of that channel in slice order and
+finalizes; no float atomics, so results are identical run to run, and no separate finalize launch.
+When one slice covers the whole channel the program finalizes directly. Each program's sums are
+shifted by the mean of its first tile (the pivot), so that a large common offset (1e4 + N(0, 1))
+never enters a rounded sum of squares; the programs' (count, mean, M2), their means relative to the
+channel's first value (digits kept near a large offset), are combined with Chan et al.'s pairwise
+update, which has no E[x^2] - E[x]^2 cancellation.
 
 Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in one of two ways:
 - "rows": channels contiguous, value (r, c) at r * C + c with r in [0, N * S): channels-last 2-D/3-D
@@ -138,18 +141,63 @@ def _slice(pid_s, TILES, tiles_per_split):
 
 
 @triton.jit
-def _pivot(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
-    """The channel's first value: every program of a channel shifts by it before summing (see module doc)."""
+def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
+    """The channel's first value: partial means are stored relative to it (see module doc)."""
     stride = S if PLANES else 1
     return tl.load(x_ptr + cols.to(tl.int64) * stride, mask=cmask, other=0.0).to(tl.float32)
 
 
 @triton.jit
+def _last_to_finish(sem_ptr, pid_c):
+    """Whether this program is the last of its channel block to arrive (after writing its partials).
+
+    The barrier makes every thread's partial stores precede the release; the acquire makes the other
+    programs' partials visible to the last one, which reads them with .cg loads (L2, never a stale L1).
+    """
+    tl.debug_barrier()
+    return tl.atomic_add(sem_ptr + pid_c, 1, sem="acq_rel") == tl.num_programs(1) - 1
+
+
+@triton.jit
+def _release(sem_ptr, pid_c):
+    """Zero the channel block's counter again: the next kernel on the stream reuses the buffer."""
+    tl.atomic_xchg(sem_ptr + pid_c, 0)
+
+
+@triton.jit
+def _partial_block(ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK: tl.constexpr):
+    """Partials [s0, s0 + SPLIT_BLOCK) x cols of a (slice, channel) workspace, zero past the end."""
+    s = s0 + tl.arange(0, SPLIT_BLOCK)
+    mask = (s < SPLITS)[:, None] & cmask[None, :]
+    return tl.load(ptr + s[:, None] * C + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _combine_stats(pn_ptr, pmean_ptr, pm2_ptr, cols, cmask, C, SPLITS, SPLIT_BLOCK: tl.constexpr):
+    """All slices' (count, mean, M2) of the channels, combined in a fixed order (deterministic)."""
+    n = tl.zeros(cols.shape, tl.float32)
+    mean = tl.zeros(cols.shape, tl.float32)
+    m2 = tl.zeros(cols.shape, tl.float32)
+    for s0 in range(0, SPLITS, SPLIT_BLOCK):
+        n_b, mean_b, m2_b = tl.reduce(
+            (
+                _partial_block(pn_ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK),
+                _partial_block(pmean_ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK),
+                _partial_block(pm2_ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK),
+            ),
+            0,
+            _chan_combine,
+        )
+        n, mean, m2 = _chan_combine(n, mean, m2, n_b, mean_b, m2_b)
+    return n, mean, m2
+
+
+@triton.jit
 def _finalize_stats(
-    n, shifted_mean, m2, pivot, cols, cmask, eps, momentum,
+    n, rel_mean, m2, anchor, cols, cmask, eps, momentum,
     mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
-    mean = pivot + shifted_mean
+    mean = anchor + rel_mean
     var = m2 / tl.maximum(n, 1.0)  # n is 0 only in padding lanes past C, whose stores are masked
     tl.store(mean_out + cols, mean, mask=cmask)
     tl.store(invstd_out + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
@@ -177,56 +225,56 @@ def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd_ptr, dw_ptr, db_ptr, c
 
 @triton.jit
 def _stats_kernel(
-    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FINALIZE: tl.constexpr,
-    HAS_RUNNING: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
-    pivot = _pivot(x_ptr, cols, cmask, S, PLANES)
-    n = tl.zeros(cols.shape, tl.float32)
-    mean = tl.zeros(cols.shape, tl.float32)
-    m2 = tl.zeros(cols.shape, tl.float32)
-    for t in range(t_start, t_end):
+    anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
+    # The slice's first tile gives the pivot (its mean per channel); every slice has at least one tile.
+    offs, mask = _tile(t_start, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    count = mask.to(tl.float32)
+    pivot = _channel_sum(x, PLANES) / tl.maximum(_channel_sum(count, PLANES), 1.0) + tl.zeros(cols.shape, tl.float32)
+    shift = _spread(pivot, PLANES)  # (planes: the scalar sum, shaped like cols to broadcast over the tiles)
+    d = tl.where(mask, x - shift, 0.0)
+    s1 = d
+    s2 = d * d
+    for t in range(t_start + 1, t_end):  # per-lane sums: no reduction across lanes inside the loop
         offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, x - _spread(pivot, PLANES), 0.0)
-        n_t = _channel_sum(mask.to(tl.float32), PLANES)
-        mean_t = _channel_sum(x, PLANES) / tl.maximum(n_t, 1.0)
-        d = tl.where(mask, x - _spread(mean_t + tl.zeros(cols.shape, tl.float32), PLANES), 0.0)
-        n, mean, m2 = _chan_combine(n, mean, m2, n_t, mean_t, _channel_sum(d * d, PLANES))
-    if FINALIZE:
-        _finalize_stats(
-            n, mean, m2, pivot, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
-        )
-    else:
+        d = tl.where(mask, x - shift, 0.0)
+        count += mask.to(tl.float32)
+        s1 += d
+        s2 += d * d
+    n = _channel_sum(count, PLANES)
+    total = _channel_sum(s1, PLANES)
+    shifted_mean = total / tl.maximum(n, 1.0)
+    m2 = _channel_sum(s2, PLANES) - shifted_mean * total
+    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding can go below 0; a NaN (bad input) must stay NaN
+    # Relative to the channel's first value, so that partial means near a large offset keep their digits.
+    rel_mean = (pivot - anchor) + shifted_mean
+    if SPLIT:
         tl.store(pn_ptr + split * C + cols, n, mask=cmask)
-        tl.store(pmean_ptr + split * C + cols, mean, mask=cmask)
+        tl.store(pmean_ptr + split * C + cols, rel_mean, mask=cmask)
         tl.store(pm2_ptr + split * C + cols, m2, mask=cmask)
-
-
-@triton.jit
-def _stats_finalize_kernel(
-    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-    C, S, SPLITS, eps, momentum, BLOCK_C: tl.constexpr, PLANES: tl.constexpr, HAS_RUNNING: tl.constexpr,
-):  # fmt: skip
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    pivot = _pivot(x_ptr, cols, cmask, S, PLANES)
-    n = tl.zeros([BLOCK_C], tl.float32)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    for s in range(0, SPLITS):  # in slice order: deterministic
-        n_s = tl.load(pn_ptr + s * C + cols, mask=cmask, other=0.0)
-        mean_s = tl.load(pmean_ptr + s * C + cols, mask=cmask, other=0.0)
-        m2_s = tl.load(pm2_ptr + s * C + cols, mask=cmask, other=0.0)
-        n, mean, m2 = _chan_combine(n, mean, m2, n_s, mean_s, m2_s)
-    _finalize_stats(
-        n, mean, m2, pivot, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
-    )
+        if _last_to_finish(sem_ptr, pid_c):
+            n_c, mean_c, m2_c = _combine_stats(
+                pn_ptr, pmean_ptr, pm2_ptr, cols, cmask, C, tl.num_programs(1), SPLIT_BLOCK
+            )
+            _finalize_stats(
+                n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
+                mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING,
+            )  # fmt: skip
+            _release(sem_ptr, pid_c)
+    else:
+        _finalize_stats(
+            n, rel_mean, m2, anchor, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
+        )
 
 
 @triton.jit
@@ -296,10 +344,11 @@ def _grad_tile(
 
 @triton.jit
 def _grad_kernel(
-    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, dw_ptr, db_ptr, coef_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FINALIZE: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, dw_ptr, db_ptr,
+    coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -309,34 +358,32 @@ def _grad_kernel(
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
     mean_t, scale, shift = _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
-    sum_g = tl.zeros(cols.shape, tl.float32)
-    sum_gc = tl.zeros(cols.shape, tl.float32)
-    for t in range(t_start, t_end):
-        _, mask, x, g = _grad_tile(
+    sum_g = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    sum_gc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    for t in range(t_start, t_end):  # per-lane sums; g is 0 in masked lanes (dy loads as 0 there)
+        _, _, x, g = _grad_tile(
             t, pid_c, dy_ptr, x_ptr, z_ptr, mean_t, scale, shift, N, C, S, S_BLOCKS,
             BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
         )  # fmt: skip
-        sum_g += _channel_sum(g, PLANES)
-        sum_gc += _channel_sum(tl.where(mask, g * (x - mean_t), 0.0), PLANES)
-    if FINALIZE:
-        _finalize_grads(sum_g, sum_gc, (N * S).to(tl.float32), cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
+        sum_g += g
+        sum_gc += g * (x - mean_t)
+    total_g = _channel_sum(sum_g, PLANES)
+    total_gc = _channel_sum(sum_gc, PLANES)
+    count = (N * S).to(tl.float32)
+    if SPLIT:
+        tl.store(psum_ptr + split * C + cols, total_g, mask=cmask)
+        tl.store(psumc_ptr + split * C + cols, total_gc, mask=cmask)
+        if _last_to_finish(sem_ptr, pid_c):
+            splits = tl.num_programs(1)
+            all_g = tl.zeros(cols.shape, tl.float32)
+            all_gc = tl.zeros(cols.shape, tl.float32)
+            for s0 in range(0, splits, SPLIT_BLOCK):  # fixed order: deterministic
+                all_g += tl.sum(_partial_block(psum_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK), 0)
+                all_gc += tl.sum(_partial_block(psumc_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK), 0)
+            _finalize_grads(all_g, all_gc, count, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
+            _release(sem_ptr, pid_c)
     else:
-        tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
-        tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
-
-
-@triton.jit
-def _grad_finalize_kernel(
-    psum_ptr, psumc_ptr, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C, SPLITS, count, BLOCK_C: tl.constexpr
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sum_g = tl.zeros([BLOCK_C], tl.float32)
-    sum_gc = tl.zeros([BLOCK_C], tl.float32)
-    for s in range(0, SPLITS):  # in slice order: deterministic
-        sum_g += tl.load(psum_ptr + s * C + cols, mask=cmask, other=0.0)
-        sum_gc += tl.load(psumc_ptr + s * C + cols, mask=cmask, other=0.0)
-    _finalize_grads(sum_g, sum_gc, count, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
+        _finalize_grads(total_g, total_gc, count, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
 
 
 @triton.jit
@@ -550,7 +597,8 @@ def plan_for(
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return PROGRAMS_PER_SM * _multiprocessors(index)
     return 4  # Triton's CPU interpreter: a few programs, enough to exercise the split reductions
 
 
@@ -585,6 +633,16 @@ NUM_WARPS = 8
 # values and 16 warps the sm_90 build keeps everything in registers (no spills, cuobjdump); 0 disables.
 SINGLE_TILE_MAX = 8192
 SINGLE_WARPS = 16
+# Programs per multiprocessor that the split reductions aim for (more slices: more parallel loads, but
+# more partials for the last program of a channel block to combine).
+PROGRAMS_PER_SM = 4
+# Partials that the last program of a channel block loads per step ([split_block, channels] values).
+COMBINE_VALUES = 2048
+
+
+def _split_block(plan: Plan) -> int:
+    channels = plan.block_b if plan.layout == ROWS else 1
+    return max(1, min(triton.next_power_of_2(plan.splits), COMBINE_VALUES // channels))
 
 
 def make_plan(x: torch.Tensor, layout: str) -> Plan:
@@ -608,12 +666,35 @@ def _block_args(plan: Plan) -> dict[str, int]:
     }
 
 
-_FINALIZE_BLOCK = 256
-
-
 def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor]:
-    """`count` float32 workspaces of one partial result per (slice, channel)."""
-    return [torch.empty((plan.splits, plan.C), device=device, dtype=torch.float32) for _ in range(count)]
+    """`count` float32 workspaces of one partial result per (slice, channel), and the channel blocks'
+    arrival counters; placeholders when one slice covers a channel (nothing to combine)."""
+    if plan.splits == 1:
+        placeholder = torch.empty(0, device=device, dtype=torch.float32)
+        return [placeholder] * count + [placeholder]
+    parts = [torch.empty((plan.splits, plan.C), device=device, dtype=torch.float32) for _ in range(count)]
+    return [*parts, _semaphores(device, plan.channel_programs)]
+
+
+_SEMAPHORES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _semaphores(device: torch.device, count: int) -> torch.Tensor:
+    """`count` zeroed int32 arrival counters.
+
+    The last program of each channel block zeroes its counter again, so a buffer is all zeros whenever
+    no kernel is running on its stream: one buffer per (GPU, stream) serves every launch on it (kernels
+    on one stream never overlap; on two streams they could, hence not one buffer per GPU). A graph being
+    captured gets its own buffer (its replays may run on another stream), as does the CPU interpreter.
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, device=device, dtype=torch.int32)
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).cuda_stream)  # fmt: skip
+    buffer = _SEMAPHORES.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = _SEMAPHORES[key] = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
+    return buffer
 
 
 # ---- launchers --------------------------------------------------------------------------------------
@@ -663,21 +744,12 @@ def forward(
         return y, mean, invstd
     if training:
         has_running = running_mean is not None
-        finalize = plan.splits == 1
-        parts = [dummy] * 3 if finalize else _partials(plan, x.device, 3)
         _stats_kernel[plan.grid](
-            x, *parts, mean, invstd,
+            x, *_partials(plan, x.device, 3), mean, invstd,
             running_mean if has_running else dummy, running_var if has_running else dummy,
             *_shape_args(plan), eps, momentum,
-            FINALIZE=finalize, HAS_RUNNING=has_running, **_block_args(plan),
+            SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, **_block_args(plan),
         )  # fmt: skip
-        if not finalize:
-            _stats_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK),)](
-                x, *parts, mean, invstd,
-                running_mean if has_running else dummy, running_var if has_running else dummy,
-                C, plan.S, plan.splits, eps, momentum,
-                BLOCK_C=_FINALIZE_BLOCK, PLANES=plan.layout == PLANES, HAS_RUNNING=has_running,
-            )  # fmt: skip
     elif save_stats:
         # The backward must see the very invstd the forward used (it recomputes the ReLU mask from it).
         mean.copy_(running_mean)
@@ -738,17 +810,10 @@ def backward(
         dweight = torch.empty(C, device=x.device, dtype=torch.float32)
         dbias = torch.empty(C, device=x.device, dtype=torch.float32)
         coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
-        finalize = plan.splits == 1
-        parts = [dummy] * 2 if finalize else _partials(plan, x.device, 2)
         _grad_kernel[plan.grid](
-            dy, *tensors, *parts, dweight, dbias, coef, *_shape_args(plan),
-            FINALIZE=finalize, **flags, **_block_args(plan),
+            dy, *tensors, *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan),
+            SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), **flags, **_block_args(plan),
         )  # fmt: skip
-        if not finalize:
-            _grad_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK),)](
-                *parts, invstd, dweight, dbias, coef, C, plan.splits, float(plan.N * plan.S),
-                BLOCK_C=_FINALIZE_BLOCK,
-            )  # fmt: skip
     dx = torch.empty_like(x) if need_input else None
     dz = torch.empty_like(x) if need_residual and residual is not None else None
     if dx is not None or dz is not None:
