@@ -281,6 +281,13 @@ def test_plans_cover_every_value_once(layout, N, C, S, target):
     assert plan.channel_programs * plan.splits >= min(target, plan.channel_programs * plan.tiles) // 2
 
 
+def test_host_integer_helpers_match_tritons():
+    import triton
+
+    assert all(K._pow2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(K._cdiv(a, b) == triton.cdiv(a, b) for a in range(200) for b in range(1, 30))
+
+
 def test_layouts_are_recognised():
     assert K.layout_of(torch.empty(4, 3)) == K.ROWS
     assert K.layout_of(torch.empty(4, 3, 5)) == K.PLANES

@@ -7,6 +7,7 @@ tests on machines without a GPU) can be set before Triton reads it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -15,6 +16,7 @@ from types import ModuleType
 __all__ = ["interpreting", "load", "triton_installed", "unavailable_reason"]
 
 
+@functools.cache  # asked on every layer call; a package search costs microseconds
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -38,6 +40,7 @@ def unavailable_reason(device_type: str) -> str | None:
     )
 
 
+@functools.cache
 def load() -> ModuleType:
     """The kernel module (imports Triton)."""
     return importlib.import_module("bnlab.kernels.batchnorm")

@@ -501,6 +501,16 @@ def _single_tile_backward_kernel(
 # ---- launch planning --------------------------------------------------------------------------------
 
 
+# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr-function wrappers that
+# cost microseconds per call, and planning runs on every layer call.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class Plan:
     """How a (N, C, S) tensor is cut into tiles and slices; pure arithmetic, unit-tested on its own.
@@ -523,7 +533,7 @@ class Plan:
 
     @property
     def channel_programs(self) -> int:
-        return triton.cdiv(self.C, self.block_b) if self.layout == ROWS else self.C
+        return _cdiv(self.C, self.block_b) if self.layout == ROWS else self.C
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -531,13 +541,13 @@ class Plan:
 
     @property
     def s_blocks(self) -> int:
-        return triton.cdiv(self.S, self.block_b)
+        return _cdiv(self.S, self.block_b)
 
     @property
     def tiles(self) -> int:
         if self.layout == ROWS:
-            return triton.cdiv(self.N * self.S, self.block_a)
-        return triton.cdiv(self.N, self.block_a) * self.s_blocks
+            return _cdiv(self.N * self.S, self.block_a)
+        return _cdiv(self.N, self.block_a) * self.s_blocks
 
 
 def _spatial_block(S: int, tile: int) -> int:
@@ -547,15 +557,16 @@ def _spatial_block(S: int, tile: int) -> int:
     narrower than 64 values cut each contiguous run into short pieces, which costs more than idle lanes
     (partly used memory sectors): candidates are the powers of two from min(64, S) up to min(S, tile).
     """
-    widest = min(triton.next_power_of_2(S), tile, 1024)
+    widest = min(_pow2(S), tile, 1024)
     candidates = []
     b = widest
     while b >= min(64, widest):
         candidates.append(b)
         b //= 2
-    return min(candidates, key=lambda b: (triton.cdiv(S, b) * b - S, -b))
+    return min(candidates, key=lambda b: (_cdiv(S, b) * b - S, -b))
 
 
+@functools.lru_cache(maxsize=4096)  # pure; called on every layer call with a handful of shapes
 def plan_for(
     layout: str,
     N: int,
@@ -574,25 +585,25 @@ def plan_for(
     least one tile. The same plan serves the partial and the elementwise passes. A planes-layout channel
     that fits in one tile of at most `single_tile_max` values gets the single-pass plan instead.
     """
-    if layout == PLANES and triton.next_power_of_2(N) * triton.next_power_of_2(S) <= single_tile_max:
-        bn, bs = triton.next_power_of_2(N), triton.next_power_of_2(S)
+    if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max:
+        bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
     if layout == ROWS:
         R = N * S
-        block_c = min(triton.next_power_of_2(C), 128)
-        block_r = max(1, min(tile // block_c, triton.next_power_of_2(R)))
-        row_tiles = triton.cdiv(R, block_r)
-        want = max(1, min(row_tiles, triton.cdiv(target_programs, triton.cdiv(C, block_c))))
-        per_split = triton.cdiv(row_tiles, want)
-        return Plan(ROWS, N, C, S, block_r, block_c, per_split, triton.cdiv(row_tiles, per_split), num_warps)
+        block_c = min(_pow2(C), 128)
+        block_r = max(1, min(tile // block_c, _pow2(R)))
+        row_tiles = _cdiv(R, block_r)
+        want = max(1, min(row_tiles, _cdiv(target_programs, _cdiv(C, block_c))))
+        per_split = _cdiv(row_tiles, want)
+        return Plan(ROWS, N, C, S, block_r, block_c, per_split, _cdiv(row_tiles, per_split), num_warps)
     if layout != PLANES:
         raise ValueError(f"unknown layout {layout!r}")
     block_s = _spatial_block(S, tile)
-    block_n = max(1, min(tile // block_s, triton.next_power_of_2(N)))
-    tiles = triton.cdiv(N, block_n) * triton.cdiv(S, block_s)
-    want = max(1, min(tiles, triton.cdiv(target_programs, C)))
-    per_split = triton.cdiv(tiles, want)
-    return Plan(PLANES, N, C, S, block_n, block_s, per_split, triton.cdiv(tiles, per_split), num_warps)
+    block_n = max(1, min(tile // block_s, _pow2(N)))
+    tiles = _cdiv(N, block_n) * _cdiv(S, block_s)
+    want = max(1, min(tiles, _cdiv(target_programs, C)))
+    per_split = _cdiv(tiles, want)
+    return Plan(PLANES, N, C, S, block_n, block_s, per_split, _cdiv(tiles, per_split), num_warps)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -642,7 +653,7 @@ COMBINE_VALUES = 2048
 
 def _split_block(plan: Plan) -> int:
     channels = plan.block_b if plan.layout == ROWS else 1
-    return max(1, min(triton.next_power_of_2(plan.splits), COMBINE_VALUES // channels))
+    return max(1, min(_pow2(plan.splits), COMBINE_VALUES // channels))
 
 
 def make_plan(x: torch.Tensor, layout: str) -> Plan:
