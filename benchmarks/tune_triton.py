@@ -1,11 +1,13 @@
-"""Sweep the Triton kernels' launch knobs on a GPU: tile size, warps, and the single-pass threshold.
+"""Sweep the Triton kernels' launch knobs on a GPU: tile size, warps, single-pass threshold, programs per SM.
 
 Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/tune_triton.py [--out FILE.csv]
 Times training forward+backward (bnlab.functional.batch_norm, backend "triton") on shapes that stress
 each plan: many values per channel (split reductions), few (7x7), channels-last, BatchNorm1d, with the
 same timer as `bnlab bench --gpu` (CUDA events, L2 flushed). Prints one line per (shape, knobs) with the
 fraction of the measured copy bandwidth on the minimal traffic, and the best knobs per shape; the
-defaults in bnlab/kernels/batchnorm.py (TILE, NUM_WARPS, SINGLE_TILE_MAX, SINGLE_WARPS) come from here.
+defaults in bnlab/kernels/batchnorm.py (TILE, NUM_WARPS, SINGLE_TILE_MAX, PROGRAMS_PER_SM) come from here.
+Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WARPS x SINGLE_TILE_MAX), then
+PROGRAMS_PER_SM (how many slices the split reductions use: no recompilation) at the best of the first.
 """
 
 from __future__ import annotations
@@ -37,11 +39,61 @@ KNOBS = {
     "NUM_WARPS": (4, 8),
     "SINGLE_TILE_MAX": (0, 8192, 16384),
 }
+PROGRAMS_PER_SM = (2, 4, 8)  # the middle one during the first stage
 
 
 def _train_step(x, rm, rv, w, b, dy, _: object = None) -> object:
     y = BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="triton", nonfinite="ignore")
     return torch.autograd.grad(y, (x, w, b), dy)
+
+
+def sweep_shape(
+    K, timer, copy: float, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str = "cuda"
+) -> list[dict]:
+    """Both stages for one shape; prints a line per measurement and the best knobs."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+    dy = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    C = shape[1]
+    w = torch.ones(C, device=device, requires_grad=True)
+    b = torch.zeros(C, device=device, requires_grad=True)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    nbytes = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both")
+    step = functools.partial(_train_step, x, rm, rv, w, b, dy)
+    rows: list[dict] = []
+    best = None
+
+    def measure(knobs: dict[str, int]) -> None:
+        nonlocal best
+        for name, value in knobs.items():
+            setattr(K, name, value)
+        try:
+            seconds = timer(step)
+            frac = nbytes / seconds / 1e9 / copy
+            err = ""
+        except Exception as exc:  # keep sweeping; the row says what failed
+            seconds, frac, err = float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:200]
+        plan = K.make_plan(x, K.layout_of(x))
+        row = {"shape": "x".join(map(str, shape)), "layout": layout, **knobs, "us": seconds * 1e6,
+               "frac_of_copy": frac, "plan": f"{plan.layout} blocks={plan.block_a}x{plan.block_b} "
+               f"splits={plan.splits} single={plan.single}", "error": err}  # fmt: skip
+        rows.append(row)
+        print(f"{row['shape']:>16} {layout:>13} {knobs} {row['us']:9.1f} us {frac:6.3f} {row['plan']} {err}",
+              flush=True)  # fmt: skip
+        if err == "" and (best is None or seconds < best[0]):
+            best = (seconds, knobs, frac)
+
+    K.SINGLE_TILE_MAX = max(KNOBS["SINGLE_TILE_MAX"])
+    could_be_single = K.make_plan(x, K.layout_of(x)).single
+    # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
+    grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
+    for values in itertools.product(*grid.values()):
+        measure({**dict(zip(grid, values, strict=True)), "PROGRAMS_PER_SM": PROGRAMS_PER_SM[1]})
+    if best is not None:
+        for programs in PROGRAMS_PER_SM[::2]:
+            measure({**best[1], "PROGRAMS_PER_SM": programs})
+        print(f"BEST {shape} {layout}: {best[1]} {best[0] * 1e6:.1f} us, {best[2]:.3f} of copy", flush=True)
+    return rows
 
 
 def main() -> int:
@@ -54,44 +106,7 @@ def main() -> int:
     copy = copy_bandwidth_gbps(timer, "cuda")
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; dtype {args.dtype}", flush=True)
-    rows = []
-    for shape, layout in SHAPES:
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
-        dy = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
-        C = shape[1]
-        w = torch.ones(C, device="cuda", requires_grad=True)
-        b = torch.zeros(C, device="cuda", requires_grad=True)
-        rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
-        nbytes = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both")
-
-        step = functools.partial(_train_step, x, rm, rv, w, b, dy)
-        best = None
-        K.SINGLE_TILE_MAX = max(KNOBS["SINGLE_TILE_MAX"])
-        could_be_single = K.make_plan(x, K.layout_of(x)).single
-        # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
-        grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
-        for values in itertools.product(*grid.values()):
-            knobs = dict(zip(grid, values, strict=True))
-            for name, value in knobs.items():
-                setattr(K, name, value)
-            try:
-                seconds = timer(step)
-                frac = nbytes / seconds / 1e9 / copy
-                err = ""
-            except Exception as exc:  # keep sweeping; the row says what failed
-                seconds, frac, err = float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:200]
-            plan = K.make_plan(x, K.layout_of(x))
-            row = {"shape": "x".join(map(str, shape)), "layout": layout, **knobs, "us": seconds * 1e6,
-                   "frac_of_copy": frac, "plan": f"{plan.layout} blocks={plan.block_a}x{plan.block_b} "
-                   f"splits={plan.splits} single={plan.single}", "error": err}  # fmt: skip
-            rows.append(row)
-            print(f"{row['shape']:>16} {layout:>13} {knobs} {row['us']:9.1f} us {frac:6.3f} {row['plan']} {err}",
-                  flush=True)  # fmt: skip
-            if err == "" and (best is None or seconds < best[0]):
-                best = (seconds, knobs, frac)
-        if best:
-            print(f"BEST {shape} {layout}: {best[1]} {best[0] * 1e6:.1f} us, {best[2]:.3f} of copy", flush=True)
+    rows = [row for shape, layout in SHAPES for row in sweep_shape(K, timer, copy, shape, layout, dtype)]
     if args.out:
         with open(args.out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
