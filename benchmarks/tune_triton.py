@@ -6,8 +6,9 @@ each plan: many values per channel (split reductions), few (7x7), channels-last,
 same timer as `bnlab bench --gpu` (CUDA events, L2 flushed). Prints one line per (shape, knobs) with the
 fraction of the measured copy bandwidth on the minimal traffic, and the best knobs per shape; the
 defaults in bnlab/kernels/batchnorm.py (TILE, NUM_WARPS, SINGLE_TILE_MAX, PROGRAMS_PER_SM) come from here.
-Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WARPS x SINGLE_TILE_MAX), then
-PROGRAMS_PER_SM (how many slices the split reductions use: no recompilation) at the best of the first.
+Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WARPS x SINGLE_TILE_MAX), with
+the persistent kernels off, then at the best of those PROGRAMS_PER_SM (how many slices the split
+reductions use), the persistent kernels on, and COMBINE_VALUES (partials combined per step).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ KNOBS = {
     "SINGLE_TILE_MAX": (0, 8192, 16384),
 }
 PROGRAMS_PER_SM = (2, 4, 8)  # the middle one during the first stage
+COMBINE_VALUES = (2048, 8192)  # the first one during the first stage
 
 
 def _train_step(x, rm, rv, w, b, dy, _: object = None) -> object:
@@ -73,10 +75,11 @@ def sweep_shape(
             err = ""
         except Exception as exc:  # keep sweeping; the row says what failed
             seconds, frac, err = float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:200]
-        plan = K.make_plan(x, K.layout_of(x))
+        plan = K.make_plan(x, K.layout_of(x), streams=2)  # the backward's plan
         row = {"shape": "x".join(map(str, shape)), "layout": layout, **knobs, "us": seconds * 1e6,
                "frac_of_copy": frac, "plan": f"{plan.layout} blocks={plan.block_a}x{plan.block_b} "
-               f"splits={plan.splits} single={plan.single}", "error": err}  # fmt: skip
+               f"splits={plan.splits} single={plan.single} per_round={plan.units_per_round}",
+               "error": err}  # fmt: skip
         rows.append(row)
         print(f"{row['shape']:>16} {layout:>13} {knobs} {row['us']:9.1f} us {frac:6.3f} {row['plan']} {err}",
               flush=True)  # fmt: skip
@@ -87,11 +90,18 @@ def sweep_shape(
     could_be_single = K.make_plan(x, K.layout_of(x)).single
     # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
     grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
+    fixed = {"PROGRAMS_PER_SM": PROGRAMS_PER_SM[1], "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False}
     for values in itertools.product(*grid.values()):
-        measure({**dict(zip(grid, values, strict=True)), "PROGRAMS_PER_SM": PROGRAMS_PER_SM[1]})
+        measure({**dict(zip(grid, values, strict=True)), **fixed})
     if best is not None:
+        first = best[1]
         for programs in PROGRAMS_PER_SM[::2]:
-            measure({**best[1], "PROGRAMS_PER_SM": programs})
+            measure({**first, "PROGRAMS_PER_SM": programs})
+        for combine in COMBINE_VALUES[1:]:
+            measure({**first, "COMBINE_VALUES": combine})
+        measure({**first, "PERSISTENT": True})
+        if K.make_plan(x, K.layout_of(x), streams=2).persistent:
+            measure({**first, "PERSISTENT": True, "COMBINE_VALUES": COMBINE_VALUES[-1]})
         print(f"BEST {shape} {layout}: {best[1]} {best[0] * 1e6:.1f} us, {best[2]:.3f} of copy", flush=True)
     return rows
 

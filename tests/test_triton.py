@@ -26,17 +26,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(params=["default", "two-pass", "many-slices"])
+@pytest.fixture(params=["default", "two-pass", "many-slices", "persistent"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
-    default tiles, or tiny tiles and many programs (split reductions, combined by the last program of
-    each channel block a few partials at a time)."""
+    default tiles, tiny tiles and many programs (split reductions, combined by the last program of each
+    channel block a few partials at a time), or the persistent kernels with tiny tiles, several programs
+    per channel block and several rounds (the interpreter runs them as two phases)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    if request.param == "many-slices":
+    if request.param in ("many-slices", "persistent"):
         monkeypatch.setattr(K, "TILE", 8)
         monkeypatch.setattr(K, "_target_programs", lambda device: 64)
         monkeypatch.setattr(K, "COMBINE_VALUES", 4)
+    if request.param == "persistent":
+        monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200))
     return request.param
 
 
@@ -143,19 +146,24 @@ def test_split_reductions_are_deterministic(monkeypatch, layout):
     assert all(torch.equal(a, b) for a, b in zip(first[1], again[1], strict=True))
 
 
-def test_split_reductions_leave_their_counters_at_zero(monkeypatch):
-    """The last program of each channel block zeroes its arrival counter again, so that one buffer serves
-    every launch on a stream (on a GPU the cached per-stream buffer; here a shared one put in its place):
-    a counter left at k would make a later launch finalize too early, from partials not yet written."""
+@pytest.mark.parametrize("persistent", [False, True], ids=["split", "persistent"])
+def test_split_reductions_leave_their_counters_at_zero(monkeypatch, persistent):
+    """The last program of each channel block zeroes its counters again, so that one buffer serves every
+    launch on a stream (on a GPU the cached per-stream buffer; here a shared one put in its place): a
+    counter left at k would make a later launch finalize too early, from partials not yet written (and
+    a ready flag left up would let a persistent kernel read statistics not yet written)."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
     monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    if persistent:  # channel blocks of 105 (planes) or 7 * 15 * 4 values (rows): 1 round, many programs
+        monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 420))
     shared = torch.zeros(1024, dtype=torch.int32, device=DEVICE)
     if DEVICE == "cpu":
         monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
     for layout in ("contiguous", "channels_last"):
         x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
-        assert K.make_plan(x, K.layout_of(x)).splits > 1
+        plan = K.make_plan(x, K.layout_of(x), streams=2)
+        assert plan.splits > 1 and plan.persistent == persistent
         expected = _run("reference", x, z, dy, w, b, training=True, activation="relu")
         for _ in range(2):  # the second run starts from the counters that the first one left
             y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu")
@@ -164,6 +172,33 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch):
                 _close(a, r, torch.float32, name)
     buffers = [shared] if DEVICE == "cpu" else list(K._SEMAPHORES.values())
     assert buffers and all(int(buf.count_nonzero()) == 0 for buf in buffers)
+
+
+# (shape, layout, values per round): two channel blocks (of 8 channels in rows, 1 in planes) per round.
+ROUNDS = [((6, 20), "contiguous", 96), ((4, 20, 3), "contiguous", 24), ((3, 20, 2, 2), "channels_last", 192)]
+
+
+@pytest.mark.parametrize(("shape", "layout", "round_values"), ROUNDS)
+def test_persistent_kernels_run_rounds_of_channel_blocks(monkeypatch, shape, layout, round_values):
+    """Many channel blocks, a few per round, several programs per block: every round's statistics and
+    gradients match the reference (a block finalized from another round's partials would not)."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 8)
+    monkeypatch.setattr(K, "COMBINE_VALUES", 8)
+    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, round_values))
+    x, z, dy, w, b = _operands(shape, layout, torch.float32)
+    plan = K.make_plan(x, K.layout_of(x), streams=2)
+    units = plan.channel_programs
+    assert plan.persistent and plan.splits > 1 and units > plan.units_per_round > 1  # several rounds
+    C = shape[1]
+    results = {}
+    for backend in ("triton", "reference"):
+        rm, rv = torch.linspace(-1, 1, C, device=DEVICE), torch.linspace(0.5, 2, C, device=DEVICE)
+        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+        results[backend] = (y, *grads, rm, rv)
+    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
+    for name, ours, ref in zip(names, results["triton"], results["reference"], strict=True):
+        _close(ours, ref, torch.float32, name)
 
 
 def test_large_offset_statistics_do_not_cancel(tiling):

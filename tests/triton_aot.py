@@ -45,6 +45,10 @@ def compile_cases():
         for split in (True, False):
             yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split}
         for ep in epilogues:
+            persistent = {**blocks, **split_block, **ep, "PHASE": 0}
+            yield K._persistent_forward_kernel, {**persistent, "HAS_RUNNING": ep["HAS_WEIGHT"]}
+            flags = {"WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
+            yield K._persistent_backward_kernel, {**persistent, **flags}
             yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"]}
             yield K._grad_kernel, {**blocks, **ep, **split_block, "SPLIT": ep["RELU"]}
             for training in (True, False):
@@ -63,8 +67,11 @@ def main(arch: int) -> int:
     for fn, constexprs in compile_cases():
         for dtype in dtypes:
             src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
+            options = {"num_warps": K.NUM_WARPS}
+            if "PHASE" in constexprs:  # the persistent kernels launch with capped registers
+                options["maxnreg"] = 65536 // (K.PERSISTENT_PROGRAMS_PER_SM * K.NUM_WARPS * 32) // 8 * 8
             try:
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": K.NUM_WARPS})
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                 assert "cubin" in compiled.asm
             except Exception as exc:  # report every failure, not just the first
                 failures.append(f"{fn.__name__} {dtype} {constexprs}: {type(exc).__name__}: {str(exc)[:400]}")

@@ -1,501 +1,34 @@
-"""Triton kernels for training and inference batch norm, optionally fused with ``+ residual`` and ReLU.
+"""Launch planning and launchers for the batch-norm Triton kernels (device code: `bnlab.kernels.device`).
 
-Math (per channel c; n values share one mean and variance; all arithmetic in float32 whatever the
-input dtype; the affine parameters default to weight 1, bias 0):
-
-    forward    mean, var = batch statistics (biased var)          invstd = 1 / sqrt(var + eps)
-               p = (x - mean) * (invstd * weight) + bias [+ z]    y = relu(p) if relu else p
-    running    running = (1 - momentum) * running + momentum * (mean, var * n / (n - 1))
-    backward   g = dy * (p > 0) if relu else dy                   dz = g   (the residual's gradient)
-               dbias = sum g        dweight = invstd * sum g * (x - mean)
-               training:  dx = weight * invstd * (g - dbias / n - (x - mean) * invstd * dweight / n)
-               inference: dx = weight * invstd * g   (mean and invstd are constants there)
-
-The ReLU mask is recomputed from x (and z) in backward instead of being stored: the same shared
-`_pre_activation` code runs in both directions, so the mask is bit for bit the forward's.
-
-Every reduction is split deterministically: each program owns a fixed slice of a channel's values
-and accumulates per lane (no cross-lane reduction inside its loop), reduces its lanes once at the end
-and writes one partial result per (slice, channel). The last program of a channel to finish (an
-integer atomic counter, the only atomic) combines the partials of that channel in slice order and
-finalizes; no float atomics, so results are identical run to run, and no separate finalize launch.
-When one slice covers the whole channel the program finalizes directly. Each program's sums are
-shifted by the mean of its first tile (the pivot), so that a large common offset (1e4 + N(0, 1))
-never enters a rounded sum of squares; the programs' (count, mean, M2), their means relative to the
-channel's first value (digits kept near a large offset), are combined with Chan et al.'s pairwise
-update, which has no E[x^2] - E[x]^2 cancellation.
-
-Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in one of two ways:
-- "rows": channels contiguous, value (r, c) at r * C + c with r in [0, N * S): channels-last 2-D/3-D
-  tensors, (N, C) matrices (BatchNorm1d), and (N, C, L) with C contiguous. Tiles are [BLOCK_R, BLOCK_C].
-- "planes": NCHW-contiguous, value (n, c, s) at (n * C + c) * S + s. One channel per program, tiles of
-  [BLOCK_N, BLOCK_S] values of that channel.
-Other strides are made contiguous first (a copy, documented in the backend).
+A call's plan (`plan_for`, pure arithmetic) picks the tiles, how many programs share a channel, and
+which of the three ways of the device module's doc runs a training direction. Module constants are the
+knobs a GPU session tunes (benchmarks/tune_triton.py); the tests shrink them to cross many tiles.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+
+from bnlab.kernels.device import (
+    _apply_kernel,
+    _grad_kernel,
+    _input_grad_kernel,
+    _persistent_backward_kernel,
+    _persistent_forward_kernel,
+    _single_tile_backward_kernel,
+    _single_tile_forward_kernel,
+    _stats_kernel,
+)
 
 __all__ = ["Plan", "backward", "forward", "plan_for"]
 
 ROWS = "rows"
 PLANES = "planes"
-
-
-# ---- shared device code -----------------------------------------------------------------------------
-
-
-@triton.jit
-def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, M2) summaries (Chan, Golub & LeVeque): exact up to rounding, no cancellation."""
-    n = n_a + n_b
-    frac = n_b / tl.maximum(n, 1.0)
-    delta = mean_b - mean_a
-    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
-
-
-@triton.jit
-def _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL: tl.constexpr):
-    """p = (x - mean) * scale + shift [+ z]: the one place both directions compute the pre-activation."""
-    p = (x - mean) * scale + shift
-    if HAS_RESIDUAL:
-        p = p + z
-    return p
-
-
-@triton.jit
-def _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
-    else:
-        w = tl.full(cols.shape, 1.0, tl.float32)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros(cols.shape, tl.float32)
-    return w, b
-
-
-@triton.jit
-def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
-    """The channels of a program: one (planes) or a block of BLOCK_B (rows); and which of them exist."""
-    if PLANES:
-        cols = pid_c + tl.arange(0, 1)
-    else:
-        cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
-    return cols, cols < C
-
-
-@triton.jit
-def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
-    """Offsets and mask of a program's tile i.
-
-    rows:   rows [i * BLOCK_A, +BLOCK_A) of the (N * S, C) matrix, channels [pid_c * BLOCK_B, +BLOCK_B).
-    planes: channel pid_c; tile i in (n-block, s-block) order covers n in [nb * BLOCK_A, +BLOCK_A) and
-            s in [sb * BLOCK_B, +BLOCK_B).
-    """
-    if PLANES:
-        nb = i // S_BLOCKS
-        sb = i - nb * S_BLOCKS
-        n = nb * BLOCK_A + tl.arange(0, BLOCK_A)
-        s = sb * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask = (n < N)[:, None] & (s < S)[None, :]
-        offs = (n.to(tl.int64) * C + pid_c)[:, None] * S + s[None, :]
-    else:
-        rows = i * BLOCK_A + tl.arange(0, BLOCK_A)
-        cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask = (rows < N * S)[:, None] & (cols < C)[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    return offs, mask
-
-
-@triton.jit
-def _spread(v, PLANES: tl.constexpr):
-    """A per-channel vector shaped to broadcast against the program's tiles."""
-    if PLANES:
-        return v[:, None]
-    else:
-        return v[None, :]
-
-
-@triton.jit
-def _channel_sum(t, PLANES: tl.constexpr):
-    """Sum a tile per channel: over both axes (planes: one channel) or over rows (rows)."""
-    if PLANES:
-        return tl.sum(tl.sum(t, axis=1), axis=0)
-    else:
-        return tl.sum(t, axis=0)
-
-
-@triton.jit
-def _slice(pid_s, TILES, tiles_per_split):
-    start = pid_s * tiles_per_split
-    return start, tl.minimum(start + tiles_per_split, TILES)
-
-
-@triton.jit
-def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
-    """The channel's first value: partial means are stored relative to it (see module doc)."""
-    stride = S if PLANES else 1
-    return tl.load(x_ptr + cols.to(tl.int64) * stride, mask=cmask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _last_to_finish(sem_ptr, pid_c):
-    """Whether this program is the last of its channel block to arrive (after writing its partials).
-
-    The barrier makes every thread's partial stores precede the release; the acquire makes the other
-    programs' partials visible to the last one, which reads them with .cg loads (L2, never a stale L1).
-    """
-    tl.debug_barrier()
-    return tl.atomic_add(sem_ptr + pid_c, 1, sem="acq_rel") == tl.num_programs(1) - 1
-
-
-@triton.jit
-def _release(sem_ptr, pid_c):
-    """Zero the channel block's counter again: the next kernel on the stream reuses the buffer."""
-    tl.atomic_xchg(sem_ptr + pid_c, 0)
-
-
-@triton.jit
-def _partial_block(ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK: tl.constexpr):
-    """Partials [s0, s0 + SPLIT_BLOCK) x cols of a (slice, channel) workspace, zero past the end."""
-    s = s0 + tl.arange(0, SPLIT_BLOCK)
-    mask = (s < SPLITS)[:, None] & cmask[None, :]
-    return tl.load(ptr + s[:, None] * C + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-
-
-@triton.jit
-def _combine_stats(pn_ptr, pmean_ptr, pm2_ptr, cols, cmask, C, SPLITS, SPLIT_BLOCK: tl.constexpr):
-    """All slices' (count, mean, M2) of the channels, combined in a fixed order (deterministic)."""
-    n = tl.zeros(cols.shape, tl.float32)
-    mean = tl.zeros(cols.shape, tl.float32)
-    m2 = tl.zeros(cols.shape, tl.float32)
-    for s0 in range(0, SPLITS, SPLIT_BLOCK):
-        n_b, mean_b, m2_b = tl.reduce(
-            (
-                _partial_block(pn_ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK),
-                _partial_block(pmean_ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK),
-                _partial_block(pm2_ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK),
-            ),
-            0,
-            _chan_combine,
-        )
-        n, mean, m2 = _chan_combine(n, mean, m2, n_b, mean_b, m2_b)
-    return n, mean, m2
-
-
-@triton.jit
-def _finalize_stats(
-    n, rel_mean, m2, anchor, cols, cmask, eps, momentum,
-    mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING: tl.constexpr,
-):  # fmt: skip
-    mean = anchor + rel_mean
-    var = m2 / tl.maximum(n, 1.0)  # n is 0 only in padding lanes past C, whose stores are masked
-    tl.store(mean_out + cols, mean, mask=cmask)
-    tl.store(invstd_out + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
-    if HAS_RUNNING:
-        rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        unbiased = m2 / tl.maximum(n - 1.0, 1.0)
-        tl.store(rmean_ptr + cols, (rm + momentum * (mean - rm)).to(rmean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(rvar_ptr + cols, (rv + momentum * (unbiased - rv)).to(rvar_ptr.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C):
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    dweight = sum_gc * invstd
-    tl.store(dw_ptr + cols, dweight, mask=cmask)
-    tl.store(db_ptr + cols, sum_g, mask=cmask)
-    # dx = weight * invstd * (g - k1 - (x - mean) * k2): k1 = mean of g, k2 = invstd * mean of g * x_hat.
-    tl.store(coef_ptr + cols, sum_g / n, mask=cmask)
-    tl.store(coef_ptr + C + cols, dweight * invstd / n, mask=cmask)
-
-
-# ---- forward ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _stats_kernel(
-    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
-):  # fmt: skip
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
-    anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
-    # The slice's first tile gives the pivot (its mean per channel); every slice has at least one tile.
-    offs, mask = _tile(t_start, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    count = mask.to(tl.float32)
-    pivot = _channel_sum(x, PLANES) / tl.maximum(_channel_sum(count, PLANES), 1.0) + tl.zeros(cols.shape, tl.float32)
-    shift = _spread(pivot, PLANES)  # (planes: the scalar sum, shaped like cols to broadcast over the tiles)
-    d = tl.where(mask, x - shift, 0.0)
-    s1 = d
-    s2 = d * d
-    for t in range(t_start + 1, t_end):  # per-lane sums: no reduction across lanes inside the loop
-        offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - shift, 0.0)
-        count += mask.to(tl.float32)
-        s1 += d
-        s2 += d * d
-    n = _channel_sum(count, PLANES)
-    total = _channel_sum(s1, PLANES)
-    shifted_mean = total / tl.maximum(n, 1.0)
-    m2 = _channel_sum(s2, PLANES) - shifted_mean * total
-    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding can go below 0; a NaN (bad input) must stay NaN
-    # Relative to the channel's first value, so that partial means near a large offset keep their digits.
-    rel_mean = (pivot - anchor) + shifted_mean
-    if SPLIT:
-        tl.store(pn_ptr + split * C + cols, n, mask=cmask)
-        tl.store(pmean_ptr + split * C + cols, rel_mean, mask=cmask)
-        tl.store(pm2_ptr + split * C + cols, m2, mask=cmask)
-        if _last_to_finish(sem_ptr, pid_c):
-            n_c, mean_c, m2_c = _combine_stats(
-                pn_ptr, pmean_ptr, pm2_ptr, cols, cmask, C, tl.num_programs(1), SPLIT_BLOCK
-            )
-            _finalize_stats(
-                n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
-                mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING,
-            )  # fmt: skip
-            _release(sem_ptr, pid_c)
-    else:
-        _finalize_stats(
-            n, rel_mean, m2, anchor, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
-        )
-
-
-@triton.jit
-def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constexpr):
-    """Per-channel mean and invstd: saved batch statistics, or running mean and variance (inference)."""
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    if FROM_RUNNING:
-        var = tl.load(invstd_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
-        invstd = 1.0 / tl.sqrt(var + eps)
-    else:
-        invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    return mean, invstd
-
-
-@triton.jit
-def _apply_kernel(
-    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-):  # fmt: skip
-    pid_c = tl.program_id(0)
-    t_start, t_end = _slice(tl.program_id(1), TILES, tiles_per_split)
-    cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
-    mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
-    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    mean, scale, shift = _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
-    for t in range(t_start, t_end):
-        offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = x
-        if HAS_RESIDUAL:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
-        if RELU:
-            p = tl.maximum(p, 0.0)
-        tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-# ---- backward ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
-    """g = dy where the forward's ReLU passed its input (recomputed), else 0; dy itself without ReLU."""
-    if RELU:
-        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
-        dy = tl.where(p > 0.0, dy, 0.0)
-    return dy
-
-
-@triton.jit
-def _grad_tile(
-    t, pid_c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-):  # fmt: skip
-    """Tile t's offsets, mask, x and g (dy through the recomputed ReLU mask), all float32."""
-    offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = x
-    if HAS_RESIDUAL:
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return offs, mask, x, _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
-
-
-@triton.jit
-def _grad_kernel(
-    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, dw_ptr, db_ptr,
-    coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
-):  # fmt: skip
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    mean_t, scale, shift = _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
-    sum_g = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    sum_gc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    for t in range(t_start, t_end):  # per-lane sums; g is 0 in masked lanes (dy loads as 0 there)
-        _, _, x, g = _grad_tile(
-            t, pid_c, dy_ptr, x_ptr, z_ptr, mean_t, scale, shift, N, C, S, S_BLOCKS,
-            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
-        )  # fmt: skip
-        sum_g += g
-        sum_gc += g * (x - mean_t)
-    total_g = _channel_sum(sum_g, PLANES)
-    total_gc = _channel_sum(sum_gc, PLANES)
-    count = (N * S).to(tl.float32)
-    if SPLIT:
-        tl.store(psum_ptr + split * C + cols, total_g, mask=cmask)
-        tl.store(psumc_ptr + split * C + cols, total_gc, mask=cmask)
-        if _last_to_finish(sem_ptr, pid_c):
-            splits = tl.num_programs(1)
-            all_g = tl.zeros(cols.shape, tl.float32)
-            all_gc = tl.zeros(cols.shape, tl.float32)
-            for s0 in range(0, splits, SPLIT_BLOCK):  # fixed order: deterministic
-                all_g += tl.sum(_partial_block(psum_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK), 0)
-                all_gc += tl.sum(_partial_block(psumc_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK), 0)
-            _finalize_grads(all_g, all_gc, count, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
-            _release(sem_ptr, pid_c)
-    else:
-        _finalize_grads(total_g, total_gc, count, cols, cmask, invstd_ptr, dw_ptr, db_ptr, coef_ptr, C)
-
-
-@triton.jit
-def _dx(g, x, mean, scale, k1, k2, TRAINING: tl.constexpr):
-    if TRAINING:
-        g = g - k1 - (x - mean) * k2
-    return g * scale
-
-
-@triton.jit
-def _input_grad_kernel(
-    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
-):  # fmt: skip
-    pid_c = tl.program_id(0)
-    t_start, t_end = _slice(tl.program_id(1), TILES, tiles_per_split)
-    cols, cmask = _channels(pid_c, C, BLOCK_B, PLANES)
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    k1 = mean
-    k2 = mean
-    if TRAINING:
-        k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)
-        k2 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)
-    mean, scale, shift = _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
-    k1, k2 = _spread(k1, PLANES), _spread(k2, PLANES)
-    for t in range(t_start, t_end):
-        offs, mask, x, g = _grad_tile(
-            t, pid_c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
-            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
-        )  # fmt: skip
-        if WRITE_DZ:
-            tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
-        if WRITE_DX:
-            dx = _dx(g, x, mean, scale, k1, k2, TRAINING)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-# ---- one tile per channel: a single pass over memory -----------------------------------------------
-# When a whole channel fits in one program's registers (small N * S, e.g. ResNet's 7x7 layers), the
-# statistics and the normalization (or the gradient sums and dx) come from the same loaded values: x is
-# read once per direction instead of twice, and one launch replaces two or three.
-
-
-@triton.jit
-def _single_tile_forward_kernel(
-    x_ptr, z_ptr, y_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, w_ptr, b_ptr,
-    N, C, S, eps, momentum,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0)
-    cols = c + tl.arange(0, 1)
-    cmask = cols < C
-    offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    n = (N * S).to(tl.float32)
-    # Two passes over registers: the exact mean, then the centred sum of squares.
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
-    d = tl.where(mask, x - mean, 0.0)
-    m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-    zero = tl.zeros([1], tl.float32)
-    _finalize_stats(
-        zero + n, zero, zero + m2, zero + mean, cols, cmask, eps, momentum,
-        mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING,
-    )  # fmt: skip
-    invstd = 1.0 / tl.sqrt(m2 / n + eps)
-    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    z = x
-    if HAS_RESIDUAL:
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = _pre_activation(x, mean, (invstd * w)[:, None], shift[:, None], z, HAS_RESIDUAL)
-    if RELU:
-        p = tl.maximum(p, 0.0)
-    tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _single_tile_backward_kernel(
-    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, dw_ptr, db_ptr,
-    N, C, S,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0)
-    cols = c + tl.arange(0, 1)
-    cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    scale = invstd * w
-    offs, mask, x, g = _grad_tile(
-        0, c, dy_ptr, x_ptr, z_ptr, mean[:, None], scale[:, None], shift[:, None], N, C, S, 1,
-        BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU,
-    )  # fmt: skip
-    sum_g = tl.sum(tl.sum(g, axis=1), axis=0)
-    sum_gc = tl.sum(tl.sum(tl.where(mask, g * (x - mean[:, None]), 0.0), axis=1), axis=0)
-    n = (N * S).to(tl.float32)
-    dweight = sum_gc * invstd
-    tl.store(dw_ptr + cols, dweight, mask=cmask)
-    tl.store(db_ptr + cols, sum_g + tl.zeros([1], tl.float32), mask=cmask)
-    if WRITE_DZ:
-        tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
-    if WRITE_DX:
-        k1 = sum_g / n
-        k2 = dweight * invstd / n
-        dx = _dx(g, x, mean[:, None], scale[:, None], k1, k2[:, None], True)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launch planning --------------------------------------------------------------------------------
@@ -517,7 +50,9 @@ class Plan:
 
     rows:   tiles of [block_a rows, block_b channels]; a program owns block_b channels.
     planes: tiles of [block_a samples, block_b spatial positions] of one channel per program.
-    Each program (channel block, slice) covers `per_split` consecutive tiles of its channels.
+    Each program (channel block, slice) covers `per_split` consecutive tiles of its channels. A
+    persistent plan (`units_per_round` > 0) runs `units_per_round` channel blocks at a time, each over
+    `splits` programs that are all resident on the GPU together.
     """
 
     layout: str
@@ -530,14 +65,19 @@ class Plan:
     splits: int
     num_warps: int
     single: bool = False  # planes, one tile per channel: the single-pass kernels (training)
+    units_per_round: int = 0  # > 0: the persistent kernels (training)
 
     @property
     def channel_programs(self) -> int:
         return _cdiv(self.C, self.block_b) if self.layout == ROWS else self.C
 
     @property
+    def persistent(self) -> bool:
+        return self.units_per_round > 0
+
+    @property
     def grid(self) -> tuple[int, int]:
-        return (self.channel_programs, self.splits)
+        return (self.units_per_round or self.channel_programs, self.splits)
 
     @property
     def s_blocks(self) -> int:
@@ -578,45 +118,76 @@ def plan_for(
     num_warps: int = 8,
     single_tile_max: int = 0,
     single_warps: int = 16,
+    resident_programs: int = 0,
+    round_values: int = 0,
+    persistent_tile: int = 2048,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
 
     Slices make the reduction parallel when there are few channels for many values; each slice is at
     least one tile. The same plan serves the partial and the elementwise passes. A planes-layout channel
-    that fits in one tile of at most `single_tile_max` values gets the single-pass plan instead.
+    that fits in one tile of at most `single_tile_max` values gets the single-pass plan instead. With
+    `resident_programs` (how many programs the GPU holds at once; 0: none) and `round_values` (how many
+    values a round may touch and still find them in L2 for the second read), a channel block that fits a
+    round gets the persistent plan: as many blocks per round as fit, the resident programs split evenly
+    among them, tiles of `persistent_tile` values (their registers are capped).
     """
+    if layout not in (ROWS, PLANES):
+        raise ValueError(f"unknown layout {layout!r}")
     if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max:
         bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
+    if resident_programs > 0:
+        block_a, block_b, tiles, units, unit_values = _blocks(layout, N, C, S, persistent_tile)
+        if unit_values <= round_values:
+            per_round = min(units, round_values // unit_values, resident_programs)
+            per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
+            return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
+                        units_per_round=per_round)  # fmt: skip
+    block_a, block_b, tiles, units, _ = _blocks(layout, N, C, S, tile)
+    per_split = _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
+    return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps)
+
+
+def _blocks(layout: str, N: int, C: int, S: int, tile: int) -> tuple[int, int, int, int, int]:
+    """(block_a, block_b, tiles per channel block, channel blocks, values per channel block)."""
     if layout == ROWS:
-        R = N * S
-        block_c = min(_pow2(C), 128)
-        block_r = max(1, min(tile // block_c, _pow2(R)))
-        row_tiles = _cdiv(R, block_r)
-        want = max(1, min(row_tiles, _cdiv(target_programs, _cdiv(C, block_c))))
-        per_split = _cdiv(row_tiles, want)
-        return Plan(ROWS, N, C, S, block_r, block_c, per_split, _cdiv(row_tiles, per_split), num_warps)
-    if layout != PLANES:
-        raise ValueError(f"unknown layout {layout!r}")
-    block_s = _spatial_block(S, tile)
-    block_n = max(1, min(tile // block_s, _pow2(N)))
-    tiles = _cdiv(N, block_n) * _cdiv(S, block_s)
-    want = max(1, min(tiles, _cdiv(target_programs, C)))
-    per_split = _cdiv(tiles, want)
-    return Plan(PLANES, N, C, S, block_n, block_s, per_split, _cdiv(tiles, per_split), num_warps)
+        block_b = min(_pow2(C), 128, tile)
+        block_a = max(1, min(tile // block_b, _pow2(N * S)))
+        return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), N * S * block_b
+    block_b = _spatial_block(S, tile)
+    block_a = max(1, min(tile // block_b, _pow2(N)))
+    return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S
 
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return PROGRAMS_PER_SM * _multiprocessors(index)
+        return PROGRAMS_PER_SM * _gpu(device)[0]
     return 4  # Triton's CPU interpreter: a few programs, enough to exercise the split reductions
 
 
+def _persistent_limits(device: torch.device, itemsize: int, streams: int) -> tuple[int, int]:
+    """(programs resident at once, values per round) for the persistent plans; (0, 0) turns them off.
+
+    A round re-reads `streams` tensors of `itemsize` bytes (x, and dy / the residual): it may touch
+    L2_FRACTION of the L2 cache. Residency is guaranteed by capping registers (`_persistent_launch`).
+    Off in Triton's CPU interpreter (the tests turn it on there with small limits).
+    """
+    if not PERSISTENT or device.type != "cuda":
+        return 0, 0
+    multiprocessors, l2_bytes = _gpu(device)
+    return PERSISTENT_PROGRAMS_PER_SM * multiprocessors, int(l2_bytes * L2_FRACTION) // (itemsize * streams)
+
+
 @functools.cache
-def _multiprocessors(index: int) -> int:
-    # Asked on every launch plan: once per GPU is enough.
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _gpu_properties(index: int) -> tuple[int, int]:
+    properties = torch.cuda.get_device_properties(index)
+    return properties.multi_processor_count, getattr(properties, "L2_cache_size", 40 * 2**20)
+
+
+def _gpu(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, L2 bytes), asked once per GPU (planning runs on every call)."""
+    return _gpu_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def layout_of(x: torch.Tensor) -> str | None:
@@ -649,6 +220,16 @@ SINGLE_WARPS = 16
 PROGRAMS_PER_SM = 4
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
+# Persistent kernels (see bnlab.kernels.device): on or off (BNLAB_TRITON_PERSISTENT=0 turns them off,
+# e.g. where another kernel that waits on this one may hold part of the GPU), programs resident per
+# multiprocessor (their registers are capped so that this many fit), and the share of L2 one round of
+# channel blocks may use.
+PERSISTENT = os.environ.get("BNLAB_TRITON_PERSISTENT", "1").strip() != "0"
+PERSISTENT_PROGRAMS_PER_SM = 2
+L2_FRACTION = 0.5
+# Values per tile of the persistent kernels: at 2048 and 8 warps, capped at 128 registers (2 programs per
+# multiprocessor), the sm_90 build does not spill (at 4096 it spills 32-64 bytes; cuobjdump).
+PERSISTENT_TILE = 2048
 
 
 def _split_block(plan: Plan) -> int:
@@ -656,12 +237,29 @@ def _split_block(plan: Plan) -> int:
     return max(1, min(_pow2(plan.splits), COMBINE_VALUES // channels))
 
 
-def make_plan(x: torch.Tensor, layout: str) -> Plan:
+def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
+    """The plan for `x` laid out as `layout`; `streams`: tensors a training direction reads (persistent
+    plans size their rounds by it; 0: no persistent plan, e.g. inference)."""
+    resident, round_values = _persistent_limits(x.device, x.element_size(), streams) if streams else (0, 0)
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]),
         target_programs=_target_programs(x.device), tile=TILE, num_warps=NUM_WARPS,
         single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS,
+        resident_programs=resident, round_values=round_values, persistent_tile=min(PERSISTENT_TILE, TILE),
     )  # fmt: skip
+
+
+def _persistent_launch(kernel, plan: Plan, device: torch.device, *args, **constexprs) -> None:
+    """Launch a persistent kernel: on a GPU once, with registers capped so that
+    PERSISTENT_PROGRAMS_PER_SM programs fit on each multiprocessor (every program resident: the spin
+    waits end); in the interpreter, which runs programs one by one, as PHASE 1 then PHASE 2."""
+    if device.type == "cuda":
+        threads = PERSISTENT_PROGRAMS_PER_SM * plan.num_warps * 32
+        maxnreg = min(255, 65536 // threads // 8 * 8)  # registers are allocated 8 per thread at a time
+        kernel[plan.grid](*args, PHASE=0, maxnreg=maxnreg, **constexprs)
+        return
+    for phase in (1, 2):
+        kernel[plan.grid](*args, PHASE=phase, **constexprs)
 
 
 def _shape_args(plan: Plan) -> tuple[int, ...]:
@@ -679,12 +277,13 @@ def _block_args(plan: Plan) -> dict[str, int]:
 
 def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor]:
     """`count` float32 workspaces of one partial result per (slice, channel), and the channel blocks'
-    arrival counters; placeholders when one slice covers a channel (nothing to combine)."""
-    if plan.splits == 1:
+    counters (persistent plans: arrivals, ready flags, departures); placeholders when one slice covers a
+    channel in a split plan (nothing to combine)."""
+    if plan.splits == 1 and not plan.persistent:
         placeholder = torch.empty(0, device=device, dtype=torch.float32)
         return [placeholder] * count + [placeholder]
     parts = [torch.empty((plan.splits, plan.C), device=device, dtype=torch.float32) for _ in range(count)]
-    return [*parts, _semaphores(device, plan.channel_programs)]
+    return [*parts, _semaphores(device, plan.channel_programs * (3 if plan.persistent else 1))]
 
 
 _SEMAPHORES: dict[tuple[int, int], torch.Tensor] = {}
@@ -733,7 +332,7 @@ def forward(
     inference, `save_stats=False` (no backward to come) lets the kernel read the running statistics
     directly and returns None for mean and invstd.
     """
-    plan = plan or make_plan(x, layout_of(x))
+    plan = plan or make_plan(x, layout_of(x), streams=(2 if residual is not None else 1) if training else 0)
     C = plan.C
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -751,6 +350,16 @@ def forward(
             plan.N, C, plan.S, eps, momentum,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
             **epilogue,
+        )  # fmt: skip
+        return y, mean, invstd
+    if training and plan.persistent:
+        has_running = running_mean is not None
+        _persistent_launch(
+            _persistent_forward_kernel, plan, x.device,
+            x, residual if residual is not None else x, y, *_partials(plan, x.device, 3), mean, invstd,
+            running_mean if has_running else dummy, running_var if has_running else dummy, *params,
+            *_shape_args(plan), plan.channel_programs, eps, momentum,
+            SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, **epilogue, **_block_args(plan),
         )  # fmt: skip
         return y, mean, invstd
     if training:
@@ -795,7 +404,7 @@ def backward(
     `dy` must be in x's layout (see `to_layout`). In training dx needs the per-channel sums, so the
     reduction pass runs whenever dx or a parameter gradient is needed.
     """
-    plan = plan or make_plan(x, layout_of(x))
+    plan = plan or make_plan(x, layout_of(x), streams=(3 if residual is not None else 2) if training else 0)
     C = plan.C
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
@@ -815,6 +424,20 @@ def backward(
             dweight, dbias, plan.N, C, plan.S,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, WRITE_DX=dx is not None, WRITE_DZ=dz is not None,
             num_warps=plan.num_warps, **flags,
+        )  # fmt: skip
+        return dx, (dweight if need_params else None), (dbias if need_params else None), dz
+    if training and plan.persistent and (need_input or need_params or need_residual):
+        dweight = torch.empty(C, device=x.device, dtype=torch.float32)
+        dbias = torch.empty(C, device=x.device, dtype=torch.float32)
+        coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x) if need_input else None
+        dz = torch.empty_like(x) if need_residual and residual is not None else None
+        _persistent_launch(
+            _persistent_backward_kernel, plan, x.device,
+            dy, x, tensors[1], dx if dx is not None else dy, dz if dz is not None else dy, *tensors[2:],
+            *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan), plan.channel_programs,
+            SPLIT_BLOCK=_split_block(plan), WRITE_DX=dx is not None, WRITE_DZ=dz is not None, **flags,
+            **_block_args(plan),
         )  # fmt: skip
         return dx, (dweight if need_params else None), (dbias if need_params else None), dz
     if need_params or (training and need_input):

@@ -1,0 +1,690 @@
+"""Device code of the Triton kernels for batch norm, optionally fused with ``+ residual`` and ReLU.
+
+Launch planning and the launchers are in `bnlab.kernels.batchnorm`; this module is the arithmetic.
+
+Math (per channel c; n values share one mean and variance; all arithmetic in float32 whatever the
+input dtype; the affine parameters default to weight 1, bias 0):
+
+    forward    mean, var = batch statistics (biased var)          invstd = 1 / sqrt(var + eps)
+               p = (x - mean) * (invstd * weight) + bias [+ z]    y = relu(p) if relu else p
+    running    running = (1 - momentum) * running + momentum * (mean, var * n / (n - 1))
+    backward   g = dy * (p > 0) if relu else dy                   dz = g   (the residual's gradient)
+               dbias = sum g        dweight = invstd * sum g * (x - mean)
+               training:  dx = weight * invstd * (g - dbias / n - (x - mean) * invstd * dweight / n)
+               inference: dx = weight * invstd * g   (mean and invstd are constants there)
+
+The ReLU mask is recomputed from x (and z) in backward instead of being stored: the same shared
+`_pre_activation` code runs in both directions, so the mask is bit for bit the forward's.
+
+Every reduction is split deterministically: each program owns a fixed slice of a channel's values
+and accumulates per lane (no cross-lane reduction inside its loop), reduces its lanes once at the end
+and writes one partial result per (slice, channel). The last program of a channel to finish (an
+integer atomic counter, the only atomic) combines the partials of that channel in slice order and
+finalizes; no float atomics, so results are identical run to run, and no separate finalize launch.
+When one slice covers the whole channel the program finalizes directly. Each program's sums are
+shifted by the mean of its first tile (the pivot), so that a large common offset (1e4 + N(0, 1))
+never enters a rounded sum of squares; the programs' (count, mean, M2), their means relative to the
+channel's first value (digits kept near a large offset), are combined with Chan et al.'s pairwise
+update, which has no E[x^2] - E[x]^2 cancellation.
+
+Three ways to run a training direction (the planner in `batchnorm` picks one per call):
+- split (two launches): a reduction kernel (statistics, or the gradient sums) whose last program per
+  channel block finalizes, then an elementwise kernel (normalize, or dx). Reads the input twice.
+- single tile (one launch, planes only): a channel fits one program's registers; read once.
+- persistent (one launch): a grid no larger than the GPU holds at once loops over rounds of channel
+  blocks. In a round, every block is split over K programs; each writes its partial, the last one
+  finalizes and raises the block's ready flag, the others spin on it, then all K apply the result to
+  their own slice, which they read moments ago: a round's data is sized to stay in L2, so the second
+  read comes from L2, not from memory. Spinning is safe only because every program of the grid is
+  resident at once (the planner caps the grid and the registers: `maxnreg`). Triton's CPU interpreter
+  runs programs one after another, where a spin would never end: there the same kernel runs as two
+  launches, PHASE 1 (partials, finalize) and PHASE 2 (apply), with no spin in between.
+
+Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in one of two ways:
+- "rows": channels contiguous, value (r, c) at r * C + c with r in [0, N * S): channels-last 2-D/3-D
+  tensors, (N, C) matrices (BatchNorm1d), and (N, C, L) with C contiguous. Tiles are [BLOCK_R, BLOCK_C].
+- "planes": NCHW-contiguous, value (n, c, s) at (n * C + c) * S + s. One channel per program, tiles of
+  [BLOCK_N, BLOCK_S] values of that channel.
+Other strides are made contiguous first (a copy, documented in the backend).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ---- shared device code -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries (Chan, Golub & LeVeque): exact up to rounding, no cancellation."""
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL: tl.constexpr):
+    """p = (x - mean) * scale + shift [+ z]: the one place both directions compute the pre-activation."""
+    p = (x - mean) * scale + shift
+    if HAS_RESIDUAL:
+        p = p + z
+    return p
+
+
+@triton.jit
+def _residual(z_ptr, offs, mask, x, HAS_RESIDUAL: tl.constexpr):
+    """The residual's tile in float32 (x stands in when there is none: never used then)."""
+    if HAS_RESIDUAL:
+        return tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+    else:
+        w = tl.full(cols.shape, 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros(cols.shape, tl.float32)
+    return w, b
+
+
+@triton.jit
+def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+    """The channels of a program: one (planes) or a block of BLOCK_B (rows); and which of them exist."""
+    if PLANES:
+        cols = pid_c + tl.arange(0, 1)
+    else:
+        cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
+    return cols, cols < C
+
+
+@triton.jit
+def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+    """Offsets and mask of a program's tile i.
+
+    rows:   rows [i * BLOCK_A, +BLOCK_A) of the (N * S, C) matrix, channels [pid_c * BLOCK_B, +BLOCK_B).
+    planes: channel pid_c; tile i in (n-block, s-block) order covers n in [nb * BLOCK_A, +BLOCK_A) and
+            s in [sb * BLOCK_B, +BLOCK_B).
+    """
+    if PLANES:
+        nb = i // S_BLOCKS
+        sb = i - nb * S_BLOCKS
+        n = nb * BLOCK_A + tl.arange(0, BLOCK_A)
+        s = sb * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask = (n < N)[:, None] & (s < S)[None, :]
+        offs = (n.to(tl.int64) * C + pid_c)[:, None] * S + s[None, :]
+    else:
+        rows = i * BLOCK_A + tl.arange(0, BLOCK_A)
+        cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask = (rows < N * S)[:, None] & (cols < C)[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    return offs, mask
+
+
+@triton.jit
+def _spread(v, PLANES: tl.constexpr):
+    """A per-channel vector shaped to broadcast against the program's tiles."""
+    if PLANES:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _channel_sum(t, PLANES: tl.constexpr):
+    """Sum a tile per channel: over both axes (planes: one channel) or over rows (rows)."""
+    if PLANES:
+        return tl.sum(tl.sum(t, axis=1), axis=0)
+    else:
+        return tl.sum(t, axis=0)
+
+
+@triton.jit
+def _slice(pid_s, TILES, tiles_per_split):
+    start = pid_s * tiles_per_split
+    return start, tl.minimum(start + tiles_per_split, TILES)
+
+
+# ---- synchronization between the programs of a channel block ------------------------------------------
+# sem_ptr holds int32 counters, zero whenever no kernel runs: [0, U) arrivals; persistent kernels also
+# use [U, 2U) ready flags and [2U, 3U) departures (U = channel blocks of the launch).
+
+
+@triton.jit
+def _last_to_finish(sem_ptr, unit):
+    """Whether this program is the last of its channel block to arrive (after writing its partials).
+
+    The barrier makes every thread's partial stores precede the release; the acquire makes the other
+    programs' partials visible to the last one, which reads them with .cg loads (L2, never a stale L1).
+    """
+    tl.debug_barrier()
+    return tl.atomic_add(sem_ptr + unit, 1, sem="acq_rel") == tl.num_programs(1) - 1
+
+
+@triton.jit
+def _release(sem_ptr, unit):
+    """Zero the channel block's counter again: the next kernel on the stream reuses the buffer."""
+    tl.atomic_xchg(sem_ptr + unit, 0)
+
+
+@triton.jit
+def _signal(flag_ptr):
+    """Raise a ready flag after this program's (finalizer's) stores; `_wait` acquires it."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, 1, sem="release")
+
+
+@triton.jit
+def _wait(flag_ptr):
+    """Spin until the flag is raised. Only where every program of the grid is resident (see module doc)."""
+    while tl.atomic_add(flag_ptr, 0, sem="acquire") == 0:
+        pass
+
+
+@triton.jit
+def _leave(sem_ptr, unit, UNITS):
+    """After a program's last read of the block's results: the last to leave zeroes the block's counters
+    (everyone has arrived and seen the flag by then)."""
+    if tl.atomic_add(sem_ptr + 2 * UNITS + unit, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        tl.atomic_xchg(sem_ptr + unit, 0)
+        tl.atomic_xchg(sem_ptr + UNITS + unit, 0)
+        tl.atomic_xchg(sem_ptr + 2 * UNITS + unit, 0)
+
+
+@triton.jit
+def _partial_block(ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK: tl.constexpr):
+    """Partials [s0, s0 + SPLIT_BLOCK) x cols of a (slice, channel) workspace, zero past the end."""
+    s = s0 + tl.arange(0, SPLIT_BLOCK)
+    mask = (s < SPLITS)[:, None] & cmask[None, :]
+    return tl.load(ptr + s[:, None] * C + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+
+
+# ---- statistics -----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
+    """The channel's first value: partial means are stored relative to it (see module doc)."""
+    stride = S if PLANES else 1
+    return tl.load(x_ptr + cols.to(tl.int64) * stride, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _slice_stats(
+    x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
+):  # fmt: skip
+    """(count, mean relative to `anchor`, M2) per channel over the unit's tiles [t_start, t_end), t_start < t_end.
+
+    Sums per lane, shifted by the first tile's mean (the pivot); one reduction across lanes at the end.
+    """
+    offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    count = mask.to(tl.float32)
+    # (planes: the scalar sum, shaped like the anchor to broadcast over the tiles)
+    pivot = _channel_sum(x, PLANES) / tl.maximum(_channel_sum(count, PLANES), 1.0) + tl.zeros_like(anchor)
+    shift = _spread(pivot, PLANES)
+    d = tl.where(mask, x - shift, 0.0)
+    s1 = d
+    s2 = d * d
+    for t in range(t_start + 1, t_end):
+        offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - shift, 0.0)
+        count += mask.to(tl.float32)
+        s1 += d
+        s2 += d * d
+    n = _channel_sum(count, PLANES)
+    total = _channel_sum(s1, PLANES)
+    shifted_mean = total / tl.maximum(n, 1.0)
+    m2 = _channel_sum(s2, PLANES) - shifted_mean * total
+    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding can go below 0; a NaN (bad input) must stay NaN
+    # Relative to the channel's first value, so that partial means near a large offset keep their digits.
+    return n, (pivot - anchor) + shifted_mean, m2
+
+
+@triton.jit
+def _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2):
+    tl.store(pn_ptr + split * C + cols, n, mask=cmask)
+    tl.store(pmean_ptr + split * C + cols, rel_mean, mask=cmask)
+    tl.store(pm2_ptr + split * C + cols, m2, mask=cmask)
+
+
+@triton.jit
+def _combine_and_finalize_stats(
+    pn_ptr, pmean_ptr, pm2_ptr, anchor, cols, cmask, C, eps, momentum,
+    mean_out, invstd_out, rmean_ptr, rvar_ptr, SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    """The last program of a channel block: every slice's partial, combined in slice order (deterministic)."""
+    splits = tl.num_programs(1)
+    n = tl.zeros(cols.shape, tl.float32)
+    mean = tl.zeros(cols.shape, tl.float32)
+    m2 = tl.zeros(cols.shape, tl.float32)
+    for s0 in range(0, splits, SPLIT_BLOCK):
+        n_b, mean_b, m2_b = tl.reduce(
+            (
+                _partial_block(pn_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK),
+                _partial_block(pmean_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK),
+                _partial_block(pm2_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK),
+            ),
+            0,
+            _chan_combine,
+        )
+        n, mean, m2 = _chan_combine(n, mean, m2, n_b, mean_b, m2_b)
+    _finalize_stats(n, mean, m2, anchor, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+                    HAS_RUNNING)  # fmt: skip
+
+
+@triton.jit
+def _finalize_stats(
+    n, rel_mean, m2, anchor, cols, cmask, eps, momentum,
+    mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    mean = anchor + rel_mean
+    var = m2 / tl.maximum(n, 1.0)  # n is 0 only in padding lanes past C, whose stores are masked
+    tl.store(mean_out + cols, mean, mask=cmask)
+    tl.store(invstd_out + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    if HAS_RUNNING:
+        rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        unbiased = m2 / tl.maximum(n - 1.0, 1.0)
+        tl.store(rmean_ptr + cols, (rm + momentum * (mean - rm)).to(rmean_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rvar_ptr + cols, (rv + momentum * (unbiased - rv)).to(rvar_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constexpr):
+    """Per-channel mean and invstd: saved batch statistics, or running mean and variance (inference).
+
+    .cg loads: in a persistent kernel another program of the same launch wrote them.
+    """
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if FROM_RUNNING:
+        var = tl.load(invstd_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    return mean, invstd
+
+
+@triton.jit
+def _normalizer(
+    mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps,
+    PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """invstd per channel, and shaped for the tiles: mean, scale = invstd * weight, shift = bias."""
+    mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    return invstd, _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
+
+
+@triton.jit
+def _apply_slice(
+    x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    for t in range(t_start, t_end):
+        offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = _pre_activation(x, mean, scale, shift, _residual(z_ptr, offs, mask, x, HAS_RESIDUAL), HAS_RESIDUAL)
+        if RELU:
+            p = tl.maximum(p, 0.0)
+        tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- gradients ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """g = dy where the forward's ReLU passed its input (recomputed), else 0; dy itself without ReLU."""
+    if RELU:
+        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
+        dy = tl.where(p > 0.0, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _grad_tile(
+    t, pid_c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    """Tile t's offsets, mask, x and g (dy through the recomputed ReLU mask), all float32."""
+    offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+    return offs, mask, x, _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
+
+
+@triton.jit
+def _slice_grad_sums(
+    dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    """(sum g, sum g * (x - mean)) per channel over the unit's tiles [t_start, t_end): per lane, then across."""
+    sum_g = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    sum_gc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    for t in range(t_start, t_end):  # g is 0 in masked lanes (dy loads as 0 there)
+        _, _, x, g = _grad_tile(
+            t, unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
+            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+        )  # fmt: skip
+        sum_g += g
+        sum_gc += g * (x - mean)
+    return _channel_sum(sum_g, PLANES), _channel_sum(sum_gc, PLANES)
+
+
+@triton.jit
+def _combine_and_finalize_grads(
+    psum_ptr, psumc_ptr, cols, cmask, C, count, invstd, dw_ptr, db_ptr, coef_ptr, SPLIT_BLOCK: tl.constexpr
+):
+    """The last program of a channel block: every slice's sums, added in slice order (deterministic)."""
+    splits = tl.num_programs(1)
+    all_g = tl.zeros(cols.shape, tl.float32)
+    all_gc = tl.zeros(cols.shape, tl.float32)
+    for s0 in range(0, splits, SPLIT_BLOCK):
+        all_g += tl.sum(_partial_block(psum_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK), 0)
+        all_gc += tl.sum(_partial_block(psumc_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK), 0)
+    _finalize_grads(all_g, all_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
+
+
+@triton.jit
+def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C):
+    dweight = sum_gc * invstd
+    tl.store(dw_ptr + cols, dweight, mask=cmask)
+    tl.store(db_ptr + cols, sum_g, mask=cmask)
+    # dx = weight * invstd * (g - k1 - (x - mean) * k2): k1 = mean of g, k2 = invstd * mean of g * x_hat.
+    tl.store(coef_ptr + cols, sum_g / n, mask=cmask)
+    tl.store(coef_ptr + C + cols, dweight * invstd / n, mask=cmask)
+
+
+@triton.jit
+def _coefficients(coef_ptr, cols, cmask, C, PLANES: tl.constexpr):
+    """(k1, k2) of `_finalize_grads`, shaped for the tiles (.cg: maybe written by this launch)."""
+    k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    k2 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    return _spread(k1, PLANES), _spread(k2, PLANES)
+
+
+@triton.jit
+def _dx(g, x, mean, scale, k1, k2, TRAINING: tl.constexpr):
+    if TRAINING:
+        g = g - k1 - (x - mean) * k2
+    return g * scale
+
+
+@triton.jit
+def _input_grad_slice(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    for t in range(t_start, t_end):
+        offs, mask, x, g = _grad_tile(
+            t, unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
+            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+        )  # fmt: skip
+        if WRITE_DZ:
+            tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            dx = _dx(g, x, mean, scale, k1, k2, TRAINING)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- split kernels: grid (channel blocks, slices) ---------------------------------------------------------
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    unit = tl.program_id(0)
+    split = tl.program_id(1)
+    t_start, t_end = _slice(split, TILES, tiles_per_split)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
+    n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    if SPLIT:
+        _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
+        if _last_to_finish(sem_ptr, unit):
+            _combine_and_finalize_stats(
+                pn_ptr, pmean_ptr, pm2_ptr, anchor, cols, cmask, C, eps, momentum,
+                mean_out, invstd_out, rmean_ptr, rvar_ptr, SPLIT_BLOCK, HAS_RUNNING,
+            )  # fmt: skip
+            _release(sem_ptr, unit)
+    else:
+        _finalize_stats(
+            n, rel_mean, m2, anchor, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
+        )
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    unit = tl.program_id(0)
+    t_start, t_end = _slice(tl.program_id(1), TILES, tiles_per_split)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    _, mean, scale, shift = _normalizer(
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, PLANES, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
+    )
+    _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
+
+
+@triton.jit
+def _grad_kernel(
+    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, dw_ptr, db_ptr,
+    coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+):  # fmt: skip
+    unit = tl.program_id(0)
+    split = tl.program_id(1)
+    t_start, t_end = _slice(split, TILES, tiles_per_split)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    invstd, mean, scale, shift = _normalizer(
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+    )
+    sum_g, sum_gc = _slice_grad_sums(dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift,
+                                     N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
+    count = (N * S).to(tl.float32)
+    if SPLIT:
+        tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
+        tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
+        if _last_to_finish(sem_ptr, unit):
+            _combine_and_finalize_grads(
+                psum_ptr, psumc_ptr, cols, cmask, C, count, invstd, dw_ptr, db_ptr, coef_ptr, SPLIT_BLOCK
+            )
+            _release(sem_ptr, unit)
+    else:
+        _finalize_grads(sum_g, sum_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
+
+
+@triton.jit
+def _input_grad_kernel(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    unit = tl.program_id(0)
+    t_start, t_end = _slice(tl.program_id(1), TILES, tiles_per_split)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    _, mean, scale, shift = _normalizer(
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+    )
+    k1 = mean
+    k2 = mean
+    if TRAINING:
+        k1, k2 = _coefficients(coef_ptr, cols, cmask, C, PLANES)
+    _input_grad_slice(
+        dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
+        BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
+    )  # fmt: skip
+
+
+# ---- persistent kernels: grid (channel blocks per round, slices), all resident at once ------------------
+
+
+@triton.jit
+def _persistent_forward_kernel(
+    x_ptr, z_ptr, y_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    w_ptr, b_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS, eps, momentum,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    PHASE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(1)
+    t_start, t_end = _slice(split, TILES, tiles_per_split)
+    for unit in range(tl.program_id(0), UNITS, tl.num_programs(0)):  # one channel block per round
+        cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+        if PHASE != 2:
+            anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
+            n, rel_mean, m2 = _slice_stats(
+                x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES
+            )
+            _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
+            if _last_to_finish(sem_ptr, unit):
+                _combine_and_finalize_stats(
+                    pn_ptr, pmean_ptr, pm2_ptr, anchor, cols, cmask, C, eps, momentum,
+                    mean_out, invstd_out, rmean_ptr, rvar_ptr, SPLIT_BLOCK, HAS_RUNNING,
+                )  # fmt: skip
+                _signal(sem_ptr + UNITS + unit)
+            else:
+                if PHASE == 0:
+                    _wait(sem_ptr + UNITS + unit)
+        if PHASE != 1:
+            _, mean, scale, shift = _normalizer(
+                mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, PLANES, False, HAS_WEIGHT, HAS_BIAS
+            )
+            _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+                         BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
+            _leave(sem_ptr, unit, UNITS)
+
+
+@triton.jit
+def _persistent_backward_kernel(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr,
+    dw_ptr, db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    PHASE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(1)
+    t_start, t_end = _slice(split, TILES, tiles_per_split)
+    count = (N * S).to(tl.float32)
+    for unit in range(tl.program_id(0), UNITS, tl.num_programs(0)):  # one channel block per round
+        cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+        invstd, mean, scale, shift = _normalizer(
+            mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+        )
+        if PHASE != 2:
+            sum_g, sum_gc = _slice_grad_sums(
+                dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+                BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+            )  # fmt: skip
+            tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
+            tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
+            if _last_to_finish(sem_ptr, unit):
+                _combine_and_finalize_grads(
+                    psum_ptr, psumc_ptr, cols, cmask, C, count, invstd, dw_ptr, db_ptr, coef_ptr, SPLIT_BLOCK
+                )
+                _signal(sem_ptr + UNITS + unit)
+            else:
+                if PHASE == 0:
+                    _wait(sem_ptr + UNITS + unit)
+        if PHASE != 1:
+            k1, k2 = _coefficients(coef_ptr, cols, cmask, C, PLANES)
+            _input_grad_slice(
+                dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2,
+                N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
+            )  # fmt: skip
+            _leave(sem_ptr, unit, UNITS)
+
+
+# ---- one tile per channel: a single pass over memory -----------------------------------------------
+# When a whole channel fits in one program's registers (small N * S, e.g. ResNet's 7x7 layers), the
+# statistics and the normalization (or the gradient sums and dx) come from the same loaded values: x is
+# read once per direction instead of twice, and one launch replaces two or three.
+
+
+@triton.jit
+def _single_tile_forward_kernel(
+    x_ptr, z_ptr, y_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, w_ptr, b_ptr,
+    N, C, S, eps, momentum,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    cols = c + tl.arange(0, 1)
+    cmask = cols < C
+    offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    n = (N * S).to(tl.float32)
+    # Two passes over registers: the exact mean, then the centred sum of squares.
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
+    d = tl.where(mask, x - mean, 0.0)
+    m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+    zero = tl.zeros([1], tl.float32)
+    _finalize_stats(
+        zero + n, zero, zero + m2, zero + mean, cols, cmask, eps, momentum,
+        mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING,
+    )  # fmt: skip
+    invstd = 1.0 / tl.sqrt(m2 / n + eps)
+    w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
+    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+    p = _pre_activation(x, mean, (invstd * w)[:, None], shift[:, None], z, HAS_RESIDUAL)
+    if RELU:
+        p = tl.maximum(p, 0.0)
+    tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _single_tile_backward_kernel(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, dw_ptr, db_ptr,
+    N, C, S,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    cols = c + tl.arange(0, 1)
+    cmask = cols < C
+    invstd, mean, scale, shift = _normalizer(
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, True, False, HAS_WEIGHT, HAS_BIAS
+    )
+    offs, mask, x, g = _grad_tile(
+        0, c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, 1, BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU
+    )
+    sum_g = tl.sum(tl.sum(g, axis=1), axis=0)
+    sum_gc = tl.sum(tl.sum(g * (x - mean), axis=1), axis=0)  # g is 0 in masked lanes
+    n = (N * S).to(tl.float32)
+    dweight = sum_gc * invstd
+    tl.store(dw_ptr + cols, dweight, mask=cmask)
+    tl.store(db_ptr + cols, sum_g + tl.zeros([1], tl.float32), mask=cmask)
+    if WRITE_DZ:
+        tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DX:
+        k1 = sum_g / n
+        k2 = dweight * invstd / n
+        dx = _dx(g, x, mean, scale, k1, k2[:, None], True)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
