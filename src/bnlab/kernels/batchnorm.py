@@ -276,14 +276,21 @@ def _block_args(plan: Plan) -> dict[str, int]:
 
 
 def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor]:
-    """`count` float32 workspaces of one partial result per (slice, channel), and the channel blocks'
-    counters (persistent plans: arrivals, ready flags, departures); placeholders when one slice covers a
-    channel in a split plan (nothing to combine)."""
+    """`count` float32 workspaces of one partial result per (slice, channel) plus one per group of
+    slices, and the int32 counters of `bnlab.kernels.device`'s combining section (persistent plans also
+    their ready flags and departures); placeholders when one slice covers a channel in a split plan."""
     if plan.splits == 1 and not plan.persistent:
         placeholder = torch.empty(0, device=device, dtype=torch.float32)
-        return [placeholder] * count + [placeholder]
-    parts = [torch.empty((plan.splits, plan.C), device=device, dtype=torch.float32) for _ in range(count)]
-    return [*parts, _semaphores(device, plan.channel_programs * (3 if plan.persistent else 1))]
+        return [placeholder] * (count + 1)
+    groups = _cdiv(plan.splits, _split_block(plan))
+    rows = plan.splits + (groups if groups > 1 else 0)
+    parts = [torch.empty((rows, plan.C), device=device, dtype=torch.float32) for _ in range(count)]
+    units = plan.channel_programs
+    counters = units * (1 + groups)
+    if not plan.persistent:
+        return [*parts, _semaphores(device, counters)]
+    buffer = _semaphores(device, counters + 2 * units)
+    return [*parts, buffer[:counters], buffer[counters:]]
 
 
 _SEMAPHORES: dict[tuple[int, int], torch.Tensor] = {}

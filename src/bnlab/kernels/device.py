@@ -29,7 +29,8 @@ update, which has no E[x^2] - E[x]^2 cancellation.
 
 Three ways to run a training direction (the planner in `batchnorm` picks one per call):
 - split (two launches): a reduction kernel (statistics, or the gradient sums) whose last program per
-  channel block finalizes, then an elementwise kernel (normalize, or dx). Reads the input twice.
+  channel block finalizes (see "combining" below), then an elementwise kernel (normalize, or dx). Reads
+  the input twice.
 - single tile (one launch, planes only): a channel fits one program's registers; read once.
 - persistent (one launch): a grid no larger than the GPU holds at once loops over rounds of channel
   blocks. In a round, every block is split over K programs; each writes its partial, the last one
@@ -152,26 +153,78 @@ def _slice(pid_s, TILES, tiles_per_split):
     return start, tl.minimum(start + tiles_per_split, TILES)
 
 
-# ---- synchronization between the programs of a channel block ------------------------------------------
-# sem_ptr holds int32 counters, zero whenever no kernel runs: [0, U) arrivals; persistent kernels also
-# use [U, 2U) ready flags and [2U, 3U) departures (U = channel blocks of the launch).
+# ---- combining the programs of a channel block ---------------------------------------------------------
+# Each of the K programs of a channel block writes its partial to row `split` of (row, channel)
+# workspaces of K + G rows. They finish in groups of SPLIT_BLOCK (G groups): the last member of a group
+# to arrive combines the group's rows into row K + g, and the last group to finish combines the G group
+# rows: two short steps on the critical path instead of one long loop over K partials. Every combine
+# runs in row order, so the result does not depend on who finishes when (deterministic).
+# sem_ptr holds int32 counters, zero whenever no kernel runs: [0, U) per channel block, then G per
+# block for the groups, then (persistent kernels) U ready flags and U departures (U = channel blocks).
 
 
 @triton.jit
-def _last_to_finish(sem_ptr, unit):
-    """Whether this program is the last of its channel block to arrive (after writing its partials).
-
-    The barrier makes every thread's partial stores precede the release; the acquire makes the other
-    programs' partials visible to the last one, which reads them with .cg loads (L2, never a stale L1).
-    """
+def _arrive(counter_ptr, expected):
+    """Count this program in; True for the last of `expected`, who also zeroes the counter for the next
+    launch. The barrier makes every thread's stores precede the release; the acquire makes the others'
+    stores visible to the last one, which reads them with .cg loads (L2, never a stale L1)."""
     tl.debug_barrier()
-    return tl.atomic_add(sem_ptr + unit, 1, sem="acq_rel") == tl.num_programs(1) - 1
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == expected - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0)
+    return last
 
 
 @triton.jit
-def _release(sem_ptr, unit):
-    """Zero the channel block's counter again: the next kernel on the stream reuses the buffer."""
-    tl.atomic_xchg(sem_ptr + unit, 0)
+def _reduce_rows(p0, p1, p2, start, end, cols, cmask, C, SPLIT_BLOCK: tl.constexpr, CHAN: tl.constexpr):
+    """Rows [start, end) of the workspaces combined in row order: Chan's update of (count, mean, M2)
+    (CHAN), or sums of the first two (the third is unused)."""
+    a = tl.zeros(cols.shape, tl.float32)
+    b = tl.zeros(cols.shape, tl.float32)
+    c = tl.zeros(cols.shape, tl.float32)
+    for s0 in range(start, end, SPLIT_BLOCK):
+        s = s0 + tl.arange(0, SPLIT_BLOCK)
+        mask = (s < end)[:, None] & cmask[None, :]
+        offs = s[:, None] * C + cols[None, :]
+        block_a = tl.load(p0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        block_b = tl.load(p1 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        if CHAN:
+            block_c = tl.load(p2 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            a_s, b_s, c_s = tl.reduce((block_a, block_b, block_c), 0, _chan_combine)
+            a, b, c = _chan_combine(a, b, c, a_s, b_s, c_s)
+        else:
+            a += tl.sum(block_a, 0)
+            b += tl.sum(block_b, 0)
+    return a, b, c
+
+
+@triton.jit
+def _gather(p0, p1, p2, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK: tl.constexpr, CHAN: tl.constexpr):
+    """After this program stored its partial in row `split`: (done, a, b, c), done for the one program
+    that ends up holding the channel block's combined result (a, b, c); see the section comment."""
+    splits = tl.num_programs(1)
+    groups = tl.cdiv(splits, SPLIT_BLOCK)
+    group = split // SPLIT_BLOCK
+    first = group * SPLIT_BLOCK
+    members = tl.minimum(splits - first, SPLIT_BLOCK)
+    done = split < 0  # False, as a tensor that the branches below may replace
+    a = tl.zeros(cols.shape, tl.float32)
+    b = tl.zeros(cols.shape, tl.float32)
+    c = tl.zeros(cols.shape, tl.float32)
+    if _arrive(sem_ptr + UNITS + unit * groups + group, members):
+        a, b, c = _reduce_rows(p0, p1, p2, first, first + members, cols, cmask, C, SPLIT_BLOCK, CHAN)
+        if groups == 1:
+            done = split >= 0
+        else:
+            row = (splits + group) * C + cols
+            tl.store(p0 + row, a, mask=cmask)
+            tl.store(p1 + row, b, mask=cmask)
+            if CHAN:
+                tl.store(p2 + row, c, mask=cmask)
+            if _arrive(sem_ptr + unit, groups):
+                a, b, c = _reduce_rows(p0, p1, p2, splits, splits + groups, cols, cmask, C, SPLIT_BLOCK, CHAN)
+                done = split >= 0
+    return done, a, b, c
 
 
 @triton.jit
@@ -189,21 +242,12 @@ def _wait(flag_ptr):
 
 
 @triton.jit
-def _leave(sem_ptr, unit, UNITS):
-    """After a program's last read of the block's results: the last to leave zeroes the block's counters
-    (everyone has arrived and seen the flag by then)."""
-    if tl.atomic_add(sem_ptr + 2 * UNITS + unit, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-        tl.atomic_xchg(sem_ptr + unit, 0)
-        tl.atomic_xchg(sem_ptr + UNITS + unit, 0)
-        tl.atomic_xchg(sem_ptr + 2 * UNITS + unit, 0)
-
-
-@triton.jit
-def _partial_block(ptr, s0, cols, cmask, C, SPLITS, SPLIT_BLOCK: tl.constexpr):
-    """Partials [s0, s0 + SPLIT_BLOCK) x cols of a (slice, channel) workspace, zero past the end."""
-    s = s0 + tl.arange(0, SPLIT_BLOCK)
-    mask = (s < SPLITS)[:, None] & cmask[None, :]
-    return tl.load(ptr + s[:, None] * C + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+def _leave(flags_ptr, unit, UNITS):
+    """After a program's last read of the block's results: the last to leave lowers the block's ready
+    flag (flags_ptr[unit]) and zeroes its departures (flags_ptr[UNITS + unit]); everyone has seen it up."""
+    if tl.atomic_add(flags_ptr + UNITS + unit, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        tl.atomic_xchg(flags_ptr + unit, 0)
+        tl.atomic_xchg(flags_ptr + UNITS + unit, 0)
 
 
 # ---- statistics -----------------------------------------------------------------------------------------
@@ -255,31 +299,6 @@ def _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, 
     tl.store(pn_ptr + split * C + cols, n, mask=cmask)
     tl.store(pmean_ptr + split * C + cols, rel_mean, mask=cmask)
     tl.store(pm2_ptr + split * C + cols, m2, mask=cmask)
-
-
-@triton.jit
-def _combine_and_finalize_stats(
-    pn_ptr, pmean_ptr, pm2_ptr, anchor, cols, cmask, C, eps, momentum,
-    mean_out, invstd_out, rmean_ptr, rvar_ptr, SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
-):  # fmt: skip
-    """The last program of a channel block: every slice's partial, combined in slice order (deterministic)."""
-    splits = tl.num_programs(1)
-    n = tl.zeros(cols.shape, tl.float32)
-    mean = tl.zeros(cols.shape, tl.float32)
-    m2 = tl.zeros(cols.shape, tl.float32)
-    for s0 in range(0, splits, SPLIT_BLOCK):
-        n_b, mean_b, m2_b = tl.reduce(
-            (
-                _partial_block(pn_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK),
-                _partial_block(pmean_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK),
-                _partial_block(pm2_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK),
-            ),
-            0,
-            _chan_combine,
-        )
-        n, mean, m2 = _chan_combine(n, mean, m2, n_b, mean_b, m2_b)
-    _finalize_stats(n, mean, m2, anchor, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-                    HAS_RUNNING)  # fmt: skip
 
 
 @triton.jit
@@ -386,20 +405,6 @@ def _slice_grad_sums(
 
 
 @triton.jit
-def _combine_and_finalize_grads(
-    psum_ptr, psumc_ptr, cols, cmask, C, count, invstd, dw_ptr, db_ptr, coef_ptr, SPLIT_BLOCK: tl.constexpr
-):
-    """The last program of a channel block: every slice's sums, added in slice order (deterministic)."""
-    splits = tl.num_programs(1)
-    all_g = tl.zeros(cols.shape, tl.float32)
-    all_gc = tl.zeros(cols.shape, tl.float32)
-    for s0 in range(0, splits, SPLIT_BLOCK):
-        all_g += tl.sum(_partial_block(psum_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK), 0)
-        all_gc += tl.sum(_partial_block(psumc_ptr, s0, cols, cmask, C, splits, SPLIT_BLOCK), 0)
-    _finalize_grads(all_g, all_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
-
-
-@triton.jit
 def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C):
     dweight = sum_gc * invstd
     tl.store(dw_ptr + cols, dweight, mask=cmask)
@@ -460,12 +465,12 @@ def _stats_kernel(
     n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
-        if _last_to_finish(sem_ptr, unit):
-            _combine_and_finalize_stats(
-                pn_ptr, pmean_ptr, pm2_ptr, anchor, cols, cmask, C, eps, momentum,
-                mean_out, invstd_out, rmean_ptr, rvar_ptr, SPLIT_BLOCK, HAS_RUNNING,
-            )  # fmt: skip
-            _release(sem_ptr, unit)
+        done, n_c, mean_c, m2_c = _gather(
+            pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK, True
+        )
+        if done:
+            _finalize_stats(n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
+                            mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)  # fmt: skip
     else:
         _finalize_stats(
             n, rel_mean, m2, anchor, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
@@ -510,11 +515,12 @@ def _grad_kernel(
     if SPLIT:
         tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
         tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
-        if _last_to_finish(sem_ptr, unit):
-            _combine_and_finalize_grads(
-                psum_ptr, psumc_ptr, cols, cmask, C, count, invstd, dw_ptr, db_ptr, coef_ptr, SPLIT_BLOCK
-            )
-            _release(sem_ptr, unit)
+        done, all_g, all_gc, _ = _gather(
+            psum_ptr, psumc_ptr, psumc_ptr, sem_ptr, unit, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK,
+            False,
+        )  # fmt: skip
+        if done:
+            _finalize_grads(all_g, all_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
     else:
         _finalize_grads(sum_g, sum_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
 
@@ -548,8 +554,8 @@ def _input_grad_kernel(
 
 @triton.jit
 def _persistent_forward_kernel(
-    x_ptr, z_ptr, y_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-    w_ptr, b_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS, eps, momentum,
+    x_ptr, z_ptr, y_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr,
+    rvar_ptr, w_ptr, b_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     PHASE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -564,28 +570,29 @@ def _persistent_forward_kernel(
                 x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES
             )
             _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
-            if _last_to_finish(sem_ptr, unit):
-                _combine_and_finalize_stats(
-                    pn_ptr, pmean_ptr, pm2_ptr, anchor, cols, cmask, C, eps, momentum,
-                    mean_out, invstd_out, rmean_ptr, rvar_ptr, SPLIT_BLOCK, HAS_RUNNING,
-                )  # fmt: skip
-                _signal(sem_ptr + UNITS + unit)
+            done, n_c, mean_c, m2_c = _gather(
+                pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, True
+            )
+            if done:
+                _finalize_stats(n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
+                                mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)  # fmt: skip
+                _signal(flags_ptr + unit)
             else:
                 if PHASE == 0:
-                    _wait(sem_ptr + UNITS + unit)
+                    _wait(flags_ptr + unit)
         if PHASE != 1:
             _, mean, scale, shift = _normalizer(
                 mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, PLANES, False, HAS_WEIGHT, HAS_BIAS
             )
             _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
                          BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
-            _leave(sem_ptr, unit, UNITS)
+            _leave(flags_ptr, unit, UNITS)
 
 
 @triton.jit
 def _persistent_backward_kernel(
     dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr,
-    dw_ptr, db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS,
+    flags_ptr, dw_ptr, db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     PHASE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
@@ -605,21 +612,22 @@ def _persistent_backward_kernel(
             )  # fmt: skip
             tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
             tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
-            if _last_to_finish(sem_ptr, unit):
-                _combine_and_finalize_grads(
-                    psum_ptr, psumc_ptr, cols, cmask, C, count, invstd, dw_ptr, db_ptr, coef_ptr, SPLIT_BLOCK
-                )
-                _signal(sem_ptr + UNITS + unit)
+            done, all_g, all_gc, _ = _gather(
+                psum_ptr, psumc_ptr, psumc_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, False
+            )
+            if done:
+                _finalize_grads(all_g, all_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
+                _signal(flags_ptr + unit)
             else:
                 if PHASE == 0:
-                    _wait(sem_ptr + UNITS + unit)
+                    _wait(flags_ptr + unit)
         if PHASE != 1:
             k1, k2 = _coefficients(coef_ptr, cols, cmask, C, PLANES)
             _input_grad_slice(
                 dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2,
                 N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
             )  # fmt: skip
-            _leave(sem_ptr, unit, UNITS)
+            _leave(flags_ptr, unit, UNITS)
 
 
 # ---- one tile per channel: a single pass over memory -----------------------------------------------
