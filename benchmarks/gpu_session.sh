@@ -32,7 +32,7 @@ for step in "${steps[@]}"; do
         echo "PERSISTENT KERNELS HUNG (smoke test timed out): continuing with BNLAB_TRITON_PERSISTENT=0" | tee -a "$OUT/smoke.log"
         export BNLAB_TRITON_PERSISTENT=0
       fi
-      timeout 240 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/test_triton.py tests/test_gpubench.py \
+      timeout 200 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/test_triton.py tests/test_gpubench.py \
         2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     tune)
       timeout 180 python3 benchmarks/tune_triton.py --out "$OUT/tune.csv" 2>&1 | tee "$OUT/tune.log" | grep -E "BEST|copy|Error" ;;
