@@ -18,10 +18,10 @@ The ReLU mask is recomputed from x (and z) in backward instead of being stored: 
 
 Every reduction is split deterministically: each program owns a fixed slice of a channel's values
 and accumulates per lane (no cross-lane reduction inside its loop), reduces its lanes once at the end
-and writes one partial result per (slice, channel). The last program of a channel to finish (an
-integer atomic counter, the only atomic) combines the partials of that channel in slice order and
-finalizes; no float atomics, so results are identical run to run, and no separate finalize launch.
-When one slice covers the whole channel the program finalizes directly. Each program's sums are
+and writes one partial result per (slice, channel). The programs that finish last (integer atomic
+counters, the only atomics) combine the partials in slice order, in two levels (see the combining
+section), and finalize; no float atomics, so results are identical run to run, and no separate
+finalize launch. When one slice covers the whole channel the program finalizes directly. Each program's sums are
 shifted by the mean of its first tile (the pivot), so that a large common offset (1e4 + N(0, 1))
 never enters a rounded sum of squares; the programs' (count, mean, M2), their means relative to the
 channel's first value (digits kept near a large offset), are combined with Chan et al.'s pairwise
@@ -33,13 +33,13 @@ Three ways to run a training direction (the planner in `batchnorm` picks one per
   the input twice.
 - single tile (one launch, planes only): a channel fits one program's registers; read once.
 - persistent (one launch): a grid no larger than the GPU holds at once loops over rounds of channel
-  blocks. In a round, every block is split over K programs; each writes its partial, the last one
-  finalizes and raises the block's ready flag, the others spin on it, then all K apply the result to
-  their own slice, which they read moments ago: a round's data is sized to stay in L2, so the second
-  read comes from L2, not from memory. Spinning is safe only because every program of the grid is
-  resident at once (the planner caps the grid and the registers: `maxnreg`). Triton's CPU interpreter
-  runs programs one after another, where a spin would never end: there the same kernel runs as two
-  launches, PHASE 1 (partials, finalize) and PHASE 2 (apply), with no spin in between.
+  blocks. In a round, every block is split over K programs; each writes its partial, the one that
+  combines them last finalizes and raises the block's ready flag, the others spin on it, then all K
+  apply the result to their own slice, which they read moments ago: a round's data is sized to stay in
+  L2, so the second read comes from L2, not from memory. Spinning is safe only because every program
+  of the grid is resident at once (the planner caps the grid and the registers: `maxnreg`). Triton's
+  CPU interpreter runs programs one after another, where a spin would never end: there the same
+  kernel runs as two launches, PHASE 1 (partials, finalize) and PHASE 2 (apply), with no spin between.
 
 Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in one of two ways:
 - "rows": channels contiguous, value (r, c) at r * C + c with r in [0, N * S): channels-last 2-D/3-D
