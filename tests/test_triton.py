@@ -372,7 +372,7 @@ GPU_SHAPES = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_real_shapes_on_the_gpu_match_the_reference(shape, layout, dtype):
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
