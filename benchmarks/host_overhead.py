@@ -1,0 +1,64 @@
+"""Host (Python) time of the triton backend per call, with the kernels replaced by no-ops.
+
+Usage: python benchmarks/host_overhead.py   (any machine: it runs on CPU tensors, Triton's interpreter mode)
+Prints the median microseconds of a forward and of a forward+backward through bnlab.functional.batch_norm
+(backend "triton", kernels stubbed: planning, checks, allocations, autograd) beside the native backend and
+torch's own F.batch_norm (which include their tiny CPU compute). On a GPU each Triton launch adds its own
+launch cost on top (two launches per direction at most).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the backend then accepts CPU tensors
+
+import torch
+
+from bnlab import functional as BF
+from bnlab import kernels
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _median_us(fn, reps: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
+def main() -> None:
+    K = kernels.load()
+    for name in dir(K):
+        if name.endswith("_kernel"):
+            setattr(K, name, _NoLaunch())
+    x = torch.randn(2, 64, 3, 3, requires_grad=True)
+    dy = torch.randn(2, 64, 3, 3)
+    w, b = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+    rm, rv = torch.zeros(64), torch.ones(64)
+
+    def step(forward):
+        return lambda: torch.autograd.grad(forward(), (x, w, b), dy)
+
+    def bnlab_call(backend: str):
+        return lambda: BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend=backend, nonfinite="ignore")
+
+    calls = {"triton": bnlab_call("triton"), "native": bnlab_call("native")}
+    calls["torch F.batch_norm"] = lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    for label, forward in calls.items():
+        both = _median_us(step(forward))
+        print(f"{label:>20}: forward {_median_us(forward):6.1f} us, forward+backward {both:6.1f} us")
+
+
+if __name__ == "__main__":
+    main()
