@@ -316,6 +316,25 @@ def test_plans_cover_every_value_once(layout, N, C, S, target):
     assert plan.channel_programs * plan.splits >= min(target, plan.channel_programs * plan.tiles) // 2
 
 
+@pytest.mark.parametrize(
+    ("layout", "N", "C", "S"),
+    [(K.PLANES, 256, 64, 12544), (K.PLANES, 256, 2048, 49), (K.ROWS, 256, 1024, 196), (K.ROWS, 32, 64, 3136),
+     (K.ROWS, 8192, 256, 1), (K.PLANES, 3, 5, 7)],
+)  # fmt: skip
+def test_persistent_plans_fit_the_resident_programs_and_the_round_budget(layout, N, C, S):
+    resident, round_values = 264, 6_553_600  # an H100: 2 programs on each of 132 SMs, bf16, a quarter of L2
+    plan = K.plan_for(layout, N, C, S, target_programs=528, resident_programs=resident, round_values=round_values)
+    assert plan.persistent
+    per_unit = N * S * (plan.block_b if layout == K.ROWS else 1)
+    assert plan.grid[0] * plan.grid[1] <= resident  # all resident at once: the spin waits end
+    assert plan.units_per_round * per_unit <= round_values  # a round's data stays in L2
+    assert (plan.splits - 1) * plan.per_split < plan.tiles <= plan.splits * plan.per_split  # no empty slice
+    assert plan.block_a * plan.block_b <= 2048  # the persistent tile (registers capped)
+    # A channel block over the budget gets the split plan.
+    assert not K.plan_for(layout, N, C, S, target_programs=528, resident_programs=resident,
+                          round_values=per_unit - 1).persistent  # fmt: skip
+
+
 def test_host_integer_helpers_match_tritons():
     import triton
 
