@@ -345,13 +345,27 @@ def _normalizer(
 
 
 @triton.jit
+def _backwards(i, t_start, t_end):
+    """Tile i of a second pass, counted from the end: the tiles a first pass read last are the likeliest
+    to be still in L2, so a second pass over the same values starts with them."""
+    return t_end - 1 - (i - t_start)
+
+
+@triton.jit
+def _second_pass_program():
+    """(channel block, slice) of an elementwise program, in the reverse of launch order: the programs
+    launched first take the values that the previous launch's last programs read (see `_backwards`)."""
+    return tl.num_programs(0) - 1 - tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
 def _apply_slice(
     x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
-    for t in range(t_start, t_end):
-        offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    for i in range(t_start, t_end):
+        offs, mask = _tile(_backwards(i, t_start, t_end), unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = _pre_activation(x, mean, scale, shift, _residual(z_ptr, offs, mask, x, HAS_RESIDUAL), HAS_RESIDUAL)
         if RELU:
@@ -435,9 +449,9 @@ def _input_grad_slice(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):  # fmt: skip
-    for t in range(t_start, t_end):
+    for i in range(t_start, t_end):
         offs, mask, x, g = _grad_tile(
-            t, unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
+            _backwards(i, t_start, t_end), unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
             BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
         )  # fmt: skip
         if WRITE_DZ:
@@ -484,8 +498,8 @@ def _apply_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
-    unit = tl.program_id(0)
-    t_start, t_end = _slice(tl.program_id(1), TILES, tiles_per_split)
+    unit, split = _second_pass_program()
+    t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     _, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, PLANES, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
@@ -533,8 +547,8 @@ def _input_grad_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):  # fmt: skip
-    unit = tl.program_id(0)
-    t_start, t_end = _slice(tl.program_id(1), TILES, tiles_per_split)
+    unit, split = _second_pass_program()
+    t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     _, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
