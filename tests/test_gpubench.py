@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import bnlab.kernels
 from bnlab import bench, cli
 from bnlab import gpubench as g
 
@@ -283,6 +284,20 @@ def test_failing_provider_gives_error_rows_and_the_run_goes_on(tmp_path):
     assert all(not r.error and r.median_us > 0 for r in rows if r.provider == g.EAGER)
     assert all(r.speedup_vs_eager is None for r in rows if r.provider == g.BNLAB)
     assert g.read_rows(path) == rows
+
+
+@pytest.mark.skipif(
+    not (bnlab.kernels.triton_installed() and bnlab.kernels.interpreting()),
+    reason="the CPU pipeline runs the kernels in Triton's interpreter (TRITON_INTERPRET=1)",
+)
+def test_triton_rows_name_the_kernels_behind_them(tmp_path):
+    settings = replace(CPU, backend="triton", dtypes=("float32",))
+    plan = g.build_plan(settings, TOY_RESNET)[:1]
+    rows, _ = g.run_gpu_bench(settings, tmp_path, plan=plan, log=QUIET)
+    mine = [r for r in rows if r.provider == g.BNLAB]
+    assert mine and all(not r.error for r in mine)
+    assert all(r.note.startswith("forward ") and "; backward " in r.note for r in mine), mine[0].note
+    assert all(r.note == "" for r in rows if r.provider == g.EAGER)
 
 
 def test_time_budget_records_the_rest_as_skipped(tmp_path):

@@ -335,6 +335,18 @@ def test_persistent_plans_fit_the_resident_programs_and_the_round_budget(layout,
                           round_values=per_unit - 1).persistent  # fmt: skip
 
 
+def test_plans_are_described_for_benchmark_rows(monkeypatch):
+    x = torch.empty(4, 3, 5, 5, device=DEVICE)
+    assert K.describe_plans(x) == "forward single tile; backward single tile"
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 8)
+    assert K.describe_plans(x).startswith("forward split over ")
+    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200 // streams))
+    # 100 values a channel: 2 channels a round forward, 1 backward (2 tensors read), 1 with the residual.
+    assert K.describe_plans(x) == "forward persistent 2x4 in 2 rounds; backward persistent 1x8 in 3 rounds"
+    assert K.describe_plans(x, residual=True).endswith("backward split over 2 slices")  # 4 programs here
+
+
 def test_host_integer_helpers_match_tritons():
     import triton
 

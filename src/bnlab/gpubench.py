@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 import bnlab
 import bnlab.functional
+from bnlab import kernels
 from bnlab.bench import write_csv
 from bnlab.provenance import gpu_provenance, provenance
 
@@ -519,6 +520,9 @@ def _measure_provider(
         _sync(device)
         if provider == COMPILE:
             note = f"compile time excluded (first call {time.perf_counter() - start:.1f} s)"
+        elif provider == BNLAB and settings.backend == "triton":
+            plans = kernels.load().describe_plans(inp.x, residual=inp.residual is not None)
+            note = f"{note}; {plans}" if note else plans
     except Exception as exc:
         return [_row(group, provider, d, copy_gbps, error=_error_text(exc)) for d in group.directions]
     rows = []

@@ -249,6 +249,24 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     )  # fmt: skip
 
 
+def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
+    """How a training step on `x` (as laid out) runs, e.g. "forward persistent 4x66 in 16 rounds; backward
+    split over 131 slices": for benchmark rows, so that each number names the kernels behind it."""
+    layout = layout_of(x) or PLANES
+    parts = []
+    for direction, streams in (("forward", 2 if residual else 1), ("backward", 3 if residual else 2)):
+        plan = make_plan(x, layout, streams)
+        if plan.single:
+            how = "single tile"
+        elif plan.persistent:
+            rounds = _cdiv(plan.channel_programs, plan.units_per_round)
+            how = f"persistent {plan.units_per_round}x{plan.splits} in {rounds} rounds"
+        else:
+            how = f"split over {plan.splits} slices"
+        parts.append(f"{direction} {how}")
+    return "; ".join(parts)
+
+
 def _persistent_launch(kernel, plan: Plan, device: torch.device, *args, **constexprs) -> None:
     """Launch a persistent kernel: on a GPU once, with registers capped so that
     PERSISTENT_PROGRAMS_PER_SM programs fit on each multiprocessor (every program resident: the spin
