@@ -8,8 +8,8 @@ fraction of the measured copy bandwidth on the minimal traffic, and the best kno
 defaults in bnlab/kernels/batchnorm.py (TILE, NUM_WARPS, SINGLE_TILE_MAX, PROGRAMS_PER_SM) come from here.
 Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WARPS x SINGLE_TILE_MAX), with
 the persistent kernels off, then at the best of those PROGRAMS_PER_SM (how many slices the split
-reductions use), the persistent kernels on (at two L2_FRACTION), and COMBINE_VALUES (partials combined
-per step).
+reductions use), the persistent kernels on (at two L2_FRACTION, rounds pipelined or not), and
+COMBINE_VALUES (partials combined per step).
 """
 
 from __future__ import annotations
@@ -100,11 +100,13 @@ def sweep_shape(
             measure({**first, "PROGRAMS_PER_SM": programs})
         for combine in COMBINE_VALUES[1:]:
             measure({**first, "COMBINE_VALUES": combine})
-        measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.5})
+        measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": True})
         if K.make_plan(x, K.layout_of(x), streams=2).persistent:
-            measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "COMBINE_VALUES": COMBINE_VALUES[-1]})
+            measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": True,
+                     "COMBINE_VALUES": COMBINE_VALUES[-1]})  # fmt: skip
             # H100's L2 is two halves: if a round's data does not stay in it, smaller rounds will show it.
-            measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.25})
+            measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.25, "PIPELINE_ROUNDS": True})
+            measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": False})
         print(f"BEST {shape} {layout}: {best[1]} {best[0] * 1e6:.1f} us, {best[2]:.3f} of copy", flush=True)
     return rows
 

@@ -178,10 +178,13 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, persistent):
 ROUNDS = [((6, 20), "contiguous", 96), ((4, 20, 3), "contiguous", 24), ((3, 20, 2, 2), "channels_last", 192)]
 
 
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "round-by-round"])
 @pytest.mark.parametrize(("shape", "layout", "round_values"), ROUNDS)
-def test_persistent_kernels_run_rounds_of_channel_blocks(monkeypatch, shape, layout, round_values):
+def test_persistent_kernels_run_rounds_of_channel_blocks(monkeypatch, shape, layout, round_values, pipeline):
     """Many channel blocks, a few per round, several programs per block: every round's statistics and
-    gradients match the reference (a block finalized from another round's partials would not)."""
+    gradients match the reference (a block finalized from another round's partials would not), whether
+    a program finishes each round before the next or publishes the next one first."""
+    monkeypatch.setattr(K, "PIPELINE_ROUNDS", pipeline)
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
     monkeypatch.setattr(K, "COMBINE_VALUES", 8)

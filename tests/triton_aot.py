@@ -45,7 +45,7 @@ def compile_cases():
         for split in (True, False):
             yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split}
         for ep in epilogues:
-            persistent = {**blocks, **split_block, **ep, "PHASE": 0}
+            persistent = {**blocks, **split_block, **ep, "PHASE": 0, "PIPELINE": ep["RELU"]}
             yield K._persistent_forward_kernel, {**persistent, "HAS_RUNNING": ep["HAS_WEIGHT"]}
             flags = {"WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
             yield K._persistent_backward_kernel, {**persistent, **flags}

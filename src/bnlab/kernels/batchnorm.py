@@ -170,13 +170,18 @@ def _persistent_limits(device: torch.device, itemsize: int, streams: int) -> tup
     """(programs resident at once, values per round) for the persistent plans; (0, 0) turns them off.
 
     A round re-reads `streams` tensors of `itemsize` bytes (x, and dy / the residual): it may touch
-    L2_FRACTION of the L2 cache. Residency is guaranteed by capping registers (`_persistent_launch`).
-    Off in Triton's CPU interpreter (the tests turn it on there with small limits).
+    L2_FRACTION of the L2 cache (half that when rounds are pipelined: two in L2 at once). Residency is
+    guaranteed by capping registers (`_persistent_launch`). Off in Triton's CPU interpreter (the tests
+    turn it on there with small limits).
     """
     if not PERSISTENT or device.type != "cuda":
         return 0, 0
     multiprocessors, l2_bytes = _gpu(device)
-    return PERSISTENT_PROGRAMS_PER_SM * multiprocessors, int(l2_bytes * L2_FRACTION) // (itemsize * streams)
+    rounds_in_l2 = 2 if PIPELINE_ROUNDS else 1
+    return (
+        PERSISTENT_PROGRAMS_PER_SM * multiprocessors,
+        int(l2_bytes * L2_FRACTION) // (itemsize * streams * rounds_in_l2),
+    )
 
 
 @functools.cache
@@ -227,6 +232,8 @@ COMBINE_VALUES = 2048
 PERSISTENT = os.environ.get("BNLAB_TRITON_PERSISTENT", "1").strip() != "0"
 PERSISTENT_PROGRAMS_PER_SM = 2
 L2_FRACTION = 0.5
+# Publish a round's partials before waiting for the previous round's result (see bnlab.kernels.device).
+PIPELINE_ROUNDS = True
 # Values per tile of the persistent kernels: at 2048 and 8 warps, capped at 128 registers (2 programs per
 # multiprocessor), the sm_90 build does not spill (at 4096 it spills 32-64 bytes; cuobjdump).
 PERSISTENT_TILE = 2048
@@ -274,10 +281,10 @@ def _persistent_launch(kernel, plan: Plan, device: torch.device, *args, **conste
     if device.type == "cuda":
         threads = PERSISTENT_PROGRAMS_PER_SM * plan.num_warps * 32
         maxnreg = min(255, 65536 // threads // 8 * 8)  # registers are allocated 8 per thread at a time
-        kernel[plan.grid](*args, PHASE=0, maxnreg=maxnreg, **constexprs)
+        kernel[plan.grid](*args, PHASE=0, PIPELINE=PIPELINE_ROUNDS, maxnreg=maxnreg, **constexprs)
         return
     for phase in (1, 2):
-        kernel[plan.grid](*args, PHASE=phase, **constexprs)
+        kernel[plan.grid](*args, PHASE=phase, PIPELINE=PIPELINE_ROUNDS, **constexprs)
 
 
 def _shape_args(plan: Plan) -> tuple[int, ...]:

@@ -564,6 +564,49 @@ def _input_grad_kernel(
 
 
 # ---- persistent kernels: grid (channel blocks per round, slices), all resident at once ------------------
+# A program publishes its share of a channel block (partial sums; maybe the block's final result and its
+# ready flag), then finishes it (waits for the flag, applies, leaves). With PIPELINE it publishes the next
+# round's block before finishing the current one, so that the wait overlaps reading the next round (two
+# rounds in L2 at once: the planner halves their size). No wait comes before a publish that another
+# program's wait needs, so neither order can deadlock while every program is resident.
+
+
+@triton.jit
+def _publish_stats(
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS, eps, momentum,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
+    n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
+    done, n_c, mean_c, m2_c = _gather(
+        pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, True
+    )
+    if done:
+        _finalize_stats(n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
+                        mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)  # fmt: skip
+        _signal(flags_ptr + unit)
+
+
+@triton.jit
+def _finish_forward(
+    x_ptr, z_ptr, y_ptr, flags_ptr, mean_out, invstd_out, w_ptr, b_ptr, unit, t_start, t_end, UNITS,
+    N, C, S, S_BLOCKS, eps, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
+    WAIT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+):  # fmt: skip
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    if WAIT:
+        _wait(flags_ptr + unit)
+    _, mean, scale, shift = _normalizer(
+        mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, PLANES, False, HAS_WEIGHT, HAS_BIAS
+    )
+    _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
+    _leave(flags_ptr, unit, UNITS)
 
 
 @triton.jit
@@ -571,36 +614,74 @@ def _persistent_forward_kernel(
     x_ptr, z_ptr, y_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr,
     rvar_ptr, w_ptr, b_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-    PHASE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    PHASE: tl.constexpr, PIPELINE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
+    first = tl.program_id(0)
+    step = tl.num_programs(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    for unit in range(tl.program_id(0), UNITS, tl.num_programs(0)):  # one channel block per round
-        cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-        if PHASE != 2:
-            anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
-            n, rel_mean, m2 = _slice_stats(
-                x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES
-            )
-            _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
-            done, n_c, mean_c, m2_c = _gather(
-                pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, True
-            )
-            if done:
-                _finalize_stats(n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
-                                mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)  # fmt: skip
-                _signal(flags_ptr + unit)
-            else:
-                if PHASE == 0:
-                    _wait(flags_ptr + unit)
-        if PHASE != 1:
-            _, mean, scale, shift = _normalizer(
-                mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, PLANES, False, HAS_WEIGHT, HAS_BIAS
-            )
-            _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-                         BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
-            _leave(flags_ptr, unit, UNITS)
+    lag = step if PIPELINE else 0  # pipelined: finish the previous round's block, one round more at the end
+    for unit in range(first, UNITS + lag, step):  # one channel block per round
+        if PHASE != 2 and unit < UNITS:
+            _publish_stats(
+                x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+                unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS, eps, momentum,
+                BLOCK_A, BLOCK_B, PLANES, SPLIT_BLOCK, HAS_RUNNING,
+            )  # fmt: skip
+        if PHASE != 1 and unit - lag >= first:
+            _finish_forward(
+                x_ptr, z_ptr, y_ptr, flags_ptr, mean_out, invstd_out, w_ptr, b_ptr, unit - lag, t_start, t_end,
+                UNITS, N, C, S, S_BLOCKS, eps, BLOCK_A, BLOCK_B, PLANES, PHASE == 0, HAS_WEIGHT, HAS_BIAS,
+                HAS_RESIDUAL, RELU,
+            )  # fmt: skip
+
+
+@triton.jit
+def _publish_grads(
+    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, flags_ptr,
+    dw_ptr, db_ptr, coef_ptr, unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    invstd, mean, scale, shift = _normalizer(
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+    )
+    sum_g, sum_gc = _slice_grad_sums(
+        dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+        BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+    )  # fmt: skip
+    tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
+    tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
+    done, all_g, all_gc, _ = _gather(
+        psum_ptr, psumc_ptr, psumc_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, False
+    )
+    if done:
+        _finalize_grads(all_g, all_gc, (N * S).to(tl.float32), cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
+        _signal(flags_ptr + unit)
+
+
+@triton.jit
+def _finish_backward(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, flags_ptr, coef_ptr,
+    unit, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, WAIT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    if WAIT:
+        _wait(flags_ptr + unit)
+    _, mean, scale, shift = _normalizer(
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+    )
+    k1, k2 = _coefficients(coef_ptr, cols, cmask, C, PLANES)
+    _input_grad_slice(
+        dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2,
+        N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
+    )  # fmt: skip
+    _leave(flags_ptr, unit, UNITS)
 
 
 @triton.jit
@@ -608,40 +689,27 @@ def _persistent_backward_kernel(
     dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr,
     flags_ptr, dw_ptr, db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-    PHASE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+    PHASE: tl.constexpr, PIPELINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):  # fmt: skip
+    first = tl.program_id(0)
+    step = tl.num_programs(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    count = (N * S).to(tl.float32)
-    for unit in range(tl.program_id(0), UNITS, tl.num_programs(0)):  # one channel block per round
-        cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-        invstd, mean, scale, shift = _normalizer(
-            mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
-        )
-        if PHASE != 2:
-            sum_g, sum_gc = _slice_grad_sums(
-                dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-                BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+    lag = step if PIPELINE else 0  # pipelined: finish the previous round's block, one round more at the end
+    for unit in range(first, UNITS + lag, step):  # one channel block per round
+        if PHASE != 2 and unit < UNITS:
+            _publish_grads(
+                dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, flags_ptr,
+                dw_ptr, db_ptr, coef_ptr, unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
+                BLOCK_A, BLOCK_B, PLANES, SPLIT_BLOCK, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU,
             )  # fmt: skip
-            tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
-            tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
-            done, all_g, all_gc, _ = _gather(
-                psum_ptr, psumc_ptr, psumc_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, False
-            )
-            if done:
-                _finalize_grads(all_g, all_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
-                _signal(flags_ptr + unit)
-            else:
-                if PHASE == 0:
-                    _wait(flags_ptr + unit)
-        if PHASE != 1:
-            k1, k2 = _coefficients(coef_ptr, cols, cmask, C, PLANES)
-            _input_grad_slice(
-                dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2,
-                N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
+        if PHASE != 1 and unit - lag >= first:
+            _finish_backward(
+                dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, flags_ptr, coef_ptr,
+                unit - lag, t_start, t_end, UNITS, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, PHASE == 0,
+                HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
             )  # fmt: skip
-            _leave(flags_ptr, unit, UNITS)
 
 
 # ---- one tile per channel: a single pass over memory -----------------------------------------------
