@@ -21,11 +21,11 @@ and accumulates per lane (no cross-lane reduction inside its loop), reduces its 
 and writes one partial result per (slice, channel). The programs that finish last (integer atomic
 counters, the only atomics) combine the partials in slice order, in two levels (see the combining
 section), and finalize; no float atomics, so results are identical run to run, and no separate
-finalize launch. When one slice covers the whole channel the program finalizes directly. Each program's sums are
-shifted by the mean of its first tile (the pivot), so that a large common offset (1e4 + N(0, 1))
-never enters a rounded sum of squares; the programs' (count, mean, M2), their means relative to the
-channel's first value (digits kept near a large offset), are combined with Chan et al.'s pairwise
-update, which has no E[x^2] - E[x]^2 cancellation.
+finalize launch. When one slice covers the whole channel the program finalizes directly. Each
+program's sums are shifted by the mean of its first tile (the pivot), so that a large common offset
+(1e4 + N(0, 1)) never enters a rounded sum of squares; the programs' (count, mean, M2), their means
+relative to the channel's first value (digits kept near a large offset), are combined with Chan et
+al.'s pairwise update, which has no E[x^2] - E[x]^2 cancellation.
 
 Three ways to run a training direction (the planner in `batchnorm` picks one per call):
 - split (two launches): a reduction kernel (statistics, or the gradient sums) whose last program per
