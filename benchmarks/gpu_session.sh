@@ -34,8 +34,9 @@ for step in "${steps[@]}"; do
           | tee -a "$OUT/smoke.log"
         export BNLAB_TRITON_PERSISTENT=0
       fi
+      # (not the ahead-of-time compile test: CPU work that CI does, device time wasted here)
       timeout 200 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/test_triton.py tests/test_gpubench.py \
-        2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+        -k "not compiles_for_nvidia" 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     tune)
       timeout 180 python3 benchmarks/tune_triton.py --out "$OUT/tune.csv" 2>&1 | tee "$OUT/tune.log" | grep -E "BEST|copy|Error" ;;
     quick)
