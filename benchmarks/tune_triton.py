@@ -121,14 +121,20 @@ def main() -> int:
     copy = copy_bandwidth_gbps(timer, "cuda")
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; dtype {args.dtype}", flush=True)
-    rows = [row for shape, layout in SHAPES for row in sweep_shape(K, timer, copy, shape, layout, dtype)]
-    if args.out:
-        with open(args.out, "w", newline="") as f:
-            fields = list(dict.fromkeys(key for row in rows for key in row))  # rows differ in the knobs they set
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+    rows: list[dict] = []
+    for shape, layout in SHAPES:
+        rows += sweep_shape(K, timer, copy, shape, layout, dtype)
+        if args.out:  # after every shape: a run cut short by a time limit keeps what it measured
+            _write(args.out, rows)
     return 0
+
+
+def _write(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        fields = list(dict.fromkeys(key for row in rows for key in row))  # rows differ in the knobs they set
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 if __name__ == "__main__":
