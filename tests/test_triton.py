@@ -264,6 +264,9 @@ def test_errors_name_the_problem():
         BF.batch_norm(x, None, None, training=True, backend="triton", residual=x[:2], layer="bn7")
     with pytest.raises(ValueError, match="bn7: activation='gelu'"):
         BF.batch_norm(x, None, None, training=True, backend="triton", activation="gelu", layer="bn7")
+    huge = torch.zeros(1, 2, device=DEVICE).expand(2**31, 2)  # a view: 2**31 values per channel, no memory
+    with pytest.raises(ValueError, match=r"2147483648 values per channel.*backend='native'"):
+        BF.batch_norm(huge, None, None, training=True, backend="triton", nonfinite="ignore")
 
 
 def test_without_gpu_or_interpreter_the_backend_says_how_to_run(monkeypatch):

@@ -26,6 +26,7 @@ from bnlab.backends import native
 __all__ = ["SUPPORTED_DTYPES", "batch_norm"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_VALUES_PER_CHANNEL = 2**31 - 1  # N x spatial: row and count arithmetic in the kernels is 32-bit
 
 
 class _FusedBatchNorm(torch.autograd.Function):
@@ -71,6 +72,13 @@ def _check(input: torch.Tensor) -> None:
         raise TypeError(
             f"backend 'triton': input dtype {input.dtype} is not supported (float32, float16, bfloat16); "
             f"use backend='reference' or 'native' for it"
+        )
+    per_channel = input.numel() // max(input.shape[1], 1)
+    if per_channel > MAX_VALUES_PER_CHANNEL:
+        raise ValueError(
+            f"backend 'triton': input of shape {tuple(input.shape)} has {per_channel} values per channel; the "
+            f"kernels index a channel's values with 32-bit integers (at most {MAX_VALUES_PER_CHANNEL}): use "
+            f"backend='native' for it"
         )
 
 
