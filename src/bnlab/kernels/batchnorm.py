@@ -309,7 +309,7 @@ def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor
         return [placeholder] * (count + 1)
     groups = _cdiv(plan.splits, _split_block(plan))
     rows = plan.splits + (groups if groups > 1 else 0)
-    parts = [torch.empty((rows, plan.C), device=device, dtype=torch.float32) for _ in range(count)]
+    parts = list(torch.empty((count, rows, plan.C), device=device, dtype=torch.float32).unbind(0))  # one allocation
     units = plan.channel_programs
     counters = units * (1 + groups)
     if not plan.persistent:
