@@ -374,32 +374,27 @@ def forward(
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu
     )
     params = (weight if weight is not None else dummy, bias if bias is not None else dummy)
+    has_running = running_mean is not None
+    running = (running_mean, running_var) if has_running else (dummy, dummy)
+    z = residual if residual is not None else x
     if training and plan.single:
-        has_running = running_mean is not None
         _single_tile_forward_kernel[(C,)](
-            x, residual if residual is not None else x, y, mean, invstd,
-            running_mean if has_running else dummy, running_var if has_running else dummy, *params,
-            plan.N, C, plan.S, eps, momentum,
+            x, z, y, mean, invstd, *running, *params, plan.N, C, plan.S, eps, momentum,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
             **epilogue,
         )  # fmt: skip
         return y, mean, invstd
     if training and plan.persistent:
-        has_running = running_mean is not None
         _persistent_launch(
             _persistent_forward_kernel, plan, x.device,
-            x, residual if residual is not None else x, y, *_partials(plan, x.device, 3), mean, invstd,
-            running_mean if has_running else dummy, running_var if has_running else dummy, *params,
+            x, z, y, *_partials(plan, x.device, 3), mean, invstd, *running, *params,
             *_shape_args(plan), plan.channel_programs, eps, momentum,
             SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, **epilogue, **_block_args(plan),
         )  # fmt: skip
         return y, mean, invstd
     if training:
-        has_running = running_mean is not None
         _stats_kernel[plan.grid](
-            x, *_partials(plan, x.device, 3), mean, invstd,
-            running_mean if has_running else dummy, running_var if has_running else dummy,
-            *_shape_args(plan), eps, momentum,
+            x, *_partials(plan, x.device, 3), mean, invstd, *running, *_shape_args(plan), eps, momentum,
             SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, **_block_args(plan),
         )  # fmt: skip
     elif save_stats:
@@ -409,7 +404,7 @@ def forward(
     from_running = not training and not save_stats
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     _apply_kernel[plan.grid](
-        x, residual if residual is not None else x, y, *stats, *params, *_shape_args(plan), eps,
+        x, z, y, *stats, *params, *_shape_args(plan), eps,
         FROM_RUNNING=from_running, **epilogue, **_block_args(plan),
     )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
@@ -444,48 +439,40 @@ def backward(
         x, residual if residual is not None else x, mean, invstd,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
     )  # fmt: skip
-    dweight = dbias = None
-    coef = dummy
-    if training and plan.single and (need_input or need_params or need_residual):
-        dweight = torch.empty(C, device=x.device, dtype=torch.float32)
-        dbias = torch.empty(C, device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x) if need_input else None
-        dz = torch.empty_like(x) if need_residual and residual is not None else None
-        _single_tile_backward_kernel[(C,)](
-            dy, x, tensors[1], dx if dx is not None else dy, dz if dz is not None else dy, *tensors[2:],
-            dweight, dbias, plan.N, C, plan.S,
-            BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, WRITE_DX=dx is not None, WRITE_DZ=dz is not None,
-            num_warps=plan.num_warps, **flags,
-        )  # fmt: skip
-        return dx, (dweight if need_params else None), (dbias if need_params else None), dz
-    if training and plan.persistent and (need_input or need_params or need_residual):
-        dweight = torch.empty(C, device=x.device, dtype=torch.float32)
-        dbias = torch.empty(C, device=x.device, dtype=torch.float32)
-        coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x) if need_input else None
-        dz = torch.empty_like(x) if need_residual and residual is not None else None
-        _persistent_launch(
-            _persistent_backward_kernel, plan, x.device,
-            dy, x, tensors[1], dx if dx is not None else dy, dz if dz is not None else dy, *tensors[2:],
-            *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan), plan.channel_programs,
-            SPLIT_BLOCK=_split_block(plan), WRITE_DX=dx is not None, WRITE_DZ=dz is not None, **flags,
-            **_block_args(plan),
-        )  # fmt: skip
-        return dx, (dweight if need_params else None), (dbias if need_params else None), dz
-    if need_params or (training and need_input):
-        dweight = torch.empty(C, device=x.device, dtype=torch.float32)
-        dbias = torch.empty(C, device=x.device, dtype=torch.float32)
-        coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
-        _grad_kernel[plan.grid](
-            dy, *tensors, *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan),
-            SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), **flags, **_block_args(plan),
-        )  # fmt: skip
     dx = torch.empty_like(x) if need_input else None
     dz = torch.empty_like(x) if need_residual and residual is not None else None
-    if dx is not None or dz is not None:
-        _input_grad_kernel[plan.grid](
-            dy, tensors[0], tensors[1], dx if dx is not None else dy, dz if dz is not None else dy, *tensors[2:],
-            coef, *_shape_args(plan),
-            TRAINING=training, WRITE_DX=dx is not None, WRITE_DZ=dz is not None, **flags, **_block_args(plan),
+    outputs = (dx if dx is not None else dy, dz if dz is not None else dy)
+    writes = dict(WRITE_DX=dx is not None, WRITE_DZ=dz is not None)
+    # One kernel does it all (single tile, persistent) when training needs any gradient; the split plan
+    # needs the sums for the parameters, or (training) for dx.
+    fused = training and (plan.single or plan.persistent) and (need_input or need_params or need_residual)
+    dweight = dbias = None
+    coef = dummy
+    if fused or need_params or (training and need_input):
+        dweight = torch.empty(C, device=x.device, dtype=torch.float32)
+        dbias = torch.empty(C, device=x.device, dtype=torch.float32)
+        coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
+    if fused and plan.single:
+        _single_tile_backward_kernel[(C,)](
+            dy, x, tensors[1], *outputs, *tensors[2:], dweight, dbias, plan.N, C, plan.S,
+            BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, **writes, **flags,
         )  # fmt: skip
+    elif fused:
+        _persistent_launch(
+            _persistent_backward_kernel, plan, x.device,
+            dy, x, tensors[1], *outputs, *tensors[2:], *_partials(plan, x.device, 2), dweight, dbias, coef,
+            *_shape_args(plan), plan.channel_programs,
+            SPLIT_BLOCK=_split_block(plan), **writes, **flags, **_block_args(plan),
+        )  # fmt: skip
+    else:
+        if dweight is not None:
+            _grad_kernel[plan.grid](
+                dy, *tensors, *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan),
+                SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), **flags, **_block_args(plan),
+            )  # fmt: skip
+        if dx is not None or dz is not None:
+            _input_grad_kernel[plan.grid](
+                dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(plan),
+                TRAINING=training, **writes, **flags, **_block_args(plan),
+            )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz
