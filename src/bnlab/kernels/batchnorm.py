@@ -256,13 +256,19 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     )  # fmt: skip
 
 
+def _streams(backward: bool, residual: bool) -> int:
+    """Tensors a training direction reads (the persistent plans size their rounds by it): x, dy in
+    backward, the residual when it is fused."""
+    return 1 + int(backward) + int(residual)
+
+
 def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
     """How a training step on `x` (as laid out) runs, e.g. "forward persistent 4x66 in 16 rounds; backward
     split over 131 slices": for benchmark rows, so that each number names the kernels behind it."""
     layout = layout_of(x) or PLANES
     parts = []
-    for direction, streams in (("forward", 2 if residual else 1), ("backward", 3 if residual else 2)):
-        plan = make_plan(x, layout, streams)
+    for direction in ("forward", "backward"):
+        plan = make_plan(x, layout, _streams(direction == "backward", residual))
         if plan.single:
             how = "single tile"
         elif plan.persistent:
@@ -364,7 +370,7 @@ def forward(
     inference, `save_stats=False` (no backward to come) lets the kernel read the running statistics
     directly and returns None for mean and invstd.
     """
-    plan = plan or make_plan(x, layout_of(x), streams=(2 if residual is not None else 1) if training else 0)
+    plan = plan or make_plan(x, layout_of(x), streams=_streams(False, residual is not None) if training else 0)
     C = plan.C
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -431,7 +437,7 @@ def backward(
     `dy` must be in x's layout (see `to_layout`). In training dx needs the per-channel sums, so the
     reduction pass runs whenever dx or a parameter gradient is needed.
     """
-    plan = plan or make_plan(x, layout_of(x), streams=(3 if residual is not None else 2) if training else 0)
+    plan = plan or make_plan(x, layout_of(x), streams=_streams(True, residual is not None) if training else 0)
     C = plan.C
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
