@@ -8,6 +8,7 @@ cross many of them), the fused residual + ReLU, its determinism and its compiled
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,6 +22,12 @@ from bnlab import kernels
 from helpers import make_input
 
 pytest.importorskip("triton")
+import triton
+import triton.language as tl
+from triton.runtime.errors import InterpreterError
+
+from concurrent_interpreter import concurrent_programs
+
 K = kernels.load()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -202,6 +209,69 @@ def test_persistent_kernels_run_rounds_of_channel_blocks(monkeypatch, shape, lay
     names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
     for name, ours, ref in zip(names, results["triton"], results["reference"], strict=True):
         _close(ours, ref, torch.float32, name)
+
+
+# ---- the GPU's single persistent launch (PHASE 0: spin-waits, pipelined rounds), all programs at once ----
+
+
+@triton.jit
+def _grid_barrier_kernel(count_ptr, out_ptr):
+    """Every program arrives, then waits for all: ends only if all programs run at once."""
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    total = tl.num_programs(0) * tl.num_programs(1)
+    tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    while tl.atomic_add(count_ptr, 0, sem="acquire") < total:
+        pass
+    tl.store(out_ptr + pid, pid + 1)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="tests the interpreter's concurrent mode (tests/concurrent_interpreter.py)")
+def test_concurrent_interpreter_runs_a_grid_barrier_and_reports_a_deadlock():
+    """The harness the next test relies on: with it, programs that wait for each other finish (the
+    sequential interpreter would spin forever); a program that waits for what never comes fails the
+    launch with ProgramsDeadlocked instead of hanging the test run."""
+    count = torch.zeros(1, dtype=torch.int32)
+    out = torch.zeros(8, dtype=torch.int32)
+    with concurrent_programs(timeout_s=30):
+        _grid_barrier_kernel[(4, 2)](count, out)
+    assert out.tolist() == list(range(1, 9)) and int(count) == 8
+    # The interpreter wraps a launch's exception in its own InterpreterError, with the original's repr.
+    with concurrent_programs(timeout_s=1), pytest.raises(InterpreterError, match=r"ProgramsDeadlocked.*still running"):
+        _grid_barrier_kernel[(4, 2)](count.fill_(-100), out)  # waits for 108 arrivals of 8 programs
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the persistent tests above already run this launch")
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "round-by-round"])
+@pytest.mark.parametrize(("shape", "layout", "round_values"), ROUNDS)
+def test_persistent_kernels_single_launch_with_all_programs_at_once(monkeypatch, shape, layout, round_values, pipeline):
+    """The persistent kernels as a GPU runs them: one launch (PHASE 0) whose programs spin on each
+    other's ready flags, here all running at once in threads that interleave at random points. Results
+    match the reference and are bit for bit the same in a second run (whichever program finishes a
+    combine), and every counter, flag and departure is back at zero afterwards."""
+    monkeypatch.setattr(K, "SEQUENTIAL_INTERPRETER", False)
+    monkeypatch.setattr(K, "PIPELINE_ROUNDS", pipeline)
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 8)
+    monkeypatch.setattr(K, "COMBINE_VALUES", 8)
+    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, round_values))
+    shared = torch.zeros(1024, dtype=torch.int32)
+    monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
+    x, z, dy, w, b = _operands(shape, layout, torch.float32)
+    plan = K.make_plan(x, K.layout_of(x), streams=2)
+    assert plan.persistent and plan.splits > 1 and plan.channel_programs > plan.units_per_round > 1
+    C = shape[1]
+    results = {}
+    for run in ("triton", "triton again", "reference"):
+        rm, rv = torch.linspace(-1, 1, C), torch.linspace(0.5, 2, C)
+        with concurrent_programs() if run != "reference" else contextlib.nullcontext():
+            y, grads = _run(run.split()[0], x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+        results[run] = (y, *grads, rm, rv)
+    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
+    for name, ours, again, ref in zip(names, results["triton"], results["triton again"], results["reference"],
+                                      strict=True):  # fmt: skip
+        _close(ours, ref, torch.float32, name)
+        assert torch.equal(ours, again), f"{name} differs between two runs"
+    assert int(shared.count_nonzero()) == 0
 
 
 def test_large_offset_statistics_do_not_cancel(tiling):

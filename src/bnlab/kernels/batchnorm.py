@@ -280,6 +280,12 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
     return "; ".join(parts)
 
 
+# Triton's CPU interpreter runs a grid's programs one after another, where a spin-wait would never end:
+# there the persistent kernels run as two launches (PHASE 1, PHASE 2). Tests that make the interpreter
+# run every program at once (tests/concurrent_interpreter.py) set this to False to run the GPU's launch.
+SEQUENTIAL_INTERPRETER = True
+
+
 def _persistent_launch(kernel, plan: Plan, device: torch.device, *args, **constexprs) -> None:
     """Launch a persistent kernel: on a GPU once, with registers capped so that
     PERSISTENT_PROGRAMS_PER_SM programs fit on each multiprocessor (every program resident: the spin
@@ -289,7 +295,7 @@ def _persistent_launch(kernel, plan: Plan, device: torch.device, *args, **conste
         maxnreg = min(255, 65536 // threads // 8 * 8)  # registers are allocated 8 per thread at a time
         kernel[plan.grid](*args, PHASE=0, PIPELINE=PIPELINE_ROUNDS, maxnreg=maxnreg, **constexprs)
         return
-    for phase in (1, 2):
+    for phase in (1, 2) if SEQUENTIAL_INTERPRETER else (0,):
         kernel[plan.grid](*args, PHASE=phase, PIPELINE=PIPELINE_ROUNDS, **constexprs)
 
 

@@ -40,6 +40,8 @@ Three ways to run a training direction (the planner in `batchnorm` picks one per
   of the grid is resident at once (the planner caps the grid and the registers: `maxnreg`). Triton's
   CPU interpreter runs programs one after another, where a spin would never end: there the same
   kernel runs as two launches, PHASE 1 (partials, finalize) and PHASE 2 (apply), with no spin between.
+  (The tests also run PHASE 0 in the interpreter, every program in its own thread, all at once:
+  tests/concurrent_interpreter.py. That checks the protocol, not the GPU's memory ordering.)
 
 Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in one of two ways:
 - "rows": channels contiguous, value (r, c) at r * C + c with r in [0, N * S): channels-last 2-D/3-D
