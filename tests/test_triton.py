@@ -185,33 +185,48 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, persistent):
 ROUNDS = [((6, 20), "contiguous", 96), ((4, 20, 3), "contiguous", 24), ((3, 20, 2, 2), "channels_last", 192)]
 
 
+# How the persistent kernels run: "phases" is how the interpreter runs them (two launches, no spin-waits);
+# "one launch" is the GPU's launch with its spin-waits, here run by the interpreter with every program in
+# its own thread, all at once (tests/concurrent_interpreter.py); on a GPU both are the GPU's launch.
+PERSISTENT_LAUNCHES = ["phases", "one launch"] if DEVICE == "cpu" else ["phases"]
+
+
+@pytest.mark.parametrize("launch", PERSISTENT_LAUNCHES)
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "round-by-round"])
 @pytest.mark.parametrize(("shape", "layout", "round_values"), ROUNDS)
-def test_persistent_kernels_run_rounds_of_channel_blocks(monkeypatch, shape, layout, round_values, pipeline):
+def test_persistent_kernels_run_rounds_of_channel_blocks(monkeypatch, shape, layout, round_values, pipeline, launch):
     """Many channel blocks, a few per round, several programs per block: every round's statistics and
     gradients match the reference (a block finalized from another round's partials would not), whether
-    a program finishes each round before the next or publishes the next one first."""
+    a program finishes each round before the next or publishes the next one first; a second run gives
+    the same bits (whichever program ends up combining), and every counter, ready flag and departure
+    count is back at zero afterwards."""
     monkeypatch.setattr(K, "PIPELINE_ROUNDS", pipeline)
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
     monkeypatch.setattr(K, "COMBINE_VALUES", 8)
     monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, round_values))
+    if DEVICE == "cpu":
+        shared = torch.zeros(1024, dtype=torch.int32)
+        monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
+    concurrent = launch == "one launch"
+    monkeypatch.setattr(K, "SEQUENTIAL_INTERPRETER", not concurrent)
     x, z, dy, w, b = _operands(shape, layout, torch.float32)
     plan = K.make_plan(x, K.layout_of(x), streams=2)
     units = plan.channel_programs
     assert plan.persistent and plan.splits > 1 and units > plan.units_per_round > 1  # several rounds
     C = shape[1]
     results = {}
-    for backend in ("triton", "reference"):
+    for run in ("triton", "triton again", "reference"):
         rm, rv = torch.linspace(-1, 1, C, device=DEVICE), torch.linspace(0.5, 2, C, device=DEVICE)
-        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
-        results[backend] = (y, *grads, rm, rv)
+        with concurrent_programs() if concurrent and run != "reference" else contextlib.nullcontext():
+            y, grads = _run(run.split()[0], x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+        results[run] = (y, *grads, rm, rv)
     names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
-    for name, ours, ref in zip(names, results["triton"], results["reference"], strict=True):
+    for name, ours, again, ref in zip(names, *results.values(), strict=True):
         _close(ours, ref, torch.float32, name)
-
-
-# ---- the GPU's single persistent launch (PHASE 0: spin-waits, pipelined rounds), all programs at once ----
+        assert torch.equal(ours, again), f"{name} differs between two runs"
+    buffers = [shared] if DEVICE == "cpu" else list(K._SEMAPHORES.values())
+    assert buffers and all(int(buf.count_nonzero()) == 0 for buf in buffers)
 
 
 @triton.jit
@@ -227,9 +242,9 @@ def _grid_barrier_kernel(count_ptr, out_ptr):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="tests the interpreter's concurrent mode (tests/concurrent_interpreter.py)")
 def test_concurrent_interpreter_runs_a_grid_barrier_and_reports_a_deadlock():
-    """The harness the next test relies on: with it, programs that wait for each other finish (the
-    sequential interpreter would spin forever); a program that waits for what never comes fails the
-    launch with ProgramsDeadlocked instead of hanging the test run."""
+    """The harness that the rounds test's "one launch" relies on: with it, programs that wait for each
+    other finish (the sequential interpreter would spin forever); a program that waits for what never
+    comes fails the launch with ProgramsDeadlocked instead of hanging the test run."""
     count = torch.zeros(1, dtype=torch.int32)
     out = torch.zeros(8, dtype=torch.int32)
     with concurrent_programs(timeout_s=30):
@@ -238,40 +253,6 @@ def test_concurrent_interpreter_runs_a_grid_barrier_and_reports_a_deadlock():
     # The interpreter wraps a launch's exception in its own InterpreterError, with the original's repr.
     with concurrent_programs(timeout_s=1), pytest.raises(InterpreterError, match=r"ProgramsDeadlocked.*still running"):
         _grid_barrier_kernel[(4, 2)](count.fill_(-100), out)  # waits for 108 arrivals of 8 programs
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the persistent tests above already run this launch")
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "round-by-round"])
-@pytest.mark.parametrize(("shape", "layout", "round_values"), ROUNDS)
-def test_persistent_kernels_single_launch_with_all_programs_at_once(monkeypatch, shape, layout, round_values, pipeline):
-    """The persistent kernels as a GPU runs them: one launch (PHASE 0) whose programs spin on each
-    other's ready flags, here all running at once in threads that interleave at random points. Results
-    match the reference and are bit for bit the same in a second run (whichever program finishes a
-    combine), and every counter, flag and departure is back at zero afterwards."""
-    monkeypatch.setattr(K, "SEQUENTIAL_INTERPRETER", False)
-    monkeypatch.setattr(K, "PIPELINE_ROUNDS", pipeline)
-    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "COMBINE_VALUES", 8)
-    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, round_values))
-    shared = torch.zeros(1024, dtype=torch.int32)
-    monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
-    x, z, dy, w, b = _operands(shape, layout, torch.float32)
-    plan = K.make_plan(x, K.layout_of(x), streams=2)
-    assert plan.persistent and plan.splits > 1 and plan.channel_programs > plan.units_per_round > 1
-    C = shape[1]
-    results = {}
-    for run in ("triton", "triton again", "reference"):
-        rm, rv = torch.linspace(-1, 1, C), torch.linspace(0.5, 2, C)
-        with concurrent_programs() if run != "reference" else contextlib.nullcontext():
-            y, grads = _run(run.split()[0], x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
-        results[run] = (y, *grads, rm, rv)
-    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
-    for name, ours, again, ref in zip(names, results["triton"], results["triton again"], results["reference"],
-                                      strict=True):  # fmt: skip
-        _close(ours, ref, torch.float32, name)
-        assert torch.equal(ours, again), f"{name} differs between two runs"
-    assert int(shared.count_nonzero()) == 0
 
 
 def test_large_offset_statistics_do_not_cancel(tiling):
