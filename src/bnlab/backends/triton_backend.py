@@ -31,36 +31,45 @@ MAX_VALUES_PER_CHANNEL = 2**31 - 1  # N x spatial: row and count arithmetic in t
 
 class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, layout):  # type: ignore[override]
         k = kernels.load()
         needs_grad = any(ctx.needs_input_grad[:4])
         y, mean, invstd = k.forward(
             x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
-            residual=residual, relu=relu, save_stats=training or needs_grad,
+            residual=residual, relu=relu, save_stats=training or needs_grad, layout=layout,
         )  # fmt: skip
         if needs_grad:
             ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
-        ctx.training, ctx.relu = training, relu
+        ctx.training, ctx.relu, ctx.layout = training, relu, layout
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        k = kernels.load()
-        x, weight, bias, residual, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
-        dy = k.to_layout(dy, k.layout_of(x))
-        dx, dweight, dbias, dz = k.backward(
-            dy, x, weight, bias, mean, invstd, training=ctx.training, residual=residual, relu=ctx.relu,
-            need_input=need_x, need_params=need_w or need_b, need_residual=need_z,
-        )  # fmt: skip
-        return (
-            dx,
-            dweight.to(weight.dtype) if need_w else None,
-            dbias.to(bias.dtype) if need_b else None,
-            dz,
-            *(None,) * 6,
-        )
+        # Grad mode is on only under create_graph=True: then the gradients must refuse a second
+        # differentiation (the kernels are not differentiable ops). once_differentiable does that, at a few
+        # microseconds per call, so the common case (grad mode off) skips it.
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    k = kernels.load()
+    x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+    need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
+    dx, dweight, dbias, dz = k.backward(
+        k.to_layout(dy, ctx.layout), x, weight, bias, mean, invstd, training=ctx.training, residual=residual,
+        relu=ctx.relu, need_input=need_x, need_params=need_w or need_b, need_residual=need_z, layout=ctx.layout,
+    )  # fmt: skip
+    # dweight and dbias are float32: cast (a copy) only for parameters kept in another dtype.
+    if need_w and dweight.dtype != weight.dtype:
+        dweight = dweight.to(weight.dtype)
+    if need_b and dbias.dtype != bias.dtype:
+        dbias = dbias.to(bias.dtype)
+    return dx, dweight if need_w else None, dbias if need_b else None, dz, *(None,) * 7
+
+
+_backward_once = once_differentiable(_backward)
 
 
 def _check(input: torch.Tensor) -> None:
@@ -108,7 +117,7 @@ def batch_norm(
     if residual is not None:
         residual = k.to_layout(residual.to(input.dtype), layout)
     return _FusedBatchNorm.apply(
-        input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation == "relu"
+        input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation == "relu", layout
     )
 
 

@@ -331,6 +331,11 @@ def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor
 
 
 _SEMAPHORES: dict[tuple[int, int], torch.Tensor] = {}
+# The current stream's raw handle, asked for as Triton's own launcher does (no Stream object built on
+# every call); through the public API where a build lacks the private function (CPU builds).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream
+)
 
 
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
@@ -343,8 +348,8 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     """
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return torch.zeros(count, device=device, dtype=torch.int32)
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)  # fmt: skip
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, _raw_stream(index))
     buffer = _SEMAPHORES.get(key)
     if buffer is None or buffer.numel() < count:
         buffer = _SEMAPHORES[key] = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
@@ -367,16 +372,19 @@ def forward(
     residual: torch.Tensor | None = None,
     relu: bool = False,
     save_stats: bool = True,
+    layout: str | None = None,
     plan: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd): y in x's layout; mean and invstd float32 per channel, the ones y was computed with.
 
-    `x` (and `residual`) must already be in a kernel layout (see `layout_of`, `to_layout`); in training the
+    `x` (and `residual`) must already be in a kernel layout (see `layout_of`, `to_layout`; `layout`, when
+    given, is `layout_of(x)`, saving the caller's second look); in training the
     running statistics, when given, are updated in place (momentum already resolved by the caller). In
     inference, `save_stats=False` (no backward to come) lets the kernel read the running statistics
     directly and returns None for mean and invstd.
     """
-    plan = plan or make_plan(x, layout_of(x), streams=_streams(False, residual is not None) if training else 0)
+    layout = layout or layout_of(x)
+    plan = plan or make_plan(x, layout, streams=_streams(False, residual is not None) if training else 0)
     C = plan.C
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -436,6 +444,7 @@ def backward(
     need_input: bool = True,
     need_params: bool = True,
     need_residual: bool = False,
+    layout: str | None = None,
     plan: Plan | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias, dresidual), each None where not needed; dweight/dbias float32.
@@ -443,7 +452,8 @@ def backward(
     `dy` must be in x's layout (see `to_layout`). In training dx needs the per-channel sums, so the
     reduction pass runs whenever dx or a parameter gradient is needed.
     """
-    plan = plan or make_plan(x, layout_of(x), streams=_streams(True, residual is not None) if training else 0)
+    layout = layout or layout_of(x)
+    plan = plan or make_plan(x, layout, streams=_streams(True, residual is not None) if training else 0)
     C = plan.C
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
