@@ -134,7 +134,7 @@ def plan_for(
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
-    if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max:
+    if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max and _offsets_fit(_pow2(N), C * S, _pow2(S)):
         bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
     if resident_programs > 0:
@@ -149,14 +149,27 @@ def plan_for(
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps)
 
 
+INT32_LIMIT = 2**31
+
+
+def _offsets_fit(block_a: int, row_stride: int, block_b: int) -> bool:
+    """Whether a tile's offsets relative to its first value (device `_tile`: rows of `row_stride`
+    values apart) fit the int32 the kernels compute them in."""
+    return (block_a - 1) * row_stride + block_b < INT32_LIMIT
+
+
 def _blocks(layout: str, N: int, C: int, S: int, tile: int) -> tuple[int, int, int, int, int]:
     """(block_a, block_b, tiles per channel block, channel blocks, values per channel block)."""
     if layout == ROWS:
         block_b = min(_pow2(C), 128, tile)
         block_a = max(1, min(tile // block_b, _pow2(N * S)))
+        while not _offsets_fit(block_a, C, block_b):  # only for millions of channels
+            block_a //= 2
         return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), N * S * block_b
     block_b = _spatial_block(S, tile)
     block_a = max(1, min(tile // block_b, _pow2(N)))
+    while not _offsets_fit(block_a, C * S, block_b):  # samples of 2**31 / block_a values or more
+        block_a //= 2
     return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S
 
 

@@ -110,25 +110,44 @@ def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
 
 @triton.jit
 def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
-    """Offsets and mask of a program's tile i.
+    """(base, offsets, mask) of a program's tile i: its values are at base + offsets (base: a 64-bit
+    scalar; offsets: int32, relative to it, the same for every tile, so the compiler computes them once
+    per program and each pointer costs one instruction per value instead of a 64-bit multiply-add; the
+    planner keeps them below 2**31).
 
     rows:   rows [i * BLOCK_A, +BLOCK_A) of the (N * S, C) matrix, channels [pid_c * BLOCK_B, +BLOCK_B).
     planes: channel pid_c; tile i in (n-block, s-block) order covers n in [nb * BLOCK_A, +BLOCK_A) and
             s in [sb * BLOCK_B, +BLOCK_B).
     """
+    a = tl.arange(0, BLOCK_A)
+    b = tl.arange(0, BLOCK_B)
     if PLANES:
         nb = i // S_BLOCKS
         sb = i - nb * S_BLOCKS
-        n = nb * BLOCK_A + tl.arange(0, BLOCK_A)
-        s = sb * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask = (n < N)[:, None] & (s < S)[None, :]
-        offs = (n.to(tl.int64) * C + pid_c)[:, None] * S + s[None, :]
+        n0 = nb * BLOCK_A
+        s0 = sb * BLOCK_B
+        base = (n0.to(tl.int64) * C + pid_c) * S + s0
+        offs = (a * (C * S))[:, None] + b[None, :]
+        mask = (a < N - n0)[:, None] & (b < S - s0)[None, :]
     else:
-        rows = i * BLOCK_A + tl.arange(0, BLOCK_A)
-        cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask = (rows < N * S)[:, None] & (cols < C)[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    return offs, mask
+        r0 = i * BLOCK_A
+        c0 = pid_c * BLOCK_B
+        base = r0.to(tl.int64) * C + c0
+        offs = (a * C)[:, None] + b[None, :]
+        mask = (a < N * S - r0)[:, None] & (b < C - c0)[None, :]
+    return base, offs, mask
+
+
+@triton.jit
+def _tile_count(i, N, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+    """How many values of each of its channels tile i holds (a scalar: counting a mask per value costs
+    the statistics loop two instructions per value)."""
+    if PLANES:
+        nb = i // S_BLOCKS
+        sb = i - nb * S_BLOCKS
+        rows = tl.minimum(N - nb * BLOCK_A, BLOCK_A)
+        return rows * tl.minimum(S - sb * BLOCK_B, BLOCK_B)
+    return tl.minimum(N * S - i * BLOCK_A, BLOCK_A)
 
 
 @triton.jit
@@ -271,23 +290,23 @@ def _slice_stats(
 
     Sums per lane, shifted by the first tile's mean (the pivot); one reduction across lanes at the end.
     """
-    offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    count = mask.to(tl.float32)
+    base, offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    count = _tile_count(t_start, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     # (planes: the scalar sum, shaped like the anchor to broadcast over the tiles)
-    pivot = _channel_sum(x, PLANES) / tl.maximum(_channel_sum(count, PLANES), 1.0) + tl.zeros_like(anchor)
+    pivot = _channel_sum(x, PLANES) / count.to(tl.float32) + tl.zeros_like(anchor)
     shift = _spread(pivot, PLANES)
     d = tl.where(mask, x - shift, 0.0)
     s1 = d
     s2 = d * d
     for t in range(t_start + 1, t_end):
-        offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift, 0.0)
-        count += mask.to(tl.float32)
+        count += _tile_count(t, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         s1 += d
         s2 += d * d
-    n = _channel_sum(count, PLANES)
+    n = count.to(tl.float32) + tl.zeros_like(anchor)
     total = _channel_sum(s1, PLANES)
     shifted_mean = total / tl.maximum(n, 1.0)
     m2 = _channel_sum(s2, PLANES) - shifted_mean * total
@@ -367,12 +386,13 @@ def _apply_slice(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
     for i in range(t_start, t_end):
-        offs, mask = _tile(_backwards(i, t_start, t_end), unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = _pre_activation(x, mean, scale, shift, _residual(z_ptr, offs, mask, x, HAS_RESIDUAL), HAS_RESIDUAL)
+        base, offs, mask = _tile(_backwards(i, t_start, t_end), unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL)
+        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
         if RELU:
             p = tl.maximum(p, 0.0)
-        tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + base + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- gradients ------------------------------------------------------------------------------------------
@@ -393,12 +413,12 @@ def _grad_tile(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
-    """Tile t's offsets, mask, x and g (dy through the recomputed ReLU mask), all float32."""
-    offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
-    return offs, mask, x, _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
+    """Tile t's base, offsets and mask (see `_tile`), x and g (dy through the recomputed ReLU mask), float32."""
+    base, offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL)
+    return base, offs, mask, x, _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
 
 
 @triton.jit
@@ -411,7 +431,7 @@ def _slice_grad_sums(
     sum_g = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
     sum_gc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
     for t in range(t_start, t_end):  # g is 0 in masked lanes (dy loads as 0 there)
-        _, _, x, g = _grad_tile(
+        _, _, _, x, g = _grad_tile(
             t, unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
             BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
         )  # fmt: skip
@@ -452,15 +472,15 @@ def _input_grad_slice(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):  # fmt: skip
     for i in range(t_start, t_end):
-        offs, mask, x, g = _grad_tile(
+        base, offs, mask, x, g = _grad_tile(
             _backwards(i, t_start, t_end), unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
             BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
         )  # fmt: skip
         if WRITE_DZ:
-            tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
         if WRITE_DX:
             dx = _dx(g, x, mean, scale, k1, k2, TRAINING)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- split kernels: grid (channel blocks, slices) ---------------------------------------------------------
@@ -730,8 +750,8 @@ def _single_tile_forward_kernel(
     c = tl.program_id(0)
     cols = c + tl.arange(0, 1)
     cmask = cols < C
-    offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    base, offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     n = (N * S).to(tl.float32)
     # Two passes over registers: the exact mean, then the centred sum of squares.
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
@@ -744,11 +764,11 @@ def _single_tile_forward_kernel(
     )  # fmt: skip
     invstd = 1.0 / tl.sqrt(m2 / n + eps)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+    z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL)
     p = _pre_activation(x, mean, (invstd * w)[:, None], shift[:, None], z, HAS_RESIDUAL)
     if RELU:
         p = tl.maximum(p, 0.0)
-    tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + base + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -764,7 +784,7 @@ def _single_tile_backward_kernel(
     invstd, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, True, False, HAS_WEIGHT, HAS_BIAS
     )
-    offs, mask, x, g = _grad_tile(
+    base, offs, mask, x, g = _grad_tile(
         0, c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, 1, BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU
     )
     sum_g = tl.sum(tl.sum(g, axis=1), axis=0)
@@ -774,9 +794,9 @@ def _single_tile_backward_kernel(
     tl.store(dw_ptr + cols, dweight, mask=cmask)
     tl.store(db_ptr + cols, sum_g + tl.zeros([1], tl.float32), mask=cmask)
     if WRITE_DZ:
-        tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
     if WRITE_DX:
         k1 = sum_g / n
         k2 = dweight * invstd / n
         dx = _dx(g, x, mean, scale, k1, k2[:, None], True)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
