@@ -33,16 +33,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(params=["default", "two-pass", "many-slices", "persistent"])
+@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
     default tiles, tiny tiles and many programs (split reductions, combined by the last program of each
-    channel block a few partials at a time), or the persistent kernels with tiny tiles, several programs
-    per channel block and several rounds (the interpreter runs them as two phases)."""
+    channel block a few partials at a time), 64-lane tiles (planes: several samples' short runs packed
+    in each, several tiles and slices per channel), or the persistent kernels with tiny tiles, several
+    programs per channel block and several rounds (the interpreter runs them as two phases)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    if request.param in ("many-slices", "persistent"):
-        monkeypatch.setattr(K, "TILE", 8)
+    if request.param in ("many-slices", "packed", "persistent"):
+        monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         monkeypatch.setattr(K, "_target_programs", lambda device: 64)
         monkeypatch.setattr(K, "COMBINE_VALUES", 4)
     if request.param == "persistent":
@@ -79,7 +80,7 @@ def _close(ours, ref, dtype, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol * scale:.3g}"
 
 
-FUSED_SHAPES = [(5, 3), (4, 3, 5), (3, 4, 5, 6), (2, 3, 3, 2, 5)]
+FUSED_SHAPES = [(5, 3), (4, 3, 5), (21, 3, 7), (3, 4, 5, 6), (2, 3, 3, 2, 5)]
 
 
 @pytest.mark.parametrize(
@@ -357,15 +358,21 @@ def test_spatial_block_keeps_padding_small(S, block):
         (K.PLANES, 256, 2048, 49, 528),
         (K.PLANES, 32, 64, 12544, 528),
         (K.PLANES, 1, 3, 5, 4),
+        (K.PLANES, 256, 1024, 196, 528),
+        (K.PLANES, 256, 512, 784, 528),  # 16-aligned runs: vector loads, not packed
         (K.ROWS, 3, 5, 1, 4),
     ],
 )
 def test_plans_cover_every_value_once(layout, N, C, S, target):
+    """Every value in exactly one tile of one slice (planes: 7x7 and 1x5 channels get packed tiles)."""
     plan = K.plan_for(layout, N, C, S, target_programs=target)
     assert (plan.splits - 1) * plan.per_split < plan.tiles <= plan.splits * plan.per_split  # no empty slice
     if layout == K.ROWS:
         assert plan.tiles * plan.block_a >= N * S > (plan.tiles - 1) * plan.block_a
         assert plan.block_b >= min(C, 128)
+    elif plan.packed:  # whole runs of S values side by side in one row of lanes
+        assert plan.block_a == 1 and plan.block_b >= 2 * S and S % 16 != 0
+        assert plan.tiles * plan.samples_per_tile >= N > (plan.tiles - 1) * plan.samples_per_tile
     else:
         assert plan.tiles == -(-N // plan.block_a) * -(-S // plan.block_b)
     assert plan.block_a * plan.block_b <= 4096
@@ -402,6 +409,8 @@ def test_plans_are_described_for_benchmark_rows(monkeypatch):
     # 100 values a channel: 2 channels a round forward, 1 backward (2 tensors read), 1 with the residual.
     assert K.describe_plans(x) == "forward persistent 2x4 in 2 rounds; backward persistent 1x8 in 3 rounds"
     assert K.describe_plans(x, residual=True).endswith("backward split over 2 slices")  # 4 programs here
+    monkeypatch.setattr(K, "TILE", 64)  # runs of 25 values: two samples' side by side in 64 lanes
+    assert K.describe_plans(x).endswith("(packed tiles of 2 samples)")
 
 
 def test_host_integer_helpers_match_tritons():

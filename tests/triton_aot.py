@@ -35,7 +35,11 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 
 
 def compile_cases():
-    layouts = ({"BLOCK_A": 32, "BLOCK_B": 128, "PLANES": False}, {"BLOCK_A": 64, "BLOCK_B": 64, "PLANES": True})
+    layouts = (
+        {"BLOCK_A": 32, "BLOCK_B": 128, "PLANES": 0},
+        {"BLOCK_A": 64, "BLOCK_B": 64, "PLANES": 1},
+        {"BLOCK_A": 1, "BLOCK_B": 2048, "PLANES": 2},  # packed planes
+    )
     epilogues = [
         dict(HAS_WEIGHT=w, HAS_BIAS=w, HAS_RESIDUAL=res, RELU=relu)
         for w, (res, relu) in itertools.product((True, False), ((False, False), (False, True), (True, True)))

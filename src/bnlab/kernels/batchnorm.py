@@ -66,6 +66,7 @@ class Plan:
     num_warps: int
     single: bool = False  # planes, one tile per channel: the single-pass kernels (training)
     units_per_round: int = 0  # > 0: the persistent kernels (training)
+    packed: bool = False  # planes: block_a == 1, a tile holds block_b // S samples' runs side by side
 
     @property
     def channel_programs(self) -> int:
@@ -84,10 +85,15 @@ class Plan:
         return _cdiv(self.S, self.block_b)
 
     @property
+    def samples_per_tile(self) -> int:
+        """Planes: the samples one tile covers (device `_samples_per_tile`)."""
+        return self.block_b // self.S if self.packed else self.block_a
+
+    @property
     def tiles(self) -> int:
         if self.layout == ROWS:
             return _cdiv(self.N * self.S, self.block_a)
-        return _cdiv(self.N, self.block_a) * self.s_blocks
+        return _cdiv(self.N, self.samples_per_tile) * self.s_blocks
 
 
 def _spatial_block(S: int, tile: int) -> int:
@@ -138,15 +144,15 @@ def plan_for(
         bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
     if resident_programs > 0:
-        block_a, block_b, tiles, units, unit_values = _blocks(layout, N, C, S, persistent_tile)
+        block_a, block_b, tiles, units, unit_values, packed = _blocks(layout, N, C, S, persistent_tile)
         if unit_values <= round_values:
             per_round = min(units, round_values // unit_values, resident_programs)
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
-                        units_per_round=per_round)  # fmt: skip
-    block_a, block_b, tiles, units, _ = _blocks(layout, N, C, S, tile)
+                        units_per_round=per_round, packed=packed)  # fmt: skip
+    block_a, block_b, tiles, units, _, packed = _blocks(layout, N, C, S, tile)
     per_split = _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
-    return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps)
+    return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, packed=packed)
 
 
 INT32_LIMIT = 2**31
@@ -158,19 +164,32 @@ def _offsets_fit(block_a: int, row_stride: int, block_b: int) -> bool:
     return (block_a - 1) * row_stride + block_b < INT32_LIMIT
 
 
-def _blocks(layout: str, N: int, C: int, S: int, tile: int) -> tuple[int, int, int, int, int]:
-    """(block_a, block_b, tiles per channel block, channel blocks, values per channel block)."""
+def _packed_block(N: int, C: int, S: int, tile: int) -> int:
+    """Lanes of a packed planes tile (device module doc), or 0 where packing does not pay: runs of S
+    values that are 16-aligned load as vectors unpacked, and a tile must hold at least two runs."""
+    block_b = min(tile, _pow2(N * S))
+    samples = block_b // S
+    if S % 16 == 0 or samples < 2 or not _offsets_fit(samples, C * S, S):
+        return 0
+    return block_b
+
+
+def _blocks(layout: str, N: int, C: int, S: int, tile: int) -> tuple[int, int, int, int, int, bool]:
+    """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, packed)."""
     if layout == ROWS:
         block_b = min(_pow2(C), 128, tile)
         block_a = max(1, min(tile // block_b, _pow2(N * S)))
         while not _offsets_fit(block_a, C, block_b):  # only for millions of channels
             block_a //= 2
-        return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), N * S * block_b
+        return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), N * S * block_b, False
+    packed = _packed_block(N, C, S, tile)
+    if packed:
+        return 1, packed, _cdiv(N, packed // S), C, N * S, True
     block_b = _spatial_block(S, tile)
     block_a = max(1, min(tile // block_b, _pow2(N)))
     while not _offsets_fit(block_a, C * S, block_b):  # samples of 2**31 / block_a values or more
         block_a //= 2
-    return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S
+    return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S, False
 
 
 def _target_programs(device: torch.device) -> int:
@@ -277,7 +296,8 @@ def _streams(backward: bool, residual: bool) -> int:
 
 def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
     """How a training step on `x` (as laid out) runs, e.g. "forward persistent 4x66 in 16 rounds; backward
-    split over 131 slices": for benchmark rows, so that each number names the kernels behind it."""
+    split over 131 slices" (with ", packed tiles of K samples" for packed planes): for benchmark rows, so
+    that each number names the kernels behind it."""
     layout = layout_of(x) or PLANES
     parts = []
     for direction in ("forward", "backward"):
@@ -289,6 +309,8 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             how = f"persistent {plan.units_per_round}x{plan.splits} in {rounds} rounds"
         else:
             how = f"split over {plan.splits} slices"
+        if plan.packed:
+            how += f" (packed tiles of {plan.samples_per_tile} samples)"
         parts.append(f"{direction} {how}")
     return "; ".join(parts)
 
@@ -320,7 +342,7 @@ def _block_args(plan: Plan) -> dict[str, int]:
     return {
         "BLOCK_A": plan.block_a,
         "BLOCK_B": plan.block_b,
-        "PLANES": plan.layout == PLANES,
+        "PLANES": 0 if plan.layout == ROWS else 2 if plan.packed else 1,  # device module doc
         "num_warps": plan.num_warps,
     }
 

@@ -47,7 +47,11 @@ Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in 
 - "rows": channels contiguous, value (r, c) at r * C + c with r in [0, N * S): channels-last 2-D/3-D
   tensors, (N, C) matrices (BatchNorm1d), and (N, C, L) with C contiguous. Tiles are [BLOCK_R, BLOCK_C].
 - "planes": NCHW-contiguous, value (n, c, s) at (n * C + c) * S + s. One channel per program, tiles of
-  [BLOCK_N, BLOCK_S] values of that channel.
+  [BLOCK_N, BLOCK_S] values of that channel. Packed planes, for short runs that are not 16-value
+  aligned (7x7, 14x14, ...): a power-of-two block of lanes would idle up to half of them on each run
+  (49 of 64), and such runs load one value per instruction anyway; so a tile is one row of BLOCK_B
+  lanes holding the runs of BLOCK_B // S consecutive samples side by side (98% of the lanes busy at 7x7).
+The kernels' PLANES constexpr says which: 0 rows, 1 planes, 2 packed planes (truthy for both planes).
 Other strides are made contiguous first (a copy, documented in the backend).
 """
 
@@ -109,26 +113,42 @@ def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
 
 
 @triton.jit
+def _samples_per_tile(S, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+    """Planes: samples a tile covers (packed: as many whole runs of S values as fit in BLOCK_B lanes)."""
+    if PLANES == 2:
+        return BLOCK_B // S
+    return BLOCK_A
+
+
+@triton.jit
 def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
     """(base, offsets, mask) of a program's tile i: its values are at base + offsets (base: a 64-bit
     scalar; offsets: int32, relative to it, the same for every tile, so the compiler computes them once
-    per program and each pointer costs one instruction per value instead of a 64-bit multiply-add; the
-    planner keeps them below 2**31).
+    per program and each pointer costs one or two instructions per value instead of a 64-bit
+    multiply-add; the planner keeps them below 2**31).
 
     rows:   rows [i * BLOCK_A, +BLOCK_A) of the (N * S, C) matrix, channels [pid_c * BLOCK_B, +BLOCK_B).
     planes: channel pid_c; tile i in (n-block, s-block) order covers n in [nb * BLOCK_A, +BLOCK_A) and
             s in [sb * BLOCK_B, +BLOCK_B).
+    packed planes (PLANES == 2; BLOCK_A == 1, S_BLOCKS == 1): the runs of S values of BLOCK_B // S
+            consecutive samples side by side in one row of BLOCK_B lanes (see the module doc).
     """
     a = tl.arange(0, BLOCK_A)
     b = tl.arange(0, BLOCK_B)
     if PLANES:
         nb = i // S_BLOCKS
         sb = i - nb * S_BLOCKS
-        n0 = nb * BLOCK_A
+        samples = _samples_per_tile(S, BLOCK_A, BLOCK_B, PLANES)
+        n0 = nb * samples
         s0 = sb * BLOCK_B
         base = (n0.to(tl.int64) * C + pid_c) * S + s0
-        offs = (a * (C * S))[:, None] + b[None, :]
-        mask = (a < N - n0)[:, None] & (b < S - s0)[None, :]
+        if PLANES == 2:
+            n = b // S  # lane -> (sample, position): computed once per program, like all the offsets
+            offs = (n * (C * S) + (b - n * S))[None, :]
+            mask = (n < tl.minimum(samples, N - n0))[None, :]
+        else:
+            offs = (a * (C * S))[:, None] + b[None, :]
+            mask = (a < N - n0)[:, None] & (b < S - s0)[None, :]
     else:
         r0 = i * BLOCK_A
         c0 = pid_c * BLOCK_B
@@ -145,8 +165,10 @@ def _tile_count(i, N, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
     if PLANES:
         nb = i // S_BLOCKS
         sb = i - nb * S_BLOCKS
-        rows = tl.minimum(N - nb * BLOCK_A, BLOCK_A)
-        return rows * tl.minimum(S - sb * BLOCK_B, BLOCK_B)
+        samples = _samples_per_tile(S, BLOCK_A, BLOCK_B, PLANES)
+        if PLANES == 2:
+            return tl.minimum(N - nb * samples, samples) * S
+        return tl.minimum(N - nb * samples, samples) * tl.minimum(S - sb * BLOCK_B, BLOCK_B)
     return tl.minimum(N * S - i * BLOCK_A, BLOCK_A)
 
 
@@ -460,8 +482,10 @@ def _coefficients(coef_ptr, cols, cmask, C, PLANES: tl.constexpr):
 
 @triton.jit
 def _dx(g, x, mean, scale, k1, k2, TRAINING: tl.constexpr):
+    """scale * (g - k1 - (x - mean) * k2), as two fused multiply-adds after x - mean (the per-channel
+    products are the same for every tile: computed once per program)."""
     if TRAINING:
-        g = g - k1 - (x - mean) * k2
+        return g * scale - ((x - mean) * (k2 * scale) + k1 * scale)
     return g * scale
 
 

@@ -1,0 +1,144 @@
+"""Instructions per loop iteration of the Triton kernels' main loops, read from their sm_90 machine code.
+
+Usage (no GPU needed; Triton's bundled ptxas and cuobjdump do the work):
+    TRITON_INTERPRET=0 PYTHONPATH=src python benchmarks/kernel_sass.py [--dtype bf16] [--arch 90]
+To read what the GPU machines run, put Triton 3.6 first on the path (see the README's compile check).
+
+Why: BN moves few bytes per value, so a kernel whose loop spends too many instructions per value runs
+out of issue slots before it runs out of memory bandwidth. An SM issues at most 4 warp-instructions a
+cycle; at an H200's copy bandwidth (~4.3 TB/s over 132 SMs at 1.98 GHz: ~16.5 bytes per cycle per SM) a
+pass that moves B bytes per value can afford about 4 * 32 * B / 16.5 instructions per value per thread
+(a bf16 statistics pass, 2 bytes: ~15.5; a bf16 normalize pass, 4 bytes: ~31) before issue, not memory,
+sets its speed; in practice well under that. Prints, per kernel and tile shape, the size of each loop
+(SASS instructions between a backward branch and its target), the first one (the per-tile loop) per
+value a thread holds, and the spills (LDL/STL).
+
+Each shape is compiled with the tiles its plan gets (the split kernels at TILE, the persistent ones at
+PERSISTENT_TILE), specialized as Triton's launcher specializes them (16-divisible integers, S_BLOCKS of
+1). Per busy value: per value over the share of lanes that hold values (NCHW runs of 49 in 64 lanes:
+77%; packed tiles hold several samples' runs side by side: 98%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import triton_aot  # the signatures of the ahead-of-time compile test
+from bnlab.kernels import batchnorm as K
+
+# (name, layout, N, C, S): ResNet-50 layer shapes at batch 256 that get different tiles.
+SHAPES = [
+    ("NCHW 7x7", K.PLANES, 256, 512, 49),
+    ("NCHW 14x14", K.PLANES, 256, 256, 196),
+    ("NCHW 56x56", K.PLANES, 256, 64, 3136),
+    ("NHWC 56x56", K.ROWS, 256, 64, 3136),
+]
+EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU": False}
+KERNELS = {  # name: (kernel, its other constexprs, register cap)
+    "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True}, None),
+    "normalize": (K._apply_kernel, {"FROM_RUNNING": False}, None),
+    "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16}, None),
+    "dx": (K._input_grad_kernel, {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False}, None),
+    "persistent fwd": (
+        K._persistent_forward_kernel,
+        {"SPLIT_BLOCK": 16, "PHASE": 0, "PIPELINE": True, "HAS_RUNNING": True},
+        128,
+    ),
+    "persistent bwd": (
+        K._persistent_backward_kernel,
+        {"SPLIT_BLOCK": 16, "PHASE": 0, "PIPELINE": True, "WRITE_DX": True, "WRITE_DZ": False},
+        128,
+    ),
+}
+_INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(?:\s+(0x[0-9a-f]+))?")
+
+
+def _cuobjdump() -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: int | None) -> str:
+    """The SASS of the kernel variant that `plan` launches, specialized as Triton's launcher would:
+    pointers 16-byte aligned, integers that are multiples of 16 marked so, S_BLOCKS == 1 a constant."""
+    args = K._block_args(plan)
+    warps = args.pop("num_warps")
+    constexprs = {**args, **extra, **{k: v for k, v in EPILOGUE.items() if k in fn.arg_names}}
+    if plan.s_blocks == 1 and "S_BLOCKS" in fn.arg_names:
+        constexprs["S_BLOCKS"] = 1
+    ints = {"N": plan.N, "C": plan.C, "S": plan.S}
+    names = fn.arg_names
+    divisible = [a for a in names if a.endswith(("_ptr", "_out"))]
+    divisible += [a for a, v in ints.items() if v % 16 == 0 and a not in constexprs]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=fn, signature=triton_aot.signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    path = Path("/tmp") / f"bnlab-{fn.__name__}.cubin"
+    path.write_bytes(compiled.asm["cubin"])
+    return subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def busy_fraction(plan: K.Plan) -> float:
+    """The share of a tile's lanes that hold values (planes: runs padded to the tile's width)."""
+    if plan.layout == K.ROWS:
+        return min(1.0, plan.C / plan.block_b)
+    if plan.packed:
+        return plan.samples_per_tile * plan.S / plan.block_b
+    return plan.S / (plan.s_blocks * plan.block_b)
+
+
+def loops_and_ops(sass: str) -> tuple[list[int], collections.Counter]:
+    """(instructions in each loop: backward branch to its target; opcode counts)."""
+    loops, ops = [], collections.Counter()
+    for line in sass.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        at, opcode, target = int(match.group(1), 16), match.group(2), match.group(3)
+        ops[opcode] += 1
+        if opcode == "BRA" and target is not None and int(target, 16) < at:
+            loops.append((at - int(target, 16)) // 16 + 1)
+    return loops, ops
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}; SASS instructions per loop iteration, and "
+          f"of the first loop (the per-tile loop) per value a thread holds and per busy value")  # fmt: skip
+    itemsize = 4 if args.dtype == "fp32" else 2
+    for name, layout, N, C, S in SHAPES:
+        split = K.plan_for(layout, N, C, S, target_programs=4 * 132, tile=K.TILE, num_warps=K.NUM_WARPS)
+        # An H100/H200: 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.
+        persistent = K.plan_for(
+            layout, N, C, S, target_programs=4 * 132, tile=K.TILE, num_warps=K.NUM_WARPS,
+            resident_programs=264, round_values=50 * 2**20 // 4 // itemsize, persistent_tile=K.PERSISTENT_TILE,
+        )  # fmt: skip
+        for kname, (fn, extra, maxnreg) in KERNELS.items():
+            plan = persistent if maxnreg else split
+            if maxnreg and not plan.persistent:
+                continue
+            loops, ops = loops_and_ops(machine_code(fn, args.dtype, plan, extra, args.arch, maxnreg))
+            per_thread = plan.block_a * plan.block_b / (plan.num_warps * 32)
+            per_value = loops[0] / per_thread if loops else float("nan")
+            tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}"
+            spills = ops["LDL"] + ops["STL"]
+            print(f"{name:>11} {kname:>15} {tile:>12}: loops {loops}, {per_value:5.1f} per value, "
+                  f"{per_value / busy_fraction(plan):5.1f} per busy value; spills {spills}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
