@@ -8,18 +8,21 @@ fraction of the measured copy bandwidth on the minimal traffic, and the best kno
 defaults in bnlab/kernels/batchnorm.py (TILE, NUM_WARPS, SINGLE_TILE_MAX, PROGRAMS_PER_SM) come from here.
 Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WARPS x SINGLE_TILE_MAX), with
 the persistent kernels off, then at the best of those PROGRAMS_PER_SM (how many slices the split
-reductions use), the persistent kernels on (at two L2_FRACTION, rounds pipelined or not), and
-COMBINE_VALUES (partials combined per step).
+reductions use), the persistent kernels on (at two L2_FRACTION, rounds pipelined or not; channels-last
+blocks narrowed to 16 channels where that makes them persistent), and COMBINE_VALUES (partials
+combined per step).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import itertools
 import math
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -31,7 +34,7 @@ SHAPES = [
     ((256, 64, 56, 56), "NCHW"),
     ((256, 64, 56, 56), "channels_last"),
     ((256, 2048, 7, 7), "NCHW"),
-    ((256, 2048, 7, 7), "channels_last"),
+    ((256, 128, 28, 28), "channels_last"),  # split, or persistent in blocks of 16 channels
     ((32, 1024, 14, 14), "NCHW"),
     ((32, 2048, 7, 7), "NCHW"),
     ((65536, 1024), "NC"),
@@ -50,6 +53,20 @@ def _train_step(x, rm, rv, w, b, dy, _: object = None) -> object:
     return torch.autograd.grad(y, (x, w, b), dy)
 
 
+@contextlib.contextmanager
+def _knobs(K, knobs: dict[str, int]) -> Iterator[None]:
+    """The module's knobs set to `knobs` within the block, its defaults again after it: each measurement
+    starts from the defaults, whatever the one before it set."""
+    defaults = {name: getattr(K, name) for name in knobs}
+    for name, value in knobs.items():
+        setattr(K, name, value)
+    try:
+        yield
+    finally:
+        for name, value in defaults.items():
+            setattr(K, name, value)
+
+
 def sweep_shape(
     K, timer, copy: float, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str = "cuda"
 ) -> list[dict]:
@@ -66,29 +83,32 @@ def sweep_shape(
     rows: list[dict] = []
     best = None
 
+    def plan_with(knobs: dict[str, int]):
+        """The backward's plan under `knobs`."""
+        with _knobs(K, knobs):
+            return K.make_plan(x, K.layout_of(x), streams=2)
+
     def measure(knobs: dict[str, int]) -> None:
         nonlocal best
-        for name, value in knobs.items():
-            setattr(K, name, value)
-        try:
-            seconds = timer(step)
-            frac = nbytes / seconds / 1e9 / copy
-            err = ""
-        except Exception as exc:  # keep sweeping; the row says what failed
-            seconds, frac, err = float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:200]
-        plan = K.make_plan(x, K.layout_of(x), streams=2)  # the backward's plan
+        with _knobs(K, knobs):
+            plan = K.make_plan(x, K.layout_of(x), streams=2)
+            try:
+                seconds = timer(step)
+                frac = nbytes / seconds / 1e9 / copy
+                err = ""
+            except Exception as exc:  # keep sweeping; the row says what failed
+                seconds, frac, err = float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:200]
         row = {"shape": "x".join(map(str, shape)), "layout": layout, **knobs, "us": seconds * 1e6,
                "frac_of_copy": frac, "plan": f"{plan.layout} blocks={plan.block_a}x{plan.block_b} "
-               f"splits={plan.splits} single={plan.single} per_round={plan.units_per_round}",
-               "error": err}  # fmt: skip
+               f"splits={plan.splits} single={plan.single} per_round={plan.units_per_round} "
+               f"packed={plan.packed}", "error": err}  # fmt: skip
         rows.append(row)
         print(f"{row['shape']:>16} {layout:>13} {knobs} {row['us']:9.1f} us {frac:6.3f} {row['plan']} {err}",
               flush=True)  # fmt: skip
         if err == "" and (best is None or seconds < best[0]):
             best = (seconds, knobs, frac)
 
-    K.SINGLE_TILE_MAX = max(KNOBS["SINGLE_TILE_MAX"])
-    could_be_single = K.make_plan(x, K.layout_of(x)).single
+    could_be_single = plan_with({"SINGLE_TILE_MAX": max(KNOBS["SINGLE_TILE_MAX"])}).single
     # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
     grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
     fixed = {"PROGRAMS_PER_SM": PROGRAMS_PER_SM[1], "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False}
@@ -100,13 +120,16 @@ def sweep_shape(
             measure({**first, "PROGRAMS_PER_SM": programs})
         for combine in COMBINE_VALUES[1:]:
             measure({**first, "COMBINE_VALUES": combine})
-        measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": True})
-        if K.make_plan(x, K.layout_of(x), streams=2).persistent:
-            measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": True,
-                     "COMBINE_VALUES": COMBINE_VALUES[-1]})  # fmt: skip
+        persistent = {**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": True}
+        measure(persistent)
+        if plan_with(persistent).persistent:
+            measure({**persistent, "COMBINE_VALUES": COMBINE_VALUES[-1]})
             # H100's L2 is two halves: if a round's data does not stay in it, smaller rounds will show it.
-            measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.25, "PIPELINE_ROUNDS": True})
-            measure({**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": False})
+            measure({**persistent, "L2_FRACTION": 0.25})
+            measure({**persistent, "PIPELINE_ROUNDS": False})
+        narrowed = {**persistent, "PERSISTENT_MIN_CHANNELS": 16}
+        if plan_with(narrowed).persistent and plan_with(narrowed) != plan_with(persistent):
+            measure(narrowed)  # channels-last too large for a round: blocks of 16 channels (32-byte sectors)
         print(f"BEST {shape} {layout}: {best[1]} {best[0] * 1e6:.1f} us, {best[2]:.3f} of copy", flush=True)
     return rows
 

@@ -399,6 +399,19 @@ def test_persistent_plans_fit_the_resident_programs_and_the_round_budget(layout,
                           round_values=per_unit - 1).persistent  # fmt: skip
 
 
+def test_channels_last_blocks_too_large_for_a_round_can_be_narrowed():
+    """Channels-last 128 x 28x28 at batch 256 (bf16, H100-like): a block of 128 channels is 25.7M values,
+    over a round's 6.5M; allowed down to 16 channels, it is narrowed to the widest block that fits (32
+    channels: 6.4M)."""
+    limits = dict(target_programs=528, resident_programs=264, round_values=6_553_600)
+    assert not K.plan_for(K.ROWS, 256, 128, 784, **limits).persistent
+    plan = K.plan_for(K.ROWS, 256, 128, 784, **limits, min_block_channels=16)
+    assert plan.persistent and plan.block_b == 32 and plan.channel_programs == 4
+    assert plan.units_per_round * 256 * 784 * 32 <= limits["round_values"]
+    # Never narrower than asked: 64 x 56x56 at 16 channels is still too large (12.8M), so it stays split.
+    assert not K.plan_for(K.ROWS, 256, 64, 3136, **limits, min_block_channels=16).persistent
+
+
 def test_plans_are_described_for_benchmark_rows(monkeypatch):
     x = torch.empty(4, 3, 5, 5, device=DEVICE)
     assert K.describe_plans(x) == "forward single tile; backward single tile"

@@ -127,6 +127,7 @@ def plan_for(
     resident_programs: int = 0,
     round_values: int = 0,
     persistent_tile: int = 2048,
+    min_block_channels: int = 0,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
 
@@ -136,15 +137,20 @@ def plan_for(
     `resident_programs` (how many programs the GPU holds at once; 0: none) and `round_values` (how many
     values a round may touch and still find them in L2 for the second read), a channel block that fits a
     round gets the persistent plan: as many blocks per round as fit, the resident programs split evenly
-    among them, tiles of `persistent_tile` values (their registers are capped).
+    among them, tiles of `persistent_tile` values (their registers are capped). Rows: with
+    `min_block_channels` (0: off), a channel block too large for a round is narrowed, down to that many
+    channels, until it fits (each row then reads a shorter run: whole 32-byte sectors at 16 bf16 channels).
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
     if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max and _offsets_fit(_pow2(N), C * S, _pow2(S)):
         bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
-    if resident_programs > 0:
-        block_a, block_b, tiles, units, unit_values, packed = _blocks(layout, N, C, S, persistent_tile)
+    widths = [128]  # channels per block (rows layout), widest first
+    while layout == ROWS and min_block_channels and widths[-1] > min_block_channels:
+        widths.append(widths[-1] // 2)
+    for width in widths if resident_programs > 0 else ():
+        block_a, block_b, tiles, units, unit_values, packed = _blocks(layout, N, C, S, persistent_tile, width)
         if unit_values <= round_values:
             per_round = min(units, round_values // unit_values, resident_programs)
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
@@ -174,10 +180,11 @@ def _packed_block(N: int, C: int, S: int, tile: int) -> int:
     return block_b
 
 
-def _blocks(layout: str, N: int, C: int, S: int, tile: int) -> tuple[int, int, int, int, int, bool]:
-    """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, packed)."""
+def _blocks(layout: str, N: int, C: int, S: int, tile: int, width: int = 128) -> tuple[int, int, int, int, int, bool]:
+    """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, packed);
+    rows: blocks of at most `width` channels."""
     if layout == ROWS:
-        block_b = min(_pow2(C), 128, tile)
+        block_b = min(_pow2(C), width, tile)
         block_a = max(1, min(tile // block_b, _pow2(N * S)))
         while not _offsets_fit(block_a, C, block_b):  # only for millions of channels
             block_a //= 2
@@ -269,6 +276,9 @@ PIPELINE_ROUNDS = True
 # Values per tile of the persistent kernels: at 2048 and 8 warps, capped at 128 registers (2 programs per
 # multiprocessor), the sm_90 build does not spill (at 4096 it spills 32-64 bytes; cuobjdump).
 PERSISTENT_TILE = 2048
+# Channels-last: narrow a channel block down to this many channels so that it fits a persistent round
+# (0: off, such tensors get the split plan). Untimed: benchmarks/tune_triton.py tries 16.
+PERSISTENT_MIN_CHANNELS = 0
 
 
 def _split_block(plan: Plan) -> int:
@@ -285,6 +295,7 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
         target_programs=_target_programs(x.device), tile=TILE, num_warps=NUM_WARPS,
         single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS,
         resident_programs=resident, round_values=round_values, persistent_tile=min(PERSISTENT_TILE, TILE),
+        min_block_channels=PERSISTENT_MIN_CHANNELS,
     )  # fmt: skip
 
 
