@@ -16,12 +16,15 @@ combined per step).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import csv
 import functools
 import itertools
 import math
+import multiprocessing
 import sys
+import time
 from collections.abc import Iterator
 
 import torch
@@ -67,10 +70,8 @@ def _knobs(K, knobs: dict[str, int]) -> Iterator[None]:
             setattr(K, name, value)
 
 
-def sweep_shape(
-    K, timer, copy: float, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str = "cuda"
-) -> list[dict]:
-    """Both stages for one shape; prints a line per measurement and the best knobs."""
+def _tensors(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    """(x, running mean, running var, weight, bias, dy) of a training step on `shape` in `layout`."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
     dy = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
@@ -78,15 +79,36 @@ def sweep_shape(
     w = torch.ones(C, device=device, requires_grad=True)
     b = torch.zeros(C, device=device, requires_grad=True)
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    return x, rm, rv, w, b, dy
+
+
+def _plan_with(K, x: torch.Tensor, knobs: dict[str, int]):
+    """The backward's plan for `x` under `knobs`."""
+    with _knobs(K, knobs):
+        return K.make_plan(x, K.layout_of(x), streams=2)
+
+
+def stage_one(K, x: torch.Tensor) -> list[dict]:
+    """The first stage's knob settings for `x`: the ones that change the compiled kernels."""
+    could_be_single = _plan_with(K, x, {"SINGLE_TILE_MAX": max(KNOBS["SINGLE_TILE_MAX"])}).single
+    # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
+    grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
+    fixed = {"PROGRAMS_PER_SM": PROGRAMS_PER_SM[1], "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False}
+    return [{**dict(zip(grid, values, strict=True)), **fixed} for values in itertools.product(*grid.values())]
+
+
+def sweep_shape(
+    K, timer, copy: float, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str = "cuda"
+) -> list[dict]:
+    """Both stages for one shape; prints a line per measurement and the best knobs."""
+    x, rm, rv, w, b, dy = _tensors(shape, layout, dtype, device)
     nbytes = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both")
     step = functools.partial(_train_step, x, rm, rv, w, b, dy)
     rows: list[dict] = []
     best = None
 
     def plan_with(knobs: dict[str, int]):
-        """The backward's plan under `knobs`."""
-        with _knobs(K, knobs):
-            return K.make_plan(x, K.layout_of(x), streams=2)
+        return _plan_with(K, x, knobs)
 
     def measure(knobs: dict[str, int]) -> None:
         nonlocal best
@@ -108,12 +130,8 @@ def sweep_shape(
         if err == "" and (best is None or seconds < best[0]):
             best = (seconds, knobs, frac)
 
-    could_be_single = plan_with({"SINGLE_TILE_MAX": max(KNOBS["SINGLE_TILE_MAX"])}).single
-    # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
-    grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
-    fixed = {"PROGRAMS_PER_SM": PROGRAMS_PER_SM[1], "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False}
-    for values in itertools.product(*grid.values()):
-        measure({**dict(zip(grid, values, strict=True)), **fixed})
+    for knobs in stage_one(K, x):
+        measure(knobs)
     if best is not None:
         first = best[1]
         for programs in PROGRAMS_PER_SM[::2]:
@@ -134,15 +152,48 @@ def sweep_shape(
     return rows
 
 
+def _warm_one(task: tuple) -> str:
+    """One training step under one knob setting, in a worker process: Triton compiles its kernels into
+    the shared on-disk cache (the sweep's own process then loads them instead of compiling)."""
+    shape, layout, dtype_name, device, knobs = task
+    K = kernels.load()
+    try:
+        with _knobs(K, knobs):
+            _train_step(*_tensors(shape, layout, getattr(torch, dtype_name), device))
+    except Exception as exc:  # the sweep times the same setting and reports it
+        return f"{shape} {layout} {knobs}: {type(exc).__name__}: {exc}"[:300]
+    return ""
+
+
+def warm_compile_cache(K, shapes, dtype: torch.dtype, jobs: int, device: str = "cuda") -> list[str]:
+    """Compile every first-stage kernel variant of `shapes` in `jobs` processes at once (compiling is
+    CPU work, one core per compile; timed one after another it would take most of the sweep's minutes).
+    Returns the errors."""
+    tasks = []
+    for shape, layout in shapes:
+        x = _tensors(shape, layout, dtype, device)[0]
+        tasks += [(shape, layout, str(dtype).removeprefix("torch."), device, knobs) for knobs in stage_one(K, x)]
+        del x
+    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+        return [error for error in pool.map(_warm_one, tasks) if error]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="CSV of every measurement")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--warm-jobs", type=int, default=8, help="processes compiling the kernels first (0: none)")
     args = parser.parse_args()
     K = kernels.load()
+    dtype = getattr(torch, args.dtype)
+    if args.warm_jobs:
+        start = time.perf_counter()
+        errors = warm_compile_cache(K, SHAPES, dtype, args.warm_jobs)
+        print(f"compiled the first stage's kernels in {time.perf_counter() - start:.0f} s with {args.warm_jobs} "
+              f"processes; {len(errors)} errors{': ' + errors[0] if errors else ''}", flush=True)  # fmt: skip
     timer = make_timer("cuda", warmup_ms=5, rep_ms=15)
     copy = copy_bandwidth_gbps(timer, "cuda")
-    dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; dtype {args.dtype}", flush=True)
     rows: list[dict] = []
     for shape, layout in SHAPES:

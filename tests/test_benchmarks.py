@@ -46,3 +46,13 @@ def test_the_knob_sweep_runs_every_stage_without_errors(monkeypatch, capsys, sha
     narrowed = [row for row in rows if row.get("PERSISTENT_MIN_CHANNELS")]
     assert bool(narrowed) == (layout == "channels_last")
     assert all("blocks=2x16" in row["plan"] for row in narrowed)  # tiles of 2 rows x 16 channels
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU session runs the warm-up for real")
+def test_the_compile_warm_up_runs_every_first_stage_setting_in_worker_processes(monkeypatch):
+    monkeypatch.setattr(tune_triton, "KNOBS", {"TILE": (32,), "NUM_WARPS": (4,), "SINGLE_TILE_MAX": (0, 8192)})
+    shapes = [((5, 3, 4, 3), "NCHW"), ((6, 5), "NC")]
+    assert tune_triton.warm_compile_cache(K, shapes, torch.float32, jobs=2, device="cpu") == []
+    # The workers really run the steps: one the backend refuses comes back as an error per setting.
+    errors = tune_triton.warm_compile_cache(K, shapes[:1], torch.float64, jobs=2, device="cpu")
+    assert len(errors) == 2 and all("float64 is not supported" in e for e in errors)
