@@ -300,6 +300,21 @@ def test_triton_rows_name_the_kernels_behind_them(tmp_path):
     assert all(r.note == "" for r in rows if r.provider == g.EAGER)
 
 
+def test_warm_up_compiles_every_group_in_worker_processes_first(tmp_path):
+    """--warm-jobs: the compiling providers run once per group in worker processes before the timed loop
+    (filling the on-disk caches); a group that fails there is reported, and the timed loop still runs."""
+    plan = g.build_plan(replace(CPU, dtypes=("float32",), bn1d_shapes=()), TOY_RESNET)[:2]
+    settings = replace(CPU, providers=(g.BNLAB, g.EAGER), warm_jobs=2)
+    assert g.warm_compile(plan, settings) == []
+    bad = [replace(group, dtype="float64") for group in plan]  # the triton backend refuses float64
+    errors = g.warm_compile(bad, replace(settings, backend="triton"))
+    assert len(errors) == 2 and all("float64 is not supported" in e for e in errors)
+    lines = []
+    rows, _ = g.run_gpu_bench(settings, tmp_path, plan=plan, log=lines.append)
+    assert any(line.startswith("compiled every group's kernels in ") for line in lines)
+    assert rows and not [r.error for r in rows if r.error]
+
+
 def test_time_budget_records_the_rest_as_skipped(tmp_path):
     settings = replace(CPU, budget_s=-1.0)
     plan = g.build_plan(settings, TOY_RESNET)[:3]
@@ -458,6 +473,7 @@ def test_cli_check_strict_passes_on_passing_rows(tmp_path, capsys):
     [
         (["bench", "--gpu", "--check", "no-such.csv"], "No such file"),
         (["bench", "--gpu", "--device", "cpu", "--providers", "cudnn"], "--providers: unknown ['cudnn']"),
+        (["bench", "--gpu", "--device", "cpu", "--warm-jobs", "-1"], "--warm-jobs must be 0 or more, got -1"),
     ],
 )
 def test_cli_gpu_refuses_bad_input(argv, message, capsys):

@@ -15,7 +15,7 @@ from bnlab import distributed
 from bnlab.runner import RunError
 
 # `bench` options for --gpu only; all default to None (--strict too), so "given" means "not None".
-_GPU_ONLY = ("out", "check", "strict", "device", "budget_s", "providers", "bnlab_backend")
+_GPU_ONLY = ("out", "check", "strict", "device", "budget_s", "providers", "bnlab_backend", "warm_jobs")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers", default=None, help="--gpu: comma-separated, from bnlab-triton,torch-eager,torch-compile"
     )
     p.add_argument("--bnlab-backend", default=None, help="--gpu: the bnlab backend of bnlab-triton (default triton)")
+    p.add_argument(
+        "--warm-jobs",
+        type=int,
+        default=None,
+        help="--gpu: compile every group's kernels in this many processes first (default 0: compile as it goes)",
+    )
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("list", help="list the experiments")

@@ -25,16 +25,20 @@ measured once at the start.
 The run is made for one unattended 10-minute command on a borrowed machine, so: a failure of one provider
 on one case becomes an error row and the run goes on; the CSV is rewritten every few seconds, so a killed
 run leaves what it measured; groups run in order of priority (what the acceptance check needs first), and
-after a time budget the rest are recorded as skipped instead of run.
+after a time budget the rest are recorded as skipped instead of run. With ``--warm-jobs N``, N worker
+processes first compile every group's kernels (torch.compile's, bnlab's Triton JIT) into the on-disk
+caches, so that the budget goes to timing rather than to compiling one group after another.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import datetime as _dt
 import math
+import multiprocessing
 import re
 import statistics
 import sys
@@ -205,6 +209,7 @@ class Settings:
     copy_bytes: int = 2**30
     compile_backend: str = "inductor"
     profile: str = "default"
+    warm_jobs: int = 0  # processes that compile every group's kernels before the timed loop (0: none)
 
 
 QUICK = Settings(batches=(256,), dtypes=("bfloat16", "float32"), directions=("both",), profile="quick")
@@ -597,6 +602,35 @@ def _progress_line(index: int, total: int, elapsed: float, group: Group, rows: S
     return "\n".join([f"{head} {group.dtype} {group.layout} | " + " | ".join(parts), *errors])
 
 
+def _warm_group(task: tuple[Group, Settings]) -> str:
+    """One forward+backward of each compiling provider on a group's inputs, in a worker process: the
+    kernels land in the on-disk caches (Triton's, inductor's) that the timed loop then reads."""
+    group, settings = task
+    try:
+        inp = _make_inputs(group, settings.device)
+        for provider in settings.providers:
+            if provider in (BNLAB, COMPILE):
+                fn, _ = make_provider(provider, settings.backend, settings.compile_backend)
+                _outputs_once(fn, inp, inp.stats())
+        _sync(torch.device(settings.device))
+    except Exception as exc:  # the timed loop meets the same failure and records it
+        return f"{group.case.name} {_shape_str(group.case.shape)} {group.dtype} {group.layout}: {_error_text(exc)}"
+    return ""
+
+
+def warm_compile(plan: Sequence[Group], settings: Settings) -> list[str]:
+    """Compile every group's kernels in `settings.warm_jobs` processes at once, before anything is timed.
+
+    Compiling is CPU work, one core per compile: torch.compile takes seconds per group and the Triton JIT
+    about one more, which, one after another, would spend most of a short run's budget. The workers fill
+    the on-disk caches; the timed loop's own compile of each group then mostly loads from them. Returns
+    the errors (the timed loop records them again, per row).
+    """
+    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
+    with concurrent.futures.ProcessPoolExecutor(max_workers=settings.warm_jobs, mp_context=spawn) as pool:
+        return [error for error in pool.map(_warm_group, [(group, settings) for group in plan]) if error]
+
+
 def run_gpu_bench(
     settings: Settings,
     out_dir: Path,
@@ -625,6 +659,14 @@ def run_gpu_bench(
         log(f"note: the estimate exceeds the budget; the last groups ({settings.dtypes[-1]} first) may be skipped")
     if BNLAB in settings.providers and settings.backend not in bnlab.available_backends():
         log(f"warning: bnlab has no backend {settings.backend!r} in this version: the {BNLAB} rows will be errors")
+    if settings.warm_jobs > 0:
+        warm_start = time.monotonic()
+        errors = warm_compile(plan, settings)
+        log(
+            f"compiled every group's kernels in {time.monotonic() - warm_start:.0f} s with {settings.warm_jobs} "
+            f"processes (not counted in the budget); {len(errors)} groups failed"
+            + (f", e.g. {errors[0]}" if errors else "")
+        )
     rows: list[GpuRow] = []
     start = written = time.monotonic()
     for index, group in enumerate(plan, 1):
@@ -924,6 +966,11 @@ def run_cli(args: argparse.Namespace) -> int:
         settings = replace(settings, backend=args.bnlab_backend)
     if args.budget_s is not None:
         settings = replace(settings, budget_s=args.budget_s)
+    if args.warm_jobs is not None:
+        if args.warm_jobs < 0:
+            print(f"bnlab bench --gpu: --warm-jobs must be 0 or more, got {args.warm_jobs}", file=sys.stderr)
+            return 2
+        settings = replace(settings, warm_jobs=args.warm_jobs)
     rows, path = run_gpu_bench(settings, Path(args.out or "benchmarks/results"), plan=build_plan(settings))
     code = _report(rows, args.strict)
     print(f"\nCSV: {path}")
