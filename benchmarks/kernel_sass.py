@@ -1,7 +1,9 @@
 """Instructions per loop iteration of the Triton kernels' main loops, read from their sm_90 machine code.
 
 Usage (no GPU needed; Triton's bundled ptxas and cuobjdump do the work):
-    TRITON_INTERPRET=0 PYTHONPATH=src python benchmarks/kernel_sass.py [--dtype bf16] [--arch 90]
+    TRITON_INTERPRET=0 PYTHONPATH=src python benchmarks/kernel_sass.py [--dtype bf16] [--arch 90] [--check 0.8]
+(--check: exit 1 if a split pass spends more than that fraction of its budget, or anything spills; CI
+runs it, tests/test_triton.py).
 To read what the GPU machines run, put Triton 3.6 first on the path (see the README's compile check).
 
 Why: BN moves few bytes per value, so a kernel whose loop spends too many instructions per value runs
@@ -26,6 +28,7 @@ import collections
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import triton
@@ -111,14 +114,32 @@ def loops_and_ops(sass: str) -> tuple[list[int], collections.Counter]:
     return loops, ops
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--arch", type=int, default=90)
-    args = parser.parse_args()
-    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}; SASS instructions per loop iteration, and "
-          f"of the first loop (the per-tile loop) per value a thread holds and per busy value")  # fmt: skip
-    itemsize = 4 if args.dtype == "fp32" else 2
+# Memory traffic of a split pass per value, in element sizes (persistent kernels: see the module doc).
+TRAFFIC = {"stats": 1, "normalize": 2, "grad sums": 2, "dx": 3}
+BYTES_PER_CYCLE = 16.5  # an H200 copying at ~4.3 TB/s over 132 SMs at 1.98 GHz, per SM
+ISSUE_PER_CYCLE = 4 * 32  # thread-instructions an SM issues per cycle at most
+
+
+def budget(kernel: str, itemsize: int) -> float:
+    """Instructions per value at which a split pass's loop would issue as fast as memory copies."""
+    return ISSUE_PER_CYCLE * TRAFFIC[kernel] * itemsize / BYTES_PER_CYCLE
+
+
+@dataclass(frozen=True)
+class Loop:
+    shape: str
+    kernel: str
+    tile: str
+    loops: tuple[int, ...]
+    per_value: float  # the first (per-tile) loop's instructions per value a thread holds
+    per_busy_value: float  # ... per value that is not padding
+    spills: int
+
+
+def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
+    """Compile each kernel with the tiles each of SHAPES gets and read its loops (see the module doc)."""
+    itemsize = 4 if dtype == "fp32" else 2
+    results = []
     for name, layout, N, C, S in SHAPES:
         split = K.plan_for(layout, N, C, S, target_programs=4 * 132, tile=K.TILE, num_warps=K.NUM_WARPS)
         # An H100/H200: 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.
@@ -130,14 +151,45 @@ def main() -> int:
             plan = persistent if maxnreg else split
             if maxnreg and not plan.persistent:
                 continue
-            loops, ops = loops_and_ops(machine_code(fn, args.dtype, plan, extra, args.arch, maxnreg))
-            per_thread = plan.block_a * plan.block_b / (plan.num_warps * 32)
-            per_value = loops[0] / per_thread if loops else float("nan")
+            loops, ops = loops_and_ops(machine_code(fn, dtype, plan, extra, arch, maxnreg))
+            per_value = loops[0] / (plan.block_a * plan.block_b / (plan.num_warps * 32)) if loops else float("nan")
             tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}"
-            spills = ops["LDL"] + ops["STL"]
-            print(f"{name:>11} {kname:>15} {tile:>12}: loops {loops}, {per_value:5.1f} per value, "
-                  f"{per_value / busy_fraction(plan):5.1f} per busy value; spills {spills}")  # fmt: skip
-    return 0
+            results.append(Loop(name, kname, tile, tuple(loops), per_value, per_value / busy_fraction(plan),
+                                ops["LDL"] + ops["STL"]))  # fmt: skip
+    return results
+
+
+def over_budget(results: list[Loop], itemsize: int, fraction: float) -> list[str]:
+    """What breaks the limits CI holds the kernels to: a split pass above `fraction` of its budget per busy
+    value, or any spill."""
+    failures = [f"{r.shape} {r.kernel}: spills {r.spills}" for r in results if r.spills]
+    for r in results:
+        if r.kernel in TRAFFIC and r.per_busy_value > fraction * budget(r.kernel, itemsize):
+            failures.append(f"{r.shape} {r.kernel}: {r.per_busy_value:.1f} instructions per busy value > "
+                            f"{fraction} x {budget(r.kernel, itemsize):.1f}")  # fmt: skip
+    return failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--check", type=float, default=None, metavar="FRACTION",
+                        help="exit 1 if a split pass exceeds FRACTION of its budget or any kernel spills")  # fmt: skip
+    args = parser.parse_args()
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}; SASS instructions per loop iteration, and "
+          f"of the first loop (the per-tile loop) per value a thread holds and per busy value")  # fmt: skip
+    itemsize = 4 if args.dtype == "fp32" else 2
+    results = measure(args.dtype, args.arch)
+    for r in results:
+        limit = f" (budget {budget(r.kernel, itemsize):.1f})" if r.kernel in TRAFFIC else ""
+        print(f"{r.shape:>11} {r.kernel:>15} {r.tile:>12}: loops {list(r.loops)}, {r.per_value:5.1f} per value, "
+              f"{r.per_busy_value:5.1f} per busy value{limit}; spills {r.spills}")  # fmt: skip
+    if args.check is None:
+        return 0
+    failures = over_budget(results, itemsize, args.check)
+    print("\n".join(failures) or f"check: every split pass within {args.check} of its budget, no spills")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

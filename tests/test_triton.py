@@ -458,6 +458,32 @@ def test_every_kernel_compiles_for_nvidia_gpus(arch):
     assert "compiled" in done.stdout and " 0 failed" in done.stdout
 
 
+def test_kernel_loops_stay_within_the_instruction_budget():
+    """The main loops' instructions per value, read from the sm_90 machine code (benchmarks/kernel_sass.py,
+    see benchmarks/NOTES.md): each bf16 split pass of the ResNet-50 shapes there within 0.8 of the count
+    at which it would issue no faster than memory copies (the statistics pass of NCHW 7x7 was at 1.8 before
+    packed tiles and hoisted offsets), and no kernel spills. A subprocess, as for the compile test."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sass.py"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, str(script), "--check", "0.8"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "every split pass within 0.8 of its budget" in done.stdout
+
+
+def test_the_instruction_budget_check_flags_slow_loops_and_spills():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import kernel_sass
+
+    def loop(kernel, per_busy_value, spills=0):
+        return kernel_sass.Loop("NCHW 7x7", kernel, "1x4096", (1,), per_busy_value, per_busy_value, spills)
+
+    budget = kernel_sass.budget("stats", 2)  # a bf16 statistics pass: 2 bytes of traffic per value
+    assert budget == pytest.approx(128 * 2 / 16.5)
+    assert kernel_sass.over_budget([loop("stats", 0.79 * budget), loop("persistent fwd", 99.0)], 2, 0.8) == []
+    failures = kernel_sass.over_budget([loop("stats", 0.81 * budget), loop("dx", 1.0, spills=8)], 2, 0.8)
+    assert len(failures) == 2 and "spills 8" in failures[0] and "stats" in failures[1]
+
+
 def test_small_planes_channels_get_the_single_pass_plan():
     small = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=528, single_tile_max=8192)
     assert small.single and small.grid == (2048, 1) and small.block_a * small.block_b == 2048
