@@ -256,12 +256,13 @@ def test_concurrent_interpreter_runs_a_grid_barrier_and_reports_a_deadlock():
         _grid_barrier_kernel[(4, 2)](count.fill_(-100), out)  # waits for 108 arrivals of 8 programs
 
 
-def test_large_offset_statistics_do_not_cancel(tiling):
+@pytest.mark.parametrize("channels", [3, 16], ids=["3ch", "16ch"])
+def test_large_offset_statistics_do_not_cancel(tiling, channels):
     # 1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 would lose every digit of the variance; Chan's update keeps them.
     gen = torch.Generator().manual_seed(0)
-    x64 = torch.randn(64, 3, 17, generator=gen, dtype=torch.float64) + 1e4
+    x64 = torch.randn(64, channels, 17, generator=gen, dtype=torch.float64) + 1e4
     x = x64.float().to(DEVICE)
-    rm, rv = torch.zeros(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    rm, rv = torch.zeros(channels, device=DEVICE), torch.zeros(channels, device=DEVICE)
     y = BF.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5, backend="triton")
     x32 = x.double().cpu()  # the values the kernel saw
     true_mean, true_var = x32.mean((0, 2)), x32.var((0, 2))

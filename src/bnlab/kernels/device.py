@@ -777,19 +777,22 @@ def _single_tile_forward_kernel(
     base, offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     n = (N * S).to(tl.float32)
-    # Two passes over registers: the exact mean, then the centred sum of squares.
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
-    d = tl.where(mask, x - mean, 0.0)
+    # Two passes over registers: the mean (relative to the channel's first value: a sum of values near a
+    # large offset would round at the offset's scale), then the centred sum of squares.
+    anchor = _anchor(x_ptr, cols, cmask, S, True)
+    rel_mean = tl.sum(tl.sum(tl.where(mask, x - anchor[:, None], 0.0), axis=1), axis=0) / n
+    mean = anchor + rel_mean
+    d = tl.where(mask, x - mean[:, None], 0.0)
     m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
     zero = tl.zeros([1], tl.float32)
     _finalize_stats(
-        zero + n, zero, zero + m2, zero + mean, cols, cmask, eps, momentum,
+        zero + n, zero + rel_mean, zero + m2, anchor, cols, cmask, eps, momentum,
         mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING,
     )  # fmt: skip
     invstd = 1.0 / tl.sqrt(m2 / n + eps)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
     z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL)
-    p = _pre_activation(x, mean, (invstd * w)[:, None], shift[:, None], z, HAS_RESIDUAL)
+    p = _pre_activation(x, mean[:, None], (invstd * w)[:, None], shift[:, None], z, HAS_RESIDUAL)
     if RELU:
         p = tl.maximum(p, 0.0)
     tl.store(y_ptr + base + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
