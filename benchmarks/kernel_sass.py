@@ -97,6 +97,8 @@ def busy_fraction(plan: K.Plan) -> float:
         return min(1.0, plan.C / plan.block_b)
     if plan.packed:
         return plan.samples_per_tile * plan.S / plan.block_b
+    if plan.group:
+        return plan.group * plan.S / plan.block_b
     return plan.S / (plan.s_blocks * plan.block_b)
 
 
@@ -153,7 +155,7 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
                 continue
             loops, ops = loops_and_ops(machine_code(fn, dtype, plan, extra, arch, maxnreg))
             per_value = loops[0] / (plan.block_a * plan.block_b / (plan.num_warps * 32)) if loops else float("nan")
-            tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}"
+            tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}{' grouped' if plan.group else ''}"
             results.append(Loop(name, kname, tile, tuple(loops), per_value, per_value / busy_fraction(plan),
                                 ops["LDL"] + ops["STL"]))  # fmt: skip
     return results

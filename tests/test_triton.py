@@ -33,15 +33,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent"])
+@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "grouped", "persistent"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
     default tiles, tiny tiles and many programs (split reductions, combined by the last program of each
     channel block a few partials at a time), 64-lane tiles (planes: several samples' short runs packed
-    in each, several tiles and slices per channel), or the persistent kernels with tiny tiles, several
+    in each, several tiles and slices per channel), 256-value tiles and persistent plans (planes with 16
+    channels: grouped tiles, one sample a tile), or the persistent kernels with tiny tiles, several
     programs per channel block and several rounds (the interpreter runs them as two phases)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    if request.param == "grouped":  # planes with 16 channels: grouped tiles, persistent, one sample a tile
+        monkeypatch.setattr(K, "TILE", 256)
+        monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 5000))
     if request.param in ("many-slices", "packed", "persistent"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         monkeypatch.setattr(K, "_target_programs", lambda device: 64)
@@ -80,7 +84,7 @@ def _close(ours, ref, dtype, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol * scale:.3g}"
 
 
-FUSED_SHAPES = [(5, 3), (4, 3, 5), (21, 3, 7), (3, 4, 5, 6), (2, 3, 3, 2, 5)]
+FUSED_SHAPES = [(5, 3), (4, 3, 5), (21, 3, 7), (33, 16, 3, 3), (3, 4, 5, 6), (2, 3, 3, 2, 5)]
 
 
 @pytest.mark.parametrize(
@@ -365,12 +369,16 @@ def test_spatial_block_keeps_padding_small(S, block):
     ],
 )
 def test_plans_cover_every_value_once(layout, N, C, S, target):
-    """Every value in exactly one tile of one slice (planes: 7x7 and 1x5 channels get packed tiles)."""
+    """Every value in exactly one tile of one slice (planes: 7x7 and 14x14 get grouped tiles, 16 channels
+    a program; 1x5 with 3 channels gets packed tiles)."""
     plan = K.plan_for(layout, N, C, S, target_programs=target)
     assert (plan.splits - 1) * plan.per_split < plan.tiles <= plan.splits * plan.per_split  # no empty slice
     if layout == K.ROWS:
         assert plan.tiles * plan.block_a >= N * S > (plan.tiles - 1) * plan.block_a
         assert plan.block_b >= min(C, 128)
+    elif plan.group:  # a sample's runs of a group of channels: one span of lanes
+        assert plan.group * S <= plan.block_b < 2 * plan.group * S and C % plan.group == 0
+        assert plan.channel_programs == C // plan.group and plan.tiles == -(-N // plan.block_a)
     elif plan.packed:  # whole runs of S values side by side in one row of lanes
         assert plan.block_a == 1 and plan.block_b >= 2 * S and S % 16 != 0
         assert plan.tiles * plan.samples_per_tile >= N > (plan.tiles - 1) * plan.samples_per_tile
@@ -390,7 +398,7 @@ def test_persistent_plans_fit_the_resident_programs_and_the_round_budget(layout,
     resident, round_values = 264, 6_553_600  # an H100: 2 programs on each of 132 SMs, bf16, a quarter of L2
     plan = K.plan_for(layout, N, C, S, target_programs=528, resident_programs=resident, round_values=round_values)
     assert plan.persistent
-    per_unit = N * S * (plan.block_b if layout == K.ROWS else 1)
+    per_unit = N * S * (plan.block_b if layout == K.ROWS else plan.group or 1)
     assert plan.grid[0] * plan.grid[1] <= resident  # all resident at once: the spin waits end
     assert plan.units_per_round * per_unit <= round_values  # a round's data stays in L2
     assert (plan.splits - 1) * plan.per_split < plan.tiles <= plan.splits * plan.per_split  # no empty slice

@@ -39,6 +39,8 @@ def compile_cases():
         {"BLOCK_A": 32, "BLOCK_B": 128, "PLANES": 0},
         {"BLOCK_A": 64, "BLOCK_B": 64, "PLANES": 1},
         {"BLOCK_A": 1, "BLOCK_B": 2048, "PLANES": 2},  # packed planes
+        {"BLOCK_A": 2, "BLOCK_B": 1024, "PLANES": 3},  # grouped planes, 16 channels
+        {"BLOCK_A": 1, "BLOCK_B": 2048, "PLANES": 4},  # grouped planes, 8 channels
     )
     epilogues = [
         dict(HAS_WEIGHT=w, HAS_BIAS=w, HAS_RESIDUAL=res, RELU=relu)

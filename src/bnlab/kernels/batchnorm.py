@@ -67,10 +67,13 @@ class Plan:
     single: bool = False  # planes, one tile per channel: the single-pass kernels (training)
     units_per_round: int = 0  # > 0: the persistent kernels (training)
     packed: bool = False  # planes: block_a == 1, a tile holds block_b // S samples' runs side by side
+    group: int = 0  # planes: > 0, a program takes this many channels, one contiguous span per sample
 
     @property
     def channel_programs(self) -> int:
-        return _cdiv(self.C, self.block_b) if self.layout == ROWS else self.C
+        if self.layout == ROWS:
+            return _cdiv(self.C, self.block_b)
+        return self.C // self.group if self.group else self.C
 
     @property
     def persistent(self) -> bool:
@@ -150,15 +153,15 @@ def plan_for(
     while layout == ROWS and min_block_channels and widths[-1] > min_block_channels:
         widths.append(widths[-1] // 2)
     for width in widths if resident_programs > 0 else ():
-        block_a, block_b, tiles, units, unit_values, packed = _blocks(layout, N, C, S, persistent_tile, width)
+        block_a, block_b, tiles, units, unit_values, packing = _blocks(layout, N, C, S, persistent_tile, width)
         if unit_values <= round_values:
             per_round = min(units, round_values // unit_values, resident_programs)
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
-                        units_per_round=per_round, packed=packed)  # fmt: skip
-    block_a, block_b, tiles, units, _, packed = _blocks(layout, N, C, S, tile)
+                        units_per_round=per_round, **packing)  # fmt: skip
+    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile)
     per_split = _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
-    return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, packed=packed)
+    return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, **packing)
 
 
 INT32_LIMIT = 2**31
@@ -168,6 +171,18 @@ def _offsets_fit(block_a: int, row_stride: int, block_b: int) -> bool:
     """Whether a tile's offsets relative to its first value (device `_tile`: rows of `row_stride`
     values apart) fit the int32 the kernels compute them in."""
     return (block_a - 1) * row_stride + block_b < INT32_LIMIT
+
+
+GROUPS = (16, 8)  # channels a grouped-planes program takes (device: PLANES 3 and 4)
+
+
+def _group_size(C: int, S: int, tile: int) -> int:
+    """Channels per program for grouped planes (device module doc), or 0: for runs that are not
+    16-aligned, when C is a multiple of the group (then every group's span starts 16-byte aligned) and a
+    sample's span fits a tile."""
+    if S % 16 == 0:
+        return 0
+    return next((g for g in GROUPS if C % g == 0 and _pow2(g * S) <= tile), 0)
 
 
 def _packed_block(N: int, C: int, S: int, tile: int) -> int:
@@ -180,23 +195,30 @@ def _packed_block(N: int, C: int, S: int, tile: int) -> int:
     return block_b
 
 
-def _blocks(layout: str, N: int, C: int, S: int, tile: int, width: int = 128) -> tuple[int, int, int, int, int, bool]:
-    """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, packed);
-    rows: blocks of at most `width` channels."""
+def _blocks(layout: str, N: int, C: int, S: int, tile: int, width: int = 128) -> tuple[int, int, int, int, int, dict]:
+    """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, the Plan's
+    packing fields: {}, packed or group); rows: blocks of at most `width` channels."""
     if layout == ROWS:
         block_b = min(_pow2(C), width, tile)
         block_a = max(1, min(tile // block_b, _pow2(N * S)))
         while not _offsets_fit(block_a, C, block_b):  # only for millions of channels
             block_a //= 2
-        return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), N * S * block_b, False
+        return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), N * S * block_b, {}
+    group = _group_size(C, S, tile)
+    if group:
+        block_b = _pow2(group * S)
+        block_a = max(1, min(tile // block_b, _pow2(N)))
+        while not _offsets_fit(block_a, C * S, block_b):
+            block_a //= 2
+        return block_a, block_b, _cdiv(N, block_a), C // group, N * S * group, {"group": group}
     packed = _packed_block(N, C, S, tile)
     if packed:
-        return 1, packed, _cdiv(N, packed // S), C, N * S, True
+        return 1, packed, _cdiv(N, packed // S), C, N * S, {"packed": True}
     block_b = _spatial_block(S, tile)
     block_a = max(1, min(tile // block_b, _pow2(N)))
     while not _offsets_fit(block_a, C * S, block_b):  # samples of 2**31 / block_a values or more
         block_a //= 2
-    return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S, False
+    return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S, {}
 
 
 def _target_programs(device: torch.device) -> int:
@@ -282,7 +304,7 @@ PERSISTENT_MIN_CHANNELS = 0
 
 
 def _split_block(plan: Plan) -> int:
-    channels = plan.block_b if plan.layout == ROWS else 1
+    channels = plan.block_b if plan.layout == ROWS else plan.group or 1  # channels a partial row spans
     return max(1, min(_pow2(plan.splits), COMBINE_VALUES // channels))
 
 
@@ -322,6 +344,8 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             how = f"split over {plan.splits} slices"
         if plan.packed:
             how += f" (packed tiles of {plan.samples_per_tile} samples)"
+        if plan.group:
+            how += f" (grouped tiles of {plan.group} channels)"
         parts.append(f"{direction} {how}")
     return "; ".join(parts)
 
@@ -345,6 +369,15 @@ def _persistent_launch(kernel, plan: Plan, device: torch.device, *args, **conste
         kernel[plan.grid](*args, PHASE=phase, PIPELINE=PIPELINE_ROUNDS, **constexprs)
 
 
+def _planes_code(plan: Plan) -> int:
+    """The kernels' PLANES constexpr (device module doc): 0 rows, 1 planes, 2 packed, 3/4 grouped by 16/8."""
+    if plan.layout == ROWS:
+        return 0
+    if plan.group:
+        return 3 + GROUPS.index(plan.group)
+    return 2 if plan.packed else 1
+
+
 def _shape_args(plan: Plan) -> tuple[int, ...]:
     return (plan.N, plan.C, plan.S, plan.s_blocks, plan.tiles, plan.per_split)
 
@@ -353,7 +386,7 @@ def _block_args(plan: Plan) -> dict[str, int]:
     return {
         "BLOCK_A": plan.block_a,
         "BLOCK_B": plan.block_b,
-        "PLANES": 0 if plan.layout == ROWS else 2 if plan.packed else 1,  # device module doc
+        "PLANES": _planes_code(plan),
         "num_warps": plan.num_warps,
     }
 

@@ -51,7 +51,14 @@ Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in 
   aligned (7x7, 14x14, ...): a power-of-two block of lanes would idle up to half of them on each run
   (49 of 64), and such runs load one value per instruction anyway; so a tile is one row of BLOCK_B
   lanes holding the runs of BLOCK_B // S consecutive samples side by side (98% of the lanes busy at 7x7).
-The kernels' PLANES constexpr says which: 0 rows, 1 planes, 2 packed planes (truthy for both planes).
+  Grouped planes, for the same runs when C is a multiple of 8 (preferred to packing): a program takes a
+  group of 16 (or 8) channels, whose runs in one sample are one contiguous span, 16-byte aligned when
+  C % 16 == 0 (16 x 49 values at 7x7): tiles of [samples, span padded to a power of two] load 8 bf16
+  values per instruction (77% of lanes busy, yet about half the instructions per value of packed
+  tiles). Per-channel vectors have the group's 16 (or 8) entries; `_spread` gathers them to the lanes,
+  `_channel_sum` is a segmented scan over the lanes read at the runs' ends.
+The kernels' PLANES constexpr says which: 0 rows, 1 planes, 2 packed planes, 3 and 4 grouped planes
+(16 and 8 channels a group); all but 0 are truthy.
 Other strides are made contiguous first (a copy, documented in the backend).
 """
 
@@ -103,9 +110,23 @@ def _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIA
 
 
 @triton.jit
-def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
-    """The channels of a program: one (planes) or a block of BLOCK_B (rows); and which of them exist."""
-    if PLANES:
+def _group(pid_c, S, PLANES: tl.constexpr):
+    """Grouped planes: (first channel, values per sample) of program pid_c's group of 16 (PLANES 3) or 8
+    (PLANES 4) channels; constant group sizes let the compiler prove the runs' 16-byte alignment."""
+    if PLANES == 3:
+        return pid_c * 16, 16 * S
+    return pid_c * 8, 8 * S
+
+
+@triton.jit
+def _channels(pid_c, C, S, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+    """The channels of a program: one (planes), a block of BLOCK_B (rows) or a group of 16 or 8 (grouped
+    planes); and which of them exist."""
+    if PLANES == 3:
+        cols = pid_c * 16 + tl.arange(0, 16)
+    elif PLANES == 4:
+        cols = pid_c * 8 + tl.arange(0, 8)
+    elif PLANES:
         cols = pid_c + tl.arange(0, 1)
     else:
         cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -132,6 +153,8 @@ def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.conste
             s in [sb * BLOCK_B, +BLOCK_B).
     packed planes (PLANES == 2; BLOCK_A == 1, S_BLOCKS == 1): the runs of S values of BLOCK_B // S
             consecutive samples side by side in one row of BLOCK_B lanes (see the module doc).
+    grouped planes (PLANES 3, 4; S_BLOCKS == 1): samples [nb * BLOCK_A, +BLOCK_A), each a span of the
+            group's runs (G * S values from channel G * pid_c on).
     """
     a = tl.arange(0, BLOCK_A)
     b = tl.arange(0, BLOCK_B)
@@ -141,14 +164,18 @@ def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.conste
         samples = _samples_per_tile(S, BLOCK_A, BLOCK_B, PLANES)
         n0 = nb * samples
         s0 = sb * BLOCK_B
-        base = (n0.to(tl.int64) * C + pid_c) * S + s0
+        if PLANES >= 3:  # a sample's runs of the group's channels: one contiguous, aligned span
+            c0, width = _group(pid_c, S, PLANES)
+        else:
+            c0, width = pid_c, S - s0
+        base = (n0.to(tl.int64) * C + c0) * S + s0
         if PLANES == 2:
             n = b // S  # lane -> (sample, position): computed once per program, like all the offsets
             offs = (n * (C * S) + (b - n * S))[None, :]
             mask = (n < tl.minimum(samples, N - n0))[None, :]
         else:
             offs = (a * (C * S))[:, None] + b[None, :]
-            mask = (a < N - n0)[:, None] & (b < S - s0)[None, :]
+            mask = (a < N - n0)[:, None] & (b < width)[None, :]
     else:
         r0 = i * BLOCK_A
         c0 = pid_c * BLOCK_B
@@ -173,19 +200,38 @@ def _tile_count(i, N, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 
 
 @triton.jit
-def _spread(v, PLANES: tl.constexpr):
-    """A per-channel vector shaped to broadcast against the program's tiles."""
-    if PLANES:
+def _spread(v, S, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+    """A per-channel vector shaped to broadcast against the program's tiles (grouped planes: each lane
+    gets its channel's value)."""
+    if PLANES == 1 or PLANES == 2:
         return v[:, None]
+    elif PLANES >= 3:
+        lane = tl.arange(0, BLOCK_B)
+        return tl.gather(v, tl.minimum(lane // S, v.shape[0] - 1), 0)[None, :]
     else:
         return v[None, :]
 
 
 @triton.jit
-def _channel_sum(t, PLANES: tl.constexpr):
-    """Sum a tile per channel: over both axes (planes: one channel) or over rows (rows)."""
-    if PLANES:
+def _segment_add(a, start_a, b, start_b):
+    """Segmented sum for an inclusive scan: a lane that starts a run starts its sum afresh."""
+    return tl.where(start_b, b, a + b), start_a | start_b
+
+
+@triton.jit
+def _channel_sum(t, S, PLANES: tl.constexpr):
+    """Sum a tile per channel: over both axes (planes: one channel), over rows (rows), or over rows and
+    then over each channel's run of S lanes (grouped planes: a segmented scan, read at the runs' ends)."""
+    if PLANES == 1 or PLANES == 2:
         return tl.sum(tl.sum(t, axis=1), axis=0)
+    elif PLANES >= 3:
+        lane = tl.arange(0, t.shape[1])
+        runs, _ = tl.associative_scan((tl.sum(t, axis=0), lane % S == 0), 0, _segment_add)
+        if PLANES == 3:
+            ends = tl.arange(0, 16) * S + S - 1
+        else:
+            ends = tl.arange(0, 8) * S + S - 1
+        return tl.gather(runs, tl.minimum(ends, t.shape[1] - 1), 0)
     else:
         return tl.sum(t, axis=0)
 
@@ -316,8 +362,8 @@ def _slice_stats(
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     count = _tile_count(t_start, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     # (planes: the scalar sum, shaped like the anchor to broadcast over the tiles)
-    pivot = _channel_sum(x, PLANES) / count.to(tl.float32) + tl.zeros_like(anchor)
-    shift = _spread(pivot, PLANES)
+    pivot = _channel_sum(x, S, PLANES) / count.to(tl.float32) + tl.zeros_like(anchor)
+    shift = _spread(pivot, S, BLOCK_B, PLANES)
     d = tl.where(mask, x - shift, 0.0)
     s1 = d
     s2 = d * d
@@ -329,9 +375,9 @@ def _slice_stats(
         s1 += d
         s2 += d * d
     n = count.to(tl.float32) + tl.zeros_like(anchor)
-    total = _channel_sum(s1, PLANES)
+    total = _channel_sum(s1, S, PLANES)
     shifted_mean = total / tl.maximum(n, 1.0)
-    m2 = _channel_sum(s2, PLANES) - shifted_mean * total
+    m2 = _channel_sum(s2, S, PLANES) - shifted_mean * total
     m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding can go below 0; a NaN (bad input) must stay NaN
     # Relative to the channel's first value, so that partial means near a large offset keep their digits.
     return n, (pivot - anchor) + shifted_mean, m2
@@ -378,13 +424,18 @@ def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constex
 
 @triton.jit
 def _normalizer(
-    mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps,
+    mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B: tl.constexpr,
     PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """invstd per channel, and shaped for the tiles: mean, scale = invstd * weight, shift = bias."""
     mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    return invstd, _spread(mean, PLANES), _spread(invstd * w, PLANES), _spread(shift, PLANES)
+    return (
+        invstd,
+        _spread(mean, S, BLOCK_B, PLANES),
+        _spread(invstd * w, S, BLOCK_B, PLANES),
+        _spread(shift, S, BLOCK_B, PLANES),
+    )
 
 
 @triton.jit
@@ -459,7 +510,7 @@ def _slice_grad_sums(
         )  # fmt: skip
         sum_g += g
         sum_gc += g * (x - mean)
-    return _channel_sum(sum_g, PLANES), _channel_sum(sum_gc, PLANES)
+    return _channel_sum(sum_g, S, PLANES), _channel_sum(sum_gc, S, PLANES)
 
 
 @triton.jit
@@ -473,11 +524,11 @@ def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd, dw_ptr, db_ptr, coef_
 
 
 @triton.jit
-def _coefficients(coef_ptr, cols, cmask, C, PLANES: tl.constexpr):
+def _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
     """(k1, k2) of `_finalize_grads`, shaped for the tiles (.cg: maybe written by this launch)."""
     k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
     k2 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-    return _spread(k1, PLANES), _spread(k2, PLANES)
+    return _spread(k1, S, BLOCK_B, PLANES), _spread(k2, S, BLOCK_B, PLANES)
 
 
 @triton.jit
@@ -520,7 +571,7 @@ def _stats_kernel(
     unit = tl.program_id(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
     n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     if SPLIT:
@@ -546,9 +597,9 @@ def _apply_kernel(
 ):  # fmt: skip
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     _, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, PLANES, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B, PLANES, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
     )
     _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
                  BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
@@ -565,9 +616,9 @@ def _grad_kernel(
     unit = tl.program_id(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     invstd, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     sum_g, sum_gc = _slice_grad_sums(dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift,
                                      N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
@@ -595,14 +646,14 @@ def _input_grad_kernel(
 ):  # fmt: skip
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     _, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     k1 = mean
     k2 = mean
     if TRAINING:
-        k1, k2 = _coefficients(coef_ptr, cols, cmask, C, PLANES)
+        k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
         BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
@@ -624,7 +675,7 @@ def _publish_stats(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
     n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
@@ -644,11 +695,11 @@ def _finish_forward(
     WAIT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
 ):  # fmt: skip
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     if WAIT:
         _wait(flags_ptr + unit)
     _, mean, scale, shift = _normalizer(
-        mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, PLANES, False, HAS_WEIGHT, HAS_BIAS
+        mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
                  BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
@@ -690,9 +741,9 @@ def _publish_grads(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     invstd, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     sum_g, sum_gc = _slice_grad_sums(
         dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
@@ -716,13 +767,13 @@ def _finish_backward(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):  # fmt: skip
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     if WAIT:
         _wait(flags_ptr + unit)
     _, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, PLANES, False, HAS_WEIGHT, HAS_BIAS
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
-    k1, k2 = _coefficients(coef_ptr, cols, cmask, C, PLANES)
+    k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2,
         N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
@@ -809,7 +860,7 @@ def _single_tile_backward_kernel(
     cols = c + tl.arange(0, 1)
     cmask = cols < C
     invstd, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, True, False, HAS_WEIGHT, HAS_BIAS
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_S, True, False, HAS_WEIGHT, HAS_BIAS
     )
     base, offs, mask, x, g = _grad_tile(
         0, c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, 1, BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU
