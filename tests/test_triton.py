@@ -33,19 +33,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "grouped", "persistent"])
+@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
-    default tiles, tiny tiles and many programs (split reductions, combined by the last program of each
-    channel block a few partials at a time), 64-lane tiles (planes: several samples' short runs packed
-    in each, several tiles and slices per channel), 256-value tiles and persistent plans (planes with 16
-    channels: grouped tiles, one sample a tile), or the persistent kernels with tiny tiles, several
-    programs per channel block and several rounds (the interpreter runs them as two phases)."""
+    default tiles (planes with 16 channels: grouped tiles), tiny tiles and many programs (split
+    reductions, combined by the last program of each channel block a few partials at a time), 64-lane
+    tiles (planes: several samples' short runs packed in each, several tiles and slices per channel), or
+    the persistent kernels with tiny tiles, several programs per channel block and several rounds (the
+    interpreter runs them as two phases; grouped tiles: see the rounds test)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    if request.param == "grouped":  # planes with 16 channels: grouped tiles, persistent, one sample a tile
-        monkeypatch.setattr(K, "TILE", 256)
-        monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 5000))
     if request.param in ("many-slices", "packed", "persistent"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         monkeypatch.setattr(K, "_target_programs", lambda device: 64)
@@ -84,7 +81,7 @@ def _close(ours, ref, dtype, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol * scale:.3g}"
 
 
-FUSED_SHAPES = [(5, 3), (4, 3, 5), (21, 3, 7), (33, 16, 3, 3), (3, 4, 5, 6), (2, 3, 3, 2, 5)]
+FUSED_SHAPES = [(5, 3), (4, 3, 5), (21, 3, 7), (5, 16, 3), (3, 4, 5, 6), (2, 3, 3, 2, 5)]  # (5, 16, 3): grouped
 
 
 @pytest.mark.parametrize(
@@ -186,8 +183,14 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, persistent):
     assert buffers and all(int(buf.count_nonzero()) == 0 for buf in buffers)
 
 
-# (shape, layout, values per round): two channel blocks (of 8 channels in rows, 1 in planes) per round.
-ROUNDS = [((6, 20), "contiguous", 96), ((4, 20, 3), "contiguous", 24), ((3, 20, 2, 2), "channels_last", 192)]
+# (shape, layout, values per round, tile): two channel blocks (of 8 channels in rows, 1 in planes, 16 in
+# grouped planes) per round.
+ROUNDS = [
+    ((6, 20), "contiguous", 96, 8),
+    ((4, 20, 3), "contiguous", 24, 8),
+    ((3, 20, 2, 2), "channels_last", 192, 8),
+    ((9, 48, 5), "contiguous", 1440, 128),  # grouped planes: 16 channels' runs of 5 in 128 lanes
+]
 
 
 # How the persistent kernels run: "phases" is how the interpreter runs them (two launches, no spin-waits);
@@ -198,8 +201,10 @@ PERSISTENT_LAUNCHES = ["phases", "one launch"] if DEVICE == "cpu" else ["phases"
 
 @pytest.mark.parametrize("launch", PERSISTENT_LAUNCHES)
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "round-by-round"])
-@pytest.mark.parametrize(("shape", "layout", "round_values"), ROUNDS)
-def test_persistent_kernels_run_rounds_of_channel_blocks(monkeypatch, shape, layout, round_values, pipeline, launch):
+@pytest.mark.parametrize(("shape", "layout", "round_values", "tile"), ROUNDS)
+def test_persistent_kernels_run_rounds_of_channel_blocks(
+    monkeypatch, shape, layout, round_values, tile, pipeline, launch
+):
     """Many channel blocks, a few per round, several programs per block: every round's statistics and
     gradients match the reference (a block finalized from another round's partials would not), whether
     a program finishes each round before the next or publishes the next one first; a second run gives
@@ -207,7 +212,7 @@ def test_persistent_kernels_run_rounds_of_channel_blocks(monkeypatch, shape, lay
     count is back at zero afterwards."""
     monkeypatch.setattr(K, "PIPELINE_ROUNDS", pipeline)
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "TILE", 8)
+    monkeypatch.setattr(K, "TILE", tile)
     monkeypatch.setattr(K, "COMBINE_VALUES", 8)
     monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, round_values))
     if DEVICE == "cpu":
@@ -260,8 +265,20 @@ def test_concurrent_interpreter_runs_a_grid_barrier_and_reports_a_deadlock():
         _grid_barrier_kernel[(4, 2)](count.fill_(-100), out)  # waits for 108 arrivals of 8 programs
 
 
-@pytest.mark.parametrize("channels", [3, 16], ids=["3ch", "16ch"])
-def test_large_offset_statistics_do_not_cancel(tiling, channels):
+def test_large_offset_statistics_do_not_cancel(tiling):
+    _check_large_offset(channels=3)
+
+
+@pytest.mark.parametrize("single_tile", [True, False], ids=["single-tile", "grouped"])
+def test_large_offset_statistics_do_not_cancel_in_single_tile_and_grouped_plans(monkeypatch, single_tile):
+    """16 channels: the single-pass kernel (its mean was 1.3 ulp off here before it was taken relative to
+    the channel's first value), or grouped tiles (16 channels a program)."""
+    if not single_tile:
+        monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    _check_large_offset(channels=16)
+
+
+def _check_large_offset(channels):
     # 1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 would lose every digit of the variance; Chan's update keeps them.
     gen = torch.Generator().manual_seed(0)
     x64 = torch.randn(64, channels, 17, generator=gen, dtype=torch.float64) + 1e4
