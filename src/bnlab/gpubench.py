@@ -18,7 +18,11 @@ autograd graph built), ``backward`` (the backward alone: ``torch.autograd.grad``
 
 Timing: the median of CUDA-event timings with the L2 cache flushed before every call (the loop of
 ``triton.testing.do_bench``, plus an untimed setup so that backward is timed alone; see `make_timer`); on
-CPU, used only by the tests, ``time.perf_counter`` medians. Bandwidth is the minimal traffic
+CPU, used only by the tests, ``time.perf_counter`` medians. Each call is timed twice: replayed from a CUDA
+graph (``median_us``: the GPU's time, what the bandwidth columns and the acceptance check use) and called
+from Python (``stream_us``: with the host's launch overhead, which a GPU that waits on the host counts
+too; on a slow host it can exceed the kernels' time at the smaller layers). Backward alone has no graph
+(its input comes from an untimed forward) and is timed from Python only. Bandwidth is the minimal traffic
 (`min_traffic_bytes`) over the median time, also as a fraction of the device's own copy bandwidth,
 measured once at the start.
 
@@ -210,9 +214,10 @@ class Settings:
     compile_backend: str = "inductor"
     profile: str = "default"
     warm_jobs: int = 0  # processes that compile every group's kernels before the timed loop (0: none)
+    graphs: bool = True  # also time each call replayed from a CUDA graph (the GPU's time; see the module doc)
 
 
-QUICK = Settings(batches=(256,), dtypes=("bfloat16", "float32"), directions=("both",), profile="quick")
+QUICK = Settings(batches=(256,), dtypes=("bfloat16", "float32"), directions=("forward", "both"), profile="quick")
 
 
 def build_plan(
@@ -301,8 +306,11 @@ Timer = Callable[..., float]
 MAX_REPS = 1000
 
 
-def make_timer(device: str, warmup_ms: float = 5.0, rep_ms: float = 20.0) -> Timer:
+def make_timer(device: str, warmup_ms: float = 5.0, rep_ms: float = 20.0, graphs: bool = False) -> Timer:
     """A median-seconds timer: CUDA events with the L2 flushed before each call on a GPU, perf_counter on CPU.
+
+    With `graphs` (GPU), `fn` is captured once into a CUDA graph and its replays are timed: the GPU's time
+    without the host's (Python, launch) overhead between kernels; a call with a `setup` is not captured.
 
     The GPU loop is triton.testing.do_bench's (one call, a 5-call estimate, warm-up for `warmup_ms`, then
     about `rep_ms` of calls, each after zeroing a 256 MB buffer, timed by its own pair of events), with one
@@ -313,6 +321,8 @@ def make_timer(device: str, warmup_ms: float = 5.0, rep_ms: float = 20.0) -> Tim
     if torch.device(device).type != "cuda":
         return _cpu_median
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    if graphs:
+        return lambda fn, setup=None: _graph_median(fn, setup, flush, warmup_ms, rep_ms)
     return lambda fn, setup=None: _event_median(fn, setup, flush, warmup_ms, rep_ms)
 
 
@@ -367,6 +377,27 @@ def _event_median(
     return statistics.median(begin.elapsed_time(finish) for begin, finish in events) / 1e3
 
 
+def _graph_median(
+    fn: Callable[[object], object],
+    setup: Callable[[], object] | None,
+    flush: torch.Tensor,
+    warmup_ms: float,
+    rep_ms: float,
+) -> float:
+    if setup is not None:
+        raise ValueError("a call with an untimed setup cannot be timed from a CUDA graph")
+    side = torch.cuda.Stream()  # capture needs the lazy first-call work (compiles, handles) done outside it
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(None)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(None)
+    return _event_median(lambda _: graph.replay(), None, flush, warmup_ms, rep_ms)  # (its pool freed after)
+
+
 def copy_bandwidth_gbps(timer: Timer, device: str, nbytes: int = 2**30) -> float:
     """The device's practical bandwidth: a `nbytes` copy (read + write = 2 x nbytes) over its median time."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
@@ -392,7 +423,7 @@ class GpuRow:
     layout: str
     direction: str
     provider: str
-    median_us: float | None
+    median_us: float | None  # replayed from a CUDA graph where `timing` says so (see the module doc)
     gbps: float | None
     frac_of_copy: float | None
     speedup_vs_eager: float | None
@@ -403,6 +434,8 @@ class GpuRow:
     bytes: int
     max_abs_diff: float | None  # vs torch eager, over output and input gradients of one forward+backward
     note: str
+    timing: str = ""  # "cuda-graph" or "stream" (called from Python): how median_us was taken
+    stream_us: float | None = None  # called from Python, host overhead included
 
 
 @dataclass
@@ -466,8 +499,24 @@ def _outputs_once(fn: BNFn, inp: _Inputs, stats: tuple[torch.Tensor, torch.Tenso
     return [y.detach(), *grads[: 2 if inp.residual is not None else 1]]
 
 
-def _max_abs_diff(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
-    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, reference, strict=True))
+def _max_abs_diff(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> tuple[float, int]:
+    """The largest difference over the output and the activation gradients, and how many ReLU mask flips
+    it left out (fused cases).
+
+    Where relu's input is within rounding of zero, a fused kernel (which adds the residual in float32)
+    and torch (which rounds bn's output to the dtype first) can disagree on the sign; each gradient is
+    then right for its own forward, and the two differ there by the whole upstream gradient. Those
+    elements are left out of the gradients' comparison (the output's comparison bounds how near zero
+    they were).
+    """
+    y, ref_y = outputs[0].float(), reference[0].float()
+    worst = float((y - ref_y).abs().max())
+    agree = (y > 0) == (ref_y > 0) if len(outputs) == 3 else None  # fused: y, dx, dresidual
+    for a, b in zip(outputs[1:], reference[1:], strict=True):
+        gap = (a.float() - b.float()).abs()
+        gap = gap if agree is None else gap[agree]
+        worst = max(worst, float(gap.max()) if gap.numel() else 0.0)
+    return worst, 0 if agree is None else int(agree.numel() - agree.sum())
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -515,38 +564,55 @@ def _measure_provider(
     settings: Settings,
     timer: Timer,
     copy_gbps: float,
+    graph_timer: Timer | None = None,
 ) -> list[GpuRow]:
     device = torch.device(settings.device)
     try:
         fn, note = make_provider(provider, settings.backend, settings.compile_backend)
         stats = inp.stats()
         start = time.perf_counter()
-        diff = _max_abs_diff(_outputs_once(fn, inp, stats), reference)
+        diff, flips = _max_abs_diff(_outputs_once(fn, inp, stats), reference)
         _sync(device)
         if provider == COMPILE:
             note = f"compile time excluded (first call {time.perf_counter() - start:.1f} s)"
         elif provider == BNLAB and settings.backend == "triton":
             plans = kernels.load().describe_plans(inp.x, residual=inp.residual is not None)
             note = f"{note}; {plans}" if note else plans
+        if flips:
+            note = f"{note}; {flips} ReLU mask flips left out of max_abs_diff" if note else f"{flips} mask flips"
     except Exception as exc:
         return [_row(group, provider, d, copy_gbps, error=_error_text(exc)) for d in group.directions]
     rows = []
     for direction in group.directions:
+        row_note = note
         try:
-            seconds = timer(*_direction_fn(fn, inp, stats, direction))
-            rows.append(_row(group, provider, direction, copy_gbps, seconds, max_abs_diff=diff, note=note))
+            call, setup = _direction_fn(fn, inp, stats, direction)
+            stream_seconds = timer(call, setup)
+            seconds, timing = stream_seconds, "stream"
+            if graph_timer is not None and setup is None:
+                try:
+                    seconds, timing = graph_timer(call), "cuda-graph"
+                except Exception as exc:  # keep the Python-timed number, and say why there is no other
+                    row_note = f"{note}; no CUDA graph: {_error_text(exc)}"
+            rows.append(
+                _row(group, provider, direction, copy_gbps, seconds, max_abs_diff=diff, note=row_note,
+                     timing=timing, stream_us=stream_seconds * 1e6)
+            )  # fmt: skip
         except Exception as exc:
             rows.append(_row(group, provider, direction, copy_gbps, error=_error_text(exc), note=note))
     return rows
 
 
-def measure_group(group: Group, settings: Settings, timer: Timer, copy_gbps: float) -> list[GpuRow]:
-    """Time every provider in every direction of `group`; a failing provider or direction gives error rows."""
+def measure_group(
+    group: Group, settings: Settings, timer: Timer, copy_gbps: float, graph_timer: Timer | None = None
+) -> list[GpuRow]:
+    """Time every provider in every direction of `group` (also from a CUDA graph with `graph_timer`); a
+    failing provider or direction gives error rows."""
     inp = _make_inputs(group, settings.device)
     reference = _outputs_once(torch_bn, inp, inp.stats())
     rows: list[GpuRow] = []
     for provider in settings.providers:
-        rows += _measure_provider(provider, group, inp, reference, settings, timer, copy_gbps)
+        rows += _measure_provider(provider, group, inp, reference, settings, timer, copy_gbps, graph_timer)
     return with_speedups(rows)
 
 
@@ -577,7 +643,8 @@ def with_speedups(rows: Sequence[GpuRow]) -> list[GpuRow]:
 def estimate_seconds(plan: Sequence[Group], settings: Settings) -> float:
     """A rough duration: the timing budget per measurement plus a guessed compile time per group."""
     per_timing = (settings.warmup_ms + settings.rep_ms) / 1e3 + TIMING_OVERHEAD_S
-    timings = sum(len(g.directions) for g in plan) * len(settings.providers)
+    per_group = [len(g.directions) + settings.graphs * sum(d != "backward" for d in g.directions) for g in plan]
+    timings = sum(per_group) * len(settings.providers)
     compiles = len(plan) if COMPILE in settings.providers else 0
     return timings * per_timing + compiles * COMPILE_S_GUESS
 
@@ -643,11 +710,17 @@ def run_gpu_bench(
         torch.cuda.set_device(device)  # "cuda" alone (no index) is refused here and means the current GPU anyway
     plan = build_plan(settings) if plan is None else list(plan)
     timer = make_timer(settings.device, settings.warmup_ms, settings.rep_ms)
+    graph_timer = (
+        make_timer(settings.device, settings.warmup_ms, settings.rep_ms, graphs=True)
+        if settings.graphs and device.type == "cuda"
+        else None
+    )
     copy_gbps = copy_bandwidth_gbps(timer, settings.device, settings.copy_bytes)
     record = {**provenance(), **gpu_provenance(device if device.type == "cuda" else None)}
     record.update(device=str(device), copy_gbps=round(copy_gbps, 1), profile=settings.profile)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(out_dir) / f"gpu-{_slug(str(record['gpu'] or device.type))}-{stamp}.csv"
+    name = record["gpu"] if device.type == "cuda" else ""  # (provenance names a GPU that a CPU run did not use)
+    path = Path(out_dir) / f"gpu-{_slug(str(name or device.type))}-{stamp}.csv"
     estimate = estimate_seconds(plan, settings)
     log(
         f"bnlab bench --gpu ({settings.profile}) on {record['gpu'] or device}: device copy {copy_gbps:.0f} GB/s; "
@@ -675,7 +748,7 @@ def run_gpu_bench(
             rows += [_row(group, p, d, copy_gbps, error=SKIPPED) for p in settings.providers for d in group.directions]
             continue
         try:
-            new = measure_group(group, settings, timer, copy_gbps)
+            new = measure_group(group, settings, timer, copy_gbps, graph_timer)
         except Exception as exc:  # the inputs or the reference failed (e.g. out of memory): the whole group
             error = _error_text(exc)
             new = [_row(group, p, d, copy_gbps, error=error) for p in settings.providers for d in group.directions]

@@ -1,0 +1,82 @@
+"""Per-kernel GPU time of bnlab's Triton batch norm, forward+backward, on a few ResNet-50 shapes.
+
+Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/profile_kernels.py [--dtype bfloat16]
+For each shape and layout: the plans (`describe_plans`), then every kernel's mean GPU time over 20 training
+steps (torch.profiler, CUDA activity), its share of the step, and the minimal-traffic floor of the step at
+the device's copy bandwidth: which pass (statistics, normalize, gradient sums, dx, persistent) to work on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bnlab import functional as BF
+from bnlab import kernels
+from bnlab.gpubench import copy_bandwidth_gbps, make_timer, min_traffic_bytes
+
+SHAPES = [
+    ((256, 64, 112, 112), "NCHW"),
+    ((256, 256, 56, 56), "NCHW"),
+    ((256, 256, 56, 56), "channels_last"),
+    ((256, 512, 28, 28), "channels_last"),
+    ((256, 1024, 14, 14), "NCHW"),
+    ((256, 2048, 7, 7), "NCHW"),
+    ((256, 2048, 7, 7), "channels_last"),
+]
+STEPS = 20
+
+
+def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float) -> None:
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+    dy = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+    C = shape[1]
+    w = torch.ones(C, device="cuda", requires_grad=True)
+    b = torch.zeros(C, device="cuda", requires_grad=True)
+    rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+
+    def step() -> None:
+        y = BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="triton", nonfinite="ignore")
+        torch.autograd.grad(y, (x, w, b), dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            step()
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = defaultdict(list)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name].append(event.device_time)  # us
+    floor_us = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both") / copy_gbps / 1e3
+    total = sum(sum(v) for v in times.values()) / STEPS
+    print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]}: {kernels.load().describe_plans(x)}")
+    print(f"  kernels {total:8.1f} us a step; floor {floor_us:.1f} us at copy speed ({floor_us / total:.2f} of it)")
+    for name, values in sorted(times.items(), key=lambda kv: -sum(kv[1])):
+        mean = sum(values) / STEPS
+        print(f"  {mean:8.1f} us  {len(values) / STEPS:4.1f}x  {100 * mean / total:5.1f}%  {name[:90]}")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    copy = copy_bandwidth_gbps(make_timer("cuda"), "cuda")
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
+    for shape, layout in SHAPES:
+        profile_shape(shape, layout, dtype, copy)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
