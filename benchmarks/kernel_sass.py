@@ -48,9 +48,9 @@ SHAPES = [
 ]
 EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU": False}
 KERNELS = {  # name: (kernel, its other constexprs, register cap)
-    "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True}, None),
+    "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}, None),
     "normalize": (K._apply_kernel, {"FROM_RUNNING": False}, None),
-    "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16}, None),
+    "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "STAGES": K.GRAD_STAGES}, None),
     "dx": (K._input_grad_kernel, {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False}, None),
     "persistent fwd": (
         K._persistent_forward_kernel,

@@ -30,6 +30,10 @@ SHAPES = [
     ((256, 2048, 7, 7), "channels_last"),
 ]
 STEPS = 20
+# Then the split plans of these shapes again under other knobs: whether the reduction passes gain from
+# more loads in flight (software-pipelined loops; more programs).
+VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "NCHW"], [(256, 2048, 7, 7), "NCHW"])
+VARIANTS = ({"STATS_STAGES": 1, "GRAD_STAGES": 1}, {"GRAD_STAGES": 3}, {"PROGRAMS_PER_SM": 8})
 
 
 def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float) -> None:
@@ -58,7 +62,9 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
             times[event.name].append(event.device_time)  # us
     floor_us = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both") / copy_gbps / 1e3
     total = sum(sum(v) for v in times.values()) / STEPS
-    print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]}: {kernels.load().describe_plans(x)}")
+    K = kernels.load()
+    knobs = {name: getattr(K, name) for name in ("PROGRAMS_PER_SM", "STATS_STAGES", "GRAD_STAGES")}
+    print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
     print(f"  kernels {total:8.1f} us a step; floor {floor_us:.1f} us at copy speed ({floor_us / total:.2f} of it)")
     for name, values in sorted(times.items(), key=lambda kv: -sum(kv[1])):
         mean = sum(values) / STEPS
@@ -75,6 +81,17 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
     for shape, layout in SHAPES:
         profile_shape(shape, layout, dtype, copy)
+    K = kernels.load()
+    for shape, layout in VARIANT_SHAPES:
+        for knobs in VARIANTS:
+            defaults = {name: getattr(K, name) for name in knobs}
+            for name, value in knobs.items():
+                setattr(K, name, value)
+            try:
+                profile_shape(shape, layout, dtype, copy)
+            finally:
+                for name, value in defaults.items():
+                    setattr(K, name, value)
     return 0
 
 

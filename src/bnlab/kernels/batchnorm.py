@@ -130,7 +130,9 @@ def plan_for(
     resident_programs: int = 0,
     round_values: int = 0,
     persistent_tile: int = 2048,
+    persistent_warps: int = 8,
     min_block_channels: int = 0,
+    group_span: int = 2048,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
 
@@ -140,9 +142,10 @@ def plan_for(
     `resident_programs` (how many programs the GPU holds at once; 0: none) and `round_values` (how many
     values a round may touch and still find them in L2 for the second read), a channel block that fits a
     round gets the persistent plan: as many blocks per round as fit, the resident programs split evenly
-    among them, tiles of `persistent_tile` values (their registers are capped). Rows: with
+    among them, tiles of `persistent_tile` values and `persistent_warps` warps (their registers are capped). Rows: with
     `min_block_channels` (0: off), a channel block too large for a round is narrowed, down to that many
     channels, until it fits (each row then reads a shorter run: whole 32-byte sectors at 16 bf16 channels).
+    Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes.
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
@@ -153,13 +156,14 @@ def plan_for(
     while layout == ROWS and min_block_channels and widths[-1] > min_block_channels:
         widths.append(widths[-1] // 2)
     for width in widths if resident_programs > 0 else ():
-        block_a, block_b, tiles, units, unit_values, packing = _blocks(layout, N, C, S, persistent_tile, width)
+        blocks = _blocks(layout, N, C, S, persistent_tile, width, group_span)
+        block_a, block_b, tiles, units, unit_values, packing = blocks
         if unit_values <= round_values:
             per_round = min(units, round_values // unit_values, resident_programs)
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
-            return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
+            return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
-    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile)
+    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span=group_span)
     per_split = _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, **packing)
 
@@ -176,13 +180,13 @@ def _offsets_fit(block_a: int, row_stride: int, block_b: int) -> bool:
 GROUPS = (16, 8)  # channels a grouped-planes program takes (device: PLANES 3 and 4)
 
 
-def _group_size(C: int, S: int, tile: int) -> int:
+def _group_size(C: int, S: int, tile: int, span: int = 2048) -> int:
     """Channels per program for grouped planes (device module doc), or 0: for runs that are not
     16-aligned, when C is a multiple of the group (then every group's span starts 16-byte aligned) and a
-    sample's span fits a tile."""
+    sample's span fits a tile and `span` lanes."""
     if S % 16 == 0:
         return 0
-    return next((g for g in GROUPS if C % g == 0 and _pow2(g * S) <= tile), 0)
+    return next((g for g in GROUPS if C % g == 0 and _pow2(g * S) <= min(tile, span)), 0)
 
 
 def _packed_block(N: int, C: int, S: int, tile: int) -> int:
@@ -195,16 +199,19 @@ def _packed_block(N: int, C: int, S: int, tile: int) -> int:
     return block_b
 
 
-def _blocks(layout: str, N: int, C: int, S: int, tile: int, width: int = 128) -> tuple[int, int, int, int, int, dict]:
+def _blocks(
+    layout: str, N: int, C: int, S: int, tile: int, width: int = 128, group_span: int = 2048
+) -> tuple[int, int, int, int, int, dict]:
     """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, the Plan's
-    packing fields: {}, packed or group); rows: blocks of at most `width` channels."""
+    packing fields: {}, packed or group); rows: blocks of at most `width` channels; grouped planes: spans
+    of at most `group_span` lanes."""
     if layout == ROWS:
         block_b = min(_pow2(C), width, tile)
         block_a = max(1, min(tile // block_b, _pow2(N * S)))
         while not _offsets_fit(block_a, C, block_b):  # only for millions of channels
             block_a //= 2
         return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), N * S * block_b, {}
-    group = _group_size(C, S, tile)
+    group = _group_size(C, S, tile, group_span)
     if group:
         block_b = _pow2(group * S)
         block_a = max(1, min(tile // block_b, _pow2(N)))
@@ -274,9 +281,15 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 # Values per tile and warps per program: the knobs a GPU session tunes (tests shrink TILE to exercise
-# many tiles and slices on small inputs).
+# many tiles and slices on small inputs). On an H200 (benchmarks/NOTES.md, 2026-11-27, forward+backward
+# replayed from CUDA graphs, bf16), 4096 values and 4 warps were best or within 3% of best on the split
+# plans of channels-last 56x56/28x28, BatchNorm1d 65536x1024 and NCHW 7x7; 8 warps cost 10-40% there.
 TILE = 4096
-NUM_WARPS = 8
+NUM_WARPS = 4
+# Grouped planes (NCHW runs that are not 16-aligned): the widest span of a sample's runs that a group of
+# channels may take. At 14x14 a group of 16 channels spans 3136 values (a 4096-lane row, 1 sample a
+# tile): 578 us on an H200 against 367 us for groups of 8 in 2048 lanes (256x1024x14x14 bf16).
+GROUP_SPAN_MAX = 2048
 # Largest channel (N * S, padded to powers of two) for the single-pass kernels, and their warps: at 8192
 # values and 16 warps the sm_90 build keeps everything in registers (no spills, cuobjdump); 0 disables.
 SINGLE_TILE_MAX = 8192
@@ -286,18 +299,30 @@ SINGLE_WARPS = 16
 PROGRAMS_PER_SM = 4
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
-# Persistent kernels (see bnlab.kernels.device): on or off (BNLAB_TRITON_PERSISTENT=0 turns them off,
-# e.g. where another kernel that waits on this one may hold part of the GPU), programs resident per
-# multiprocessor (their registers are capped so that this many fit), and the share of L2 one round of
-# channel blocks may use.
-PERSISTENT = os.environ.get("BNLAB_TRITON_PERSISTENT", "1").strip() != "0"
+# Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums),
+# software-pipelined through shared memory (1: not pipelined). On an H200 (256x256x56x56 bf16,
+# channels-last, per-kernel profile) the unpipelined statistics pass read at 0.58 of the copy rate and the
+# gradient sums at 0.71, while the normalize and dx passes, which move 2-3 tensors a tile and wait on no
+# sum, ran at 0.93-0.96: the reductions wait on one tile's loads at a time. Shared memory per program:
+# STAGES tiles of each tensor read (3 x 16 KB in float32 statistics; the gradient sums read 2-3 tensors).
+STATS_STAGES = 3
+GRAD_STAGES = 2
+# Persistent kernels (see bnlab.kernels.device): on or off, programs resident per multiprocessor (their
+# registers are capped so that this many fit), and the share of L2 one round of channel blocks may use.
+# Off unless BNLAB_TRITON_PERSISTENT=1: on an H200 they were slower than the split plans on every shape
+# timed (bf16 NCHW 256x64x56x56: 393-515 us against 264; 256x1024x14x14: 473-813 against 347; 256x2048x7x7:
+# 271-371 against 161; benchmarks/NOTES.md): each round ends in a wait on its slowest program, and a
+# layer takes tens of rounds.
+PERSISTENT = os.environ.get("BNLAB_TRITON_PERSISTENT", "0").strip() == "1"
 PERSISTENT_PROGRAMS_PER_SM = 2
 L2_FRACTION = 0.5
 # Publish a round's partials before waiting for the previous round's result (see bnlab.kernels.device).
 PIPELINE_ROUNDS = True
-# Values per tile of the persistent kernels: at 2048 and 8 warps, capped at 128 registers (2 programs per
-# multiprocessor), the sm_90 build does not spill (at 4096 it spills 32-64 bytes; cuobjdump).
+# Values per tile and warps of the persistent kernels: at 2048 and 8 warps, capped at 128 registers (2
+# programs per multiprocessor), the sm_90 build does not spill (at 4096 values, or 4 warps, it spills
+# 32-88 bytes; cuobjdump).
 PERSISTENT_TILE = 2048
+PERSISTENT_WARPS = 8
 # Channels-last: narrow a channel block down to this many channels so that it fits a persistent round
 # (0: off, such tensors get the split plan). Untimed: benchmarks/tune_triton.py tries 16.
 PERSISTENT_MIN_CHANNELS = 0
@@ -317,7 +342,8 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
         target_programs=_target_programs(x.device), tile=TILE, num_warps=NUM_WARPS,
         single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS,
         resident_programs=resident, round_values=round_values, persistent_tile=min(PERSISTENT_TILE, TILE),
-        min_block_channels=PERSISTENT_MIN_CHANNELS,
+        persistent_warps=PERSISTENT_WARPS,
+        min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX,
     )  # fmt: skip
 
 
@@ -494,7 +520,8 @@ def forward(
     if training:
         _stats_kernel[plan.grid](
             x, *_partials(plan, x.device, 3), mean, invstd, *running, *_shape_args(plan), eps, momentum,
-            SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, **_block_args(plan),
+            SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, STAGES=STATS_STAGES,
+            **_block_args(plan),
         )  # fmt: skip
     elif save_stats:
         # The backward must see the very invstd the forward used (it recomputes the ReLU mask from it).
@@ -569,7 +596,8 @@ def backward(
         if dweight is not None:
             _grad_kernel[plan.grid](
                 dy, *tensors, *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan),
-                SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), **flags, **_block_args(plan),
+                SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), STAGES=GRAD_STAGES, **flags,
+                **_block_args(plan),
             )  # fmt: skip
         if dx is not None or dz is not None:
             _input_grad_kernel[plan.grid](

@@ -352,11 +352,12 @@ def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
 @triton.jit
 def _slice_stats(
     x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """(count, mean relative to `anchor`, M2) per channel over the unit's tiles [t_start, t_end), t_start < t_end.
 
     Sums per lane, shifted by the first tile's mean (the pivot); one reduction across lanes at the end.
+    STAGES > 1: the loop's loads are software-pipelined (`_pipelined` below).
     """
     base, offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -367,7 +368,7 @@ def _slice_stats(
     d = tl.where(mask, x - shift, 0.0)
     s1 = d
     s2 = d * d
-    for t in range(t_start + 1, t_end):
+    for t in tl.range(t_start + 1, t_end, num_stages=STAGES):
         base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift, 0.0)
@@ -498,12 +499,13 @@ def _grad_tile(
 def _slice_grad_sums(
     dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """(sum g, sum g * (x - mean)) per channel over the unit's tiles [t_start, t_end): per lane, then across."""
+    """(sum g, sum g * (x - mean)) per channel over the unit's tiles [t_start, t_end): per lane, then across;
+    the loop's loads software-pipelined over STAGES tiles (see `_slice_stats`)."""
     sum_g = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
     sum_gc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    for t in range(t_start, t_end):  # g is 0 in masked lanes (dy loads as 0 there)
+    for t in tl.range(t_start, t_end, num_stages=STAGES):  # g is 0 in masked lanes (dy loads as 0 there)
         _, _, _, x, g = _grad_tile(
             t, unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
             BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
@@ -566,14 +568,16 @@ def _stats_kernel(
     x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     unit = tl.program_id(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
-    n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    n, rel_mean, m2 = _slice_stats(
+        x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, STAGES
+    )
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
         done, n_c, mean_c, m2_c = _gather(
@@ -611,7 +615,7 @@ def _grad_kernel(
     coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
+    RELU: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     unit = tl.program_id(0)
     split = tl.program_id(1)
@@ -621,7 +625,8 @@ def _grad_kernel(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     sum_g, sum_gc = _slice_grad_sums(dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift,
-                                     N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
+                                     N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+                                     STAGES)  # fmt: skip
     count = (N * S).to(tl.float32)
     if SPLIT:
         tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
@@ -677,7 +682,7 @@ def _publish_stats(
 ):  # fmt: skip
     cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
-    n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, 1)
     _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
     done, n_c, mean_c, m2_c = _gather(
         pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, True
@@ -747,7 +752,7 @@ def _publish_grads(
     )
     sum_g, sum_gc = _slice_grad_sums(
         dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-        BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+        BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, 1,
     )  # fmt: skip
     tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
     tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
