@@ -48,10 +48,12 @@ for step in "${steps[@]}"; do
         skip_persistent=" and not persistent"
       fi
       # Not the CPU-only checks (ahead-of-time compile, machine-code reading): CI does them.
-      timeout "${TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -n "$JOBS" --durations=5 \
+      # -v: each result on its own line as it comes (xdist names failures only at the end, which a step
+      # cut short by its limit never reaches: session 5's runs lost the name of one failing test so)
+      timeout "${TESTS_S:-100}" python3 -m pytest -v -p no:cacheprovider -n "$JOBS" --durations=5 \
         tests/test_triton.py tests/test_gpubench.py \
         -k "not compiles_for_nvidia and not instruction_budget and not flags_slow_loops${skip_persistent:-}" 2>&1 \
-        | tee "$OUT/tests.log" | tail -15 ;;
+        | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -15 ;;
     quick)
       # (the warm-up compiles every group's kernels in $JOBS processes first: ~70 groups of torch.compile
       #  and Triton compiles would otherwise spend most of the budget one after another)

@@ -153,6 +153,7 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             plan = persistent if maxnreg else split
             if maxnreg and not plan.persistent:
                 continue
+            extra = {k: v[plan.layout] if isinstance(v, dict) else v for k, v in extra.items()}  # per layout
             loops, ops = loops_and_ops(machine_code(fn, dtype, plan, extra, arch, maxnreg))
             per_value = loops[0] / (plan.block_a * plan.block_b / (plan.num_warps * 32)) if loops else float("nan")
             tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}{' grouped' if plan.group else ''}"

@@ -33,7 +33,11 @@ STEPS = 20
 # Then the split plans of these shapes again under other knobs: whether the reduction passes gain from
 # more loads in flight (software-pipelined loops; more programs).
 VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "NCHW"], [(256, 2048, 7, 7), "NCHW"])
-VARIANTS = ({"STATS_STAGES": 1, "GRAD_STAGES": 1}, {"GRAD_STAGES": 3}, {"PROGRAMS_PER_SM": 8})
+VARIANTS = (
+    {"STATS_STAGES": {"planes": 1, "rows": 1}, "GRAD_STAGES": {"planes": 1, "rows": 1}},
+    {"STATS_STAGES": {"planes": 3, "rows": 3}, "GRAD_STAGES": {"planes": 3, "rows": 3}},
+    {"PROGRAMS_PER_SM": 8},
+)
 
 
 def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float) -> None:

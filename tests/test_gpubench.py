@@ -533,3 +533,20 @@ def test_max_abs_diff_leaves_relu_mask_flips_out_of_the_gradients():
     dx, ref_dx = torch.tensor([0.0, 5.0, 1.0]), torch.tensor([5.0, 0.0, 1.25])
     assert g._max_abs_diff([y, dx, dx], [ref_y, ref_dx, ref_dx]) == (pytest.approx(0.25), 2)
     assert g._max_abs_diff([y, dx], [ref_y, ref_dx]) == (5.0, 0)  # plain BN: every element counts
+
+
+def test_csvs_from_before_the_graph_timing_still_load(tmp_path):
+    """Columns added later (timing, stream_us) are optional when reading: the first H200 run's CSV lacks
+    them; a column without a default is still required."""
+    path = bench.write_csv(_results(), tmp_path / "new.csv", record={"gpu": "test"})
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    keep = [i for i, name in enumerate(header) if name not in ("timing", "stream_us")]
+    old = tmp_path / "old.csv"
+    old.write_text("\n".join(",".join(line.split(",")[i] for i in keep) for line in lines) + "\n")
+    rows = g.read_rows(old)
+    assert len(rows) == len(_results()) and all(r.timing == "" and r.stream_us is None for r in rows)
+    dropped = [i for i, name in enumerate(header) if name != "median_us"]
+    (tmp_path / "bad.csv").write_text("\n".join(",".join(line.split(",")[i] for i in dropped) for line in lines))
+    with pytest.raises(ValueError, match="missing columns median_us"):
+        g.read_rows(tmp_path / "bad.csv")

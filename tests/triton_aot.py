@@ -48,8 +48,9 @@ def compile_cases():
     ]
     for blocks in layouts:
         split_block = {"SPLIT_BLOCK": 16 if blocks["PLANES"] else 4}
+        layout = K.PLANES if blocks["PLANES"] else K.ROWS
         for split in (True, False):  # (pipelined as configured, and not: a knob a GPU session may turn)
-            stages = K.STATS_STAGES if split else 1
+            stages = K.STATS_STAGES[layout] if split else 1
             yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split, "STAGES": stages}
         # The planes variants (packed, grouped) differ in tiling, not in the epilogue: two epilogues cover them.
         for ep in epilogues if blocks["PLANES"] <= 1 else (epilogues[0], epilogues[-1]):
@@ -58,7 +59,7 @@ def compile_cases():
             flags = {"WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
             yield K._persistent_backward_kernel, {**persistent, **flags}
             yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"]}
-            stages = K.GRAD_STAGES if ep["HAS_WEIGHT"] else 1
+            stages = K.GRAD_STAGES[layout] if ep["HAS_WEIGHT"] else 1
             yield K._grad_kernel, {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "STAGES": stages}
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}

@@ -767,6 +767,7 @@ def run_gpu_bench(
 
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(GpuRow)}
+_REQUIRED_FIELDS = {f.name for f in dataclasses.fields(GpuRow) if f.default is dataclasses.MISSING}
 
 
 def _parse(name: str, text: str) -> object:
@@ -782,10 +783,12 @@ def read_rows(path: Path) -> list[GpuRow]:
     """Rows of a CSV written by `run_gpu_bench` (extra provenance columns are ignored)."""
     with Path(path).open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = set(_FIELD_TYPES) - set(reader.fieldnames or ())
+        columns = set(reader.fieldnames or ())
+        missing = _REQUIRED_FIELDS - columns
         if missing:
             raise ValueError(f"{path}: not a bnlab GPU bench CSV (missing columns {', '.join(sorted(missing))})")
-        return [GpuRow(**{name: _parse(name, line[name]) for name in _FIELD_TYPES}) for line in reader]
+        present = [name for name in _FIELD_TYPES if name in columns]  # older CSVs lack the optional ones
+        return [GpuRow(**{name: _parse(name, line[name]) for name in present}) for line in reader]
 
 
 # ---- per-iteration sums and the acceptance check --------------------------------------------------------

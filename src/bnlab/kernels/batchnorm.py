@@ -299,14 +299,15 @@ SINGLE_WARPS = 16
 PROGRAMS_PER_SM = 4
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
-# Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums),
-# software-pipelined through shared memory (1: not pipelined). On an H200 (256x256x56x56 bf16,
-# channels-last, per-kernel profile) the unpipelined statistics pass read at 0.58 of the copy rate and the
-# gradient sums at 0.71, while the normalize and dx passes, which move 2-3 tensors a tile and wait on no
-# sum, ran at 0.93-0.96: the reductions wait on one tile's loads at a time. Shared memory per program:
-# STAGES tiles of each tensor read (3 x 16 KB in float32 statistics; the gradient sums read 2-3 tensors).
-STATS_STAGES = 3
-GRAD_STAGES = 2
+# Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
+# layout, software-pipelined through shared memory (1: not pipelined; shared memory per program: up to
+# STAGES - 1 tiles of each tensor read). On an H200 (bf16, per-kernel profile, benchmarks/NOTES.md), with
+# 4 warps: NCHW 256x256x56x56 statistics 273 us unpipelined, 123 at 3 stages; gradient sums 341, 244 at
+# 2, 208 at 3; NCHW 256x2048x7x7 gradient sums 51, 37 at 2, 45 at 3. Channels-last 256x256x56x56:
+# statistics 117 us unpipelined, 134 at 3 (and the rows layout spills a register at 3 with Triton 3.9);
+# gradient sums 219, 196 at 2 or 3.
+STATS_STAGES = {PLANES: 3, ROWS: 1}
+GRAD_STAGES = {PLANES: 2, ROWS: 2}
 # Persistent kernels (see bnlab.kernels.device): on or off, programs resident per multiprocessor (their
 # registers are capped so that this many fit), and the share of L2 one round of channel blocks may use.
 # Off unless BNLAB_TRITON_PERSISTENT=1: on an H200 they were slower than the split plans on every shape
@@ -520,8 +521,8 @@ def forward(
     if training:
         _stats_kernel[plan.grid](
             x, *_partials(plan, x.device, 3), mean, invstd, *running, *_shape_args(plan), eps, momentum,
-            SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, STAGES=STATS_STAGES,
-            **_block_args(plan),
+            SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running,
+            STAGES=STATS_STAGES[plan.layout], **_block_args(plan),
         )  # fmt: skip
     elif save_stats:
         # The backward must see the very invstd the forward used (it recomputes the ReLU mask from it).
@@ -596,7 +597,7 @@ def backward(
         if dweight is not None:
             _grad_kernel[plan.grid](
                 dy, *tensors, *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan),
-                SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), STAGES=GRAD_STAGES, **flags,
+                SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), STAGES=GRAD_STAGES[plan.layout], **flags,
                 **_block_args(plan),
             )  # fmt: skip
         if dx is not None or dz is not None:
