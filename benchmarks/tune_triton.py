@@ -16,13 +16,11 @@ combined per step).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import csv
 import functools
 import itertools
 import math
-import multiprocessing
 import sys
 import time
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ import torch
 
 from bnlab import functional as BF
 from bnlab import kernels
-from bnlab.gpubench import copy_bandwidth_gbps, make_timer, min_traffic_bytes
+from bnlab.gpubench import copy_bandwidth_gbps, errors_in_processes, make_timer, min_traffic_bytes
 
 SHAPES = [  # batch 256 first (the acceptance bar's shapes): a run cut short keeps those
     ((256, 64, 56, 56), "NCHW"),
@@ -175,9 +173,7 @@ def warm_compile_cache(K, shapes, dtype: torch.dtype, jobs: int, device: str = "
         x = _tensors(shape, layout, dtype, device)[0]
         tasks += [(shape, layout, str(dtype).removeprefix("torch."), device, knobs) for knobs in stage_one(K, x)]
         del x
-    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
-        return [error for error in pool.map(_warm_one, tasks) if error]
+    return errors_in_processes(_warm_one, tasks, jobs)
 
 
 def main() -> int:

@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,7 @@ __all__ = [
     "build_plan",
     "copy_bandwidth_gbps",
     "distinct_shapes",
+    "errors_in_processes",
     "format_acceptance",
     "format_sums",
     "make_provider",
@@ -248,6 +250,7 @@ def build_plan(
 
 # ---- providers -----------------------------------------------------------------------------------------
 
+T = TypeVar("T")
 BNFn = Callable[..., torch.Tensor]  # (x, running_mean, running_var, weight, bias, residual or None) -> y
 
 
@@ -693,9 +696,15 @@ def warm_compile(plan: Sequence[Group], settings: Settings) -> list[str]:
     the on-disk caches; the timed loop's own compile of each group then mostly loads from them. Returns
     the errors (the timed loop records them again, per row).
     """
-    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
-    with concurrent.futures.ProcessPoolExecutor(max_workers=settings.warm_jobs, mp_context=spawn) as pool:
-        return [error for error in pool.map(_warm_group, [(group, settings) for group in plan]) if error]
+    return errors_in_processes(_warm_group, [(group, settings) for group in plan], settings.warm_jobs)
+
+
+def errors_in_processes(task: Callable[[T], str], items: Sequence[T], jobs: int) -> list[str]:
+    """`task` on every item in `jobs` spawned processes (CUDA cannot be used in forked ones); the non-empty
+    strings it returned (errors), in order. For compile warm-ups: the work lands in on-disk caches."""
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+        return [error for error in pool.map(task, items) if error]
 
 
 def run_gpu_bench(
