@@ -1,9 +1,12 @@
 """Per-kernel GPU time of bnlab's Triton batch norm, forward+backward, on a few ResNet-50 shapes.
 
-Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/profile_kernels.py [--dtype bfloat16]
+Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/profile_kernels.py [--dtype bfloat16] [--set large]
 For each shape and layout: the plans (`describe_plans`), then every kernel's mean GPU time over 20 training
 steps (torch.profiler, CUDA activity), its share of the step, and the minimal-traffic floor of the step at
 the device's copy bandwidth: which pass (statistics, normalize, gradient sums, dx, persistent) to work on.
+Sets: `large` (default) profiles ResNet-50's shapes at the defaults, then a few under other knobs;
+`small` profiles the 7x7 and 14x14 layers (28 of the 53, the furthest from the floor after session 5)
+under the knobs that change their fixed costs (launches, slices, combine, one persistent round).
 """
 
 from __future__ import annotations
@@ -38,6 +41,22 @@ VARIANTS = (
     {"STATS_STAGES": {"planes": 3, "rows": 3}, "GRAD_STAGES": {"planes": 3, "rows": 3}},
     {"PROGRAMS_PER_SM": 8},
 )
+SETS = {
+    "large": (SHAPES, VARIANT_SHAPES, VARIANTS),
+    "small": (
+        [],
+        [((256, 512, 7, 7), "NCHW"), ((256, 512, 7, 7), "channels_last"), ((256, 256, 14, 14), "NCHW"),
+         ((256, 256, 14, 14), "channels_last")],
+        (
+            {},  # the defaults
+            {"PROGRAMS_PER_SM": 2},  # fewer slices: less to combine
+            {"PROGRAMS_PER_SM": 8},
+            {"TILE": 8192},  # fewer, larger tiles
+            {"COMBINE_VALUES": 8192},  # one combine step instead of two
+            {"PERSISTENT": True},  # these fit one round in L2: one launch per direction, no second read
+        ),
+    ),
+}  # fmt: skip
 
 
 def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float) -> None:
@@ -67,7 +86,8 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
     floor_us = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both") / copy_gbps / 1e3
     total = sum(sum(v) for v in times.values()) / STEPS
     K = kernels.load()
-    knobs = {name: getattr(K, name) for name in ("PROGRAMS_PER_SM", "STATS_STAGES", "GRAD_STAGES")}
+    names = ("PROGRAMS_PER_SM", "STATS_STAGES", "GRAD_STAGES", "TILE", "COMBINE_VALUES", "PERSISTENT")
+    knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
     print(f"  kernels {total:8.1f} us a step; floor {floor_us:.1f} us at copy speed ({floor_us / total:.2f} of it)")
     for name, values in sorted(times.items(), key=lambda kv: -sum(kv[1])):
@@ -79,15 +99,17 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--set", default="large", choices=sorted(SETS), help="which shapes and knobs (see above)")
     args = parser.parse_args()
+    shapes, variant_shapes, variants = SETS[args.set]
     dtype = getattr(torch, args.dtype)
     copy = copy_bandwidth_gbps(make_timer("cuda"), "cuda")
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
-    for shape, layout in SHAPES:
+    for shape, layout in shapes:
         profile_shape(shape, layout, dtype, copy)
     K = kernels.load()
-    for shape, layout in VARIANT_SHAPES:
-        for knobs in VARIANTS:
+    for shape, layout in variant_shapes:
+        for knobs in variants:
             defaults = {name: getattr(K, name) for name in knobs}
             for name, value in knobs.items():
                 setattr(K, name, value)

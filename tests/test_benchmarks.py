@@ -1,9 +1,12 @@
-"""The GPU session's knob sweep (benchmarks/tune_triton.py) runs end to end here, on tiny shapes in
-Triton's interpreter with a stand-in timer: its first real run is on borrowed device time, where an error
-in the script itself would waste the session."""
+"""The GPU session's scripts run end to end here (the knob sweep, benchmarks/tune_triton.py, on tiny shapes
+in Triton's interpreter with a stand-in timer; the host-time breakdown, benchmarks/host_gpu.py, on CPU
+tensors): their first real run is on borrowed device time, where an error in a script itself would waste
+the session."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +59,39 @@ def test_the_compile_warm_up_runs_every_first_stage_setting_in_worker_processes(
     # The workers really run the steps: one the backend refuses comes back as an error per setting.
     errors = tune_triton.warm_compile_cache(K, shapes[:1], torch.float64, jobs=2, device="cpu")
     assert len(errors) == 2 and all("float64 is not supported" in e for e in errors)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU session runs it for real")
+def test_the_host_time_breakdown_runs_every_line():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "host_gpu.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parent.parent / "src")}
+    argv = ["--device", "cpu", "--calls", "2", "--no-compile", "--dtype", "float32", "--shape", "4,3,5,5"]
+    done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert len(lines) == 9 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
+
+
+@pytest.mark.parametrize("which", ["large", "small"])
+def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, which):
+    """benchmarks/profile_kernels.py: every variant sets knobs the kernel module has, each shape is profiled
+    under it, and the defaults are back afterwards (the profiling itself needs a GPU: stubbed here)."""
+    import profile_kernels
+
+    seen = []
+    monkeypatch.setattr(profile_kernels, "copy_bandwidth_gbps", lambda timer, device: 1.0)
+    monkeypatch.setattr(profile_kernels, "make_timer", lambda device: None)
+    monkeypatch.setattr(profile_kernels.torch.cuda, "get_device_name", lambda: "stub")
+    monkeypatch.setattr(
+        profile_kernels, "profile_shape", lambda shape, layout, dtype, copy: seen.append((shape, K.TILE, K.PERSISTENT))
+    )
+    names = {name for knobs in profile_kernels.SETS[which][2] for name in knobs}
+    assert names and all(hasattr(K, name) for name in names)
+    before = {name: getattr(K, name) for name in names}
+    monkeypatch.setattr(sys, "argv", ["profile_kernels.py", "--set", which])
+    assert profile_kernels.main() == 0
+    shapes, variant_shapes, variants = profile_kernels.SETS[which]
+    assert len(seen) == len(shapes) + len(variant_shapes) * len(variants)
+    if which == "small":  # the variants were in force while their shapes were profiled
+        assert sum(tile == 8192 for _, tile, _ in seen) == sum(persistent for *_, persistent in seen) == 4
+    assert {name: getattr(K, name) for name in names} == before

@@ -1,0 +1,132 @@
+"""Where the host time of a small layer goes, on a GPU: per-call wall time of each piece of a training step.
+
+Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/host_gpu.py [--shape 8,64,7,7]
+(`--device cpu --calls 3 --no-compile` under TRITON_INTERPRET=1 runs every line once, for the tests.)
+Why: on session 5's H200 machine a Python-called forward+backward of a small layer took 0.8-1.3 ms for
+bnlab (forward alone ~0.14 ms) and 0.75-0.9 ms for torch.compile, against 0.23-0.54 ms for eager, while
+on the development VM bnlab's whole step costs ~70 us of Python (`host_overhead.py`). The layer here is
+small enough that the GPU's work is negligible: each line is the host's time per call (many calls
+back to back, one synchronize at the end), so the differences between lines locate the cost:
+- the kernels' launchers called directly (no autograd) vs through bnlab.functional (checks, autograd);
+- backward through autograd vs the launchers' backward called directly: the autograd engine hands a
+  CUDA backward to its device thread, which must take the GIL for a Python autograd.Function;
+- the same with a short GIL switch interval (if that helps, the device thread waited for the GIL);
+- eager torch and torch.compile for comparison (compile last: it starts worker processes and threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bnlab import functional as BF
+from bnlab import kernels
+
+
+def per_call_us(fn: Callable[[], object], calls: int, device: str) -> float:
+    """Wall time per call of `fn`, called `calls` times back to back after a warm-up (median of 3 runs)."""
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(min(calls, 20)):
+        fn()
+    sync()
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(runs)[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="8,64,7,7", help="a small NCHW shape (default 8,64,7,7)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--calls", type=int, default=300, help="calls per timing (default 300)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile lines")
+    args = parser.parse_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("host_gpu.py: needs a CUDA device (use host_overhead.py on a CPU machine)", file=sys.stderr)
+        return 2
+
+    def timed(fn: Callable[[], object]) -> float:
+        return per_call_us(fn, args.calls, device)
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    dtype = getattr(torch, args.dtype)
+    K = kernels.load()
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    C = shape[1]
+    w = torch.ones(C, device=device, requires_grad=True)
+    b = torch.zeros(C, device=device, requires_grad=True)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    wrt = (x, w, b)
+
+    def bnlab_forward() -> torch.Tensor:
+        return BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="triton", nonfinite="ignore")
+
+    def eager_forward() -> torch.Tensor:
+        return F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+
+    xd, dyd = x.detach(), dy.detach()
+    saved = K.forward(xd, w.detach(), b.detach(), rm, rv, training=True, momentum=0.1, eps=1e-5)
+
+    def launchers_forward() -> object:
+        return K.forward(xd, w.detach(), b.detach(), rm, rv, training=True, momentum=0.1, eps=1e-5)
+
+    def launchers_backward() -> object:
+        return K.backward(dyd, xd, w.detach(), b.detach(), saved[1], saved[2], training=True)
+
+    y_kept = bnlab_forward()
+
+    def bnlab_backward_kept() -> object:
+        return torch.autograd.grad(y_kept, wrt, dy, retain_graph=True)
+
+    rows = [
+        ("launchers: forward (no autograd)", launchers_forward),
+        ("launchers: backward (no autograd)", launchers_backward),
+        ("bnlab: forward", bnlab_forward),
+        ("bnlab: backward alone (autograd, kept graph)", bnlab_backward_kept),
+        ("bnlab: forward + backward", lambda: torch.autograd.grad(bnlab_forward(), wrt, dy)),
+        ("eager: forward", eager_forward),
+        ("eager: forward + backward", lambda: torch.autograd.grad(eager_forward(), wrt, dy)),
+    ]
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
+    print(f"{name}; torch {torch.__version__}; shape {shape} {args.dtype}; "
+          f"GIL switch interval {sys.getswitchinterval() * 1e6:.0f} us; us per call:")  # fmt: skip
+    for label, fn in rows:
+        print(f"  {timed(fn):8.1f}  {label}", flush=True)
+    default_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    for label, fn in rows[4:5] + rows[6:7]:
+        print(f"  {timed(fn):8.1f}  {label}, GIL switch interval 10 us", flush=True)
+    sys.setswitchinterval(default_interval)
+    if args.no_compile:
+        return 0
+    compiled = torch.compile(F.batch_norm, dynamic=False)
+
+    def compiled_forward() -> torch.Tensor:
+        return compiled(x, rm, rv, w, b, True, 0.1, 1e-5)
+
+    print(f"  {timed(compiled_forward):8.1f}  torch.compile: forward", flush=True)
+    both = timed(lambda: torch.autograd.grad(compiled_forward(), wrt, dy))
+    print(f"  {both:8.1f}  torch.compile: forward + backward", flush=True)
+    print(f"  {timed(rows[4][1]):8.1f}  bnlab: forward + backward, after torch.compile was used", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
