@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bnlab.kernels.device import (
+    GROUPS,
     _apply_kernel,
     _grad_kernel,
     _input_grad_kernel,
@@ -175,9 +176,6 @@ def _offsets_fit(block_a: int, row_stride: int, block_b: int) -> bool:
     """Whether a tile's offsets relative to its first value (device `_tile`: rows of `row_stride`
     values apart) fit the int32 the kernels compute them in."""
     return (block_a - 1) * row_stride + block_b < INT32_LIMIT
-
-
-GROUPS = (16, 8)  # channels a grouped-planes program takes (device: PLANES 3 and 4)
 
 
 def _group_size(C: int, S: int, tile: int, span: int = 2048) -> int:

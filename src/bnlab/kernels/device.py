@@ -109,23 +109,30 @@ def _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIA
     return w, b
 
 
+# Channels a grouped-planes program takes: GROUPS[PLANES - 3] (the planner, bnlab.kernels.batchnorm, picks
+# from the same tuple). Constant group sizes let the compiler prove the runs' 16-byte alignment.
+GROUPS = (16, 8)
+
+
+@triton.constexpr_function
+def _group_width(planes):
+    return GROUPS[planes - 3]
+
+
 @triton.jit
 def _group(pid_c, S, PLANES: tl.constexpr):
-    """Grouped planes: (first channel, values per sample) of program pid_c's group of 16 (PLANES 3) or 8
-    (PLANES 4) channels; constant group sizes let the compiler prove the runs' 16-byte alignment."""
-    if PLANES == 3:
-        return pid_c * 16, 16 * S
-    return pid_c * 8, 8 * S
+    """Grouped planes: (first channel, values per sample) of program pid_c's group of channels."""
+    G: tl.constexpr = _group_width(PLANES)
+    return pid_c * G, G * S
 
 
 @triton.jit
 def _channels(pid_c, C, S, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
-    """The channels of a program: one (planes), a block of BLOCK_B (rows) or a group of 16 or 8 (grouped
-    planes); and which of them exist."""
-    if PLANES == 3:
-        cols = pid_c * 16 + tl.arange(0, 16)
-    elif PLANES == 4:
-        cols = pid_c * 8 + tl.arange(0, 8)
+    """The channels of a program: one (planes), a block of BLOCK_B (rows) or a group (grouped planes); and
+    which of them exist."""
+    if PLANES >= 3:
+        G: tl.constexpr = _group_width(PLANES)
+        cols = pid_c * G + tl.arange(0, G)
     elif PLANES:
         cols = pid_c + tl.arange(0, 1)
     else:
@@ -227,10 +234,7 @@ def _channel_sum(t, S, PLANES: tl.constexpr):
     elif PLANES >= 3:
         lane = tl.arange(0, t.shape[1])
         runs, _ = tl.associative_scan((tl.sum(t, axis=0), lane % S == 0), 0, _segment_add)
-        if PLANES == 3:
-            ends = tl.arange(0, 16) * S + S - 1
-        else:
-            ends = tl.arange(0, 8) * S + S - 1
+        ends = tl.arange(0, _group_width(PLANES)) * S + S - 1
         return tl.gather(runs, tl.minimum(ends, t.shape[1] - 1), 0)
     else:
         return tl.sum(t, axis=0)
