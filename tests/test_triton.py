@@ -474,11 +474,13 @@ def test_layouts_are_recognised():
 # ---- the kernels compile for real GPUs (ahead of time, no GPU needed) -----------------------------------
 
 
-@pytest.mark.parametrize("arch", [90, 80])
+# sm_80 is a slow check (make test-all): with an empty Triton cache, as on a fresh CI machine, the two
+# compiles took 178 s (sm_90) and 86 s (sm_80) on the 2-core development VM, the whole CI run ~13.5 min.
+@pytest.mark.parametrize("arch", [90, pytest.param(80, marks=pytest.mark.slow)])
 def test_every_kernel_compiles_for_nvidia_gpus(arch):
     """The interpreter runs Python semantics; Triton's real compiler must also take every kernel variant
-    down to a cubin (sm_90: H100/H200; sm_80: A100). It runs in a subprocess because kernels imported
-    under TRITON_INTERPRET=1 are interpreter objects."""
+    down to a cubin (sm_90: H100/H200, the GPUs the kernels are tuned on; sm_80: A100). It runs in a
+    subprocess because kernels imported under TRITON_INTERPRET=1 are interpreter objects."""
     script = Path(__file__).with_name("triton_aot.py")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, str(script), str(arch)], env=env, capture_output=True, text=True)
