@@ -310,8 +310,8 @@ GRAD_STAGES = {PLANES: 2, ROWS: 2}
 # registers are capped so that this many fit), and the share of L2 one round of channel blocks may use.
 # Off unless BNLAB_TRITON_PERSISTENT=1: on an H200 they were slower than the split plans on every shape
 # timed (bf16 NCHW 256x64x56x56: 393-515 us against 264; 256x1024x14x14: 473-813 against 347; 256x2048x7x7:
-# 271-371 against 161; benchmarks/NOTES.md): each round ends in a wait on its slowest program, and a
-# layer takes tens of rounds.
+# 271-371 against 161; benchmarks/NOTES.md). Likely cause, not yet isolated: each round ends in a wait on
+# its slowest program, and a layer takes up to 64 rounds a direction.
 PERSISTENT = os.environ.get("BNLAB_TRITON_PERSISTENT", "0").strip() == "1"
 PERSISTENT_PROGRAMS_PER_SM = 2
 L2_FRACTION = 0.5
