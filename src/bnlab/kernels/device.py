@@ -127,7 +127,7 @@ def _group(pid_c, S, PLANES: tl.constexpr):
 
 
 @triton.jit
-def _channels(pid_c, C, S, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
     """The channels of a program: one (planes), a block of BLOCK_B (rows) or a group (grouped planes); and
     which of them exist."""
     if PLANES >= 3:
@@ -361,7 +361,7 @@ def _slice_stats(
     """(count, mean relative to `anchor`, M2) per channel over the unit's tiles [t_start, t_end), t_start < t_end.
 
     Sums per lane, shifted by the first tile's mean (the pivot); one reduction across lanes at the end.
-    STAGES > 1: the loop's loads are software-pipelined (`_pipelined` below).
+    STAGES > 1: the loop's loads are software-pipelined through shared memory (`tl.range`'s num_stages).
     """
     base, offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -577,7 +577,7 @@ def _stats_kernel(
     unit = tl.program_id(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
     n, rel_mean, m2 = _slice_stats(
         x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, STAGES
@@ -605,7 +605,7 @@ def _apply_kernel(
 ):  # fmt: skip
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     _, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B, PLANES, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
     )
@@ -624,7 +624,7 @@ def _grad_kernel(
     unit = tl.program_id(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     invstd, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
@@ -655,7 +655,7 @@ def _input_grad_kernel(
 ):  # fmt: skip
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     _, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
@@ -684,7 +684,7 @@ def _publish_stats(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
-    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
     n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, 1)
     _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
@@ -704,7 +704,7 @@ def _finish_forward(
     WAIT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
 ):  # fmt: skip
-    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     if WAIT:
         _wait(flags_ptr + unit)
     _, mean, scale, shift = _normalizer(
@@ -750,7 +750,7 @@ def _publish_grads(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
-    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     invstd, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
@@ -776,7 +776,7 @@ def _finish_backward(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):  # fmt: skip
-    cols, cmask = _channels(unit, C, S, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     if WAIT:
         _wait(flags_ptr + unit)
     _, mean, scale, shift = _normalizer(
