@@ -143,11 +143,13 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
     itemsize = 4 if dtype == "fp32" else 2
     results = []
     for name, layout, N, C, S in SHAPES:
-        split = K.plan_for(layout, N, C, S, target_programs=4 * 132, tile=K.TILE, num_warps=K.NUM_WARPS)
+        # The module's knobs, as make_plan passes them (it needs a tensor; these shapes need none).
+        knobs = dict(target_programs=4 * 132, tile=K.TILE, num_warps=K.NUM_WARPS, group_span=K.GROUP_SPAN_MAX)
+        split = K.plan_for(layout, N, C, S, **knobs)
         # An H100/H200: 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.
         persistent = K.plan_for(
-            layout, N, C, S, target_programs=4 * 132, tile=K.TILE, num_warps=K.NUM_WARPS,
-            resident_programs=264, round_values=50 * 2**20 // 4 // itemsize, persistent_tile=K.PERSISTENT_TILE,
+            layout, N, C, S, **knobs, resident_programs=264, round_values=50 * 2**20 // 4 // itemsize,
+            persistent_tile=K.PERSISTENT_TILE, persistent_warps=K.PERSISTENT_WARPS,
         )  # fmt: skip
         for kname, (fn, extra, maxnreg) in KERNELS.items():
             plan = persistent if maxnreg else split

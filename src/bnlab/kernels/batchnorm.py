@@ -157,14 +157,14 @@ def plan_for(
     while layout == ROWS and min_block_channels and widths[-1] > min_block_channels:
         widths.append(widths[-1] // 2)
     for width in widths if resident_programs > 0 else ():
-        blocks = _blocks(layout, N, C, S, persistent_tile, width, group_span)
+        blocks = _blocks(layout, N, C, S, persistent_tile, group_span, width)
         block_a, block_b, tiles, units, unit_values, packing = blocks
         if unit_values <= round_values:
             per_round = min(units, round_values // unit_values, resident_programs)
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
-    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span=group_span)
+    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span)
     per_split = _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, **packing)
 
@@ -178,7 +178,7 @@ def _offsets_fit(block_a: int, row_stride: int, block_b: int) -> bool:
     return (block_a - 1) * row_stride + block_b < INT32_LIMIT
 
 
-def _group_size(C: int, S: int, tile: int, span: int = 2048) -> int:
+def _group_size(C: int, S: int, tile: int, span: int) -> int:
     """Channels per program for grouped planes (device module doc), or 0: for runs that are not
     16-aligned, when C is a multiple of the group (then every group's span starts 16-byte aligned) and a
     sample's span fits a tile and `span` lanes."""
@@ -198,7 +198,7 @@ def _packed_block(N: int, C: int, S: int, tile: int) -> int:
 
 
 def _blocks(
-    layout: str, N: int, C: int, S: int, tile: int, width: int = 128, group_span: int = 2048
+    layout: str, N: int, C: int, S: int, tile: int, group_span: int, width: int = 128
 ) -> tuple[int, int, int, int, int, dict]:
     """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, the Plan's
     packing fields: {}, packed or group); rows: blocks of at most `width` channels; grouped planes: spans
