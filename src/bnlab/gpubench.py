@@ -582,7 +582,8 @@ def _measure_provider(
             plans = kernels.load().describe_plans(inp.x, residual=inp.residual is not None)
             note = f"{note}; {plans}" if note else plans
         if flips:
-            note = f"{note}; {flips} ReLU mask flips left out of max_abs_diff" if note else f"{flips} mask flips"
+            flipped = f"{flips} ReLU mask flips left out of max_abs_diff"
+            note = f"{note}; {flipped}" if note else flipped
     except Exception as exc:
         return [_row(group, provider, d, copy_gbps, error=_error_text(exc)) for d in group.directions]
     rows = []
