@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed-stamp
 PYTEST_CI_MARKERS := not slow and not gpu
+# pytest-xdist: one test process per core (`auto`), idle processes take queued tests from busy ones.
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: setup data run test test-all lint format bench clean
 
@@ -32,11 +35,11 @@ run: $(STAMP) data
 	$(BIN)/bnlab reproduce --profile quick
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "$(PYTEST_CI_MARKERS)"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "$(PYTEST_CI_MARKERS)"
 
 # Everything, slow checks included (torch.compile with inductor, thorough property tests).
 test-all: $(STAMP) lint
-	BNLAB_HYPOTHESIS=thorough $(BIN)/python -m pytest -q
+	BNLAB_HYPOTHESIS=thorough $(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -18,6 +18,13 @@ settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("BNLAB_HYPOTHESIS", "ci"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The heavy checks (minutes of ahead-of-time compiling in a subprocess) go first: under pytest-xdist
+    (`make test`) one process starts on them at once while the others share the rest, instead of the run
+    waiting for them at the end. A stable sort: every xdist process must collect the same order."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_backend_choice(monkeypatch):
     """Each test starts with no backend chosen in code and no BNLAB_BACKEND in the environment."""
