@@ -477,7 +477,8 @@ def test_layouts_are_recognised():
 
 
 # sm_80 is a slow check (make test-all): with an empty Triton cache, as on a fresh CI machine, the two
-# compiles took 178 s (sm_90) and 86 s (sm_80) on the 2-core development VM, the whole CI run ~13.5 min.
+# compiles took 178 s (sm_90) and 86 s (sm_80) on the 2-core development VM (session 5); sm_90 alone now
+# ~190 s, the longest single test (marked heavy: it starts first, beside the others under xdist).
 @pytest.mark.heavy
 @pytest.mark.parametrize("arch", [90, pytest.param(80, marks=pytest.mark.slow)])
 def test_every_kernel_compiles_for_nvidia_gpus(arch):
