@@ -144,7 +144,13 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
     results = []
     for name, layout, N, C, S in SHAPES:
         # The module's knobs, as make_plan passes them (it needs a tensor; these shapes need none).
-        knobs = dict(target_programs=4 * 132, tile=K.TILE, num_warps=K.NUM_WARPS, group_span=K.GROUP_SPAN_MAX)
+        knobs = dict(
+            target_programs=4 * 132,
+            tile=K.TILE,
+            num_warps=K.NUM_WARPS,
+            group_span=K.GROUP_SPAN_MAX,
+            min_run=K.PLANES_MIN_RUN,
+        )
         split = K.plan_for(layout, N, C, S, **knobs)
         # An H100/H200: 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.
         persistent = K.plan_for(

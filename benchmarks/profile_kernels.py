@@ -34,12 +34,13 @@ SHAPES = [
 ]
 STEPS = 20
 # Then the split plans of these shapes again under other knobs: whether the reduction passes gain from
-# more loads in flight (software-pipelined loops; more programs).
+# more loads in flight (software-pipelined loops; more programs), and NCHW tiles from longer runs.
 VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "NCHW"], [(256, 2048, 7, 7), "NCHW"])
 VARIANTS = (
     {"STATS_STAGES": {"planes": 1, "rows": 1}, "GRAD_STAGES": {"planes": 1, "rows": 1}},
     {"STATS_STAGES": {"planes": 3, "rows": 3}, "GRAD_STAGES": {"planes": 3, "rows": 3}},
     {"PROGRAMS_PER_SM": 8},
+    {"PLANES_MIN_RUN": 1024},  # NCHW 56x56: 4x1024 tiles (2 KB contiguous pieces) instead of 64x64
 )
 SETS = {
     "large": (SHAPES, VARIANT_SHAPES, VARIANTS),
@@ -86,7 +87,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
     floor_us = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both") / copy_gbps / 1e3
     total = sum(sum(v) for v in times.values()) / STEPS
     K = kernels.load()
-    names = ("PROGRAMS_PER_SM", "STATS_STAGES", "GRAD_STAGES", "TILE", "COMBINE_VALUES", "PERSISTENT")
+    names = ("PROGRAMS_PER_SM", "STATS_STAGES", "GRAD_STAGES", "TILE", "COMBINE_VALUES", "PERSISTENT", "PLANES_MIN_RUN")
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
     print(f"  kernels {total:8.1f} us a step; floor {floor_us:.1f} us at copy speed ({floor_us / total:.2f} of it)")

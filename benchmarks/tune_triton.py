@@ -9,8 +9,8 @@ defaults in bnlab/kernels/batchnorm.py (TILE, NUM_WARPS, SINGLE_TILE_MAX, PROGRA
 Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WARPS x SINGLE_TILE_MAX), with
 the persistent kernels off, then at the best of those PROGRAMS_PER_SM (how many slices the split
 reductions use), the persistent kernels on (at two L2_FRACTION, rounds pipelined or not; channels-last
-blocks narrowed to 16 channels where that makes them persistent), and COMBINE_VALUES (partials
-combined per step).
+blocks narrowed to 16 channels where that makes them persistent), COMBINE_VALUES (partials
+combined per step) and, where it changes the tiles, PLANES_MIN_RUN 1024 (NCHW runs in long pieces).
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ def sweep_shape(
             measure({**first, "PROGRAMS_PER_SM": programs})
         for combine in COMBINE_VALUES[1:]:
             measure({**first, "COMBINE_VALUES": combine})
+        long_runs = {**first, "PLANES_MIN_RUN": 1024}
+        if plan_with(long_runs) != plan_with(first):  # NCHW 28x28, 56x56: 4x1024 tiles instead of 64x64
+            measure(long_runs)
         persistent = {**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": True}
         measure(persistent)
         if plan_with(persistent).persistent:

@@ -375,6 +375,30 @@ def test_spatial_block_keeps_padding_small(S, block):
 
 
 @pytest.mark.parametrize(
+    ("S", "min_run", "block"), [(3136, 1024, 1024), (784, 128, 128), (784, 256, 1024), (49, 1024, 64), (3136, 8, 64)]
+)
+def test_spatial_block_takes_longer_runs_when_asked(S, min_run, block):
+    assert K._spatial_block(S, 4096, min_run) == block
+    plan = K.plan_for(K.PLANES, 256, 256, S, target_programs=528, min_run=min_run)
+    assert plan.block_b == block or plan.group  # (7x7: grouped tiles, which take no run width)
+
+
+def test_long_run_tiles_with_idle_lanes_match_the_reference(monkeypatch):
+    """PLANES_MIN_RUN 1024 at 56x56: each sample's run of 3136 values in four blocks of 1024 lanes (the
+    last one 64 busy), where the default takes blocks of 64 with no idle lane."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "PLANES_MIN_RUN", 1024)
+    x, z, dy, w, b = _operands((3, 2, 56, 56), "contiguous", torch.float32)
+    plan = K.make_plan(x, K.PLANES)
+    assert (plan.block_a, plan.block_b, plan.s_blocks) == (4, 1024, 4)
+    outs = [_run(backend, x, z, dy, w, b, training=True, activation="relu") for backend in ("triton", "reference")]
+    (y_t, g_t), (y_r, g_r) = outs
+    _close(y_t, y_r, torch.float32, "output")
+    for name, a, r in zip(("dx", "dweight", "dbias", "dresidual"), g_t, g_r, strict=True):
+        _close(a, r, torch.float32, name)
+
+
+@pytest.mark.parametrize(
     ("layout", "N", "C", "S", "target"),
     [
         (K.ROWS, 65536, 1024, 1, 528),

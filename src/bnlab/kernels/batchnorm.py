@@ -100,17 +100,18 @@ class Plan:
         return _cdiv(self.N, self.samples_per_tile) * self.s_blocks
 
 
-def _spatial_block(S: int, tile: int) -> int:
+def _spatial_block(S: int, tile: int, min_run: int = 64) -> int:
     """The block width for a channel's runs of S contiguous values: least padding, then widest.
 
     A block that runs past S idles its lanes (49 values in a block of 64 use 77% of them), but blocks
     narrower than 64 values cut each contiguous run into short pieces, which costs more than idle lanes
-    (partly used memory sectors): candidates are the powers of two from min(64, S) up to min(S, tile).
+    (partly used memory sectors): candidates are the powers of two from min(min_run, S) up to min(S, tile,
+    1024). A larger `min_run` trades idle lanes for longer contiguous pieces (see PLANES_MIN_RUN).
     """
     widest = min(_pow2(S), tile, 1024)
     candidates = []
     b = widest
-    while b >= min(64, widest):
+    while b >= min(min_run, widest):
         candidates.append(b)
         b //= 2
     return min(candidates, key=lambda b: (_cdiv(S, b) * b - S, -b))
@@ -134,6 +135,7 @@ def plan_for(
     persistent_warps: int = 8,
     min_block_channels: int = 0,
     group_span: int = 2048,
+    min_run: int = 64,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
 
@@ -146,7 +148,8 @@ def plan_for(
     among them, tiles of `persistent_tile` values and `persistent_warps` warps (their registers are capped). Rows: with
     `min_block_channels` (0: off), a channel block too large for a round is narrowed, down to that many
     channels, until it fits (each row then reads a shorter run: whole 32-byte sectors at 16 bf16 channels).
-    Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes.
+    Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes; other
+    planes tiles are at least `min_run` positions wide where S allows (`_spatial_block`).
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
@@ -157,14 +160,14 @@ def plan_for(
     while layout == ROWS and min_block_channels and widths[-1] > min_block_channels:
         widths.append(widths[-1] // 2)
     for width in widths if resident_programs > 0 else ():
-        blocks = _blocks(layout, N, C, S, persistent_tile, group_span, width)
+        blocks = _blocks(layout, N, C, S, persistent_tile, group_span, min_run, width)
         block_a, block_b, tiles, units, unit_values, packing = blocks
         if unit_values <= round_values:
             per_round = min(units, round_values // unit_values, resident_programs)
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
-    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span)
+    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, min_run)
     per_split = _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, **packing)
 
@@ -198,11 +201,11 @@ def _packed_block(N: int, C: int, S: int, tile: int) -> int:
 
 
 def _blocks(
-    layout: str, N: int, C: int, S: int, tile: int, group_span: int, width: int = 128
+    layout: str, N: int, C: int, S: int, tile: int, group_span: int, min_run: int, width: int = 128
 ) -> tuple[int, int, int, int, int, dict]:
     """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, the Plan's
     packing fields: {}, packed or group); rows: blocks of at most `width` channels; grouped planes: spans
-    of at most `group_span` lanes."""
+    of at most `group_span` lanes; other planes: blocks of at least `min_run` positions (`_spatial_block`)."""
     if layout == ROWS:
         block_b = min(_pow2(C), width, tile)
         block_a = max(1, min(tile // block_b, _pow2(N * S)))
@@ -219,7 +222,7 @@ def _blocks(
     packed = _packed_block(N, C, S, tile)
     if packed:
         return 1, packed, _cdiv(N, packed // S), C, N * S, {"packed": True}
-    block_b = _spatial_block(S, tile)
+    block_b = _spatial_block(S, tile, min_run)
     block_a = max(1, min(tile // block_b, _pow2(N)))
     while not _offsets_fit(block_a, C * S, block_b):  # samples of 2**31 / block_a values or more
         block_a //= 2
@@ -288,6 +291,13 @@ NUM_WARPS = 4
 # channels may take. At 14x14 a group of 16 channels spans 3136 values (a 4096-lane row, 1 sample a
 # tile): 578 us on an H200 against 367 us for groups of 8 in 2048 lanes (256x1024x14x14 bf16).
 GROUP_SPAN_MAX = 2048
+# Planes tiles (NCHW runs that are 16-aligned: 28x28, 56x56, 112x112) at least this many positions wide:
+# 64 takes the width with the least padding, which at 28x28 and 56x56 is 64 (tiles of 64 samples x 64
+# positions: each row of a tile a separate 128-byte piece of a different sample's plane, 1.6 MB apart at
+# 256x256x56x56). 1024: tiles of 4 samples x 1024 positions, 2 KB contiguous pieces, 23% idle lanes at
+# 56x56. Untimed (session 6); profile_kernels.py and tune_triton.py time 1024. NCHW's elementwise passes
+# ran at 0.82-0.87 of the copy rate on an H200 against 0.93-0.96 in channels-last (benchmarks/NOTES.md).
+PLANES_MIN_RUN = 64
 # Largest channel (N * S, padded to powers of two) for the single-pass kernels, and their warps: at 8192
 # values and 16 warps the sm_90 build keeps everything in registers (no spills, cuobjdump); 0 disables.
 SINGLE_TILE_MAX = 8192
@@ -342,7 +352,7 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
         single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS,
         resident_programs=resident, round_values=round_values, persistent_tile=min(PERSISTENT_TILE, TILE),
         persistent_warps=PERSISTENT_WARPS,
-        min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX,
+        min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
     )  # fmt: skip
 
 
