@@ -13,7 +13,9 @@ pass that moves B bytes per value can afford about 4 * 32 * B / 16.5 instruction
 (a bf16 statistics pass, 2 bytes: ~15.5; a bf16 normalize pass, 4 bytes: ~31) before issue, not memory,
 sets its speed; in practice well under that. Prints, per kernel and tile shape, the size of each loop
 (SASS instructions between a backward branch and its target), the first one (the per-tile loop) per
-value a thread holds, and the spills (LDL/STL).
+value a thread holds, and the spills (LDL/STL); then the registers per thread, the programs a
+multiprocessor holds at once with them, and the waves the plan's grid takes on 132 multiprocessors (a
+grid of 1.2 waves runs its last 0.2 after the first programs finish, nearly alone).
 
 Each shape is compiled with the tiles its plan gets (the split kernels at TILE, the persistent ones at
 PERSISTENT_TILE), specialized as Triton's launcher specializes them (16-divisible integers, S_BLOCKS of
@@ -70,9 +72,10 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: int | None) -> str:
-    """The SASS of the kernel variant that `plan` launches, specialized as Triton's launcher would:
-    pointers 16-byte aligned, integers that are multiples of 16 marked so, S_BLOCKS == 1 a constant."""
+def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: int | None) -> tuple[str, int, int]:
+    """(SASS, registers per thread, shared memory bytes) of the kernel variant that `plan` launches,
+    specialized as Triton's launcher would: pointers 16-byte aligned, integers that are multiples of 16
+    marked so, S_BLOCKS == 1 a constant."""
     args = K._block_args(plan)
     warps = args.pop("num_warps")
     constexprs = {**args, **extra, **{k: v for k, v in EPILOGUE.items() if k in fn.arg_names}}
@@ -88,7 +91,23 @@ def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: 
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     path = Path("/tmp") / f"bnlab-{fn.__name__}.cubin"
     path.write_bytes(compiled.asm["cubin"])
-    return subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([_cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    return sass, int(re.search(r"REG:(\d+)", usage).group(1)), compiled.metadata.shared
+
+
+# An H100/H200 multiprocessor: 64K registers (allocated per warp in units of 256), 64 warps, 32 programs,
+# 228 KB of shared memory of which 227 KB for one program and 1 KB reserved per program.
+SM_REGISTERS, SM_WARPS, SM_PROGRAMS, SM_SHARED, SHARED_RESERVED = 65536, 64, 32, 233472, 1024
+MULTIPROCESSORS = 132
+
+
+def programs_per_sm(registers: int, shared: int, warps: int) -> int:
+    """Programs a multiprocessor holds at once (the occupancy calculator's arithmetic, simplified)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(
+        SM_REGISTERS // (per_warp * warps), SM_WARPS // warps, SM_PROGRAMS, SM_SHARED // (shared + SHARED_RESERVED)
+    )
 
 
 def busy_fraction(plan: K.Plan) -> float:
@@ -136,6 +155,9 @@ class Loop:
     per_value: float  # the first (per-tile) loop's instructions per value a thread holds
     per_busy_value: float  # ... per value that is not padding
     spills: int
+    registers: int = 0
+    programs_per_sm: int = 0
+    waves: float = 0.0  # the plan's grid over what the GPU holds at once (1.2: a tail of 0.2 runs alone)
 
 
 def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
@@ -162,11 +184,14 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             if maxnreg and not plan.persistent:
                 continue
             extra = {k: v[plan.layout] if isinstance(v, dict) else v for k, v in extra.items()}  # per layout
-            loops, ops = loops_and_ops(machine_code(fn, dtype, plan, extra, arch, maxnreg))
+            sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, maxnreg)
+            loops, ops = loops_and_ops(sass)
             per_value = loops[0] / (plan.block_a * plan.block_b / (plan.num_warps * 32)) if loops else float("nan")
             tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}{' grouped' if plan.group else ''}"
+            resident = programs_per_sm(registers, shared, plan.num_warps)
+            waves = plan.grid[0] * plan.grid[1] / (resident * MULTIPROCESSORS)
             results.append(Loop(name, kname, tile, tuple(loops), per_value, per_value / busy_fraction(plan),
-                                ops["LDL"] + ops["STL"]))  # fmt: skip
+                                ops["LDL"] + ops["STL"], registers, resident, waves))  # fmt: skip
     return results
 
 
@@ -195,7 +220,8 @@ def main() -> int:
     for r in results:
         limit = f" (budget {budget(r.kernel, itemsize):.1f})" if r.kernel in TRAFFIC else ""
         print(f"{r.shape:>11} {r.kernel:>15} {r.tile:>12}: loops {list(r.loops)}, {r.per_value:5.1f} per value, "
-              f"{r.per_busy_value:5.1f} per busy value{limit}; spills {r.spills}")  # fmt: skip
+              f"{r.per_busy_value:5.1f} per busy value{limit}; spills {r.spills}; {r.registers} registers, "
+              f"{r.programs_per_sm} programs/SM, {r.waves:.2f} waves")  # fmt: skip
     if args.check is None:
         return 0
     failures = over_budget(results, itemsize, args.check)

@@ -54,7 +54,11 @@ SETS = {
             {"PROGRAMS_PER_SM": 8},
             {"TILE": 8192},  # fewer, larger tiles
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
-            {"PERSISTENT": True},  # these fit one round in L2: one launch per direction, no second read
+            # One launch a direction, the second read from L2: rounds as planned (pipelined: a round may
+            # take half the budget), then only where one round holds the whole tensor (7x7 both ways,
+            # 14x14 forward; the others split).
+            {"PERSISTENT": True},
+            {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1},
         ),
     ),
 }  # fmt: skip
@@ -87,7 +91,17 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
     floor_us = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both") / copy_gbps / 1e3
     total = sum(sum(v) for v in times.values()) / STEPS
     K = kernels.load()
-    names = ("PROGRAMS_PER_SM", "STATS_STAGES", "GRAD_STAGES", "TILE", "COMBINE_VALUES", "PERSISTENT", "PLANES_MIN_RUN")
+    names = (
+        "PROGRAMS_PER_SM",
+        "STATS_STAGES",
+        "GRAD_STAGES",
+        "TILE",
+        "COMBINE_VALUES",
+        "PERSISTENT",
+        "PIPELINE_ROUNDS",
+        "PERSISTENT_MAX_ROUNDS",
+        "PLANES_MIN_RUN",
+    )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
     print(f"  kernels {total:8.1f} us a step; floor {floor_us:.1f} us at copy speed ({floor_us / total:.2f} of it)")

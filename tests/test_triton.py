@@ -452,6 +452,18 @@ def test_persistent_plans_fit_the_resident_programs_and_the_round_budget(layout,
                           round_values=per_unit - 1).persistent  # fmt: skip
 
 
+def test_persistent_plans_can_be_limited_to_a_number_of_rounds():
+    """PERSISTENT_MAX_ROUNDS: NCHW 512 x 7x7 at batch 256 (6.4M values) in rounds of 3.2M values takes two
+    rounds; limited to one round it gets the split plan, and with the whole budget (6.5M) one round."""
+    limits = dict(target_programs=528, resident_programs=264)
+    two = K.plan_for(K.PLANES, 256, 512, 49, **limits, round_values=3_276_800)
+    assert two.persistent and -(-two.channel_programs // two.units_per_round) == 2
+    assert K.plan_for(K.PLANES, 256, 512, 49, **limits, round_values=3_276_800, max_rounds=2) == two
+    assert not K.plan_for(K.PLANES, 256, 512, 49, **limits, round_values=3_276_800, max_rounds=1).persistent
+    one = K.plan_for(K.PLANES, 256, 512, 49, **limits, round_values=6_553_600, max_rounds=1)
+    assert one.persistent and one.units_per_round == one.channel_programs
+
+
 def test_channels_last_blocks_too_large_for_a_round_can_be_narrowed():
     """Channels-last 128 x 28x28 at batch 256 (bf16, H100-like): a block of 128 channels is 25.7M values,
     over a round's 6.5M; allowed down to 16 channels, it is narrowed to the widest block that fits (32

@@ -136,6 +136,7 @@ def plan_for(
     min_block_channels: int = 0,
     group_span: int = 2048,
     min_run: int = 64,
+    max_rounds: int = 0,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
 
@@ -149,7 +150,8 @@ def plan_for(
     `min_block_channels` (0: off), a channel block too large for a round is narrowed, down to that many
     channels, until it fits (each row then reads a shorter run: whole 32-byte sectors at 16 bf16 channels).
     Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes; other
-    planes tiles are at least `min_run` positions wide where S allows (`_spatial_block`).
+    planes tiles are at least `min_run` positions wide where S allows (`_spatial_block`). With `max_rounds`
+    (0: any), a persistent plan of more rounds than that is not taken (the split plan is).
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
@@ -162,8 +164,8 @@ def plan_for(
     for width in widths if resident_programs > 0 else ():
         blocks = _blocks(layout, N, C, S, persistent_tile, group_span, min_run, width)
         block_a, block_b, tiles, units, unit_values, packing = blocks
-        if unit_values <= round_values:
-            per_round = min(units, round_values // unit_values, resident_programs)
+        per_round = min(units, round_values // max(unit_values, 1), resident_programs)
+        if unit_values <= round_values and (not max_rounds or _cdiv(units, per_round) <= max_rounds):
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
@@ -324,6 +326,10 @@ GRAD_STAGES = {PLANES: 2, ROWS: 2}
 # its slowest program, and a layer takes up to 64 rounds a direction.
 PERSISTENT = os.environ.get("BNLAB_TRITON_PERSISTENT", "0").strip() == "1"
 PERSISTENT_PROGRAMS_PER_SM = 2
+# Persistent plans of at most this many rounds a direction (0: any). 1 with PIPELINE_ROUNDS off: only the
+# tensors that fit L2's budget whole get one launch a direction (ResNet-50's 7x7 layers with 512 channels;
+# 14x14 with 256 forward), the rest the split plans. Untimed (session 6): profile_kernels.py --set small.
+PERSISTENT_MAX_ROUNDS = 0
 L2_FRACTION = 0.5
 # Publish a round's partials before waiting for the previous round's result (see bnlab.kernels.device).
 PIPELINE_ROUNDS = True
@@ -353,6 +359,7 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
         resident_programs=resident, round_values=round_values, persistent_tile=min(PERSISTENT_TILE, TILE),
         persistent_warps=PERSISTENT_WARPS,
         min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
+        max_rounds=PERSISTENT_MAX_ROUNDS,
     )  # fmt: skip
 
 
