@@ -7,8 +7,8 @@
 #   quick  `bnlab bench --gpu --quick` (batch 256, bf16 + fp32, forward+backward, with the acceptance check);
 #   tune   the knob sweep (benchmarks/tune_triton.py), bf16;
 #   full   `bnlab bench --gpu` (every batch, dtype and direction);
-#   profile every kernel's GPU time on a few shapes (benchmarks/profile_kernels.py, PROFILE_SET large or
-#          small), bf16;
+#   profile every kernel's GPU time on a few shapes (benchmarks/profile_kernels.py, PROFILE_SET: large,
+#          small or both, "small large"), bf16;
 #   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s;
 #   caches pack the compile caches (Triton's, inductor's) into $OUT/caches.tar.xz: carried back in the next
 #          call as .gpucache/caches.tar.xz (git-ignored), they are restored first and spare its compiles.
@@ -70,8 +70,10 @@ for step in "${steps[@]}"; do
       timeout "$f" python3 -m bnlab.cli bench --gpu --out "$OUT" --budget-s $((f - 200)) --warm-jobs "$JOBS" 2>&1 \
         | tee "$OUT/bench-full.log" | tail -80 ;;
     profile)
-      timeout "${PROFILE_S:-60}" python3 benchmarks/profile_kernels.py --set "${PROFILE_SET:-large}" 2>&1 \
-        | tee "$OUT/profile.log" | tail -40 ;;
+      for set in ${PROFILE_SET:-large}; do  # one or more sets, each within PROFILE_S, into one log ($OUT's 8 files)
+        timeout "${PROFILE_S:-60}" python3 benchmarks/profile_kernels.py --set "$set" 2>&1 \
+          | tee -a "$OUT/profile.log" | tail -40
+      done ;;
     host)
       timeout "${HOST_S:-60}" python3 benchmarks/host_gpu.py 2>&1 | tee "$OUT/host.log" | tail -20 ;;
     caches)
