@@ -119,10 +119,12 @@ def test_quick_plan_is_batch_256_bf16_fp32_forward_and_forward_backward_only():
 def test_estimate_counts_timings_and_compiles():
     plan = g.build_plan(g.QUICK)[:2]
     per_timing = (g.QUICK.warmup_ms + g.QUICK.rep_ms) / 1e3 + g.TIMING_OVERHEAD_S
-    # 2 groups x 2 directions (forward, both), each timed from Python and from a CUDA graph, x 3 providers
-    assert g.estimate_seconds(plan, g.QUICK) == pytest.approx(2 * 2 * 2 * 3 * per_timing + 2 * g.COMPILE_S_GUESS)
+    # 2 groups x 2 directions (forward, both), each timed from Python and from a CUDA graph, x 3 providers,
+    # and a same-size copy per group and direction
+    expected = (2 * 2 * 2 * 3 + 2 * 2) * per_timing + 2 * g.COMPILE_S_GUESS
+    assert g.estimate_seconds(plan, g.QUICK) == pytest.approx(expected)
     no_compile = replace(g.QUICK, providers=(g.BNLAB, g.EAGER), graphs=False)
-    assert g.estimate_seconds(plan, no_compile) == pytest.approx(2 * 2 * 2 * per_timing)
+    assert g.estimate_seconds(plan, no_compile) == pytest.approx((2 * 2 * 2 + 2 * 2) * per_timing)
 
 
 # ---- providers and timing ------------------------------------------------------------------------------
@@ -239,6 +241,12 @@ def test_pipeline_times_every_group_provider_and_direction(cpu_run):
         assert r.speedup_vs_eager == pytest.approx(1.0 if r.provider == g.EAGER else r.speedup_vs_best_torch)
     copy = [r.gbps / r.frac_of_copy for r in rows]
     assert max(copy) == pytest.approx(min(copy), rel=1e-9)  # one copy bandwidth for the whole run
+    # one same-size copy per group and direction, shared by its providers' rows
+    assert all(r.size_copy_us > 0 for r in rows)
+    per_direction = {}
+    for r in rows:
+        per_direction.setdefault((r.case, r.shape, r.dtype, r.layout, r.direction), set()).add(r.size_copy_us)
+    assert all(len(times) == 1 for times in per_direction.values())
 
 
 def test_pipeline_bnlab_matches_torch_eager_on_outputs_and_gradients(cpu_run):
@@ -379,7 +387,11 @@ def _is_bnlab_stem(r):
 def test_acceptance_1_fails_below_055_of_copy_bandwidth():
     rows = _replace_first(_results(), _is_bnlab_stem, frac_of_copy=0.54)
     assert _passed(rows) == [False, True, True]
-    assert any("0.54 of copy" in f for f in g.acceptance(rows)[0].failures)
+    assert any("0.54 of copy," in f for f in g.acceptance(rows)[0].failures)
+    # with a same-size copy on record the failure says what it reached (0.54 * 100 us / 60 us)
+    rows = _replace_first(_results(), _is_bnlab_stem, frac_of_copy=0.54, size_copy_us=60.0)
+    assert _passed(rows) == [False, True, True]
+    assert any("0.54 of copy; a same-size copy 0.90," in f for f in g.acceptance(rows)[0].failures)
     assert _passed(_replace_first(_results(), _is_bnlab_stem, frac_of_copy=0.55)) == [True, True, True]
 
 
@@ -517,7 +529,7 @@ def test_gpu_pipeline_on_small_groups(tmp_path):
     ]
     rows, path = g.run_gpu_bench(settings, tmp_path, plan=plan, log=print)
     assert not [(r.provider, r.direction, r.error) for r in rows if r.error]
-    assert all(r.median_us > 0 and r.frac_of_copy > 0 and r.stream_us > 0 for r in rows)
+    assert all(r.median_us > 0 and r.frac_of_copy > 0 and r.stream_us > 0 and r.size_copy_us > 0 for r in rows)
     # every provider's forward and forward+backward replay from a CUDA graph (backward alone cannot)
     assert {(r.direction, r.timing) for r in rows} == {("forward", "cuda-graph"), ("both", "cuda-graph"),
                                                       ("backward", "stream")}  # fmt: skip
@@ -536,16 +548,17 @@ def test_max_abs_diff_leaves_relu_mask_flips_out_of_the_gradients():
 
 
 def test_csvs_from_before_the_graph_timing_still_load(tmp_path):
-    """Columns added later (timing, stream_us) are optional when reading: the first H200 run's CSV lacks
+    """Columns added later (timing, stream_us, size_copy_us) are optional when reading: the first H200 run's CSV lacks
     them; a column without a default is still required."""
     path = bench.write_csv(_results(), tmp_path / "new.csv", record={"gpu": "test"})
     lines = path.read_text().splitlines()
     header = lines[0].split(",")
-    keep = [i for i, name in enumerate(header) if name not in ("timing", "stream_us")]
+    keep = [i for i, name in enumerate(header) if name not in ("timing", "stream_us", "size_copy_us")]
     old = tmp_path / "old.csv"
     old.write_text("\n".join(",".join(line.split(",")[i] for i in keep) for line in lines) + "\n")
     rows = g.read_rows(old)
-    assert len(rows) == len(_results()) and all(r.timing == "" and r.stream_us is None for r in rows)
+    assert len(rows) == len(_results())
+    assert all(r.timing == "" and r.stream_us is None and r.size_copy_us is None for r in rows)
     dropped = [i for i, name in enumerate(header) if name != "median_us"]
     (tmp_path / "bad.csv").write_text("\n".join(",".join(line.split(",")[i] for i in dropped) for line in lines))
     with pytest.raises(ValueError, match="missing columns median_us"):
