@@ -78,6 +78,7 @@ def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: 
     marked so, S_BLOCKS == 1 a constant."""
     args = K._block_args(plan)
     warps = args.pop("num_warps")
+    fusion = args.pop("enable_fp_fusion")
     constexprs = {**args, **extra, **{k: v for k, v in EPILOGUE.items() if k in fn.arg_names}}
     if plan.s_blocks == 1 and "S_BLOCKS" in fn.arg_names:
         constexprs["S_BLOCKS"] = 1
@@ -87,7 +88,7 @@ def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: 
     divisible += [a for a, v in ints.items() if v % 16 == 0 and a not in constexprs]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature=triton_aot.signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    options = {"num_warps": warps, "enable_fp_fusion": fusion, **({"maxnreg": maxnreg} if maxnreg else {})}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     path = Path("/tmp") / f"bnlab-{fn.__name__}.cubin"
     path.write_bytes(compiled.asm["cubin"])

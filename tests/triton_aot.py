@@ -81,7 +81,7 @@ def main(arch: int) -> int:
     for fn, constexprs in compile_cases():
         for dtype in dtypes:
             src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
-            options = {"num_warps": K.NUM_WARPS}
+            options = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": K.FP_FUSION}
             if "PHASE" in constexprs:  # the persistent kernels launch with capped registers
                 options["maxnreg"] = 65536 // (K.PERSISTENT_PROGRAMS_PER_SM * K.NUM_WARPS * 32) // 8 * 8
             try:

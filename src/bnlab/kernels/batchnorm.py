@@ -283,6 +283,9 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
+# Multiply-adds compiled as fused multiply-adds (the kernels' arithmetic is written for them, e.g. `_dx`, and
+# kernel_sass.py's budgets count them), said explicitly: Triton 3.10 turns the default off.
+FP_FUSION = True
 # Values per tile and warps per program: the knobs a GPU session tunes (tests shrink TILE to exercise
 # many tiles and slices on small inputs). On an H200 (benchmarks/NOTES.md, 2026-11-27, forward+backward
 # replayed from CUDA graphs, bf16), 4096 values and 4 warps were best or within 3% of best on the split
@@ -430,6 +433,7 @@ def _block_args(plan: Plan) -> dict[str, int]:
         "BLOCK_B": plan.block_b,
         "PLANES": _planes_code(plan),
         "num_warps": plan.num_warps,
+        "enable_fp_fusion": FP_FUSION,
     }
 
 
@@ -522,6 +526,7 @@ def forward(
         _single_tile_forward_kernel[(C,)](
             x, z, y, mean, invstd, *running, *params, plan.N, C, plan.S, eps, momentum,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
+            enable_fp_fusion=FP_FUSION,
             **epilogue,
         )  # fmt: skip
         return y, mean, invstd
@@ -599,7 +604,8 @@ def backward(
     if fused and plan.single:
         _single_tile_backward_kernel[(C,)](
             dy, x, tensors[1], *outputs, *tensors[2:], dweight, dbias, plan.N, C, plan.S,
-            BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, **writes, **flags,
+            BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, enable_fp_fusion=FP_FUSION,
+            **writes, **flags,
         )  # fmt: skip
     elif fused:
         _persistent_launch(
