@@ -296,6 +296,16 @@ def test_failing_provider_gives_error_rows_and_the_run_goes_on(tmp_path):
     assert g.read_rows(path) == rows
 
 
+def test_a_failing_same_size_copy_leaves_the_providers_rows(tmp_path, monkeypatch):
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("no room for the copy")
+
+    monkeypatch.setattr(g, "same_bytes_copy_seconds", no_memory)
+    plan = g.build_plan(CPU, TOY_RESNET)[:1]
+    rows, _ = g.run_gpu_bench(CPU, tmp_path, plan=plan, log=QUIET)
+    assert rows and all(not r.error and r.median_us > 0 and r.size_copy_us is None for r in rows)
+
+
 @pytest.mark.skipif(
     not (bnlab.kernels.triton_installed() and bnlab.kernels.interpreting()),
     reason="the CPU pipeline runs the kernels in Triton's interpreter (TRITON_INTERPRET=1)",

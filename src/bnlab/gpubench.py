@@ -636,7 +636,11 @@ def measure_group(
     for direction, timing in sorted({(r.direction, r.timing) for r in rows if r.median_us}):
         nbytes = min_traffic_bytes(math.prod(group.case.shape), dtype.itemsize, direction, group.case.fused)
         copy_timer = graph_timer if timing == "cuda-graph" and graph_timer is not None else timer
-        copies[direction, timing] = same_bytes_copy_seconds(copy_timer, nbytes, settings.device, dtype) * 1e6
+        try:
+            copies[direction, timing] = same_bytes_copy_seconds(copy_timer, nbytes, settings.device, dtype) * 1e6
+        except Exception:  # (e.g. out of memory) a reference only: the providers' rows stand without it
+            if torch.device(settings.device).type == "cuda":
+                torch.cuda.empty_cache()
     return with_speedups([replace(r, size_copy_us=copies.get((r.direction, r.timing))) for r in rows])
 
 

@@ -427,7 +427,7 @@ def _shape_args(plan: Plan) -> tuple[int, ...]:
     return (plan.N, plan.C, plan.S, plan.s_blocks, plan.tiles, plan.per_split)
 
 
-def _block_args(plan: Plan) -> dict[str, int]:
+def _block_args(plan: Plan) -> dict[str, int | bool]:
     return {
         "BLOCK_A": plan.block_a,
         "BLOCK_B": plan.block_b,
