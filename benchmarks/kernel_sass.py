@@ -52,7 +52,7 @@ EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU":
 KERNELS = {  # name: (kernel, its other constexprs, register cap)
     "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}, None),
     "normalize": (K._apply_kernel, {"FROM_RUNNING": False}, None),
-    "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "STAGES": K.GRAD_STAGES}, None),
+    "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "STAGES": K._grad_stages}, None),
     "dx": (K._input_grad_kernel, {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False}, None),
     "persistent fwd": (
         K._persistent_forward_kernel,
@@ -184,7 +184,10 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             plan = persistent if maxnreg else split
             if maxnreg and not plan.persistent:
                 continue
-            extra = {k: v[plan.layout] if isinstance(v, dict) else v for k, v in extra.items()}  # per layout
+            # per layout (a dict), or per plan (a function)
+            extra = {
+                k: v[plan.layout] if isinstance(v, dict) else v(plan) if callable(v) else v for k, v in extra.items()
+            }
             sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, maxnreg)
             loops, ops = loops_and_ops(sass)
             per_value = loops[0] / (plan.block_a * plan.block_b / (plan.num_warps * 32)) if loops else float("nan")

@@ -37,8 +37,9 @@ STEPS = 20
 # more loads in flight (software-pipelined loops; more programs), and NCHW tiles from longer runs.
 VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "NCHW"], [(256, 2048, 7, 7), "NCHW"])
 VARIANTS = (
-    {"STATS_STAGES": {"planes": 1, "rows": 1}, "GRAD_STAGES": {"planes": 1, "rows": 1}},
-    {"STATS_STAGES": {"planes": 3, "rows": 3}, "GRAD_STAGES": {"planes": 3, "rows": 3}},
+    {"STATS_STAGES": {"planes": 1, "rows": 1}, "GRAD_STAGES": {"planes": 1, "rows": 1}, "LONG_LOOP_TILES": 2**31},
+    {"STATS_STAGES": {"planes": 3, "rows": 3}, "GRAD_STAGES": {"planes": 3, "rows": 3}, "LONG_LOOP_TILES": 2**31},
+    {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},  # the gradient sums at 2 stages whatever the loop's length
     {"PROGRAMS_PER_SM": 8},
     {"PLANES_MIN_RUN": 1024},  # NCHW 56x56: 4x1024 tiles (2 KB contiguous pieces) instead of 64x64
 )
@@ -95,6 +96,8 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PROGRAMS_PER_SM",
         "STATS_STAGES",
         "GRAD_STAGES",
+        "GRAD_STAGES_LONG",
+        "LONG_LOOP_TILES",
         "TILE",
         "COMBINE_VALUES",
         "PERSISTENT",

@@ -452,6 +452,16 @@ def test_persistent_plans_fit_the_resident_programs_and_the_round_budget(layout,
                           round_values=per_unit - 1).persistent  # fmt: skip
 
 
+def test_gradient_sums_pipeline_deeper_over_long_loops():
+    """NCHW 256x256x56x56 (66 tiles a program) takes GRAD_STAGES_LONG, 256x2048x7x7 (13) GRAD_STAGES; rows
+    take 2 either way."""
+    long = K.plan_for(K.PLANES, 256, 256, 3136, target_programs=528)
+    short = K.plan_for(K.PLANES, 256, 2048, 49, target_programs=528)
+    assert (long.per_split, short.per_split) == (66, 13)
+    assert (K._grad_stages(long), K._grad_stages(short)) == (3, 2)
+    assert K._grad_stages(K.plan_for(K.ROWS, 256, 256, 3136, target_programs=528)) == 2
+
+
 def test_persistent_plans_can_be_limited_to_a_number_of_rounds():
     """PERSISTENT_MAX_ROUNDS: NCHW 512 x 7x7 at batch 256 (6.4M values) in rounds of 3.2M values takes two
     rounds; limited to one round it gets the split plan, and with the whole budget (6.5M) one round."""

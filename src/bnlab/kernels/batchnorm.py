@@ -321,6 +321,18 @@ COMBINE_VALUES = 2048
 # gradient sums 219, 196 at 2 or 3.
 STATS_STAGES = {PLANES: 3, ROWS: 1}
 GRAD_STAGES = {PLANES: 2, ROWS: 2}
+# The gradient sums of programs that loop over at least LONG_LOOP_TILES tiles take GRAD_STAGES_LONG: the
+# two NCHW numbers above are 66 tiles a program (3 stages better by 15%) and 13 (2 better by 16%). The
+# threshold between them is a guess (session 6); profile_kernels.py's large set times both on both shapes.
+GRAD_STAGES_LONG = {PLANES: 3, ROWS: 2}
+LONG_LOOP_TILES = 32
+
+
+def _grad_stages(plan: Plan) -> int:
+    """The gradient sums' pipeline depth for `plan` (GRAD_STAGES, or GRAD_STAGES_LONG for long loops)."""
+    return (GRAD_STAGES_LONG if plan.per_split >= LONG_LOOP_TILES else GRAD_STAGES)[plan.layout]
+
+
 # Persistent kernels (see bnlab.kernels.device): on or off, programs resident per multiprocessor (their
 # registers are capped so that this many fit), and the share of L2 one round of channel blocks may use.
 # Off unless BNLAB_TRITON_PERSISTENT=1: on an H200 they were slower than the split plans on every shape
@@ -618,7 +630,7 @@ def backward(
         if dweight is not None:
             _grad_kernel[plan.grid](
                 dy, *tensors, *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan),
-                SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), STAGES=GRAD_STAGES[plan.layout], **flags,
+                SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), STAGES=_grad_stages(plan), **flags,
                 **_block_args(plan),
             )  # fmt: skip
         if dx is not None or dz is not None:
