@@ -51,9 +51,13 @@ SHAPES = [
 EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU": False}
 KERNELS = {  # name: (kernel, its other constexprs, register cap)
     "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}, None),
-    "normalize": (K._apply_kernel, {"FROM_RUNNING": False}, None),
+    "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}, None),
     "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "STAGES": K._grad_stages}, None),
-    "dx": (K._input_grad_kernel, {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False}, None),
+    "dx": (
+        K._input_grad_kernel,
+        {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES},
+        None,
+    ),
     "persistent fwd": (
         K._persistent_forward_kernel,
         {"SPLIT_BLOCK": 16, "PHASE": 0, "PIPELINE": True, "HAS_RUNNING": True},

@@ -40,6 +40,7 @@ VARIANTS = (
     {"STATS_STAGES": {"planes": 1, "rows": 1}, "GRAD_STAGES": {"planes": 1, "rows": 1}, "LONG_LOOP_TILES": 2**31},
     {"STATS_STAGES": {"planes": 3, "rows": 3}, "GRAD_STAGES": {"planes": 3, "rows": 3}, "LONG_LOOP_TILES": 2**31},
     {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},  # the gradient sums at 2 stages whatever the loop's length
+    {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
     {"PROGRAMS_PER_SM": 8},
     {"PLANES_MIN_RUN": 1024},  # NCHW 56x56: 4x1024 tiles (2 KB contiguous pieces) instead of 64x64
 )
@@ -98,6 +99,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "GRAD_STAGES",
         "GRAD_STAGES_LONG",
         "LONG_LOOP_TILES",
+        "APPLY_STAGES",
         "TILE",
         "COMBINE_VALUES",
         "PERSISTENT",

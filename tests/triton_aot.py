@@ -62,7 +62,10 @@ def compile_cases():
                 yield K._persistent_forward_kernel, {**persistent, "HAS_RUNNING": ep["HAS_WEIGHT"]}
                 flags = {"WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 yield K._persistent_backward_kernel, {**persistent, **flags}
-            yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"]}
+            # (the elementwise passes pipelined 2 deep too, once an epilogue: a knob a GPU session may turn)
+            apply_stages = (K.APPLY_STAGES[layout], 2) if ep == epilogues[0] else (K.APPLY_STAGES[layout],)
+            for stages in dict.fromkeys(apply_stages):
+                yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"], "STAGES": stages}
             stages = K.GRAD_STAGES[layout] if ep["HAS_WEIGHT"] else 1
             yield K._grad_kernel, {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "STAGES": stages}
             if ep == epilogues[0] and K.GRAD_STAGES_LONG[layout] != K.GRAD_STAGES[layout]:  # long loops' depth
@@ -70,7 +73,8 @@ def compile_cases():
                 yield K._grad_kernel, {**blocks, **ep, **split_block, **long}
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
-                yield K._input_grad_kernel, {**blocks, **ep, **flags}
+                for stages in dict.fromkeys(apply_stages if training else apply_stages[:1]):
+                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": stages}
     single = {"BLOCK_N": 64, "BLOCK_S": 64}
     for ep in epilogues:
         yield K._single_tile_forward_kernel, {**single, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}

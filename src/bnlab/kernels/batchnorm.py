@@ -326,6 +326,10 @@ GRAD_STAGES = {PLANES: 2, ROWS: 2}
 # threshold between them is a guess (session 6); profile_kernels.py's large set times both on both shapes.
 GRAD_STAGES_LONG = {PLANES: 3, ROWS: 2}
 LONG_LOOP_TILES = 32
+# The same for the elementwise passes (normalize, dx), per layout; 1: not pipelined, as timed so far. On an
+# H200 (run 3) NCHW's ran at 0.82-0.87 of the copy rate, channels-last's at 0.93-0.96: one tile's loads
+# in flight per program may be too few there. Untimed (session 6): profile_kernels.py's large set times 2.
+APPLY_STAGES = {PLANES: 1, ROWS: 1}
 
 
 def _grad_stages(plan: Plan) -> int:
@@ -564,7 +568,7 @@ def forward(
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     _apply_kernel[plan.grid](
         x, z, y, *stats, *params, *_shape_args(plan), eps,
-        FROM_RUNNING=from_running, **epilogue, **_block_args(plan),
+        FROM_RUNNING=from_running, STAGES=APPLY_STAGES[plan.layout], **epilogue, **_block_args(plan),
     )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
@@ -636,6 +640,6 @@ def backward(
         if dx is not None or dz is not None:
             _input_grad_kernel[plan.grid](
                 dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(plan),
-                TRAINING=training, **writes, **flags, **_block_args(plan),
+                TRAINING=training, STAGES=APPLY_STAGES[plan.layout], **writes, **flags, **_block_args(plan),
             )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz

@@ -461,9 +461,11 @@ def _second_pass_program():
 def _apply_slice(
     x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    for i in range(t_start, t_end):
+    """y over the unit's tiles [t_start, t_end), last first (`_backwards`); STAGES > 1: the loads
+    software-pipelined, as in `_slice_stats`."""
+    for i in tl.range(t_start, t_end, num_stages=STAGES):
         base, offs, mask = _tile(_backwards(i, t_start, t_end), unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL)
@@ -551,8 +553,10 @@ def _input_grad_slice(
     dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
-    for i in range(t_start, t_end):
+    """dx (and dz) over the unit's tiles, last first; STAGES as in `_apply_slice`."""
+    for i in tl.range(t_start, t_end, num_stages=STAGES):
         base, offs, mask, x, g = _grad_tile(
             _backwards(i, t_start, t_end), unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
             BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
@@ -602,6 +606,7 @@ def _apply_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
@@ -610,7 +615,7 @@ def _apply_kernel(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B, PLANES, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
     )
     _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
+                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES)  # fmt: skip
 
 
 @triton.jit
@@ -651,7 +656,7 @@ def _input_grad_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
@@ -665,7 +670,7 @@ def _input_grad_kernel(
         k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
-        BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
+        BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES,
     )  # fmt: skip
 
 
@@ -711,7 +716,7 @@ def _finish_forward(
         mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU)  # fmt: skip
+                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, 1)  # fmt: skip
     _leave(flags_ptr, unit, UNITS)
 
 
@@ -785,7 +790,7 @@ def _finish_backward(
     k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2,
-        N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
+        N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, 1,
     )  # fmt: skip
     _leave(flags_ptr, unit, UNITS)
 
