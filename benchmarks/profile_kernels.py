@@ -33,16 +33,14 @@ SHAPES = [
     ((256, 2048, 7, 7), "channels_last"),
 ]
 STEPS = 20
-# Then the split plans of these shapes again under other knobs: whether the reduction passes gain from
-# more loads in flight (software-pipelined loops; more programs), and NCHW tiles from longer runs.
+# Then the split plans of these shapes again under other knobs, one knob setting at a time over all of
+# them (a run cut short keeps whole settings): session 6's candidates. (Run 3 timed the reductions
+# unpipelined and 3 deep, and PROGRAMS_PER_SM 8, on these shapes: results/h200-2026-11-27/profile-run3.log.)
 VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "NCHW"], [(256, 2048, 7, 7), "NCHW"])
 VARIANTS = (
-    {"STATS_STAGES": {"planes": 1, "rows": 1}, "GRAD_STAGES": {"planes": 1, "rows": 1}, "LONG_LOOP_TILES": 2**31},
-    {"STATS_STAGES": {"planes": 3, "rows": 3}, "GRAD_STAGES": {"planes": 3, "rows": 3}, "LONG_LOOP_TILES": 2**31},
-    {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},  # the gradient sums at 2 stages whatever the loop's length
     {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
-    {"PROGRAMS_PER_SM": 8},
     {"PLANES_MIN_RUN": 1024},  # NCHW 56x56: 4x1024 tiles (2 KB contiguous pieces) instead of 64x64
+    {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},  # the gradient sums 2 deep whatever the loop's length
 )
 SETS = {
     "large": (SHAPES, VARIANT_SHAPES, VARIANTS),
@@ -50,17 +48,17 @@ SETS = {
         [],
         [((256, 512, 7, 7), "NCHW"), ((256, 512, 7, 7), "channels_last"), ((256, 256, 14, 14), "NCHW"),
          ((256, 256, 14, 14), "channels_last")],
-        (
+        (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
+            # One launch a direction, the second read from L2: only where one round holds the whole tensor
+            # (7x7 both ways, 14x14 forward; the others split), then rounds as planned (pipelined: a round
+            # may take half the budget).
+            {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1},
+            {"PERSISTENT": True},
             {"PROGRAMS_PER_SM": 2},  # fewer slices: less to combine
             {"PROGRAMS_PER_SM": 8},
             {"TILE": 8192},  # fewer, larger tiles
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
-            # One launch a direction, the second read from L2: rounds as planned (pipelined: a round may
-            # take half the budget), then only where one round holds the whole tensor (7x7 both ways,
-            # 14x14 forward; the others split).
-            {"PERSISTENT": True},
-            {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1},
         ),
     ),
 }  # fmt: skip
@@ -128,8 +126,8 @@ def main() -> int:
     for shape, layout in shapes:
         profile_shape(shape, layout, dtype, copy)
     K = kernels.load()
-    for shape, layout in variant_shapes:
-        for knobs in variants:
+    for knobs in variants:
+        for shape, layout in variant_shapes:
             defaults = {name: getattr(K, name) for name in knobs}
             for name, value in knobs.items():
                 setattr(K, name, value)

@@ -10,7 +10,8 @@ Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WAR
 the persistent kernels off, then at the best of those PROGRAMS_PER_SM (how many slices the split
 reductions use), the persistent kernels on (at two L2_FRACTION, rounds pipelined or not; channels-last
 blocks narrowed to 16 channels where that makes them persistent), COMBINE_VALUES (partials
-combined per step) and, where it changes the tiles, PLANES_MIN_RUN 1024 (NCHW runs in long pieces).
+combined per step), APPLY_STAGES 2 (the elementwise passes pipelined) and, where it changes the tiles,
+PLANES_MIN_RUN 1024 (NCHW runs in long pieces).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def sweep_shape(
             measure({**first, "PROGRAMS_PER_SM": programs})
         for combine in COMBINE_VALUES[1:]:
             measure({**first, "COMBINE_VALUES": combine})
+        measure({**first, "APPLY_STAGES": {"planes": 2, "rows": 2}})  # elementwise passes pipelined
         long_runs = {**first, "PLANES_MIN_RUN": 1024}
         if plan_with(long_runs) != plan_with(first):  # NCHW 28x28, 56x56: 4x1024 tiles instead of 64x64
             measure(long_runs)
