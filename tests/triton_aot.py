@@ -68,7 +68,7 @@ def compile_cases():
                 yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"], "STAGES": stages}
             stages = K.GRAD_STAGES[layout] if ep["HAS_WEIGHT"] else 1
             yield K._grad_kernel, {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "STAGES": stages}
-            if ep == epilogues[0] and K.GRAD_STAGES_LONG[layout] != K.GRAD_STAGES[layout]:  # long loops' depth
+            if ep in ends and K.GRAD_STAGES_LONG[layout] != K.GRAD_STAGES[layout]:  # long loops' depth
                 long = {"SPLIT": True, "STAGES": K.GRAD_STAGES_LONG[layout]}
                 yield K._grad_kernel, {**blocks, **ep, **split_block, **long}
             for training in (True, False):
