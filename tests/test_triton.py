@@ -500,6 +500,11 @@ def test_plans_are_described_for_benchmark_rows(monkeypatch):
     assert K.describe_plans(x, residual=True).endswith("backward split over 2 slices")  # 4 programs here
     monkeypatch.setattr(K, "TILE", 64)  # runs of 25 values: two samples' side by side in 64 lanes
     assert K.describe_plans(x).endswith("(packed tiles of 2 samples)")
+    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (0, 0))
+    assert "gradient sums" not in K.describe_plans(x)
+    monkeypatch.setattr(K, "LONG_LOOP_TILES", 1)  # every split plan's loops count as long
+    assert K.describe_plans(x).endswith(" slices (gradient sums 3 deep) (packed tiles of 2 samples)")
+    assert K.describe_plans(x).count("gradient sums") == 1  # the backward's, not the forward's
 
 
 def test_host_integer_helpers_match_tritons():
