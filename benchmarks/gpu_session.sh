@@ -10,13 +10,15 @@
 #   profile every kernel's GPU time on a few shapes (benchmarks/profile_kernels.py, PROFILE_SET: large,
 #          small or both, "small large"), bf16;
 #   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s;
+#   inductor the kernels torch.compile generates for one BN training step (benchmarks/inductor_code.py,
+#          INDUCTOR_SHAPE, default 256,256,14,14 NCHW bf16), ~20-40 s;
 #   caches pack the compile caches (Triton's, inductor's) into $OUT/caches.tar.xz: carried back in the next
 #          call as .gpucache/caches.tar.xz (git-ignored), they are restored first and spare its compiles.
 # Results land in $OUT (the device tool brings that folder back: at most 8 files) or /tmp/bnlab-gpu.
 # Usage, from the repository root, on the GPU machine (python3 there has torch and triton):
-#   bash benchmarks/gpu_session.sh [tests|quick|tune|full|profile|host|caches]...   (default: tests quick tune)
+#   bash benchmarks/gpu_session.sh [tests|quick|tune|full|profile|host|inductor|caches]...   (default: tests quick tune)
 # Step time limits can be set in the environment: SMOKE_S, TESTS_S, QUICK_S (its timing budget is
-# QUICK_S minus 100 s of compiling and reporting), TUNE_S, FULL_S, PROFILE_S, HOST_S.
+# QUICK_S minus 100 s of compiling and reporting), TUNE_S, FULL_S, PROFILE_S, HOST_S, INDUCTOR_S.
 set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
@@ -76,10 +78,13 @@ for step in "${steps[@]}"; do
       done ;;
     host)
       timeout "${HOST_S:-60}" python3 benchmarks/host_gpu.py 2>&1 | tee "$OUT/host.log" | tail -20 ;;
+    inductor)
+      timeout "${INDUCTOR_S:-60}" python3 benchmarks/inductor_code.py --shape "${INDUCTOR_SHAPE:-256,256,14,14}" 2>&1 \
+        | tee "$OUT/inductor.log" | tail -5 ;;
     caches)
       XZ_OPT="-T0 -6" tar -C / -cJf "$OUT/caches.tar.xz" tmp/bnlab-cache 2>/dev/null
       ls -l "$OUT/caches.tar.xz" ;;
-    *) echo "unknown step $step (tests, quick, tune, full, profile, host, caches)"; exit 2 ;;
+    *) echo "unknown step $step (tests, quick, tune, full, profile, host, inductor, caches)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date -u +%T)); files in $OUT"

@@ -95,3 +95,14 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     if which == "small":  # the variants were in force while their shapes were profiled
         assert sum(tile == 8192 for _, tile, _ in seen) == 4 and sum(persistent for *_, persistent in seen) == 8
     assert {name: getattr(K, name) for name in names} == before
+
+
+@pytest.mark.slow  # torch.compile with inductor (C++ on a CPU)
+def test_the_inductor_code_dump_prints_the_generated_modules():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "inductor_code.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent / "src")}
+    argv = ["--device", "cpu", "--shape", "4,3,5,5", "--dtype", "float32"]
+    done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "# ==== generated module 1 of 2 ====" in done.stdout  # the forward's and the backward's
+    assert done.stdout.rstrip().endswith("4,3,5,5 float32 NCHW: 2 generated modules")
