@@ -19,16 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
+from bnlab.gpubench import training_tensors
+
 
 def generated_code(shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: str) -> list[str]:
     """Sources of the modules torch.compile generates for F.batch_norm's training forward and backward."""
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
-    dy = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-    C = shape[1]
-    w = torch.ones(C, device=device, requires_grad=True)
-    b = torch.zeros(C, device=device, requires_grad=True)
-    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    x, rm, rv, w, b, dy = training_tensors(shape, layout, dtype, device)
     torch.compiler.reset()
     compiled = torch.compile(F.batch_norm, dynamic=False)
 

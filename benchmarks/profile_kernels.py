@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bnlab import functional as BF
 from bnlab import kernels
-from bnlab.gpubench import copy_bandwidth_gbps, make_timer, min_traffic_bytes
+from bnlab.gpubench import copy_bandwidth_gbps, make_timer, min_traffic_bytes, training_tensors
 
 SHAPES = [
     ((256, 64, 112, 112), "NCHW"),
@@ -65,13 +65,7 @@ SETS = {
 
 
 def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float) -> None:
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
-    dy = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
-    C = shape[1]
-    w = torch.ones(C, device="cuda", requires_grad=True)
-    b = torch.zeros(C, device="cuda", requires_grad=True)
-    rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+    x, rm, rv, w, b, dy = training_tensors(shape, layout, dtype, "cuda")
 
     def step() -> None:
         y = BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="triton", nonfinite="ignore")

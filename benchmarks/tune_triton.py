@@ -30,7 +30,7 @@ import torch
 
 from bnlab import functional as BF
 from bnlab import kernels
-from bnlab.gpubench import copy_bandwidth_gbps, errors_in_processes, make_timer, min_traffic_bytes
+from bnlab.gpubench import copy_bandwidth_gbps, errors_in_processes, make_timer, min_traffic_bytes, training_tensors
 
 SHAPES = [  # batch 256 first (the acceptance bar's shapes): a run cut short keeps those
     ((256, 64, 56, 56), "NCHW"),
@@ -70,18 +70,6 @@ def _knobs(K, knobs: dict[str, int]) -> Iterator[None]:
             setattr(K, name, value)
 
 
-def _tensors(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
-    """(x, running mean, running var, weight, bias, dy) of a training step on `shape` in `layout`."""
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
-    dy = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-    C = shape[1]
-    w = torch.ones(C, device=device, requires_grad=True)
-    b = torch.zeros(C, device=device, requires_grad=True)
-    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-    return x, rm, rv, w, b, dy
-
-
 def _plan_with(K, x: torch.Tensor, knobs: dict[str, int]):
     """The backward's plan for `x` under `knobs`."""
     with _knobs(K, knobs):
@@ -101,7 +89,7 @@ def sweep_shape(
     K, timer, copy: float, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str = "cuda"
 ) -> list[dict]:
     """Both stages for one shape; prints a line per measurement and the best knobs."""
-    x, rm, rv, w, b, dy = _tensors(shape, layout, dtype, device)
+    x, rm, rv, w, b, dy = training_tensors(shape, layout, dtype, device)
     nbytes = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both")
     step = functools.partial(_train_step, x, rm, rv, w, b, dy)
     rows: list[dict] = []
@@ -163,7 +151,7 @@ def _warm_one(task: tuple) -> str:
     K = kernels.load()
     try:
         with _knobs(K, knobs):
-            _train_step(*_tensors(shape, layout, getattr(torch, dtype_name), device))
+            _train_step(*training_tensors(shape, layout, getattr(torch, dtype_name), device))
     except Exception as exc:  # the sweep times the same setting and reports it
         return f"{shape} {layout} {knobs}: {type(exc).__name__}: {exc}"[:300]
     return ""
@@ -175,7 +163,7 @@ def warm_compile_cache(K, shapes, dtype: torch.dtype, jobs: int, device: str = "
     Returns the errors."""
     tasks = []
     for shape, layout in shapes:
-        x = _tensors(shape, layout, dtype, device)[0]
+        x = training_tensors(shape, layout, dtype, device)[0]
         tasks += [(shape, layout, str(dtype).removeprefix("torch."), device, knobs) for knobs in stage_one(K, x)]
         del x
     return errors_in_processes(_warm_one, tasks, jobs)

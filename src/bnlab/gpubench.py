@@ -482,6 +482,21 @@ def _make_inputs(group: Group, device: str) -> _Inputs:
     return _Inputs(x=activation(True), dy=activation(False), residual=residual, weight=weight, bias=bias)
 
 
+def training_tensors(
+    shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, running mean, running var, weight, bias, dy) of a training step on `shape` in `layout` ("NCHW" or
+    "channels_last"): random x (requiring grad) and dy, weight 1, bias 0; for the scripts in benchmarks/."""
+    fmt = torch.channels_last if layout == CHANNELS_LAST else torch.contiguous_format
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+    dy = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    C = shape[1]
+    w = torch.ones(C, device=device, requires_grad=True)
+    b = torch.zeros(C, device=device, requires_grad=True)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    return x, rm, rv, w, b, dy
+
+
 def _direction_fn(
     fn: BNFn, inp: _Inputs, stats: tuple[torch.Tensor, torch.Tensor], direction: str
 ) -> tuple[Callable[[object], object], Callable[[], object] | None]:

@@ -403,8 +403,9 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             how = f"persistent {plan.units_per_round}x{plan.splits} in {rounds} rounds"
         else:
             how = f"split over {plan.splits} slices"
-            if direction == "backward" and _grad_stages(plan) != GRAD_STAGES[plan.layout]:
-                how += f" (gradient sums {_grad_stages(plan)} deep)"  # long loops (GRAD_STAGES_LONG)
+            stages = _grad_stages(plan)
+            if direction == "backward" and stages != GRAD_STAGES[plan.layout]:
+                how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
         if plan.packed:
             how += f" (packed tiles of {plan.samples_per_tile} samples)"
         if plan.group:
