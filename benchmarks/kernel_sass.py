@@ -172,7 +172,7 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
     for name, layout, N, C, S in SHAPES:
         # The module's knobs, as make_plan passes them (it needs a tensor; these shapes need none).
         knobs = dict(
-            target_programs=4 * 132,
+            target_programs=K.PROGRAMS_PER_SM[layout] * MULTIPROCESSORS,
             tile=K.TILE,
             num_warps=K.NUM_WARPS,
             group_span=K.GROUP_SPAN_MAX,

@@ -6,7 +6,9 @@ steps (torch.profiler, CUDA activity), its share of the step, and the minimal-tr
 the device's copy bandwidth: which pass (statistics, normalize, gradient sums, dx, persistent) to work on.
 Sets: `large` (default) profiles ResNet-50's shapes at the defaults, then a few under other knobs;
 `small` profiles the 7x7 and 14x14 layers (28 of the 53, the furthest from the floor after session 5)
-under the knobs that change their fixed costs (launches, slices, combine, one persistent round).
+under the knobs that change their fixed costs (launches, slices, combine, one persistent round); `nchw`
+every NCHW layer shape at the defaults and under the settings they replaced (session 7).
+`--warm-jobs N` compiles every setting's kernels in N processes first.
 """
 
 from __future__ import annotations
@@ -14,14 +16,24 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bnlab import functional as BF
 from bnlab import kernels
-from bnlab.gpubench import copy_bandwidth_gbps, make_timer, min_traffic_bytes, training_tensors
+from bnlab.gpubench import (
+    compile_training_step,
+    copy_bandwidth_gbps,
+    errors_in_processes,
+    knobs_set,
+    make_timer,
+    min_traffic_bytes,
+    resnet50_bn_shapes,
+    training_step,
+    training_tensors,
+)
 
 SHAPES = [
     ((256, 64, 112, 112), "NCHW"),
@@ -55,21 +67,37 @@ SETS = {
             # may take half the budget).
             {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1},
             {"PERSISTENT": True},
-            {"PROGRAMS_PER_SM": 2},  # fewer slices: less to combine
-            {"PROGRAMS_PER_SM": 8},
+            {"PROGRAMS_PER_SM": {"planes": 4, "rows": 2}},  # planes: the old default; rows: fewer slices
+            {"PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
             {"TILE": 8192},  # fewer, larger tiles
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
         ),
     ),
+    # Session 7's new defaults (PLANES_MIN_RUN 1024, planes PROGRAMS_PER_SM 2) against the old ones on every
+    # NCHW layer shape; a setting is profiled only on the shapes whose plans or gradient-sum depth it
+    # changes (`_changes`).
+    "nchw": (
+        [],
+        [(shape, "NCHW") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
+        (
+            {},
+            {"PLANES_MIN_RUN": 64, "PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # session 6's defaults
+            {"PLANES_MIN_RUN": 64},
+            {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},
+            {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},
+        ),
+    ),
 }  # fmt: skip
+# Knobs that act only through the plan and the gradient sums' depth: a setting of these alone that leaves
+# both as they are would time the same kernels again.
+PLAN_KNOBS = {"PLANES_MIN_RUN", "PROGRAMS_PER_SM", "GRAD_STAGES_LONG", "LONG_LOOP_TILES", "TILE", "COMBINE_VALUES"}
 
 
 def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float) -> None:
     x, rm, rv, w, b, dy = training_tensors(shape, layout, dtype, "cuda")
 
     def step() -> None:
-        y = BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="triton", nonfinite="ignore")
-        torch.autograd.grad(y, (x, w, b), dy)
+        training_step(x, rm, rv, w, b, dy)
 
     for _ in range(3):
         step()
@@ -112,25 +140,47 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--set", default="large", choices=sorted(SETS), help="which shapes and knobs (see above)")
+    parser.add_argument("--warm-jobs", type=int, default=0, help="processes compiling every setting's kernels first")
     args = parser.parse_args()
     shapes, variant_shapes, variants = SETS[args.set]
     dtype = getattr(torch, args.dtype)
+    K = kernels.load()
+    runs = [(shape, layout, {}) for shape, layout in shapes] + [
+        (shape, layout, knobs)
+        for knobs in variants
+        for shape, layout in variant_shapes
+        if not (knobs and set(knobs) <= PLAN_KNOBS and not _changes(K, shape, layout, dtype, knobs))
+    ]
+    if args.warm_jobs:  # compiles are CPU work, one core each: one after another they took most of a run
+        start = time.perf_counter()
+        name = str(dtype).removeprefix("torch.")
+        errors = errors_in_processes(
+            compile_training_step, [(*run[:2], name, "cuda", run[2]) for run in runs], args.warm_jobs
+        )
+        print(f"compiled {len(runs)} settings' kernels in {time.perf_counter() - start:.0f} s; {len(errors)} errors")
     copy = copy_bandwidth_gbps(make_timer("cuda"), "cuda")
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
-    for shape, layout in shapes:
-        profile_shape(shape, layout, dtype, copy)
-    K = kernels.load()
-    for knobs in variants:
-        for shape, layout in variant_shapes:
-            defaults = {name: getattr(K, name) for name in knobs}
-            for name, value in knobs.items():
-                setattr(K, name, value)
-            try:
-                profile_shape(shape, layout, dtype, copy)
-            finally:
-                for name, value in defaults.items():
-                    setattr(K, name, value)
+    for shape, layout, knobs in runs:
+        with knobs_set(K, knobs):
+            profile_shape(shape, layout, dtype, copy)
     return 0
+
+
+def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:
+    """Whether `knobs` change the backward's plan or the gradient sums' depth on this shape (planning asks
+    the GPU's multiprocessor count: an uninitialised tensor on the device)."""
+    x = torch.empty(shape, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def plan() -> tuple:
+        p = K.make_plan(x, K.layout_of(x), streams=2)
+        return p, K._grad_stages(p)
+
+    before = plan()
+    with knobs_set(K, knobs):
+        after = plan()
+    return before != after
 
 
 if __name__ == "__main__":

@@ -17,20 +17,26 @@ PLANES_MIN_RUN 1024 (NCHW runs in long pieces).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import functools
 import itertools
 import math
 import sys
 import time
-from collections.abc import Iterator
 
 import torch
 
-from bnlab import functional as BF
 from bnlab import kernels
-from bnlab.gpubench import copy_bandwidth_gbps, errors_in_processes, make_timer, min_traffic_bytes, training_tensors
+from bnlab.gpubench import (
+    compile_training_step,
+    copy_bandwidth_gbps,
+    errors_in_processes,
+    knobs_set,
+    make_timer,
+    min_traffic_bytes,
+    training_step,
+    training_tensors,
+)
 
 SHAPES = [  # batch 256 first (the acceptance bar's shapes): a run cut short keeps those
     ((256, 64, 56, 56), "NCHW"),
@@ -47,32 +53,13 @@ KNOBS = {
     "NUM_WARPS": (4, 8),
     "SINGLE_TILE_MAX": (0, 8192, 16384),
 }
-PROGRAMS_PER_SM = (2, 4, 8)  # the middle one during the first stage
+PROGRAMS_PER_SM = (2, 4, 8)  # per multiprocessor, either layout; the module's default during the first stage
 COMBINE_VALUES = (2048, 8192)  # the first one during the first stage
-
-
-def _train_step(x, rm, rv, w, b, dy, _: object = None) -> object:
-    y = BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="triton", nonfinite="ignore")
-    return torch.autograd.grad(y, (x, w, b), dy)
-
-
-@contextlib.contextmanager
-def _knobs(K, knobs: dict[str, int]) -> Iterator[None]:
-    """The module's knobs set to `knobs` within the block, its defaults again after it: each measurement
-    starts from the defaults, whatever the one before it set."""
-    defaults = {name: getattr(K, name) for name in knobs}
-    for name, value in knobs.items():
-        setattr(K, name, value)
-    try:
-        yield
-    finally:
-        for name, value in defaults.items():
-            setattr(K, name, value)
 
 
 def _plan_with(K, x: torch.Tensor, knobs: dict[str, int]):
     """The backward's plan for `x` under `knobs`."""
-    with _knobs(K, knobs):
+    with knobs_set(K, knobs):
         return K.make_plan(x, K.layout_of(x), streams=2)
 
 
@@ -81,7 +68,7 @@ def stage_one(K, x: torch.Tensor) -> list[dict]:
     could_be_single = _plan_with(K, x, {"SINGLE_TILE_MAX": max(KNOBS["SINGLE_TILE_MAX"])}).single
     # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
     grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
-    fixed = {"PROGRAMS_PER_SM": PROGRAMS_PER_SM[1], "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False}
+    fixed = {"PROGRAMS_PER_SM": dict(K.PROGRAMS_PER_SM), "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False}
     return [{**dict(zip(grid, values, strict=True)), **fixed} for values in itertools.product(*grid.values())]
 
 
@@ -91,7 +78,7 @@ def sweep_shape(
     """Both stages for one shape; prints a line per measurement and the best knobs."""
     x, rm, rv, w, b, dy = training_tensors(shape, layout, dtype, device)
     nbytes = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both")
-    step = functools.partial(_train_step, x, rm, rv, w, b, dy)
+    step = functools.partial(training_step, x, rm, rv, w, b, dy)
     rows: list[dict] = []
     best = None
 
@@ -100,7 +87,7 @@ def sweep_shape(
 
     def measure(knobs: dict[str, int]) -> None:
         nonlocal best
-        with _knobs(K, knobs):
+        with knobs_set(K, knobs):
             plan = K.make_plan(x, K.layout_of(x), streams=2)
             try:
                 seconds = timer(step)
@@ -122,8 +109,10 @@ def sweep_shape(
         measure(knobs)
     if best is not None:
         first = best[1]
-        for programs in PROGRAMS_PER_SM[::2]:
-            measure({**first, "PROGRAMS_PER_SM": programs})
+        for programs in PROGRAMS_PER_SM:
+            fewer_or_more = {**first, "PROGRAMS_PER_SM": {"planes": programs, "rows": programs}}
+            if plan_with(fewer_or_more) != plan_with(first):  # (the default's value for this layout is timed)
+                measure(fewer_or_more)
         for combine in COMBINE_VALUES[1:]:
             measure({**first, "COMBINE_VALUES": combine})
         measure({**first, "APPLY_STAGES": {"planes": 2, "rows": 2}})  # elementwise passes pipelined
@@ -144,19 +133,6 @@ def sweep_shape(
     return rows
 
 
-def _warm_one(task: tuple) -> str:
-    """One training step under one knob setting, in a worker process: Triton compiles its kernels into
-    the shared on-disk cache (the sweep's own process then loads them instead of compiling)."""
-    shape, layout, dtype_name, device, knobs = task
-    K = kernels.load()
-    try:
-        with _knobs(K, knobs):
-            _train_step(*training_tensors(shape, layout, getattr(torch, dtype_name), device))
-    except Exception as exc:  # the sweep times the same setting and reports it
-        return f"{shape} {layout} {knobs}: {type(exc).__name__}: {exc}"[:300]
-    return ""
-
-
 def warm_compile_cache(K, shapes, dtype: torch.dtype, jobs: int, device: str = "cuda") -> list[str]:
     """Compile every first-stage kernel variant of `shapes` in `jobs` processes at once (compiling is
     CPU work, one core per compile; timed one after another it would take most of the sweep's minutes).
@@ -166,7 +142,7 @@ def warm_compile_cache(K, shapes, dtype: torch.dtype, jobs: int, device: str = "
         x = training_tensors(shape, layout, dtype, device)[0]
         tasks += [(shape, layout, str(dtype).removeprefix("torch."), device, knobs) for knobs in stage_one(K, x)]
         del x
-    return errors_in_processes(_warm_one, tasks, jobs)
+    return errors_in_processes(compile_training_step, tasks, jobs)
 
 
 def main() -> int:

@@ -72,7 +72,7 @@ def test_the_host_time_breakdown_runs_every_line():
     assert len(lines) == 9 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
 
 
-@pytest.mark.parametrize("which", ["large", "small"])
+@pytest.mark.parametrize("which", ["large", "small", "nchw"])
 def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, which):
     """benchmarks/profile_kernels.py: every variant sets knobs the kernel module has, each shape is profiled
     under it, and the defaults are back afterwards (the profiling itself needs a GPU: stubbed here)."""
@@ -82,6 +82,7 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     monkeypatch.setattr(profile_kernels, "copy_bandwidth_gbps", lambda timer, device: 1.0)
     monkeypatch.setattr(profile_kernels, "make_timer", lambda device: None)
     monkeypatch.setattr(profile_kernels.torch.cuda, "get_device_name", lambda: "stub")
+    monkeypatch.setattr(profile_kernels, "_changes", lambda *args: True)  # (plans for a GPU: tested below)
     monkeypatch.setattr(
         profile_kernels, "profile_shape", lambda shape, layout, dtype, copy: seen.append((shape, K.TILE, K.PERSISTENT))
     )
@@ -95,6 +96,18 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     if which == "small":  # the variants were in force while their shapes were profiled
         assert sum(tile == 8192 for _, tile, _ in seen) == 4 and sum(persistent for *_, persistent in seen) == 8
     assert {name: getattr(K, name) for name in names} == before
+
+
+def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():
+    import profile_kernels
+
+    def changes(shape, knobs):
+        return profile_kernels._changes(K, shape, "NCHW", torch.bfloat16, knobs, device="cpu")
+
+    assert changes((8, 4, 56, 56), {"PLANES_MIN_RUN": 64})  # 64 positions wide instead of 1024
+    assert not changes((8, 4, 7, 7), {"PLANES_MIN_RUN": 64})  # grouped channels: no run width to choose
+    assert changes((8, 4, 56, 56), {"LONG_LOOP_TILES": 1})  # the gradient sums' depth, same plan
+    assert not changes((8, 4, 56, 56), {"LONG_LOOP_TILES": 10_000})
 
 
 @pytest.mark.slow  # torch.compile with inductor (C++ on a CPU)

@@ -45,7 +45,7 @@ def tiling(request, monkeypatch):
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     if request.param in ("many-slices", "packed", "persistent"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
-        monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+        monkeypatch.setattr(K, "_target_programs", lambda device, layout: 64)
         monkeypatch.setattr(K, "COMBINE_VALUES", 4)
     if request.param == "persistent":
         monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200))
@@ -149,7 +149,7 @@ def test_half_precision_parameters_and_running_statistics_are_accepted():
 def test_split_reductions_are_deterministic(monkeypatch, layout):
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout: 64)
     x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
     first = _run("triton", x, z, dy, w, b, training=True, activation="relu")
     again = _run("triton", x, z, dy, w, b, training=True, activation="relu")
@@ -165,7 +165,7 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, persistent):
     a ready flag left up would let a persistent kernel read statistics not yet written)."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout: 64)
     # persistent: channel blocks of 105 (planes) or 7 * 15 * 4 values (rows): 1 round, many programs
     limits = (8, 420) if persistent else (0, 0)  # (0, 0): off, also on a GPU
     monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: limits)
@@ -383,14 +383,15 @@ def test_spatial_block_takes_longer_runs_when_asked(S, min_run, block):
     assert plan.block_b == block or plan.group  # (7x7: grouped tiles, which take no run width)
 
 
-def test_long_run_tiles_with_idle_lanes_match_the_reference(monkeypatch):
-    """PLANES_MIN_RUN 1024 at 56x56: each sample's run of 3136 values in four blocks of 1024 lanes (the
-    last one 64 busy), where the default takes blocks of 64 with no idle lane."""
+@pytest.mark.parametrize("min_run, tiles", [(1024, (4, 1024, 4)), (64, (4, 64, 49))], ids=["long-runs", "short-runs"])
+def test_long_run_tiles_with_idle_lanes_match_the_reference(monkeypatch, min_run, tiles):
+    """PLANES_MIN_RUN 1024 (the default) at 56x56: each sample's run of 3136 values in four blocks of 1024
+    lanes (the last one 64 busy); 64: 49 blocks of 64 with no idle lane."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "PLANES_MIN_RUN", 1024)
+    monkeypatch.setattr(K, "PLANES_MIN_RUN", min_run)
     x, z, dy, w, b = _operands((3, 2, 56, 56), "contiguous", torch.float32)
     plan = K.make_plan(x, K.PLANES)
-    assert (plan.block_a, plan.block_b, plan.s_blocks) == (4, 1024, 4)
+    assert (plan.block_a, plan.block_b, plan.s_blocks) == tiles
     outs = [_run(backend, x, z, dy, w, b, training=True, activation="relu") for backend in ("triton", "reference")]
     (y_t, g_t), (y_r, g_r) = outs
     _close(y_t, y_r, torch.float32, "output")
@@ -488,6 +489,7 @@ def test_channels_last_blocks_too_large_for_a_round_can_be_narrowed():
 
 
 def test_plans_are_described_for_benchmark_rows(monkeypatch):
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout: 4)  # the interpreter's, on a GPU too
     x = torch.empty(4, 3, 5, 5, device=DEVICE)
     assert K.describe_plans(x) == "forward single tile; backward single tile"
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)

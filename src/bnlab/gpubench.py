@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import datetime as _dt
@@ -49,7 +50,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -495,6 +496,40 @@ def training_tensors(
     b = torch.zeros(C, device=device, requires_grad=True)
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
     return x, rm, rv, w, b, dy
+
+
+def training_step(x, rm, rv, w, b, dy, _: object = None) -> object:
+    """One training forward+backward of the Triton backend on `training_tensors`' tensors (the scripts in
+    benchmarks/ time and profile it); the last argument lets a timer pass its own."""
+    y = bnlab.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="triton", nonfinite="ignore")
+    return torch.autograd.grad(y, (x, w, b), dy)
+
+
+def compile_training_step(task: tuple) -> str:
+    """`training_step` on (shape, layout, dtype name, device, knobs) with the kernels' knobs set so, for a
+    worker process (`errors_in_processes`): Triton compiles its kernels into the shared on-disk cache, and
+    the measuring process then loads them instead of compiling. The error, or ""."""
+    shape, layout, dtype_name, device, knobs = task
+    try:
+        with knobs_set(kernels.load(), knobs):
+            training_step(*training_tensors(shape, layout, getattr(torch, dtype_name), device))
+    except Exception as exc:  # the measurement of the same setting reports it too
+        return f"{shape} {layout} {knobs}: {type(exc).__name__}: {exc}"[:300]
+    return ""
+
+
+@contextlib.contextmanager
+def knobs_set(module: object, knobs: dict[str, object]) -> Iterator[None]:
+    """Within the block, the module's attributes (the kernels' knobs) set to `knobs`; its own values again
+    after it (mutates the module while it lasts): each measurement of a sweep starts from the defaults."""
+    defaults = {name: getattr(module, name) for name in knobs}
+    for name, value in knobs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in defaults.items():
+            setattr(module, name, value)
 
 
 def _direction_fn(

@@ -231,9 +231,9 @@ def _blocks(
     return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S, {}
 
 
-def _target_programs(device: torch.device) -> int:
+def _target_programs(device: torch.device, layout: str) -> int:
     if device.type == "cuda":
-        return PROGRAMS_PER_SM * _gpu(device)[0]
+        return PROGRAMS_PER_SM[layout] * _gpu(device)[0]
     return 4  # Triton's CPU interpreter: a few programs, enough to exercise the split reductions
 
 
@@ -296,20 +296,24 @@ NUM_WARPS = 4
 # channels may take. At 14x14 a group of 16 channels spans 3136 values (a 4096-lane row, 1 sample a
 # tile): 578 us on an H200 against 367 us for groups of 8 in 2048 lanes (256x1024x14x14 bf16).
 GROUP_SPAN_MAX = 2048
-# Planes tiles (NCHW runs that are 16-aligned: 28x28, 56x56, 112x112) at least this many positions wide:
+# Planes tiles (NCHW runs that are 16-aligned: 28x28, 56x56, 112x112) at least this many positions wide.
 # 64 takes the width with the least padding, which at 28x28 and 56x56 is 64 (tiles of 64 samples x 64
 # positions: each row of a tile a separate 128-byte piece of a different sample's plane, 1.6 MB apart at
-# 256x256x56x56). 1024: tiles of 4 samples x 1024 positions, 2 KB contiguous pieces, 23% idle lanes at
-# 56x56. Untimed (session 6); profile_kernels.py and tune_triton.py time 1024. NCHW's elementwise passes
-# ran at 0.82-0.87 of the copy rate on an H200 against 0.93-0.96 in channels-last (benchmarks/NOTES.md).
-PLANES_MIN_RUN = 64
+# 256x256x56x56); 1024 takes tiles of 4 samples x 1024 positions, 2 KB contiguous pieces, 23% idle lanes
+# at 56x56 and 28x28. On an H200 (run 4, bf16 256x256x56x56 NCHW, per-kernel profile) 1024 took the step
+# from 914 to 882 us: normalize 238 -> 223, dx 339 -> 323 (benchmarks/NOTES.md, session 7).
+PLANES_MIN_RUN = 1024
 # Largest channel (N * S, padded to powers of two) for the single-pass kernels, and their warps: at 8192
 # values and 16 warps the sm_90 build keeps everything in registers (no spills, cuobjdump); 0 disables.
 SINGLE_TILE_MAX = 8192
 SINGLE_WARPS = 16
-# Programs per multiprocessor that the split reductions aim for (more slices: more parallel loads, but
-# more partials for the last program of a channel block to combine).
-PROGRAMS_PER_SM = 4
+# Programs per multiprocessor that the split plans aim for, per layout (more slices: more parallel loads,
+# but more partials for the last program of a channel block to combine, and more than one wave of the
+# reductions, which hold ~150 registers: 3 programs per multiprocessor). On an H200 (bf16 forward+backward,
+# benchmarks/NOTES.md), planes at 2 against 4: 256x256x14x14 99 -> 87 us, 256x512x7x7 49 -> 48,
+# 256x2048x7x7 166 -> 161; rows at 2 against 4: 256x64x56x56 240 -> 271, 256x128x28x28 149 -> 167,
+# 65536x1024 317 -> 386 (but 256x512x7x7 49 -> 45).
+PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
@@ -373,7 +377,7 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     resident, round_values = _persistent_limits(x.device, x.element_size(), streams) if streams else (0, 0)
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]),
-        target_programs=_target_programs(x.device), tile=TILE, num_warps=NUM_WARPS,
+        target_programs=_target_programs(x.device, layout), tile=TILE, num_warps=NUM_WARPS,
         single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS,
         resident_programs=resident, round_values=round_values, persistent_tile=min(PERSISTENT_TILE, TILE),
         persistent_warps=PERSISTENT_WARPS,
