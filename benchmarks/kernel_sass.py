@@ -49,6 +49,7 @@ SHAPES = [
     ("NHWC 56x56", K.ROWS, 256, 64, 3136),
 ]
 EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU": False}
+ELEMENTWISE = ("normalize", "dx")  # the passes that run `elementwise_plan`'s slices
 KERNELS = {  # name: (kernel, its other constexprs, register cap)
     "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}, None),
     "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}, None),
@@ -197,6 +198,8 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             per_value = loops[0] / (plan.block_a * plan.block_b / (plan.num_warps * 32)) if loops else float("nan")
             tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}{' grouped' if plan.group else ''}"
             resident = programs_per_sm(registers, shared, plan.num_warps)
+            if kname in ELEMENTWISE:  # the same tiles in more slices (the machine code does not change)
+                plan = K.elementwise_plan(plan, K.APPLY_PROGRAMS_PER_SM[layout] * MULTIPROCESSORS)
             waves = plan.grid[0] * plan.grid[1] / (resident * MULTIPROCESSORS)
             results.append(Loop(name, kname, tile, tuple(loops), per_value, per_value / busy_fraction(plan),
                                 ops["LDL"] + ops["STL"], registers, resident, waves))  # fmt: skip

@@ -73,24 +73,31 @@ SETS = {
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
         ),
     ),
-    # Session 7's new defaults (PLANES_MIN_RUN 1024, planes PROGRAMS_PER_SM 2) against the old ones on every
-    # NCHW layer shape; a setting is profiled only on the shapes whose plans or gradient-sum depth it
-    # changes (`_changes`).
+    # Session 7's defaults against the settings they replaced, on every NCHW layer shape; a setting is
+    # profiled only on the shapes whose plans or gradient-sum depth it changes (`_changes`).
     "nchw": (
         [],
         [(shape, "NCHW") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
-            {"PLANES_MIN_RUN": 64, "PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # session 6's defaults
+            {"APPLY_PROGRAMS_PER_SM": {"planes": 2, "rows": 4}},  # run 5's: the elementwise passes as the reductions
+            {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # the reductions as the elementwise passes
             {"PLANES_MIN_RUN": 64},
-            {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},
             {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},
         ),
     ),
 }  # fmt: skip
 # Knobs that act only through the plan and the gradient sums' depth: a setting of these alone that leaves
 # both as they are would time the same kernels again.
-PLAN_KNOBS = {"PLANES_MIN_RUN", "PROGRAMS_PER_SM", "GRAD_STAGES_LONG", "LONG_LOOP_TILES", "TILE", "COMBINE_VALUES"}
+PLAN_KNOBS = {
+    "PLANES_MIN_RUN",
+    "PROGRAMS_PER_SM",
+    "APPLY_PROGRAMS_PER_SM",
+    "GRAD_STAGES_LONG",
+    "LONG_LOOP_TILES",
+    "TILE",
+    "COMBINE_VALUES",
+}
 
 
 def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float) -> None:
@@ -115,6 +122,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
     K = kernels.load()
     names = (
         "PROGRAMS_PER_SM",
+        "APPLY_PROGRAMS_PER_SM",
         "STATS_STAGES",
         "GRAD_STAGES",
         "GRAD_STAGES_LONG",
@@ -167,15 +175,16 @@ def main() -> int:
 
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:
-    """Whether `knobs` change the backward's plan or the gradient sums' depth on this shape (planning asks
-    the GPU's multiprocessor count: an uninitialised tensor on the device)."""
+    """Whether `knobs` change the backward's plans (the reductions', the elementwise passes') or the gradient
+    sums' depth on this shape (planning asks the GPU's multiprocessor count: an uninitialised tensor on
+    the device)."""
     x = torch.empty(shape, dtype=dtype, device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x), streams=2)
-        return p, K._grad_stages(p)
+        return p, K._grad_stages(p), K.elementwise_plan(p, K._target_programs(x.device, p.layout, elementwise=True))
 
     before = plan()
     with knobs_set(K, knobs):

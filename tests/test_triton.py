@@ -45,7 +45,8 @@ def tiling(request, monkeypatch):
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     if request.param in ("many-slices", "packed", "persistent"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
-        monkeypatch.setattr(K, "_target_programs", lambda device, layout: 64)
+        # (the elementwise passes in slices of other lengths than the reductions', as on a GPU)
+        monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 64)
         monkeypatch.setattr(K, "COMBINE_VALUES", 4)
     if request.param == "persistent":
         monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200))
@@ -149,7 +150,7 @@ def test_half_precision_parameters_and_running_statistics_are_accepted():
 def test_split_reductions_are_deterministic(monkeypatch, layout):
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout: 64)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 64)
     x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
     first = _run("triton", x, z, dy, w, b, training=True, activation="relu")
     again = _run("triton", x, z, dy, w, b, training=True, activation="relu")
@@ -165,7 +166,7 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, persistent):
     a ready flag left up would let a persistent kernel read statistics not yet written)."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout: 64)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 64)
     # persistent: channel blocks of 105 (planes) or 7 * 15 * 4 values (rows): 1 round, many programs
     limits = (8, 420) if persistent else (0, 0)  # (0, 0): off, also on a GPU
     monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: limits)
@@ -489,7 +490,8 @@ def test_channels_last_blocks_too_large_for_a_round_can_be_narrowed():
 
 
 def test_plans_are_described_for_benchmark_rows(monkeypatch):
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout: 4)  # the interpreter's, on a GPU too
+    # the interpreter's count of programs, on a GPU too
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 4)
     x = torch.empty(4, 3, 5, 5, device=DEVICE)
     assert K.describe_plans(x) == "forward single tile; backward single tile"
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
@@ -507,6 +509,22 @@ def test_plans_are_described_for_benchmark_rows(monkeypatch):
     monkeypatch.setattr(K, "LONG_LOOP_TILES", 1)  # every split plan's loops count as long
     assert K.describe_plans(x).endswith(" slices (gradient sums 3 deep) (packed tiles of 2 samples)")
     assert K.describe_plans(x).count("gradient sums") == 1  # the backward's, not the forward's
+    monkeypatch.setattr(K, "TILE", 8)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 3)
+    assert K.describe_plans(x) == (
+        "forward split over 1 slices (normalize over 8); "
+        "backward split over 1 slices (dx over 8) (gradient sums 3 deep)"
+    )
+
+
+def test_elementwise_passes_regroup_the_same_tiles_into_more_slices():
+    reduce = K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, min_run=1024)
+    apply = K.elementwise_plan(reduce, 528)
+    assert (reduce.splits, apply.splits) == (5, 9)
+    assert (apply.block_a, apply.block_b, apply.tiles) == (reduce.block_a, reduce.block_b, reduce.tiles)
+    assert (apply.splits - 1) * apply.per_split < apply.tiles <= apply.splits * apply.per_split  # no idle slice
+    single = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=264, single_tile_max=8192)
+    assert single.single and K.elementwise_plan(single, 528) is single
 
 
 def test_host_integer_helpers_match_tritons():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -170,8 +170,24 @@ def plan_for(
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
     block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, min_run)
-    per_split = _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
+    per_split = _per_split(tiles, units, target_programs)
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, **packing)
+
+
+def _per_split(tiles: int, units: int, target_programs: int) -> int:
+    """Tiles per program so that `units` channel blocks of `tiles` tiles take about `target_programs`."""
+    return _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
+
+
+def elementwise_plan(plan: Plan, target_programs: int) -> Plan:
+    """`plan` with its tiles regrouped into slices for the elementwise passes (normalize, dx) so that about
+    `target_programs` programs run (APPLY_PROGRAMS_PER_SM per multiprocessor): the reductions do best with
+    fewer programs (one wave; fewer partials), these with more (more loads in flight). Same tiles;
+    single-tile and persistent plans, one kernel a direction, are returned as they are."""
+    if plan.single or plan.persistent:
+        return plan
+    per_split = _per_split(plan.tiles, plan.channel_programs, target_programs)
+    return replace(plan, per_split=per_split, splits=_cdiv(plan.tiles, per_split))
 
 
 INT32_LIMIT = 2**31
@@ -231,10 +247,13 @@ def _blocks(
     return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S, {}
 
 
-def _target_programs(device: torch.device, layout: str) -> int:
+def _target_programs(device: torch.device, layout: str, elementwise: bool = False) -> int:
+    """Programs a split plan aims for: the reductions' (PROGRAMS_PER_SM) or the elementwise passes'."""
     if device.type == "cuda":
-        return PROGRAMS_PER_SM[layout] * _gpu(device)[0]
-    return 4  # Triton's CPU interpreter: a few programs, enough to exercise the split reductions
+        return (APPLY_PROGRAMS_PER_SM if elementwise else PROGRAMS_PER_SM)[layout] * _gpu(device)[0]
+    # Triton's CPU interpreter: a few programs, enough to exercise the split reductions; the elementwise
+    # passes take slices of other lengths than the reductions' there too
+    return 8 if elementwise else 4
 
 
 def _persistent_limits(device: torch.device, itemsize: int, streams: int) -> tuple[int, int]:
@@ -307,13 +326,16 @@ PLANES_MIN_RUN = 1024
 # values and 16 warps the sm_90 build keeps everything in registers (no spills, cuobjdump); 0 disables.
 SINGLE_TILE_MAX = 8192
 SINGLE_WARPS = 16
-# Programs per multiprocessor that the split plans aim for, per layout (more slices: more parallel loads,
-# but more partials for the last program of a channel block to combine, and more than one wave of the
-# reductions, which hold ~150 registers: 3 programs per multiprocessor). On an H200 (bf16 forward+backward,
-# benchmarks/NOTES.md), planes at 2 against 4: 256x256x14x14 99 -> 87 us, 256x512x7x7 49 -> 48,
-# 256x2048x7x7 166 -> 161; rows at 2 against 4: 256x64x56x56 240 -> 271, 256x128x28x28 149 -> 167,
-# 65536x1024 317 -> 386 (but 256x512x7x7 49 -> 45).
+# Programs per multiprocessor that the split reductions (statistics, gradient sums) aim for, per layout,
+# and the elementwise passes (normalize, dx; `elementwise_plan`): more slices, more loads in flight, but
+# for the reductions more partials to combine and more than one wave (they hold 96-168 registers, 3-5
+# programs per multiprocessor). On an H200 (run 5, bf16 NCHW, per-kernel profile, benchmarks/NOTES.md),
+# planes at 2 against 4: statistics and gradient sums faster on 11 of the 12 ResNet-50 shapes (e.g.
+# 256x1024x14x14: 43 and 63 us against 57 and 84), normalize and dx slower on 11 (e.g. 256x64x56x56: 64 and
+# 100 us against 54 and 79). Rows at 2 against 4 (run 2, whole steps): 256x64x56x56 271 against 240 us,
+# 256x128x28x28 167 against 149, 65536x1024 386 against 317.
 PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
+APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
@@ -407,6 +429,9 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             how = f"persistent {plan.units_per_round}x{plan.splits} in {rounds} rounds"
         else:
             how = f"split over {plan.splits} slices"
+            apply = elementwise_plan(plan, _target_programs(x.device, plan.layout, elementwise=True))
+            if apply.splits != plan.splits:
+                how += f" ({'normalize' if direction == 'forward' else 'dx'} over {apply.splits})"
             stages = _grad_stages(plan)
             if direction == "backward" and stages != GRAD_STAGES[plan.layout]:
                 how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
@@ -573,9 +598,10 @@ def forward(
         torch.rsqrt(running_var.float() + eps, out=invstd)
     from_running = not training and not save_stats
     stats = (running_mean, running_var) if from_running else (mean, invstd)
-    _apply_kernel[plan.grid](
-        x, z, y, *stats, *params, *_shape_args(plan), eps,
-        FROM_RUNNING=from_running, STAGES=APPLY_STAGES[plan.layout], **epilogue, **_block_args(plan),
+    apply = elementwise_plan(plan, _target_programs(x.device, plan.layout, elementwise=True))
+    _apply_kernel[apply.grid](
+        x, z, y, *stats, *params, *_shape_args(apply), eps,
+        FROM_RUNNING=from_running, STAGES=APPLY_STAGES[plan.layout], **epilogue, **_block_args(apply),
     )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
@@ -645,8 +671,9 @@ def backward(
                 **_block_args(plan),
             )  # fmt: skip
         if dx is not None or dz is not None:
-            _input_grad_kernel[plan.grid](
-                dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(plan),
-                TRAINING=training, STAGES=APPLY_STAGES[plan.layout], **writes, **flags, **_block_args(plan),
+            apply = elementwise_plan(plan, _target_programs(x.device, plan.layout, elementwise=True))
+            _input_grad_kernel[apply.grid](
+                dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(apply),
+                TRAINING=training, STAGES=APPLY_STAGES[plan.layout], **writes, **flags, **_block_args(apply),
             )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz
