@@ -35,7 +35,8 @@ fi
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,temperature.gpu --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  git rev-parse --short HEAD 2>/dev/null || true
+  git rev-parse --short HEAD 2>/dev/null || true  # (stale there in session 7: the tree's digest below is not)
+  echo "source $(find src benchmarks tests -name '*.py' -o -name '*.sh' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
   echo "cpus $JOBS"
 } | tee "$OUT/machine.txt"
 
@@ -47,8 +48,14 @@ for step in "${steps[@]}"; do
         -k "real_shapes and float32 and 32x64x56x56 and persistent" 2>&1 | tee "$OUT/smoke.log" | tail -5
       rc=${PIPESTATUS[0]}
       if [ "$rc" != 0 ]; then  # 124: timed out (a hang), else a failure
-        echo "PERSISTENT KERNELS FAILED (smoke test exit $rc, 124 = hung): their tests are left out" \
-          | tee -a "$OUT/smoke.log"
+        if [ "$rc" = 124 ] && grep -q " passed" "$OUT/smoke.log" && ! grep -q "failed" "$OUT/smoke.log"; then
+          # (session 7: at SMOKE_S=20 the two tests passed in 8 s, the process took ~17 s in all)
+          echo "smoke test passed but its process outlived SMOKE_S=${SMOKE_S:-60} s (startup, exit): raise it;" \
+            "the persistent kernels' tests are left out all the same" | tee -a "$OUT/smoke.log"
+        else
+          echo "PERSISTENT KERNELS FAILED (smoke test exit $rc, 124 = hung): their tests are left out" \
+            | tee -a "$OUT/smoke.log"
+        fi
         skip_persistent=" and not persistent"
       fi
       # Not the CPU-only checks (ahead-of-time compile, machine-code reading): CI does them.

@@ -320,7 +320,8 @@ GROUP_SPAN_MAX = 2048
 # positions: each row of a tile a separate 128-byte piece of a different sample's plane, 1.6 MB apart at
 # 256x256x56x56); 1024 takes tiles of 4 samples x 1024 positions, 2 KB contiguous pieces, 23% idle lanes
 # at 56x56 and 28x28. On an H200 (run 4, bf16 256x256x56x56 NCHW, per-kernel profile) 1024 took the step
-# from 914 to 882 us: normalize 238 -> 223, dx 339 -> 323 (benchmarks/NOTES.md, session 7).
+# from 914 to 882 us: normalize 238 -> 223, dx 339 -> 323; run 5: faster on all seven 28x28-112x112
+# shapes at 4 programs per SM (256x512x28x28 516 -> 430 us; benchmarks/NOTES.md, session 7).
 PLANES_MIN_RUN = 1024
 # Largest channel (N * S, padded to powers of two) for the single-pass kernels, and their warps: at 8192
 # values and 16 warps the sm_90 build keeps everything in registers (no spills, cuobjdump); 0 disables.
@@ -330,9 +331,10 @@ SINGLE_WARPS = 16
 # and the elementwise passes (normalize, dx; `elementwise_plan`): more slices, more loads in flight, but
 # for the reductions more partials to combine and more than one wave (they hold 96-168 registers, 3-5
 # programs per multiprocessor). On an H200 (run 5, bf16 NCHW, per-kernel profile, benchmarks/NOTES.md),
-# planes at 2 against 4: statistics and gradient sums faster on 11 of the 12 ResNet-50 shapes (e.g.
-# 256x1024x14x14: 43 and 63 us against 57 and 84), normalize and dx slower on 11 (e.g. 256x64x56x56: 64 and
-# 100 us against 54 and 79). Rows at 2 against 4 (run 2, whole steps): 256x64x56x56 271 against 240 us,
+# planes at 2 against 4: statistics and gradient sums each faster on 9 of the 12 ResNet-50 shapes (e.g.
+# 256x1024x14x14: 43 and 63 us against 57 and 84), normalize slower on 12 and dx on 10 (e.g. 256x64x56x56:
+# 64 and 100 us against 54 and 79); run 6 (both settings): bf16 NCHW sum 13.76 -> 13.29 ms. Rows at 2
+# against 4 (run 2, whole steps, one setting for all passes): 256x64x56x56 271 against 240 us,
 # 256x128x28x28 167 against 149, 65536x1024 386 against 317.
 PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
 APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
