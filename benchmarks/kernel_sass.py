@@ -61,12 +61,19 @@ KERNELS = {  # name: (kernel, its other constexprs, register cap)
     ),
     "persistent fwd": (
         K._persistent_forward_kernel,
-        {"SPLIT_BLOCK": 16, "PHASE": 0, "PIPELINE": True, "HAS_RUNNING": True},
+        {"SPLIT_BLOCK": 16, "PHASE": 0, "PIPELINE": True, "HAS_RUNNING": True, "STAGES": K.PERSISTENT_STAGES},
         128,
     ),
     "persistent bwd": (
         K._persistent_backward_kernel,
-        {"SPLIT_BLOCK": 16, "PHASE": 0, "PIPELINE": True, "WRITE_DX": True, "WRITE_DZ": False},
+        {
+            "SPLIT_BLOCK": 16,
+            "PHASE": 0,
+            "PIPELINE": True,
+            "WRITE_DX": True,
+            "WRITE_DZ": False,
+            "STAGES": K.PERSISTENT_STAGES,
+        },
         128,
     ),
 }

@@ -7,7 +7,8 @@ the device's copy bandwidth: which pass (statistics, normalize, gradient sums, d
 Sets: `large` (default) profiles ResNet-50's shapes at the defaults, then a few under other knobs;
 `small` profiles the 7x7 and 14x14 layers (28 of the 53, the furthest from the floor after session 5)
 under the knobs that change their fixed costs (launches, slices, combine, one persistent round); `nchw`
-every NCHW layer shape at the defaults and under the settings they replaced (session 7).
+every NCHW layer shape at the defaults and under the settings they replaced (session 7); `cl` every
+channels-last layer shape under fewer reduction programs / more elementwise ones.
 `--warm-jobs N` compiles every setting's kernels in N processes first.
 """
 
@@ -66,6 +67,11 @@ SETS = {
             # (7x7 both ways, 14x14 forward; the others split), then rounds as planned (pipelined: a round
             # may take half the budget).
             {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1},
+            # The same with the loops pipelined (run 4: 28.6 us for the 7x7x512 forward, 6 us of traffic)
+            {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1,
+             "PERSISTENT_STAGES": {"planes": 3, "rows": 2}},
+            {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1,
+             "PERSISTENT_STAGES": {"planes": 2, "rows": 2}},
             {"PERSISTENT": True},
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 2}},  # planes: the old default; rows: fewer slices
             {"PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
@@ -84,6 +90,17 @@ SETS = {
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # the reductions as the elementwise passes
             {"PLANES_MIN_RUN": 64},
             {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},
+        ),
+    ),
+    # The channels-last analogue of run 5's finding (reductions at fewer programs, elementwise passes at
+    # more), untimed per pass so far (run 2 timed 2 against 4 programs per SM for all passes at once).
+    "cl": (
+        [],
+        [(shape, "channels_last") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
+        (
+            {},
+            {"PROGRAMS_PER_SM": {"planes": 2, "rows": 2}},
+            {"APPLY_PROGRAMS_PER_SM": {"planes": 4, "rows": 8}},
         ),
     ),
 }  # fmt: skip
@@ -134,6 +151,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PIPELINE_ROUNDS",
         "PERSISTENT_MAX_ROUNDS",
         "PLANES_MIN_RUN",
+        "PERSISTENT_STAGES",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")

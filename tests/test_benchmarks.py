@@ -72,7 +72,7 @@ def test_the_host_time_breakdown_runs_every_line():
     assert len(lines) == 9 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
 
 
-@pytest.mark.parametrize("which", ["large", "small", "nchw"])
+@pytest.mark.parametrize("which", ["large", "small", "nchw", "cl"])
 def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, which):
     """benchmarks/profile_kernels.py: every variant sets knobs the kernel module has, each shape is profiled
     under it, and the defaults are back afterwards (the profiling itself needs a GPU: stubbed here)."""
@@ -94,7 +94,7 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     shapes, variant_shapes, variants = profile_kernels.SETS[which]
     assert len(seen) == len(shapes) + len(variant_shapes) * len(variants)
     if which == "small":  # the variants were in force while their shapes were profiled
-        assert sum(tile == 8192 for _, tile, _ in seen) == 4 and sum(persistent for *_, persistent in seen) == 8
+        assert sum(tile == 8192 for _, tile, _ in seen) == 4 and sum(persistent for *_, persistent in seen) == 16
     assert {name: getattr(K, name) for name in names} == before
 
 

@@ -204,7 +204,7 @@ PERSISTENT_LAUNCHES = ["phases", "one launch"] if DEVICE == "cpu" else ["phases"
 
 
 @pytest.mark.parametrize("launch", PERSISTENT_LAUNCHES)
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "round-by-round"])
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "round-by-round-staged-loops"])
 @pytest.mark.parametrize(("shape", "layout", "round_values", "tile"), ROUNDS)
 def test_persistent_kernels_run_rounds_of_channel_blocks(
     monkeypatch, shape, layout, round_values, tile, pipeline, launch
@@ -215,6 +215,8 @@ def test_persistent_kernels_run_rounds_of_channel_blocks(
     the same bits (whichever program ends up combining), and every counter, ready flag and departure
     count is back at zero afterwards."""
     monkeypatch.setattr(K, "PIPELINE_ROUNDS", pipeline)
+    # rounds one by one: with the loops software-pipelined too (PERSISTENT_STAGES; on a GPU, compiled so)
+    monkeypatch.setattr(K, "PERSISTENT_STAGES", {K.PLANES: 1 if pipeline else 3, K.ROWS: 1 if pipeline else 2})
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", tile)
     monkeypatch.setattr(K, "COMBINE_VALUES", 8)

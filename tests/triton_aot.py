@@ -57,8 +57,9 @@ def compile_cases():
         # 236 s cold on the 2-core VM when they took all six epilogues).
         ends = (epilogues[0], epilogues[-1])
         for ep in epilogues if blocks["PLANES"] <= 1 else ends:
-            if ep in ends:
-                persistent = {**blocks, **split_block, **ep, "PHASE": 0, "PIPELINE": ep["RELU"]}
+            if ep in ends:  # (the second one with pipelined loops: a knob a GPU session may turn)
+                stages = K.PERSISTENT_STAGES[layout] if ep == ends[0] else 3
+                persistent = {**blocks, **split_block, **ep, "PHASE": 0, "PIPELINE": ep["RELU"], "STAGES": stages}
                 yield K._persistent_forward_kernel, {**persistent, "HAS_RUNNING": ep["HAS_WEIGHT"]}
                 flags = {"WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 yield K._persistent_backward_kernel, {**persistent, **flags}

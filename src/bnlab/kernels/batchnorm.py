@@ -385,6 +385,11 @@ PIPELINE_ROUNDS = True
 # 32-88 bytes; cuobjdump).
 PERSISTENT_TILE = 2048
 PERSISTENT_WARPS = 8
+# Tiles in flight in the persistent kernels' loops (both phases), per layout; 1: not pipelined, as timed
+# so far. Run 4 (H200, bf16 256x512x7x7 NCHW, one round a direction) took 28.6 us forward for 25.6 MB of
+# traffic (6 us at copy speed): each program walks its 16 tiles one load at a time, at 2 programs per
+# multiprocessor. Untimed at more than 1 (session 7): profile_kernels.py --set small times 3 and 2.
+PERSISTENT_STAGES = {PLANES: 1, ROWS: 1}
 # Channels-last: narrow a channel block down to this many channels so that it fits a persistent round
 # (0: off, such tensors get the split plan). Untimed: benchmarks/tune_triton.py tries 16.
 PERSISTENT_MIN_CHANNELS = 0
@@ -585,7 +590,8 @@ def forward(
             _persistent_forward_kernel, plan, x.device,
             x, z, y, *_partials(plan, x.device, 3), mean, invstd, *running, *params,
             *_shape_args(plan), plan.channel_programs, eps, momentum,
-            SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, **epilogue, **_block_args(plan),
+            SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, STAGES=PERSISTENT_STAGES[plan.layout],
+            **epilogue, **_block_args(plan),
         )  # fmt: skip
         return y, mean, invstd
     if training:
@@ -663,7 +669,8 @@ def backward(
             _persistent_backward_kernel, plan, x.device,
             dy, x, tensors[1], *outputs, *tensors[2:], *_partials(plan, x.device, 2), dweight, dbias, coef,
             *_shape_args(plan), plan.channel_programs,
-            SPLIT_BLOCK=_split_block(plan), **writes, **flags, **_block_args(plan),
+            SPLIT_BLOCK=_split_block(plan), STAGES=PERSISTENT_STAGES[plan.layout], **writes, **flags,
+            **_block_args(plan),
         )  # fmt: skip
     else:
         if dweight is not None:

@@ -687,11 +687,13 @@ def _publish_stats(
     x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
     unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-    HAS_RUNNING: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
-    n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, 1)
+    n, rel_mean, m2 = _slice_stats(
+        x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, STAGES
+    )
     _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
     done, n_c, mean_c, m2_c = _gather(
         pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, True
@@ -707,7 +709,7 @@ def _finish_forward(
     x_ptr, z_ptr, y_ptr, flags_ptr, mean_out, invstd_out, w_ptr, b_ptr, unit, t_start, t_end, UNITS,
     N, C, S, S_BLOCKS, eps, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
     WAIT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
+    RELU: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     if WAIT:
@@ -716,7 +718,7 @@ def _finish_forward(
         mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, 1)  # fmt: skip
+                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES)  # fmt: skip
     _leave(flags_ptr, unit, UNITS)
 
 
@@ -726,7 +728,7 @@ def _persistent_forward_kernel(
     rvar_ptr, w_ptr, b_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     PHASE: tl.constexpr, PIPELINE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     first = tl.program_id(0)
     step = tl.num_programs(0)
@@ -738,13 +740,13 @@ def _persistent_forward_kernel(
             _publish_stats(
                 x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
                 unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS, eps, momentum,
-                BLOCK_A, BLOCK_B, PLANES, SPLIT_BLOCK, HAS_RUNNING,
+                BLOCK_A, BLOCK_B, PLANES, SPLIT_BLOCK, HAS_RUNNING, STAGES,
             )  # fmt: skip
         if PHASE != 1 and unit - lag >= first:
             _finish_forward(
                 x_ptr, z_ptr, y_ptr, flags_ptr, mean_out, invstd_out, w_ptr, b_ptr, unit - lag, t_start, t_end,
                 UNITS, N, C, S, S_BLOCKS, eps, BLOCK_A, BLOCK_B, PLANES, PHASE == 0, HAS_WEIGHT, HAS_BIAS,
-                HAS_RESIDUAL, RELU,
+                HAS_RESIDUAL, RELU, STAGES,
             )  # fmt: skip
 
 
@@ -754,6 +756,7 @@ def _publish_grads(
     dw_ptr, db_ptr, coef_ptr, unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     invstd, mean, scale, shift = _normalizer(
@@ -761,7 +764,7 @@ def _publish_grads(
     )
     sum_g, sum_gc = _slice_grad_sums(
         dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-        BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, 1,
+        BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES,
     )  # fmt: skip
     tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
     tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
@@ -779,7 +782,7 @@ def _finish_backward(
     unit, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, WAIT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     if WAIT:
@@ -790,7 +793,7 @@ def _finish_backward(
     k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2,
-        N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, 1,
+        N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES,
     )  # fmt: skip
     _leave(flags_ptr, unit, UNITS)
 
@@ -802,6 +805,7 @@ def _persistent_backward_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     PHASE: tl.constexpr, PIPELINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     first = tl.program_id(0)
     step = tl.num_programs(0)
@@ -813,13 +817,13 @@ def _persistent_backward_kernel(
             _publish_grads(
                 dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, flags_ptr,
                 dw_ptr, db_ptr, coef_ptr, unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
-                BLOCK_A, BLOCK_B, PLANES, SPLIT_BLOCK, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU,
+                BLOCK_A, BLOCK_B, PLANES, SPLIT_BLOCK, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU, STAGES,
             )  # fmt: skip
         if PHASE != 1 and unit - lag >= first:
             _finish_backward(
                 dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, flags_ptr, coef_ptr,
                 unit - lag, t_start, t_end, UNITS, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, PHASE == 0,
-                HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ,
+                HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES,
             )  # fmt: skip
 
 
