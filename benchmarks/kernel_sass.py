@@ -185,6 +185,7 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             num_warps=K.NUM_WARPS,
             group_span=K.GROUP_SPAN_MAX,
             min_run=K.PLANES_MIN_RUN,
+            max_run=K.PLANES_MAX_RUN,
         )
         split = K.plan_for(layout, N, C, S, **knobs)
         # An H100/H200: 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.

@@ -88,6 +88,7 @@ SETS = {
             {},
             {"APPLY_PROGRAMS_PER_SM": {"planes": 2, "rows": 4}},  # run 5's: the elementwise passes as the reductions
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # the reductions as the elementwise passes
+            {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
             {"PLANES_MIN_RUN": 64},
             {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},
         ),
@@ -108,6 +109,7 @@ SETS = {
 # both as they are would time the same kernels again.
 PLAN_KNOBS = {
     "PLANES_MIN_RUN",
+    "PLANES_MAX_RUN",
     "PROGRAMS_PER_SM",
     "APPLY_PROGRAMS_PER_SM",
     "GRAD_STAGES_LONG",
@@ -151,6 +153,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PIPELINE_ROUNDS",
         "PERSISTENT_MAX_ROUNDS",
         "PLANES_MIN_RUN",
+        "PLANES_MAX_RUN",
         "PERSISTENT_STAGES",
     )
     knobs = {name: getattr(K, name) for name in names}

@@ -386,12 +386,26 @@ def test_spatial_block_takes_longer_runs_when_asked(S, min_run, block):
     assert plan.block_b == block or plan.group  # (7x7: grouped tiles, which take no run width)
 
 
-@pytest.mark.parametrize("min_run, tiles", [(1024, (4, 1024, 4)), (64, (4, 64, 49))], ids=["long-runs", "short-runs"])
-def test_long_run_tiles_with_idle_lanes_match_the_reference(monkeypatch, min_run, tiles):
+@pytest.mark.parametrize(("S", "block"), [(3136, 4096), (12544, 1024), (784, 1024), (196, 256)])
+def test_spatial_block_takes_whole_planes_up_to_the_longest_run(S, block):
+    """PLANES_MAX_RUN 4096: a 56x56 plane in one 4096-lane row (as few idle lanes as 4 x 1024); 112x112
+    keeps 1024 (13 blocks pad less than 4 of 4096)."""
+    assert K._spatial_block(S, 4096, 1024, 4096) == block
+    plan = K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, min_run=1024, max_run=4096)
+    assert (plan.block_a, plan.block_b, plan.s_blocks) == (1, 4096, 1)
+
+
+@pytest.mark.parametrize(
+    "min_run, max_run, tiles",
+    [(1024, 1024, (4, 1024, 4)), (64, 1024, (4, 64, 49)), (1024, 4096, (1, 4096, 1))],
+    ids=["long-runs", "short-runs", "whole-planes"],
+)
+def test_long_run_tiles_with_idle_lanes_match_the_reference(monkeypatch, min_run, max_run, tiles):
     """PLANES_MIN_RUN 1024 (the default) at 56x56: each sample's run of 3136 values in four blocks of 1024
-    lanes (the last one 64 busy); 64: 49 blocks of 64 with no idle lane."""
+    lanes (the last one 64 busy); 64: 49 blocks of 64 with no idle lane; PLANES_MAX_RUN 4096: one block."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "PLANES_MIN_RUN", min_run)
+    monkeypatch.setattr(K, "PLANES_MAX_RUN", max_run)
     x, z, dy, w, b = _operands((3, 2, 56, 56), "contiguous", torch.float32)
     plan = K.make_plan(x, K.PLANES)
     assert (plan.block_a, plan.block_b, plan.s_blocks) == tiles

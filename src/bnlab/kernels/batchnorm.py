@@ -100,15 +100,16 @@ class Plan:
         return _cdiv(self.N, self.samples_per_tile) * self.s_blocks
 
 
-def _spatial_block(S: int, tile: int, min_run: int = 64) -> int:
+def _spatial_block(S: int, tile: int, min_run: int = 64, max_run: int = 1024) -> int:
     """The block width for a channel's runs of S contiguous values: least padding, then widest.
 
     A block that runs past S idles its lanes (49 values in a block of 64 use 77% of them), but blocks
     narrower than 64 values cut each contiguous run into short pieces, which costs more than idle lanes
     (partly used memory sectors): candidates are the powers of two from min(min_run, S) up to min(S, tile,
-    1024). A larger `min_run` trades idle lanes for longer contiguous pieces (see PLANES_MIN_RUN).
+    max_run). A larger `min_run` trades idle lanes for longer contiguous pieces (see PLANES_MIN_RUN); a
+    larger `max_run` lets one tile row take a whole plane (see PLANES_MAX_RUN).
     """
-    widest = min(_pow2(S), tile, 1024)
+    widest = min(_pow2(S), tile, max_run)
     candidates = []
     b = widest
     while b >= min(min_run, widest):
@@ -136,6 +137,7 @@ def plan_for(
     min_block_channels: int = 0,
     group_span: int = 2048,
     min_run: int = 64,
+    max_run: int = 1024,
     max_rounds: int = 0,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
@@ -150,7 +152,7 @@ def plan_for(
     `min_block_channels` (0: off), a channel block too large for a round is narrowed, down to that many
     channels, until it fits (each row then reads a shorter run: whole 32-byte sectors at 16 bf16 channels).
     Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes; other
-    planes tiles are at least `min_run` positions wide where S allows (`_spatial_block`). With `max_rounds`
+    planes tiles are `min_run` to `max_run` positions wide where S allows (`_spatial_block`). With `max_rounds`
     (0: any), a persistent plan of more rounds than that is not taken (the split plan is).
     """
     if layout not in (ROWS, PLANES):
@@ -162,14 +164,14 @@ def plan_for(
     while layout == ROWS and min_block_channels and widths[-1] > min_block_channels:
         widths.append(widths[-1] // 2)
     for width in widths if resident_programs > 0 else ():
-        blocks = _blocks(layout, N, C, S, persistent_tile, group_span, min_run, width)
+        blocks = _blocks(layout, N, C, S, persistent_tile, group_span, (min_run, max_run), width)
         block_a, block_b, tiles, units, unit_values, packing = blocks
         per_round = min(units, round_values // max(unit_values, 1), resident_programs)
         if unit_values <= round_values and (not max_rounds or _cdiv(units, per_round) <= max_rounds):
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
-    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, min_run)
+    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, (min_run, max_run))
     per_split = _per_split(tiles, units, target_programs)
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, **packing)
 
@@ -219,11 +221,12 @@ def _packed_block(N: int, C: int, S: int, tile: int) -> int:
 
 
 def _blocks(
-    layout: str, N: int, C: int, S: int, tile: int, group_span: int, min_run: int, width: int = 128
+    layout: str, N: int, C: int, S: int, tile: int, group_span: int, runs: tuple[int, int], width: int = 128
 ) -> tuple[int, int, int, int, int, dict]:
     """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, the Plan's
     packing fields: {}, packed or group); rows: blocks of at most `width` channels; grouped planes: spans
-    of at most `group_span` lanes; other planes: blocks of at least `min_run` positions (`_spatial_block`)."""
+    of at most `group_span` lanes; other planes: blocks of `runs` = (min_run, max_run) positions
+    (`_spatial_block`)."""
     if layout == ROWS:
         block_b = min(_pow2(C), width, tile)
         block_a = max(1, min(tile // block_b, _pow2(N * S)))
@@ -240,7 +243,7 @@ def _blocks(
     packed = _packed_block(N, C, S, tile)
     if packed:
         return 1, packed, _cdiv(N, packed // S), C, N * S, {"packed": True}
-    block_b = _spatial_block(S, tile, min_run)
+    block_b = _spatial_block(S, tile, *runs)
     block_a = max(1, min(tile // block_b, _pow2(N)))
     while not _offsets_fit(block_a, C * S, block_b):  # samples of 2**31 / block_a values or more
         block_a //= 2
@@ -323,6 +326,10 @@ GROUP_SPAN_MAX = 2048
 # from 914 to 882 us: normalize 238 -> 223, dx 339 -> 323; run 5: faster on all seven 28x28-112x112
 # shapes at 4 programs per SM (256x512x28x28 516 -> 430 us; benchmarks/NOTES.md, session 7).
 PLANES_MIN_RUN = 1024
+# ... and at most this many (a power of two): 4096 makes a 56x56 tile one whole plane (1 sample x 4096
+# lanes, 3136 busy: one 6 KB contiguous piece) instead of 4 samples x 1024 (2 KB pieces 1.6 MB apart at
+# 256x256x56x56); 112x112 and 28x28 keep their tiles. Untimed (session 7): profile set `nchw` times 4096.
+PLANES_MAX_RUN = 1024
 # Largest channel (N * S, padded to powers of two) for the single-pass kernels, and their warps: at 8192
 # values and 16 warps the sm_90 build keeps everything in registers (no spills, cuobjdump); 0 disables.
 SINGLE_TILE_MAX = 8192
@@ -411,6 +418,7 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
         resident_programs=resident, round_values=round_values, persistent_tile=min(PERSISTENT_TILE, TILE),
         persistent_warps=PERSISTENT_WARPS,
         min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
+        max_run=PLANES_MAX_RUN,
         max_rounds=PERSISTENT_MAX_ROUNDS,
     )  # fmt: skip
 
