@@ -87,6 +87,7 @@ SETS = {
         (
             {},
             {"APPLY_PROGRAMS_PER_SM": {"planes": 2, "rows": 4}},  # run 5's: the elementwise passes as the reductions
+            {"APPLY_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},  # more loads in flight still
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # the reductions as the elementwise passes
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
             {"PLANES_MIN_RUN": 64},
