@@ -12,8 +12,9 @@
 #   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s;
 #   inductor the kernels torch.compile generates for one BN training step (benchmarks/inductor_code.py,
 #          INDUCTOR_SHAPE, default 256,256,14,14 NCHW bf16), ~20-40 s;
-#   caches pack the compile caches (Triton's, inductor's) into $OUT/caches.tar.xz: carried back in the next
-#          call as .gpucache/caches.tar.xz (git-ignored), they are restored first and spare its compiles.
+#   caches pack the compile caches (Triton's, inductor's) into $OUT/caches.tar.xz.part* (15 MB each, two
+#          of the 8 files that come back): copied to .gpucache/ (git-ignored) and carried in the next call
+#          (carry [".gpucache"]), they are restored first and spare its compiles.
 # Results land in $OUT (the device tool brings that folder back: at most 8 files) or /tmp/bnlab-gpu.
 # Usage, from the repository root, on the GPU machine (python3 there has torch and triton):
 #   bash benchmarks/gpu_session.sh [tests|quick|tune|full|profile|host|inductor|caches]...   (default: tests quick tune)
@@ -28,8 +29,8 @@ mkdir -p "$OUT"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests quick tune)
 
-if [ -f .gpucache/caches.tar.xz ]; then
-  tar -C / -xJf .gpucache/caches.tar.xz && echo "restored compile caches from .gpucache"
+if ls .gpucache/caches.tar.xz.part* >/dev/null 2>&1; then
+  cat .gpucache/caches.tar.xz.part* | tar -C / -xJ && echo "restored compile caches from .gpucache"
 fi
 {
   date -u +%FT%TZ
@@ -88,9 +89,9 @@ for step in "${steps[@]}"; do
     inductor)
       timeout "${INDUCTOR_S:-60}" python3 benchmarks/inductor_code.py --shape "${INDUCTOR_SHAPE:-256,256,14,14}" 2>&1 \
         | tee "$OUT/inductor.log" | tail -5 ;;
-    caches)
-      XZ_OPT="-T0 -6" tar -C / -cJf "$OUT/caches.tar.xz" tmp/bnlab-cache 2>/dev/null
-      ls -l "$OUT/caches.tar.xz" ;;
+    caches)  # in parts of 15 MB: the device tool brings back files of at most 16 MiB (session 7's was 24 MB)
+      XZ_OPT="-T0 -6" tar -C / -cJ tmp/bnlab-cache 2>/dev/null | split -b 15M - "$OUT/caches.tar.xz.part"
+      ls -l "$OUT"/caches.tar.xz.part* ;;
     *) echo "unknown step $step (tests, quick, tune, full, profile, host, inductor, caches)"; exit 2 ;;
   esac
 done
