@@ -80,7 +80,7 @@ SETS = {
         ),
     ),
     # Session 7's defaults against the settings they replaced, on every NCHW layer shape; a setting is
-    # profiled only on the shapes whose plans or gradient-sum depth it changes (`_changes`).
+    # profiled only on the shapes whose plans, gradient-sum depth or combine step it changes (`_changes`).
     "nchw": (
         [],
         [(shape, "NCHW") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
@@ -200,16 +200,17 @@ def main() -> int:
 
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:
-    """Whether `knobs` change the backward's plans (the reductions', the elementwise passes') or the gradient
-    sums' depth on this shape (planning asks the GPU's multiprocessor count: an uninitialised tensor on
-    the device)."""
+    """Whether `knobs` change the backward's plans (the reductions', the elementwise passes'), the gradient
+    sums' depth or the combine's step on this shape (planning asks the GPU's multiprocessor count: an
+    uninitialised tensor on the device)."""
     x = torch.empty(shape, dtype=dtype, device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x), streams=2)
-        return p, K._grad_stages(p), K.elementwise_plan(p, K._target_programs(x.device, p.layout, elementwise=True))
+        apply = K.elementwise_plan(p, K._target_programs(x.device, p.layout, elementwise=True))
+        return p, K._grad_stages(p), apply, K._split_block(p)
 
     before = plan()
     with knobs_set(K, knobs):

@@ -108,6 +108,7 @@ def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():
     assert not changes((8, 4, 7, 7), {"PLANES_MIN_RUN": 64})  # grouped channels: no run width to choose
     assert changes((8, 4, 56, 56), {"LONG_LOOP_TILES": 1})  # the gradient sums' depth, same plan
     assert not changes((8, 4, 56, 56), {"LONG_LOOP_TILES": 10_000})
+    assert changes((64, 1, 56, 56), {"COMBINE_VALUES": 1})  # the combine's step (split_block), same plan
 
 
 @pytest.mark.slow  # torch.compile with inductor (C++ on a CPU)
