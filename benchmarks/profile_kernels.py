@@ -47,12 +47,13 @@ SHAPES = [
 ]
 STEPS = 20
 # Then the split plans of these shapes again under other knobs, one knob setting at a time over all of
-# them (a run cut short keeps whole settings): session 6's candidates. (Run 3 timed the reductions
-# unpipelined and 3 deep, and PROGRAMS_PER_SM 8, on these shapes: results/h200-2026-11-27/profile-run3.log.)
+# them (a run cut short keeps whole settings). (Run 3 timed the reductions unpipelined and 3 deep, and
+# PROGRAMS_PER_SM 8, on these shapes: results/h200-2026-11-27/profile-run3.log; run 4 APPLY_STAGES 2,
+# PLANES_MIN_RUN 1024 and GRAD_STAGES_LONG 2: profile-run4.log.)
 VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "NCHW"], [(256, 2048, 7, 7), "NCHW"])
 VARIANTS = (
     {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
-    {"PLANES_MIN_RUN": 1024},  # NCHW 56x56: 4x1024 tiles (2 KB contiguous pieces) instead of 64x64
+    {"PLANES_MAX_RUN": 4096},  # NCHW 56x56: a whole plane a tile (1 x 4096) instead of 4 x 1024
     {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},  # the gradient sums 2 deep whatever the loop's length
 )
 SETS = {
