@@ -143,8 +143,9 @@ def plan_for(
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
 
     Slices make the reduction parallel when there are few channels for many values; each slice is at
-    least one tile. The same plan serves the partial and the elementwise passes. A planes-layout channel
-    that fits in one tile of at most `single_tile_max` values gets the single-pass plan instead. With
+    least one tile. The elementwise passes take the same tiles in slices of their own (`elementwise_plan`).
+    A planes-layout channel that fits in one tile of at most `single_tile_max` values gets the single-pass
+    plan instead. With
     `resident_programs` (how many programs the GPU holds at once; 0: none) and `round_values` (how many
     values a round may touch and still find them in L2 for the second read), a channel block that fits a
     round gets the persistent plan: as many blocks per round as fit, the resident programs split evenly
