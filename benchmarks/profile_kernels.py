@@ -91,6 +91,7 @@ SETS = {
             {"APPLY_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},  # more loads in flight still
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # the reductions as the elementwise passes
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
+            {"FLAT_ELEMENTWISE": True},  # normalize and dx flat: no idle lanes, contiguous blocks
             {"PLANES_MIN_RUN": 64},
             {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},
         ),
@@ -115,6 +116,7 @@ SETS = {
 PLAN_KNOBS = {
     "PLANES_MIN_RUN",
     "PLANES_MAX_RUN",
+    "FLAT_ELEMENTWISE",
     "PROGRAMS_PER_SM",
     "APPLY_PROGRAMS_PER_SM",
     "GRAD_STAGES_LONG",
@@ -159,6 +161,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PERSISTENT_MAX_ROUNDS",
         "PLANES_MIN_RUN",
         "PLANES_MAX_RUN",
+        "FLAT_ELEMENTWISE",
         "PERSISTENT_STAGES",
     )
     knobs = {name: getattr(K, name) for name in names}
@@ -210,8 +213,8 @@ def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: 
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x), streams=2)
-        apply = K.elementwise_plan(p, K._target_programs(x.device, p.layout, elementwise=True))
-        return p, K._grad_stages(p), apply, K._split_block(p)
+        target = K._target_programs(x.device, p.layout, elementwise=True)
+        return p, K._grad_stages(p), K.elementwise_plan(p, target), K.flat_pass(p, target), K._split_block(p)
 
     before = plan()
     with knobs_set(K, knobs):

@@ -36,13 +36,17 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 @pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
-    default tiles (planes with 16 channels: grouped tiles), tiny tiles and many programs (split
+    default tiles (planes with 16 channels: grouped tiles; planes normalize and dx as flat passes in
+    blocks of 64 values, FLAT_ELEMENTWISE), tiny tiles and many programs (split
     reductions, combined by the last program of each channel block a few partials at a time), 64-lane
     tiles (planes: several samples' short runs packed in each, several tiles and slices per channel), or
     the persistent kernels with tiny tiles, several programs per channel block and several rounds (the
     interpreter runs them as two phases; grouped tiles: see the rounds test)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    if request.param == "two-pass":
+        monkeypatch.setattr(K, "FLAT_ELEMENTWISE", True)
+        monkeypatch.setattr(K, "FLAT_BLOCK", 64)
     if request.param in ("many-slices", "packed", "persistent"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         # (the elementwise passes in slices of other lengths than the reductions', as on a GPU)
@@ -541,6 +545,47 @@ def test_elementwise_passes_regroup_the_same_tiles_into_more_slices():
     assert (apply.splits - 1) * apply.per_split < apply.tiles <= apply.splits * apply.per_split  # no idle slice
     single = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=264, single_tile_max=8192)
     assert single.single and K.elementwise_plan(single, 528) is single
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 5), (2, 3, 8, 8), (4, 6, 12)], ids=["rows-of-4", "rows-of-8", "1d"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flat_elementwise_passes_match_the_reference(monkeypatch, shape, training, dtype):
+    """FLAT_ELEMENTWISE: normalize and dx (and the residual's gradient) as flat passes, blocks of 32 values
+    that end inside rows and channels, several blocks a program, match the reference (bf16 without the
+    ReLU: its mask flips where the pre-activation rounds differently, see the real-shapes test)."""
+    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", True)
+    monkeypatch.setattr(K, "FLAT_BLOCK", 32)
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 3 if elementwise else 4)
+    x, z, dy, w, b = _operands(shape, "contiguous", dtype)
+    assert "flat" in K.describe_plans(x)
+    C = shape[1]
+    outs = []
+    for backend in ("triton", "reference"):
+        rm, rv = torch.linspace(-1, 1, C, device=DEVICE), torch.linspace(0.5, 2, C, device=DEVICE)
+        activation = "relu" if dtype == torch.float32 else None
+        y, grads = _run(backend, x, z, dy, w, b, training=training, activation=activation, rm=rm, rv=rv)
+        outs.append((y, *grads, rm, rv))
+    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
+    for name, ours, ref in zip(names, *outs, strict=True):
+        _close(ours, ref, dtype, name)
+
+
+def test_flat_passes_take_rows_that_never_span_two_channels(monkeypatch):
+    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", True)
+    plan = K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264)
+    assert K.flat_pass(plan, 528) == (8, 12544, 24)  # 256 x 64 x 3136 / 4096 blocks, 24 a program
+    for S, vector in ((196, 4), (784, 8), (12544, 8), (20, 4)):
+        assert K.flat_pass(K.plan_for(K.PLANES, 256, 64, S, target_programs=264), 528)[0] == vector
+    for S in (49, 14):  # rows of 1 or 2 values: tiled (too many instructions per value)
+        assert K.flat_pass(K.plan_for(K.PLANES, 256, 64, S, target_programs=264), 528) is None
+    assert K.flat_pass(K.plan_for(K.ROWS, 256, 64, 3136, target_programs=264), 528) is None  # channels-last
+    single = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=264, single_tile_max=8192)
+    assert K.flat_pass(single, 528) is None  # one kernel a direction already
+    assert K.flat_pass(K.plan_for(K.PLANES, 2**16, 64, 1024, target_programs=264), 528) is None  # int32 offsets
+    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", False)
+    assert K.flat_pass(plan, 528) is None
 
 
 def test_host_integer_helpers_match_tritons():

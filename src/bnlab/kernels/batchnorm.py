@@ -16,8 +16,10 @@ import torch
 
 from bnlab.kernels.device import (
     GROUPS,
+    _apply_flat_kernel,
     _apply_kernel,
     _grad_kernel,
+    _input_grad_flat_kernel,
     _input_grad_kernel,
     _persistent_backward_kernel,
     _persistent_forward_kernel,
@@ -251,6 +253,23 @@ def _blocks(
     return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S, {}
 
 
+def flat_pass(plan: Plan, target_programs: int) -> tuple[int, int, int] | None:
+    """(V, blocks, blocks per program) of the flat elementwise passes over `plan`'s tensor (NCHW split
+    plans with FLAT_ELEMENTWISE on: blocks of FLAT_BLOCK values in rows of V, the largest power of two up
+    to 8 that divides S, so that a row never spans two channels), or None: the plan's own tiles. Rows
+    of fewer than 4 values (S odd, e.g. 7x7) stay tiled: a channel's values gathered for every value or
+    two cost more instructions than a memory-bound pass can afford (sm_90: bf16 normalize 53 per value
+    at V = 1 against a budget of 31; 17 at 8, 22 at 4)."""
+    total = plan.N * plan.C * plan.S
+    if not FLAT_ELEMENTWISE or plan.layout != PLANES or plan.single or plan.persistent:
+        return None
+    vector = min(8, plan.S & -plan.S)
+    if vector < 4 or total + FLAT_BLOCK > INT32_LIMIT:  # (the flat kernels' offsets are int32)
+        return None
+    blocks = _cdiv(total, FLAT_BLOCK)
+    return vector, blocks, _cdiv(blocks, max(1, min(blocks, target_programs)))
+
+
 def _target_programs(device: torch.device, layout: str, elementwise: bool = False) -> int:
     """Programs a split plan aims for: the reductions' (PROGRAMS_PER_SM) or the elementwise passes'."""
     if device.type == "cuda":
@@ -346,6 +365,12 @@ SINGLE_WARPS = 16
 # 256x128x28x28 167 against 149, 65536x1024 386 against 317.
 PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
 APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
+# NCHW normalize and dx as flat passes (`flat_pass`; device `_apply_flat_kernel`): contiguous blocks of
+# FLAT_BLOCK values, no idle lanes, per-channel values gathered per 4-8 values, instead of the plan's
+# tiles (23% idle lanes at 56x56, 28x28, 14x14; pieces of 2-3 KB); 7x7 stays tiled. Off: untimed
+# (session 7); profile_kernels.py's set `nchw` times it.
+FLAT_ELEMENTWISE = False
+FLAT_BLOCK = 4096
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
@@ -445,9 +470,13 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             how = f"persistent {plan.units_per_round}x{plan.splits} in {rounds} rounds"
         else:
             how = f"split over {plan.splits} slices"
-            apply = elementwise_plan(plan, _target_programs(x.device, plan.layout, elementwise=True))
-            if apply.splits != plan.splits:
-                how += f" ({'normalize' if direction == 'forward' else 'dx'} over {apply.splits})"
+            target = _target_programs(x.device, plan.layout, elementwise=True)
+            apply = elementwise_plan(plan, target)
+            elementwise = "normalize" if direction == "forward" else "dx"
+            if flat_pass(plan, target):
+                how += f" ({elementwise} flat)"
+            elif apply.splits != plan.splits:
+                how += f" ({elementwise} over {apply.splits})"
             stages = _grad_stages(plan)
             if direction == "backward" and stages != GRAD_STAGES[plan.layout]:
                 how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
@@ -615,11 +644,21 @@ def forward(
         torch.rsqrt(running_var.float() + eps, out=invstd)
     from_running = not training and not save_stats
     stats = (running_mean, running_var) if from_running else (mean, invstd)
-    apply = elementwise_plan(plan, _target_programs(x.device, plan.layout, elementwise=True))
-    _apply_kernel[apply.grid](
-        x, z, y, *stats, *params, *_shape_args(apply), eps,
-        FROM_RUNNING=from_running, STAGES=APPLY_STAGES[plan.layout], **epilogue, **_block_args(apply),
-    )  # fmt: skip
+    target = _target_programs(x.device, plan.layout, elementwise=True)
+    flat = flat_pass(plan, target)
+    if flat:
+        vector, blocks, per_program = flat
+        _apply_flat_kernel[(_cdiv(blocks, per_program),)](
+            x, z, y, *stats, *params, C, plan.S, plan.N * C * plan.S, blocks, per_program, eps,
+            BLOCK=FLAT_BLOCK, V=vector, FROM_RUNNING=from_running, STAGES=APPLY_STAGES[PLANES],
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **epilogue,
+        )  # fmt: skip
+    else:
+        apply = elementwise_plan(plan, target)
+        _apply_kernel[apply.grid](
+            x, z, y, *stats, *params, *_shape_args(apply), eps,
+            FROM_RUNNING=from_running, STAGES=APPLY_STAGES[plan.layout], **epilogue, **_block_args(apply),
+        )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
 
@@ -689,9 +728,19 @@ def backward(
                 **_block_args(plan),
             )  # fmt: skip
         if dx is not None or dz is not None:
-            apply = elementwise_plan(plan, _target_programs(x.device, plan.layout, elementwise=True))
-            _input_grad_kernel[apply.grid](
-                dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(apply),
-                TRAINING=training, STAGES=APPLY_STAGES[plan.layout], **writes, **flags, **_block_args(apply),
-            )  # fmt: skip
+            target = _target_programs(x.device, plan.layout, elementwise=True)
+            flat = flat_pass(plan, target)
+            if flat:
+                vector, blocks, per_program = flat
+                _input_grad_flat_kernel[(_cdiv(blocks, per_program),)](
+                    dy, *tensors[:2], *outputs, *tensors[2:], coef, C, plan.S, plan.N * C * plan.S, blocks,
+                    per_program, BLOCK=FLAT_BLOCK, V=vector, TRAINING=training, STAGES=APPLY_STAGES[PLANES],
+                    num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **writes, **flags,
+                )  # fmt: skip
+            else:
+                apply = elementwise_plan(plan, target)
+                _input_grad_kernel[apply.grid](
+                    dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(apply),
+                    TRAINING=training, STAGES=APPLY_STAGES[plan.layout], **writes, **flags, **_block_args(apply),
+                )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz

@@ -674,6 +674,78 @@ def _input_grad_kernel(
     )  # fmt: skip
 
 
+# ---- flat elementwise kernels (planes; FLAT_ELEMENTWISE in the planner) ---------------------------------
+# Normalize and dx need no channel-aligned tiles: a program walks a contiguous range of the NCHW tensor in
+# blocks of [BLOCK // V, V] values, V consecutive values (V divides S) sharing one channel, whose
+# per-channel values are gathered once per row of V. No idle lanes, one contiguous piece per block (the
+# way torch.compile's pointwise kernels index). Offsets are int32: the planner keeps them for tensors of
+# fewer than 2**31 values.
+
+
+@triton.jit
+def _flat_block(i, C, S, total, BLOCK: tl.constexpr, V: tl.constexpr):
+    """Block i: offsets [BLOCK // V, V] and their mask; each row's channel and mask."""
+    first = i * BLOCK + tl.arange(0, BLOCK // V) * V
+    offs = first[:, None] + tl.arange(0, V)[None, :]
+    return offs, offs < total, (first // S) % C, first < total
+
+
+@triton.jit
+def _flat_range(blocks, blocks_per_program):
+    """This program's blocks [start, end), programs in the reverse of launch order (`_second_pass_program`)."""
+    start = (tl.num_programs(0) - 1 - tl.program_id(0)) * blocks_per_program
+    return start, tl.minimum(start + blocks_per_program, blocks)
+
+
+@triton.jit
+def _apply_flat_kernel(
+    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, blocks, blocks_per_program, eps,
+    BLOCK: tl.constexpr, V: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    start, end = _flat_range(blocks, blocks_per_program)
+    for j in tl.range(start, end, num_stages=STAGES):
+        offs, mask, ch, rmask = _flat_block(_backwards(j, start, end), C, S, total, BLOCK, V)
+        _, mean, scale, shift = _normalizer(
+            mean_ptr, invstd_ptr, w_ptr, b_ptr, ch, rmask, eps, S, V, 1, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
+        )
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
+        if RELU:
+            p = tl.maximum(p, 0.0)
+        tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _input_grad_flat_kernel(
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
+    C, S, total, blocks, blocks_per_program,
+    BLOCK: tl.constexpr, V: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr,
+    WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    start, end = _flat_range(blocks, blocks_per_program)
+    for j in tl.range(start, end, num_stages=STAGES):
+        offs, mask, ch, rmask = _flat_block(_backwards(j, start, end), C, S, total, BLOCK, V)
+        _, mean, scale, shift = _normalizer(
+            mean_ptr, invstd_ptr, w_ptr, b_ptr, ch, rmask, 0.0, S, V, 1, False, HAS_WEIGHT, HAS_BIAS
+        )
+        k1 = mean
+        k2 = mean
+        if TRAINING:
+            k1, k2 = _coefficients(coef_ptr, ch, rmask, C, S, V, 1)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+        g = _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
+        if WRITE_DZ:
+            tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            dx = _dx(g, x, mean, scale, k1, k2, TRAINING)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- persistent kernels: grid (channel blocks per round, slices), all resident at once ------------------
 # A program publishes its share of a channel block (partial sums; maybe the block's final result and its
 # ready flag), then finishes it (waits for the flag, applies, leaves). With PIPELINE it publishes the next
