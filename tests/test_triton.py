@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -570,6 +571,19 @@ def test_flat_elementwise_passes_match_the_reference(monkeypatch, shape, trainin
     names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
     for name, ours, ref in zip(names, *outs, strict=True):
         _close(ours, ref, dtype, name)
+
+
+def test_magic_numbers_divide_exactly_below_two_to_the_31():
+    """The flat kernels' channel index: n // d as a multiply-high and a shift (device `_divide`)."""
+    rng = random.Random(0)
+    for d in [*range(2, 3000), 3136, 12544, 50176, 2**20 + 7, 2**30 - 1, 2**30, 2**31 - 1]:
+        magic, shift = K._magic(d)
+        unsigned = magic % 2**32  # the kernel reads the int32 argument's bits as unsigned
+        ns = [0, d - 1, d, d + 1, 2**31 - 1, (2**31 - 1) // d * d, (2**31 - 1) // d * d - 1]
+        for n in ns + [rng.randrange(2**31) for _ in range(20)]:
+            assert (n * unsigned) >> 32 >> shift == n // d, (n, d)
+    with pytest.raises(ValueError, match="divisor 1"):
+        K._magic(1)
 
 
 def test_flat_passes_take_rows_that_never_span_two_channels(monkeypatch):

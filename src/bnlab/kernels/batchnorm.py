@@ -258,16 +258,34 @@ def flat_pass(plan: Plan, target_programs: int) -> tuple[int, int, int] | None:
     plans with FLAT_ELEMENTWISE on: blocks of FLAT_BLOCK values in rows of V, the largest power of two up
     to 8 that divides S, so that a row never spans two channels), or None: the plan's own tiles. Rows
     of fewer than 4 values (S odd, e.g. 7x7) stay tiled: a channel's values gathered for every value or
-    two cost more instructions than a memory-bound pass can afford (sm_90: bf16 normalize 53 per value
-    at V = 1 against a budget of 31; 17 at 8, 22 at 4)."""
+    two cost more instructions than a memory-bound pass can afford (sm_90, Triton 3.6: bf16 normalize 33
+    per value at V = 1 against a budget of 31, dx 47 and spills; at V = 8 14 and 20, at 4 16 and 22)."""
     total = plan.N * plan.C * plan.S
     if not FLAT_ELEMENTWISE or plan.layout != PLANES or plan.single or plan.persistent:
         return None
     vector = min(8, plan.S & -plan.S)
-    if vector < 4 or total + FLAT_BLOCK > INT32_LIMIT:  # (the flat kernels' offsets are int32)
+    if vector < 4 or plan.C < 2 or total + FLAT_BLOCK > INT32_LIMIT:  # (int32 offsets; `_magic`'s divisors)
         return None
     blocks = _cdiv(total, FLAT_BLOCK)
     return vector, blocks, _cdiv(blocks, max(1, min(blocks, target_programs)))
+
+
+def _magic(d: int) -> tuple[int, int]:
+    """(magic, shift) with n // d == umulhi(n, magic) >> shift for every 0 <= n < 2**31, 2 <= d < 2**31
+    (device `_divide`; magic passed as the int32 of its 32 bits): magic = floor(2**(31 + b) / d) + 1 with
+    b = ceil(log2 d), shift = b - 1. Exact: magic * d exceeds 2**(31 + b) by at most d, so the estimate
+    n * magic / 2**(31 + b) exceeds n / d by less than n / 2**(31 + b) < 1 / d, which never carries it
+    past the next integer (tests check it against integer division)."""
+    if not 2 <= d < INT32_LIMIT:
+        raise ValueError(f"_magic: divisor {d} out of [2, 2**31)")
+    bits = (d - 1).bit_length()
+    magic = (1 << (31 + bits)) // d + 1
+    return (magic - (1 << 32) if magic >= INT32_LIMIT else magic), bits - 1
+
+
+def _flat_args(plan: Plan) -> tuple[int, ...]:
+    """The flat kernels' shape arguments: C, S, N * C * S, then the magic numbers of S and C."""
+    return (plan.C, plan.S, plan.N * plan.C * plan.S, *_magic(plan.S), *_magic(plan.C))
 
 
 def _target_programs(device: torch.device, layout: str, elementwise: bool = False) -> int:
@@ -649,7 +667,7 @@ def forward(
     if flat:
         vector, blocks, per_program = flat
         _apply_flat_kernel[(_cdiv(blocks, per_program),)](
-            x, z, y, *stats, *params, C, plan.S, plan.N * C * plan.S, blocks, per_program, eps,
+            x, z, y, *stats, *params, *_flat_args(plan), blocks, per_program, eps,
             BLOCK=FLAT_BLOCK, V=vector, FROM_RUNNING=from_running, STAGES=APPLY_STAGES[PLANES],
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **epilogue,
         )  # fmt: skip
@@ -733,8 +751,8 @@ def backward(
             if flat:
                 vector, blocks, per_program = flat
                 _input_grad_flat_kernel[(_cdiv(blocks, per_program),)](
-                    dy, *tensors[:2], *outputs, *tensors[2:], coef, C, plan.S, plan.N * C * plan.S, blocks,
-                    per_program, BLOCK=FLAT_BLOCK, V=vector, TRAINING=training, STAGES=APPLY_STAGES[PLANES],
+                    dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), blocks, per_program,
+                    BLOCK=FLAT_BLOCK, V=vector, TRAINING=training, STAGES=APPLY_STAGES[PLANES],
                     num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **writes, **flags,
                 )  # fmt: skip
             else:

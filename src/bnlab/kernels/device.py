@@ -679,15 +679,24 @@ def _input_grad_kernel(
 # blocks of [BLOCK // V, V] values, V consecutive values (V divides S) sharing one channel, whose
 # per-channel values are gathered once per row of V. No idle lanes, one contiguous piece per block (the
 # way torch.compile's pointwise kernels index). Offsets are int32: the planner keeps them for tensors of
-# fewer than 2**31 values.
+# fewer than 2**31 values. A row's channel is (offset // S) % C, each division a multiply-high and a
+# shift by the divisor's magic number (`batchnorm._magic`; an integer division by a runtime value costs
+# ~20 instructions).
 
 
 @triton.jit
-def _flat_block(i, C, S, total, BLOCK: tl.constexpr, V: tl.constexpr):
+def _divide(n, magic, shift):
+    """n // d for 0 <= n < 2**31, with (magic, shift) = `batchnorm._magic(d)` (magic as int32 bits)."""
+    return (tl.umulhi(n.to(tl.uint32), magic.to(tl.uint32, bitcast=True)) >> shift).to(tl.int32)
+
+
+@triton.jit
+def _flat_block(i, C, total, s_magic, s_shift, c_magic, c_shift, BLOCK: tl.constexpr, V: tl.constexpr):
     """Block i: offsets [BLOCK // V, V] and their mask; each row's channel and mask."""
     first = i * BLOCK + tl.arange(0, BLOCK // V) * V
     offs = first[:, None] + tl.arange(0, V)[None, :]
-    return offs, offs < total, (first // S) % C, first < total
+    plane = _divide(first, s_magic, s_shift)  # (sample, channel) index: first // S
+    return offs, offs < total, plane - _divide(plane, c_magic, c_shift) * C, first < total
 
 
 @triton.jit
@@ -699,13 +708,15 @@ def _flat_range(blocks, blocks_per_program):
 
 @triton.jit
 def _apply_flat_kernel(
-    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, blocks, blocks_per_program, eps,
-    BLOCK: tl.constexpr, V: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr,
+    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, s_magic, s_shift, c_magic, c_shift,
+    blocks, blocks_per_program, eps, BLOCK: tl.constexpr, V: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     start, end = _flat_range(blocks, blocks_per_program)
     for j in tl.range(start, end, num_stages=STAGES):
-        offs, mask, ch, rmask = _flat_block(_backwards(j, start, end), C, S, total, BLOCK, V)
+        i = _backwards(j, start, end)
+        offs, mask, ch, rmask = _flat_block(i, C, total, s_magic, s_shift, c_magic, c_shift, BLOCK, V)
         _, mean, scale, shift = _normalizer(
             mean_ptr, invstd_ptr, w_ptr, b_ptr, ch, rmask, eps, S, V, 1, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
         )
@@ -720,14 +731,15 @@ def _apply_flat_kernel(
 @triton.jit
 def _input_grad_flat_kernel(
     dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
-    C, S, total, blocks, blocks_per_program,
+    C, S, total, s_magic, s_shift, c_magic, c_shift, blocks, blocks_per_program,
     BLOCK: tl.constexpr, V: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr,
     WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     start, end = _flat_range(blocks, blocks_per_program)
     for j in tl.range(start, end, num_stages=STAGES):
-        offs, mask, ch, rmask = _flat_block(_backwards(j, start, end), C, S, total, BLOCK, V)
+        i = _backwards(j, start, end)
+        offs, mask, ch, rmask = _flat_block(i, C, total, s_magic, s_shift, c_magic, c_shift, BLOCK, V)
         _, mean, scale, shift = _normalizer(
             mean_ptr, invstd_ptr, w_ptr, b_ptr, ch, rmask, 0.0, S, V, 1, False, HAS_WEIGHT, HAS_BIAS
         )
