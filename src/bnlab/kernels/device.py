@@ -707,6 +707,22 @@ def _flat_range(blocks, blocks_per_program):
 
 
 @triton.jit
+def _flat_tile(
+    j, start, end, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, s_magic, s_shift, c_magic, c_shift, eps,
+    BLOCK: tl.constexpr, V: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """The program's j-th block of [start, end), last first (`_backwards`): offsets, mask, each row's
+    channel and mask, and the rows' mean, scale and shift (see `_normalizer`)."""
+    i = _backwards(j, start, end)
+    offs, mask, ch, rmask = _flat_block(i, C, total, s_magic, s_shift, c_magic, c_shift, BLOCK, V)
+    _, mean, scale, shift = _normalizer(
+        mean_ptr, invstd_ptr, w_ptr, b_ptr, ch, rmask, eps, S, V, 1, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
+    )
+    return offs, mask, ch, rmask, mean, scale, shift
+
+
+@triton.jit
 def _apply_flat_kernel(
     x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, s_magic, s_shift, c_magic, c_shift,
     blocks, blocks_per_program, eps, BLOCK: tl.constexpr, V: tl.constexpr, FROM_RUNNING: tl.constexpr,
@@ -715,11 +731,10 @@ def _apply_flat_kernel(
 ):  # fmt: skip
     start, end = _flat_range(blocks, blocks_per_program)
     for j in tl.range(start, end, num_stages=STAGES):
-        i = _backwards(j, start, end)
-        offs, mask, ch, rmask = _flat_block(i, C, total, s_magic, s_shift, c_magic, c_shift, BLOCK, V)
-        _, mean, scale, shift = _normalizer(
-            mean_ptr, invstd_ptr, w_ptr, b_ptr, ch, rmask, eps, S, V, 1, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
-        )
+        offs, mask, _, _, mean, scale, shift = _flat_tile(
+            j, start, end, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, s_magic, s_shift, c_magic, c_shift,
+            eps, BLOCK, V, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS,
+        )  # fmt: skip
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
         p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
@@ -738,11 +753,10 @@ def _input_grad_flat_kernel(
 ):  # fmt: skip
     start, end = _flat_range(blocks, blocks_per_program)
     for j in tl.range(start, end, num_stages=STAGES):
-        i = _backwards(j, start, end)
-        offs, mask, ch, rmask = _flat_block(i, C, total, s_magic, s_shift, c_magic, c_shift, BLOCK, V)
-        _, mean, scale, shift = _normalizer(
-            mean_ptr, invstd_ptr, w_ptr, b_ptr, ch, rmask, 0.0, S, V, 1, False, HAS_WEIGHT, HAS_BIAS
-        )
+        offs, mask, ch, rmask, mean, scale, shift = _flat_tile(
+            j, start, end, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, s_magic, s_shift, c_magic, c_shift,
+            0.0, BLOCK, V, False, HAS_WEIGHT, HAS_BIAS,
+        )  # fmt: skip
         k1 = mean
         k2 = mean
         if TRAINING:
