@@ -467,12 +467,18 @@ def _apply_slice(
     software-pipelined, as in `_slice_stats`."""
     for i in tl.range(t_start, t_end, num_stages=STAGES):
         base, offs, mask = _tile(_backwards(i, t_start, t_end), unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL)
-        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
-        if RELU:
-            p = tl.maximum(p, 0.0)
-        tl.store(y_ptr + base + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+        _normalize(x_ptr + base, z_ptr + base, y_ptr + base, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU)
+
+
+@triton.jit
+def _normalize(x_ptr, z_ptr, y_ptr, offs, mask, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """y = the pre-activation (ReLU'd) at `offs` from the pointers (a tile's base already added)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+    p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
+    if RELU:
+        p = tl.maximum(p, 0.0)
+    tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- gradients ------------------------------------------------------------------------------------------
@@ -495,10 +501,19 @@ def _grad_tile(
 ):  # fmt: skip
     """Tile t's base, offsets and mask (see `_tile`), x and g (dy through the recomputed ReLU mask), float32."""
     base, offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL)
-    return base, offs, mask, x, _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
+    x, g = _grad_values(dy_ptr + base, x_ptr + base, z_ptr + base, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU)
+    return base, offs, mask, x, g
+
+
+@triton.jit
+def _grad_values(
+    dy_ptr, x_ptr, z_ptr, offs, mask, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr
+):  # fmt: skip
+    """x and g (dy through the recomputed ReLU mask) at `offs` from the pointers, float32."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+    return x, _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
 
 
 @triton.jit
@@ -561,11 +576,20 @@ def _input_grad_slice(
             _backwards(i, t_start, t_end), unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
             BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
         )  # fmt: skip
-        if WRITE_DZ:
-            tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
-        if WRITE_DX:
-            dx = _dx(g, x, mean, scale, k1, k2, TRAINING)
-            tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _store_grads(dx_ptr + base, dz_ptr + base, offs, mask, g, x, mean, scale, k1, k2, TRAINING, WRITE_DX, WRITE_DZ)
+
+
+@triton.jit
+def _store_grads(
+    dx_ptr, dz_ptr, offs, mask, g, x, mean, scale, k1, k2,
+    TRAINING: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+):  # fmt: skip
+    """dz = g and dx (see `_dx`) at `offs` from the pointers, as asked."""
+    if WRITE_DZ:
+        tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DX:
+        dx = _dx(g, x, mean, scale, k1, k2, TRAINING)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- split kernels: grid (channel blocks, slices) ---------------------------------------------------------
@@ -735,12 +759,7 @@ def _apply_flat_kernel(
             j, start, end, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, s_magic, s_shift, c_magic, c_shift,
             eps, BLOCK, V, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS,
         )  # fmt: skip
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
-        p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
-        if RELU:
-            p = tl.maximum(p, 0.0)
-        tl.store(y_ptr + offs, p.to(y_ptr.dtype.element_ty), mask=mask)
+        _normalize(x_ptr, z_ptr, y_ptr, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU)
 
 
 @triton.jit
@@ -761,15 +780,8 @@ def _input_grad_flat_kernel(
         k2 = mean
         if TRAINING:
             k1, k2 = _coefficients(coef_ptr, ch, rmask, C, S, V, 1)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
-        g = _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
-        if WRITE_DZ:
-            tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
-        if WRITE_DX:
-            dx = _dx(g, x, mean, scale, k1, k2, TRAINING)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        x, g = _grad_values(dy_ptr, x_ptr, z_ptr, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU)
+        _store_grads(dx_ptr, dz_ptr, offs, mask, g, x, mean, scale, k1, k2, TRAINING, WRITE_DX, WRITE_DZ)
 
 
 # ---- persistent kernels: grid (channel blocks per round, slices), all resident at once ------------------
