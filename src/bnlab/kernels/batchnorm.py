@@ -260,14 +260,21 @@ def flat_pass(plan: Plan, target_programs: int) -> tuple[int, int, int] | None:
     of fewer than 4 values (S odd, e.g. 7x7) stay tiled: a channel's values gathered for every value or
     two cost more instructions than a memory-bound pass can afford (sm_90, Triton 3.6: bf16 normalize 33
     per value at V = 1 against a budget of 31, dx 47 and spills; at V = 8 14 and 20, at 4 16 and 22)."""
-    total = plan.N * plan.C * plan.S
     if not FLAT_ELEMENTWISE or plan.layout != PLANES or plan.single or plan.persistent:
         return None
+    total = plan.N * plan.C * plan.S
     vector = min(8, plan.S & -plan.S)
     if vector < 4 or plan.C < 2 or total + FLAT_BLOCK > INT32_LIMIT:  # (int32 offsets; `_magic`'s divisors)
         return None
     blocks = _cdiv(total, FLAT_BLOCK)
-    return vector, blocks, _cdiv(blocks, max(1, min(blocks, target_programs)))
+    return vector, blocks, _per_split(blocks, 1, target_programs)
+
+
+def _elementwise_passes(plan: Plan, device: torch.device) -> tuple[tuple[int, int, int] | None, Plan]:
+    """How normalize and dx run over `plan`: (`flat_pass` or None, `elementwise_plan`) at the elementwise
+    passes' target of programs."""
+    target = _target_programs(device, plan.layout, elementwise=True)
+    return flat_pass(plan, target), elementwise_plan(plan, target)
 
 
 def _magic(d: int) -> tuple[int, int]:
@@ -488,10 +495,9 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             how = f"persistent {plan.units_per_round}x{plan.splits} in {rounds} rounds"
         else:
             how = f"split over {plan.splits} slices"
-            target = _target_programs(x.device, plan.layout, elementwise=True)
-            apply = elementwise_plan(plan, target)
+            flat, apply = _elementwise_passes(plan, x.device)
             elementwise = "normalize" if direction == "forward" else "dx"
-            if flat_pass(plan, target):
+            if flat:
                 how += f" ({elementwise} flat)"
             elif apply.splits != plan.splits:
                 how += f" ({elementwise} over {apply.splits})"
@@ -662,8 +668,7 @@ def forward(
         torch.rsqrt(running_var.float() + eps, out=invstd)
     from_running = not training and not save_stats
     stats = (running_mean, running_var) if from_running else (mean, invstd)
-    target = _target_programs(x.device, plan.layout, elementwise=True)
-    flat = flat_pass(plan, target)
+    flat, apply = _elementwise_passes(plan, x.device)
     if flat:
         vector, blocks, per_program = flat
         _apply_flat_kernel[(_cdiv(blocks, per_program),)](
@@ -672,7 +677,6 @@ def forward(
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **epilogue,
         )  # fmt: skip
     else:
-        apply = elementwise_plan(plan, target)
         _apply_kernel[apply.grid](
             x, z, y, *stats, *params, *_shape_args(apply), eps,
             FROM_RUNNING=from_running, STAGES=APPLY_STAGES[plan.layout], **epilogue, **_block_args(apply),
@@ -746,8 +750,7 @@ def backward(
                 **_block_args(plan),
             )  # fmt: skip
         if dx is not None or dz is not None:
-            target = _target_programs(x.device, plan.layout, elementwise=True)
-            flat = flat_pass(plan, target)
+            flat, apply = _elementwise_passes(plan, x.device)
             if flat:
                 vector, blocks, per_program = flat
                 _input_grad_flat_kernel[(_cdiv(blocks, per_program),)](
@@ -756,7 +759,6 @@ def backward(
                     num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **writes, **flags,
                 )  # fmt: skip
             else:
-                apply = elementwise_plan(plan, target)
                 _input_grad_kernel[apply.grid](
                     dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(apply),
                     TRAINING=training, STAGES=APPLY_STAGES[plan.layout], **writes, **flags, **_block_args(apply),
