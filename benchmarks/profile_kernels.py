@@ -25,9 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bnlab import kernels
 from bnlab.gpubench import (
-    compile_training_step,
+    compile_training_steps,
     copy_bandwidth_gbps,
-    errors_in_processes,
     knobs_set,
     make_timer,
     min_traffic_bytes,
@@ -186,12 +185,9 @@ def main() -> int:
         for shape, layout in variant_shapes
         if not (knobs and set(knobs) <= PLAN_KNOBS and not _changes(K, shape, layout, dtype, knobs))
     ]
-    if args.warm_jobs:  # compiles are CPU work, one core each: one after another they took most of a run
+    if args.warm_jobs:
         start = time.perf_counter()
-        name = str(dtype).removeprefix("torch.")
-        errors = errors_in_processes(
-            compile_training_step, [(*run[:2], name, "cuda", run[2]) for run in runs], args.warm_jobs
-        )
+        errors = compile_training_steps(runs, dtype, args.warm_jobs)
         print(f"compiled {len(runs)} settings' kernels in {time.perf_counter() - start:.0f} s; {len(errors)} errors")
     copy = copy_bandwidth_gbps(make_timer("cuda"), "cuda")
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
@@ -211,8 +207,7 @@ def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: 
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x), streams=2)
-        target = K._target_programs(x.device, p.layout, elementwise=True)
-        return p, K._grad_stages(p), K.elementwise_plan(p, target), K.flat_pass(p, target), K._split_block(p)
+        return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p)
 
     before = plan()
     with knobs_set(K, knobs):

@@ -28,9 +28,8 @@ import torch
 
 from bnlab import kernels
 from bnlab.gpubench import (
-    compile_training_step,
+    compile_training_steps,
     copy_bandwidth_gbps,
-    errors_in_processes,
     knobs_set,
     make_timer,
     min_traffic_bytes,
@@ -134,15 +133,14 @@ def sweep_shape(
 
 
 def warm_compile_cache(K, shapes, dtype: torch.dtype, jobs: int, device: str = "cuda") -> list[str]:
-    """Compile every first-stage kernel variant of `shapes` in `jobs` processes at once (compiling is
-    CPU work, one core per compile; timed one after another it would take most of the sweep's minutes).
-    Returns the errors."""
-    tasks = []
+    """Compile every first-stage kernel variant of `shapes` in `jobs` processes at once
+    (`compile_training_steps`). Returns the errors."""
+    runs = []
     for shape, layout in shapes:
         x = training_tensors(shape, layout, dtype, device)[0]
-        tasks += [(shape, layout, str(dtype).removeprefix("torch."), device, knobs) for knobs in stage_one(K, x)]
+        runs += [(shape, layout, knobs) for knobs in stage_one(K, x)]
         del x
-    return errors_in_processes(compile_training_step, tasks, jobs)
+    return compile_training_steps(runs, dtype, jobs, device)
 
 
 def main() -> int:

@@ -518,6 +518,16 @@ def compile_training_step(task: tuple) -> str:
     return ""
 
 
+def compile_training_steps(
+    runs: Iterable[tuple[tuple[int, ...], str, dict]], dtype: torch.dtype, jobs: int, device: str = "cuda"
+) -> list[str]:
+    """`compile_training_step` for every (shape, layout, knobs) in `jobs` processes at once (compiling is
+    CPU work, one core each: one after another, a sweep's or profile's compiles took most of its minutes).
+    The errors."""
+    name = str(dtype).removeprefix("torch.")
+    return errors_in_processes(compile_training_step, [(s, lay, name, device, k) for s, lay, k in runs], jobs)
+
+
 @contextlib.contextmanager
 def knobs_set(module: object, knobs: dict[str, object]) -> Iterator[None]:
     """Within the block, the module's attributes (the kernels' knobs) set to `knobs`; its own values again
