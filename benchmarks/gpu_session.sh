@@ -8,7 +8,7 @@
 #   tune   the knob sweep (benchmarks/tune_triton.py), bf16;
 #   full   `bnlab bench --gpu` (every batch, dtype and direction);
 #   profile every kernel's GPU time on a few shapes (benchmarks/profile_kernels.py, PROFILE_SET: large,
-#          small, nchw or several, "small large"), bf16, the kernels compiled in $JOBS processes first;
+#          small, nchw, cl or several, "small nchw cl"), bf16, the kernels compiled in $JOBS processes first;
 #   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s;
 #   inductor the kernels torch.compile generates for one BN training step (benchmarks/inductor_code.py,
 #          INDUCTOR_SHAPE, default 256,256,14,14 NCHW bf16), ~20-40 s;
