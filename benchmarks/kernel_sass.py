@@ -50,6 +50,7 @@ SHAPES = [
 ]
 EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU": False}
 ELEMENTWISE = ("normalize", "dx")  # the passes that run `elementwise_plan`'s slices
+REDUCTIONS = ("stats", "grad sums")  # the passes that run REDUCTION_WARPS warps a program
 KERNELS = {  # name: (kernel, its other constexprs, register cap)
     "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}, None),
     "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}, None),
@@ -84,16 +85,20 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: int | None) -> tuple[str, int, int]:
-    """(SASS, registers per thread, shared memory bytes) of the kernel variant that `plan` launches,
-    specialized as Triton's launcher would: pointers 16-byte aligned, integers that are multiples of 16
-    marked so, S_BLOCKS == 1 a constant."""
-    args = K._block_args(plan)
+def machine_code(
+    fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: int | None, reduction: bool = False
+) -> tuple[str, int, int]:
+    """(SASS, registers per thread, shared memory bytes) of the kernel variant that `plan` launches
+    (`reduction`: one of its split reductions), specialized as Triton's launcher would: pointers 16-byte
+    aligned, integers that are multiples of 16 marked so, S_BLOCKS == 1 a constant."""
+    args = K._block_args(plan, reduction)
     warps = args.pop("num_warps")
     fusion = args.pop("enable_fp_fusion")
     constexprs = {**args, **extra, **{k: v for k, v in EPILOGUE.items() if k in fn.arg_names}}
     if plan.s_blocks == 1 and "S_BLOCKS" in fn.arg_names:
         constexprs["S_BLOCKS"] = 1
+    if "PDL" in fn.arg_names:  # programmatic dependent launch, as the knob says (sm_90+)
+        constexprs["PDL"] = K.PDL
     ints = {"N": plan.N, "C": plan.C, "S": plan.S}
     names = fn.arg_names
     divisible = [a for a in names if a.endswith(("_ptr", "_out"))]
@@ -101,6 +106,8 @@ def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: 
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature=triton_aot.signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
     options = {"num_warps": warps, "enable_fp_fusion": fusion, **({"maxnreg": maxnreg} if maxnreg else {})}
+    if constexprs.get("PDL"):
+        options["launch_pdl"] = True
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     path = Path("/tmp") / f"bnlab-{fn.__name__}.cubin"
     path.write_bytes(compiled.asm["cubin"])
@@ -178,20 +185,15 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
     itemsize = 4 if dtype == "fp32" else 2
     results = []
     for name, layout, N, C, S in SHAPES:
-        # The module's knobs, as make_plan passes them (it needs a tensor; these shapes need none).
-        knobs = dict(
-            target_programs=K.PROGRAMS_PER_SM[layout] * MULTIPROCESSORS,
-            tile=K.TILE,
-            num_warps=K.NUM_WARPS,
-            group_span=K.GROUP_SPAN_MAX,
-            min_run=K.PLANES_MIN_RUN,
-            max_run=K.PLANES_MAX_RUN,
-        )
-        split = K.plan_for(layout, N, C, S, **knobs)
-        # An H100/H200: 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.
+        # The module's knobs, as make_plan passes them, with an H100/H200's 132 multiprocessors (make_plan asks
+        # the device); no single-tile plans (batch 256: none would be taken).
+        knobs = {**K.knob_args(layout), "single_tile_max": 0}
+        target = K.PROGRAMS_PER_SM[layout] * MULTIPROCESSORS
+        split = K.plan_for(layout, N, C, S, target_programs=target, **knobs)
+        # 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.
         persistent = K.plan_for(
-            layout, N, C, S, **knobs, resident_programs=264, round_values=50 * 2**20 // 4 // itemsize,
-            persistent_tile=K.PERSISTENT_TILE, persistent_warps=K.PERSISTENT_WARPS,
+            layout, N, C, S, target_programs=target, resident_programs=264,
+            round_values=50 * 2**20 // 4 // itemsize, **knobs,
         )  # fmt: skip
         for kname, (fn, extra, maxnreg) in KERNELS.items():
             plan = persistent if maxnreg else split
@@ -201,11 +203,13 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             extra = {
                 k: v[plan.layout] if isinstance(v, dict) else v(plan) if callable(v) else v for k, v in extra.items()
             }
-            sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, maxnreg)
+            reduction = kname in REDUCTIONS
+            sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, maxnreg, reduction)
             loops, ops = loops_and_ops(sass)
-            per_value = loops[0] / (plan.block_a * plan.block_b / (plan.num_warps * 32)) if loops else float("nan")
+            warps = K._block_args(plan, reduction)["num_warps"]
+            per_value = loops[0] / (plan.block_a * plan.block_b / (warps * 32)) if loops else float("nan")
             tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}{' grouped' if plan.group else ''}"
-            resident = programs_per_sm(registers, shared, plan.num_warps)
+            resident = programs_per_sm(registers, shared, warps)
             if kname in ELEMENTWISE:  # the same tiles in more slices (the machine code does not change)
                 plan = K.elementwise_plan(plan, K.APPLY_PROGRAMS_PER_SM[layout] * MULTIPROCESSORS)
             waves = plan.grid[0] * plan.grid[1] / (resident * MULTIPROCESSORS)

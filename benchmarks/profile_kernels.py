@@ -3,7 +3,9 @@
 Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/profile_kernels.py [--dtype bfloat16] [--set large]
 For each shape and layout: the plans (`describe_plans`), then every kernel's mean GPU time over 20 training
 steps (torch.profiler, CUDA activity), its share of the step, and the minimal-traffic floor of the step at
-the device's copy bandwidth: which pass (statistics, normalize, gradient sums, dx, persistent) to work on.
+the device's copy bandwidth: which pass (statistics, normalize, gradient sums, dx, persistent) to work on;
+and the step as the bench times it (replayed from a CUDA graph), whose excess over the kernels' sum is
+the time between them. Every set also times programmatic dependent launch (`PDL`), second.
 Sets: `large` (default) profiles ResNet-50's shapes at the defaults, then a few under other knobs;
 `small` profiles the 7x7 and 14x14 layers (28 of the 53, the furthest from the floor after session 5)
 under the knobs that change their fixed costs (launches, slices, combine, one persistent round); `nchw`
@@ -15,6 +17,7 @@ channels-last layer shape under fewer reduction programs / more elementwise ones
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -50,7 +53,11 @@ STEPS = 20
 # PROGRAMS_PER_SM 8, on these shapes: results/h200-2026-11-27/profile-run3.log; run 4 APPLY_STAGES 2,
 # PLANES_MIN_RUN 1024 and GRAD_STAGES_LONG 2: profile-run4.log.)
 VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "NCHW"], [(256, 2048, 7, 7), "NCHW"])
+# Programmatic dependent launch: each kernel starting while the previous one ends (session 8, untimed; its
+# effect is in the graph-timed step, not in the kernels' times).
+DEPENDENT_LAUNCH = {"PDL": True}
 VARIANTS = (
+    DEPENDENT_LAUNCH,
     {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
     {"PLANES_MAX_RUN": 4096},  # NCHW 56x56: a whole plane a tile (1 x 4096) instead of 4 x 1024
     {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},  # the gradient sums 2 deep whatever the loop's length
@@ -63,6 +70,10 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
+            DEPENDENT_LAUNCH,
+            # Twice the warps in the reductions (at 7x7 the same programs, 0.97 of a wave; at 14x14 1.09 waves:
+            # 90-97 registers hold 2 programs of 8 warps a multiprocessor; kernel_sass.py under Triton 3.6)
+            {"REDUCTION_WARPS": {"planes": 8, "rows": 8}},
             # One launch a direction, the second read from L2: only where one round holds the whole tensor
             # (7x7 both ways, 14x14 forward; the others split), then rounds as planned (pipelined: a round
             # may take half the budget).
@@ -74,7 +85,6 @@ SETS = {
              "PERSISTENT_STAGES": {"planes": 2, "rows": 2}},
             {"PERSISTENT": True},
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 2}},  # planes: the old default; rows: fewer slices
-            {"PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
             {"TILE": 8192},  # fewer, larger tiles
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
         ),
@@ -87,6 +97,7 @@ SETS = {
         [(shape, "NCHW") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
+            DEPENDENT_LAUNCH,
             {"FLAT_ELEMENTWISE": True},  # normalize and dx flat: no idle lanes, contiguous blocks
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
             {"APPLY_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},  # more loads in flight still
@@ -100,6 +111,7 @@ SETS = {
         [(shape, "channels_last") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
+            DEPENDENT_LAUNCH,
             {"PROGRAMS_PER_SM": {"planes": 2, "rows": 2}},
             {"APPLY_PROGRAMS_PER_SM": {"planes": 4, "rows": 8}},
             # run 4: combining 64 partials a step (COMBINE_VALUES 8192) took 256x512x7x7 from 48.5 to 61.9
@@ -123,7 +135,11 @@ PLAN_KNOBS = {
 }
 
 
-def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float) -> None:
+def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_gbps: float, timer) -> None:
+    """Prints the plans, the step as the bench times it (`timer`: replayed from a CUDA graph, L2 flushed
+    first), and each kernel's mean time over STEPS steps called from Python (torch.profiler). The graph's
+    step minus the kernels' sum is what lies between and around the kernels: launches, ramp-ups, the
+    counters' zeroing in a captured graph, the flush's write-backs."""
     x, rm, rv, w, b, dy = training_tensors(shape, layout, dtype, "cuda")
 
     def step() -> None:
@@ -142,6 +158,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
             times[event.name].append(event.device_time)  # us
     floor_us = min_traffic_bytes(math.prod(shape), dtype.itemsize, "both") / copy_gbps / 1e3
     total = sum(sum(v) for v in times.values()) / STEPS
+    graph_us = timer(functools.partial(training_step, x, rm, rv, w, b, dy)) * 1e6
     K = kernels.load()
     names = (
         "PROGRAMS_PER_SM",
@@ -160,10 +177,12 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PLANES_MAX_RUN",
         "FLAT_ELEMENTWISE",
         "PERSISTENT_STAGES",
+        "PDL",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
     print(f"  kernels {total:8.1f} us a step; floor {floor_us:.1f} us at copy speed ({floor_us / total:.2f} of it)")
+    print(f"  graph   {graph_us:8.1f} us a step (the bench's timer), {graph_us - total:+.1f} us beside the kernels")
     for name, values in sorted(times.items(), key=lambda kv: -sum(kv[1])):
         mean = sum(values) / STEPS
         print(f"  {mean:8.1f} us  {len(values) / STEPS:4.1f}x  {100 * mean / total:5.1f}%  {name[:90]}")
@@ -191,9 +210,10 @@ def main() -> int:
         print(f"compiled {len(runs)} settings' kernels in {time.perf_counter() - start:.0f} s; {len(errors)} errors")
     copy = copy_bandwidth_gbps(make_timer("cuda"), "cuda")
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
+    graph_timer = make_timer("cuda", warmup_ms=5, rep_ms=20, graphs=True)
     for shape, layout, knobs in runs:
         with knobs_set(K, knobs):
-            profile_shape(shape, layout, dtype, copy)
+            profile_shape(shape, layout, dtype, copy, graph_timer)
     return 0
 
 

@@ -80,11 +80,13 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
 
     seen = []
     monkeypatch.setattr(profile_kernels, "copy_bandwidth_gbps", lambda timer, device: 1.0)
-    monkeypatch.setattr(profile_kernels, "make_timer", lambda device: None)
+    monkeypatch.setattr(profile_kernels, "make_timer", lambda device, **options: None)
     monkeypatch.setattr(profile_kernels.torch.cuda, "get_device_name", lambda: "stub")
     monkeypatch.setattr(profile_kernels, "_changes", lambda *args: True)  # (plans for a GPU: tested below)
     monkeypatch.setattr(
-        profile_kernels, "profile_shape", lambda shape, layout, dtype, copy: seen.append((shape, K.TILE, K.PERSISTENT))
+        profile_kernels,
+        "profile_shape",
+        lambda shape, layout, dtype, copy, timer: seen.append((shape, K.TILE, K.PERSISTENT, K.PDL)),
     )
     names = {name for knobs in profile_kernels.SETS[which][2] for name in knobs}
     assert names and all(hasattr(K, name) for name in names)
@@ -94,7 +96,8 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     shapes, variant_shapes, variants = profile_kernels.SETS[which]
     assert len(seen) == len(shapes) + len(variant_shapes) * len(variants)
     if which == "small":  # the variants were in force while their shapes were profiled
-        assert sum(tile == 8192 for _, tile, _ in seen) == 4 and sum(persistent for *_, persistent in seen) == 16
+        assert sum(tile == 8192 for _, tile, *_ in seen) == 4 and sum(persistent for *_, persistent, _ in seen) == 16
+    assert sum(pdl for *_, pdl in seen) == len(variant_shapes)  # every set times dependent launches once
     assert {name: getattr(K, name) for name in names} == before
 
 

@@ -485,6 +485,23 @@ def test_gradient_sums_pipeline_deeper_over_long_loops():
     assert K._grad_stages(K.plan_for(K.ROWS, 256, 256, 3136, target_programs=528)) == 2
 
 
+def test_reductions_take_their_own_warps(monkeypatch):
+    """REDUCTION_WARPS sets the split reductions' warps per program (statistics, gradient sums), per layout;
+    the elementwise passes keep NUM_WARPS, and the plan is the same otherwise."""
+    x = torch.empty(8, 16, 7, 7)
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)  # (a split plan; single-tile plans have no reductions)
+    monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: 8, K.ROWS: 2})
+    plan = K.make_plan(x, K.PLANES)
+    assert (K._block_args(plan, reduction=True)["num_warps"], K._block_args(plan)["num_warps"]) == (8, K.NUM_WARPS)
+    assert K._block_args(K.make_plan(x.movedim(1, -1).contiguous(), K.ROWS), reduction=True)["num_warps"] == 2
+    monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: K.NUM_WARPS, K.ROWS: K.NUM_WARPS})
+    assert K.make_plan(x, K.PLANES) == K.replace(plan, reduce_warps=K.NUM_WARPS)
+    # (and make_plan plans with exactly the module's knobs: what kernel_sass.py plans with, without a GPU)
+    assert K.make_plan(x, K.PLANES) == K.plan_for(
+        K.PLANES, 8, 16, 49, target_programs=K._target_programs(x.device, K.PLANES), **K.knob_args(K.PLANES)
+    )
+
+
 def test_persistent_plans_can_be_limited_to_a_number_of_rounds():
     """PERSISTENT_MAX_ROUNDS: NCHW 512 x 7x7 at batch 256 (6.4M values) in rounds of 3.2M values takes two
     rounds; limited to one round it gets the split plan, and with the whole budget (6.5M) one round."""
@@ -536,6 +553,8 @@ def test_plans_are_described_for_benchmark_rows(monkeypatch):
         "forward split over 1 slices (normalize over 8); "
         "backward split over 1 slices (dx over 8) (gradient sums 3 deep)"
     )
+    monkeypatch.setattr(K, "_launch_options", lambda device: {"PDL": True, "launch_pdl": True})
+    assert K.describe_plans(x).endswith("(gradient sums 3 deep); dependent launches (PDL)")
 
 
 def test_elementwise_passes_regroup_the_same_tiles_into_more_slices():
@@ -728,6 +747,68 @@ def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, 
         _close(ours, ref, dtype if ours.dtype == dtype else torch.float32, name)
         # Programs finish in a different order on every run; the combined result must not depend on it.
         assert torch.equal(ours, again), f"{name}: not bit for bit the same on a second run"
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="programmatic dependent launch needs an sm_90+ GPU")
+@pytest.mark.parametrize(
+    ("shape", "layout", "flat"),
+    [
+        ((256, 512, 7, 7), "contiguous", False),  # split, grouped tiles
+        ((64, 64, 56, 56), "contiguous", True),  # split reductions, flat normalize and dx
+        ((64, 256, 14, 14), "channels_last", False),  # rows
+        ((32, 2048, 7, 7), "contiguous", False),  # single tile
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
+def test_dependent_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatch, shape, layout, flat):
+    """PDL lets each kernel start before the previous one ends, its programs waiting on the GPU: a kernel
+    that read its inputs before the wait would see stale values, which only a bit-for-bit comparison with
+    ordinary launches catches reliably (the results are deterministic). Also replayed from a CUDA graph,
+    where the launches become programmatic edges, as in the bench."""
+    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", flat)
+    x, z, dy, w, b = _operands(shape, layout, torch.bfloat16)
+    C = shape[1]
+
+    def step() -> tuple[torch.Tensor, ...]:
+        rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+        y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+        return (y, *grads, rm, rv)
+
+    want = step()
+    monkeypatch.setattr(K, "PDL", True)
+    assert K._launch_options(x.device) == {"PDL": True, "launch_pdl": True}
+    eager = step()
+    side = torch.cuda.Stream()  # (compiles done, as `gpubench` captures)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(3):  # (later replays start on the counters the earlier ones left)
+        graph.replay()
+    torch.cuda.synchronize()
+    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
+    for name, ref, a, g in zip(names, want, eager, captured, strict=True):  # (a replay zeroes rm, rv first)
+        assert torch.equal(a, ref), f"{name}: PDL launches differ from ordinary ones"
+        assert torch.equal(g, ref), f"{name}: PDL launches replayed from a graph differ"
+
+
+def test_dependent_launch_is_asked_for_only_where_the_gpu_has_it(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(K, "PDL", True)
+    assert K._launch_options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    for major, on in ((8, False), (9, True), (10, True)):
+        monkeypatch.setattr(K, "_gpu", lambda device, major=major: (132, 50 * 2**20, major))
+        assert K._launch_options(cuda) == {"PDL": on, "launch_pdl": on}
+    monkeypatch.setattr(K, "PDL", False)
+    assert K._launch_options(cuda) == {"PDL": False, "launch_pdl": False}
 
 
 @pytest.mark.parametrize("ghost", [None, 4])

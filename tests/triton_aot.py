@@ -87,13 +87,27 @@ def compile_cases():
         yield K._single_tile_backward_kernel, {**single, **ep, **flags}
 
 
+def with_dependent_launch(cases, arch: int):
+    """`cases` with the PDL constexpr (`batchnorm.PDL`) off in every kernel that takes it, and on once per
+    such kernel where the architecture has programmatic dependent launch (sm_90+): (fn, constexprs, options)."""
+    seen = set()
+    for fn, constexprs in cases:
+        if "PDL" not in fn.arg_names:
+            yield fn, constexprs, {}
+            continue
+        yield fn, {**constexprs, "PDL": False}, {}
+        if arch >= 90 and fn not in seen:
+            seen.add(fn)
+            yield fn, {**constexprs, "PDL": True}, {"launch_pdl": True}
+
+
 def main(arch: int) -> int:
     dtypes = ("bf16", "fp32") if arch >= 90 else ("fp16",)
     done, failures = 0, []
-    for fn, constexprs in compile_cases():
+    for fn, constexprs, launch in with_dependent_launch(compile_cases(), arch):
         for dtype in dtypes:
             src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
-            options = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": K.FP_FUSION}
+            options = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": K.FP_FUSION, **launch}
             if "PHASE" in constexprs:  # the persistent kernels launch with capped registers
                 options["maxnreg"] = 65536 // (K.PERSISTENT_PROGRAMS_PER_SM * K.NUM_WARPS * 32) // 8 * 8
             try:

@@ -71,6 +71,7 @@ class Plan:
     units_per_round: int = 0  # > 0: the persistent kernels (training)
     packed: bool = False  # planes: block_a == 1, a tile holds block_b // S samples' runs side by side
     group: int = 0  # planes: > 0, a program takes this many channels, one contiguous span per sample
+    reduce_warps: int = 0  # split plans: warps per program of the reductions (others: 0, unused)
 
     @property
     def channel_programs(self) -> int:
@@ -130,6 +131,7 @@ def plan_for(
     target_programs: int,
     tile: int = 4096,
     num_warps: int = 8,
+    reduce_warps: int = 0,
     single_tile_max: int = 0,
     single_warps: int = 16,
     resident_programs: int = 0,
@@ -142,7 +144,8 @@ def plan_for(
     max_run: int = 1024,
     max_rounds: int = 0,
 ) -> Plan:
-    """Tile sizes and the number of slices per channel so that about `target_programs` programs run.
+    """Tile sizes and the number of slices per channel so that about `target_programs` programs run, of
+    `num_warps` warps (`reduce_warps` for a split plan's reductions, when given).
 
     Slices make the reduction parallel when there are few channels for many values; each slice is at
     least one tile. The elementwise passes take the same tiles in slices of their own (`elementwise_plan`).
@@ -176,7 +179,8 @@ def plan_for(
                         units_per_round=per_round, **packing)  # fmt: skip
     block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, (min_run, max_run))
     per_split = _per_split(tiles, units, target_programs)
-    return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps, **packing)
+    return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
+                reduce_warps=reduce_warps or num_warps, **packing)  # fmt: skip
 
 
 def _per_split(tiles: int, units: int, target_programs: int) -> int:
@@ -314,7 +318,7 @@ def _persistent_limits(device: torch.device, itemsize: int, streams: int) -> tup
     """
     if not PERSISTENT or device.type != "cuda":
         return 0, 0
-    multiprocessors, l2_bytes = _gpu(device)
+    multiprocessors, l2_bytes, _ = _gpu(device)
     rounds_in_l2 = 2 if PIPELINE_ROUNDS else 1
     return (
         PERSISTENT_PROGRAMS_PER_SM * multiprocessors,
@@ -323,13 +327,13 @@ def _persistent_limits(device: torch.device, itemsize: int, streams: int) -> tup
 
 
 @functools.cache
-def _gpu_properties(index: int) -> tuple[int, int]:
+def _gpu_properties(index: int) -> tuple[int, int, int]:
     properties = torch.cuda.get_device_properties(index)
-    return properties.multi_processor_count, getattr(properties, "L2_cache_size", 40 * 2**20)
+    return properties.multi_processor_count, getattr(properties, "L2_cache_size", 40 * 2**20), properties.major
 
 
-def _gpu(device: torch.device) -> tuple[int, int]:
-    """(multiprocessors, L2 bytes), asked once per GPU (planning runs on every call)."""
+def _gpu(device: torch.device) -> tuple[int, int, int]:
+    """(multiprocessors, L2 bytes, compute capability's major), asked once per GPU (planning runs on every call)."""
     return _gpu_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -359,6 +363,13 @@ FP_FUSION = True
 # plans of channels-last 56x56/28x28, BatchNorm1d 65536x1024 and NCHW 7x7; 8 warps cost 10-40% there.
 TILE = 4096
 NUM_WARPS = 4
+# Warps per program of the split reductions (statistics, gradient sums), per layout. At 4 warps and 2
+# programs per multiprocessor an SM runs 8 warps of them: too few to hide the loops' instruction latencies?
+# On an H200 (run 6, bf16 NCHW) they moved 1.1-1.7 TB/s at 14x14 against 4.3 for normalize and dx there;
+# 8 warps double the warps at the same programs and loads in flight (sm_90, Triton 3.6: 90-98 registers
+# against 153-168 at 7x7/14x14, no spills, ~1.2x the instructions per value). Untimed (session 8):
+# profile_kernels.py's sets time 8 (run 2's "8 warps cost 10-40%" was every pass at 8, unpipelined).
+REDUCTION_WARPS = {PLANES: 4, ROWS: 4}
 # Grouped planes (NCHW runs that are not 16-aligned): the widest span of a sample's runs that a group of
 # channels may take. At 14x14 a group of 16 channels spans 3136 values (a 4096-lane row, 1 sample a
 # tile): 578 us on an H200 against 367 us for groups of 8 in 2048 lanes (256x1024x14x14 bf16).
@@ -412,15 +423,30 @@ GRAD_STAGES = {PLANES: 2, ROWS: 2}
 # threshold between them is a guess (session 6); profile_kernels.py's large set times both on both shapes.
 GRAD_STAGES_LONG = {PLANES: 3, ROWS: 2}
 LONG_LOOP_TILES = 32
-# The same for the elementwise passes (normalize, dx), per layout; 1: not pipelined, as timed so far. On an
-# H200 (run 3) NCHW's ran at 0.82-0.87 of the copy rate, channels-last's at 0.93-0.96: one tile's loads
-# in flight per program may be too few there. Untimed (session 6): profile_kernels.py's large set times 2.
+# The same for the elementwise passes (normalize, dx), per layout; 1: not pipelined. On an H200 (run 4,
+# bf16 NCHW 256x256x56x56) 2 changed nothing: 911 us a step against 915.
 APPLY_STAGES = {PLANES: 1, ROWS: 1}
 
 
 def _grad_stages(plan: Plan) -> int:
     """The gradient sums' pipeline depth for `plan` (GRAD_STAGES, or GRAD_STAGES_LONG for long loops)."""
     return (GRAD_STAGES_LONG if plan.per_split >= LONG_LOOP_TILES else GRAD_STAGES)[plan.layout]
+
+
+# Programmatic dependent launch (sm_90+; `device._after_previous_kernel`): the split, flat and single-tile
+# kernels launched so that each may start while the kernel before it on the stream ends. On an H200 (run 6,
+# bf16 NCHW, forward+backward) the bench's graph-replayed step took 8.5-13 us more than the profiled sum of
+# its 4 kernels on every layer shape (256x512x7x7: 56.9 against 44.1 us; 256x256x56x56: 852 against 841):
+# launches and ramp-ups between dependent kernels, the counters' zeroing in a captured graph, and the L2
+# flush's write-backs, in unknown shares. Untimed: off; profile_kernels.py's sets time it on graph replays.
+PDL = False
+
+
+def _launch_options(device: torch.device) -> dict[str, bool]:
+    """The kernels' PDL constexpr with Triton's matching launch option: on only where PDL is and the
+    device is a CUDA GPU of compute capability 9 or more (the CPU interpreter has no such launch)."""
+    on = PDL and device.type == "cuda" and _gpu(device)[2] >= 9
+    return {"PDL": on, "launch_pdl": on}
 
 
 # Persistent kernels (see bnlab.kernels.device): on or off, programs resident per multiprocessor (their
@@ -463,14 +489,20 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     plans size their rounds by it; 0: no persistent plan, e.g. inference)."""
     resident, round_values = _persistent_limits(x.device, x.element_size(), streams) if streams else (0, 0)
     return plan_for(
-        layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]),
-        target_programs=_target_programs(x.device, layout), tile=TILE, num_warps=NUM_WARPS,
-        single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS,
-        resident_programs=resident, round_values=round_values, persistent_tile=min(PERSISTENT_TILE, TILE),
-        persistent_warps=PERSISTENT_WARPS,
+        layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=_target_programs(x.device, layout),
+        resident_programs=resident, round_values=round_values, **knob_args(layout),
+    )  # fmt: skip
+
+
+def knob_args(layout: str) -> dict[str, int]:
+    """`plan_for`'s keyword arguments that the module's knobs set, all but the device's (target programs,
+    resident programs, round size): `make_plan` adds those; benchmarks/kernel_sass.py, planning for a GPU
+    it does not have, its own."""
+    return dict(
+        tile=TILE, num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout], single_tile_max=SINGLE_TILE_MAX,
+        single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, TILE), persistent_warps=PERSISTENT_WARPS,
         min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
-        max_run=PLANES_MAX_RUN,
-        max_rounds=PERSISTENT_MAX_ROUNDS,
+        max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS,
     )  # fmt: skip
 
 
@@ -509,6 +541,8 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
         if plan.group:
             how += f" (grouped tiles of {plan.group} channels)"
         parts.append(f"{direction} {how}")
+    if _launch_options(x.device)["PDL"]:
+        parts.append("dependent launches (PDL)")
     return "; ".join(parts)
 
 
@@ -544,12 +578,13 @@ def _shape_args(plan: Plan) -> tuple[int, ...]:
     return (plan.N, plan.C, plan.S, plan.s_blocks, plan.tiles, plan.per_split)
 
 
-def _block_args(plan: Plan) -> dict[str, int | bool]:
+def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
+    """The tile constexprs and launch options of `plan`'s kernels (`reduction`: of its split reductions)."""
     return {
         "BLOCK_A": plan.block_a,
         "BLOCK_B": plan.block_b,
         "PLANES": _planes_code(plan),
-        "num_warps": plan.num_warps,
+        "num_warps": plan.reduce_warps if reduction else plan.num_warps,
         "enable_fp_fusion": FP_FUSION,
     }
 
@@ -643,8 +678,7 @@ def forward(
         _single_tile_forward_kernel[(C,)](
             x, z, y, mean, invstd, *running, *params, plan.N, C, plan.S, eps, momentum,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
-            enable_fp_fusion=FP_FUSION,
-            **epilogue,
+            enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue,
         )  # fmt: skip
         return y, mean, invstd
     if training and plan.persistent:
@@ -660,7 +694,7 @@ def forward(
         _stats_kernel[plan.grid](
             x, *_partials(plan, x.device, 3), mean, invstd, *running, *_shape_args(plan), eps, momentum,
             SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running,
-            STAGES=STATS_STAGES[plan.layout], **_block_args(plan),
+            STAGES=STATS_STAGES[plan.layout], **_block_args(plan, reduction=True), **_launch_options(x.device),
         )  # fmt: skip
     elif save_stats:
         # The backward must see the very invstd the forward used (it recomputes the ReLU mask from it).
@@ -674,12 +708,13 @@ def forward(
         _apply_flat_kernel[(_cdiv(blocks, per_program),)](
             x, z, y, *stats, *params, *_flat_args(plan), blocks, per_program, eps,
             BLOCK=FLAT_BLOCK, V=vector, FROM_RUNNING=from_running, STAGES=APPLY_STAGES[PLANES],
-            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **epilogue,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue,
         )  # fmt: skip
     else:
         _apply_kernel[apply.grid](
             x, z, y, *stats, *params, *_shape_args(apply), eps,
             FROM_RUNNING=from_running, STAGES=APPLY_STAGES[plan.layout], **epilogue, **_block_args(apply),
+            **_launch_options(x.device),
         )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
@@ -732,7 +767,7 @@ def backward(
         _single_tile_backward_kernel[(C,)](
             dy, x, tensors[1], *outputs, *tensors[2:], dweight, dbias, plan.N, C, plan.S,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, enable_fp_fusion=FP_FUSION,
-            **writes, **flags,
+            **_launch_options(x.device), **writes, **flags,
         )  # fmt: skip
     elif fused:
         _persistent_launch(
@@ -747,7 +782,7 @@ def backward(
             _grad_kernel[plan.grid](
                 dy, *tensors, *_partials(plan, x.device, 2), dweight, dbias, coef, *_shape_args(plan),
                 SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), STAGES=_grad_stages(plan), **flags,
-                **_block_args(plan),
+                **_block_args(plan, reduction=True), **_launch_options(x.device),
             )  # fmt: skip
         if dx is not None or dz is not None:
             flat, apply = _elementwise_passes(plan, x.device)
@@ -756,11 +791,13 @@ def backward(
                 _input_grad_flat_kernel[(_cdiv(blocks, per_program),)](
                     dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), blocks, per_program,
                     BLOCK=FLAT_BLOCK, V=vector, TRAINING=training, STAGES=APPLY_STAGES[PLANES],
-                    num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **writes, **flags,
+                    num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **writes,
+                    **flags,
                 )  # fmt: skip
             else:
                 _input_grad_kernel[apply.grid](
                     dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(apply),
                     TRAINING=training, STAGES=APPLY_STAGES[plan.layout], **writes, **flags, **_block_args(apply),
+                    **_launch_options(x.device),
                 )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz

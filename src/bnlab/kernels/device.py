@@ -71,6 +71,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """First statement of every non-persistent kernel. With programmatic dependent launch (PDL, sm_90+;
+    the planner's `PDL` knob) the kernel may start while the previous kernel on its stream still runs:
+    wait for that one to end, its writes visible, before touching memory; then let the next kernel
+    launch, whose programs take the free slots and wait here in turn. What it saves is the launch and
+    ramp-up between dependent kernels. The signal fires once every program of this grid has started,
+    so waiting programs of the next kernel never keep this one's from being scheduled. Not in the
+    persistent kernels: their residency argument counts only their own programs."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Merge two (count, mean, M2) summaries (Chan, Golub & LeVeque): exact up to rounding, no cancellation."""
     n = n_a + n_b
@@ -600,8 +614,9 @@ def _stats_kernel(
     x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _after_previous_kernel(PDL)
     unit = tl.program_id(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
@@ -630,8 +645,9 @@ def _apply_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _after_previous_kernel(PDL)
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
@@ -648,8 +664,9 @@ def _grad_kernel(
     coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, STAGES: tl.constexpr,
+    RELU: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _after_previous_kernel(PDL)
     unit = tl.program_id(0)
     split = tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
@@ -680,8 +697,9 @@ def _input_grad_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _after_previous_kernel(PDL)
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
@@ -751,8 +769,9 @@ def _apply_flat_kernel(
     x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, total, s_magic, s_shift, c_magic, c_shift,
     blocks, blocks_per_program, eps, BLOCK: tl.constexpr, V: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _after_previous_kernel(PDL)
     start, end = _flat_range(blocks, blocks_per_program)
     for j in tl.range(start, end, num_stages=STAGES):
         offs, mask, _, _, mean, scale, shift = _flat_tile(
@@ -768,8 +787,9 @@ def _input_grad_flat_kernel(
     C, S, total, s_magic, s_shift, c_magic, c_shift, blocks, blocks_per_program,
     BLOCK: tl.constexpr, V: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr,
-    WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
+    WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _after_previous_kernel(PDL)
     start, end = _flat_range(blocks, blocks_per_program)
     for j in tl.range(start, end, num_stages=STAGES):
         offs, mask, ch, rmask, mean, scale, shift = _flat_tile(
@@ -948,8 +968,9 @@ def _single_tile_forward_kernel(
     x_ptr, z_ptr, y_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, w_ptr, b_ptr,
     N, C, S, eps, momentum,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _after_previous_kernel(PDL)
     c = tl.program_id(0)
     cols = c + tl.arange(0, 1)
     cmask = cols < C
@@ -983,7 +1004,9 @@ def _single_tile_backward_kernel(
     N, C, S,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    _after_previous_kernel(PDL)
     c = tl.program_id(0)
     cols = c + tl.arange(0, 1)
     cmask = cols < C
