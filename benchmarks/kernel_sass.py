@@ -54,7 +54,11 @@ REDUCTIONS = ("stats", "grad sums")  # the passes that run REDUCTION_WARPS warps
 KERNELS = {  # name: (kernel, its other constexprs, register cap)
     "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}, None),
     "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}, None),
-    "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "STAGES": K._grad_stages}, None),
+    "grad sums": (
+        K._grad_kernel,
+        {"SPLIT": True, "SPLIT_BLOCK": 16, "WRITE_DZ": False, "STAGES": K._grad_stages},
+        None,
+    ),
     "dx": (
         K._input_grad_kernel,
         {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES},

@@ -332,6 +332,25 @@ def test_only_the_requested_gradients_are_computed():
     torch.testing.assert_close(dw, torch.zeros(3, device=DEVICE), atol=1e-5, rtol=0)  # sum of x_hat is 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("training", [True, False])
+def test_dx_is_the_same_bits_whether_or_not_the_residual_gradient_is_wanted(tiling, dtype, training):
+    """With the residual's gradient wanted, the split backward's sums pass writes it (dz = g) and dx is
+    computed from it; without, from dy, x and the residual through the recomputed mask: the same numbers
+    (g is exact in dy's dtype), bit for bit."""
+    x, z, dy, w, b = _operands((6, 16, 3, 5), "contiguous", dtype)
+    dxs = []
+    for want_dz in (True, False):
+        xl, zl = x.clone().requires_grad_(True), z.clone().requires_grad_(want_dz)
+        rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+        y = BF.batch_norm(xl, rm, rv, w, b, training, 0.1, 1e-5, backend="triton", residual=zl, activation="relu")
+        grads = torch.autograd.grad(y, [xl, zl] if want_dz else [xl], dy)
+        dxs.append(grads[0])
+        if want_dz:
+            torch.testing.assert_close(grads[1], torch.where(y > 0, dy, 0.0), atol=0, rtol=0)
+    assert torch.equal(dxs[0], dxs[1])
+
+
 def test_double_backward_is_refused_with_a_clear_error():
     x = make_input((6, 3)).to(DEVICE).requires_grad_(True)
     y = BF.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, backend="triton")

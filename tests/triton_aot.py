@@ -68,10 +68,11 @@ def compile_cases():
             for stages in dict.fromkeys(apply_stages):
                 yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"], "STAGES": stages}
             stages = K.GRAD_STAGES[layout] if ep["HAS_WEIGHT"] else 1
-            yield K._grad_kernel, {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "STAGES": stages}
+            grad = {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "WRITE_DZ": ep["HAS_RESIDUAL"]}
+            yield K._grad_kernel, {**grad, "STAGES": stages}
             if ep in ends and K.GRAD_STAGES_LONG[layout] != K.GRAD_STAGES[layout]:  # long loops' depth
                 long = {"SPLIT": True, "STAGES": K.GRAD_STAGES_LONG[layout]}
-                yield K._grad_kernel, {**blocks, **ep, **split_block, **long}
+                yield K._grad_kernel, {**grad, **long}
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 for stages in dict.fromkeys(apply_stages if training else apply_stages[:1]):

@@ -532,19 +532,23 @@ def _grad_values(
 
 @triton.jit
 def _slice_grad_sums(
-    dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+    dy_ptr, x_ptr, z_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """(sum g, sum g * (x - mean)) per channel over the unit's tiles [t_start, t_end): per lane, then across;
-    the loop's loads software-pipelined over STAGES tiles (see `_slice_stats`)."""
+    the loop's loads software-pipelined over STAGES tiles (see `_slice_stats`). WRITE_DZ: also stores
+    dz = g, the residual's gradient, so that dx can read g instead of dy, z and the mask (see the
+    split backward in `batchnorm.backward`)."""
     sum_g = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
     sum_gc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
     for t in tl.range(t_start, t_end, num_stages=STAGES):  # g is 0 in masked lanes (dy loads as 0 there)
-        _, _, _, x, g = _grad_tile(
+        base, offs, mask, x, g = _grad_tile(
             t, unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
             BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
         )  # fmt: skip
+        if WRITE_DZ:
+            tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
         sum_g += g
         sum_gc += g * (x - mean)
     return _channel_sum(sum_g, S, PLANES), _channel_sum(sum_gc, S, PLANES)
@@ -660,11 +664,11 @@ def _apply_kernel(
 
 @triton.jit
 def _grad_kernel(
-    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, dw_ptr, db_ptr,
-    coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
+    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, dz_ptr, psum_ptr, psumc_ptr, sem_ptr, dw_ptr,
+    db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
     unit = tl.program_id(0)
@@ -674,9 +678,9 @@ def _grad_kernel(
     invstd, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
-    sum_g, sum_gc = _slice_grad_sums(dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift,
+    sum_g, sum_gc = _slice_grad_sums(dy_ptr, x_ptr, z_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift,
                                      N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
-                                     STAGES)  # fmt: skip
+                                     WRITE_DZ, STAGES)  # fmt: skip
     count = (N * S).to(tl.float32)
     if SPLIT:
         tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
@@ -893,8 +897,8 @@ def _publish_grads(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     sum_g, sum_gc = _slice_grad_sums(
-        dy_ptr, x_ptr, z_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-        BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES,
+        dy_ptr, x_ptr, z_ptr, dy_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
+        BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, False, STAGES,
     )  # fmt: skip
     tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
     tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
