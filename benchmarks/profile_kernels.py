@@ -210,7 +210,7 @@ def main() -> int:
         print(f"compiled {len(runs)} settings' kernels in {time.perf_counter() - start:.0f} s; {len(errors)} errors")
     copy = copy_bandwidth_gbps(make_timer("cuda"), "cuda")
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
-    graph_timer = make_timer("cuda", warmup_ms=5, rep_ms=20, graphs=True)
+    graph_timer = make_timer("cuda", warmup_ms=3, rep_ms=10, graphs=True)  # (a few hundred replays at most)
     for shape, layout, knobs in runs:
         with knobs_set(K, knobs):
             profile_shape(shape, layout, dtype, copy, graph_timer)
