@@ -120,18 +120,7 @@ def machine_code(
     return sass, int(re.search(r"REG:(\d+)", usage).group(1)), compiled.metadata.shared
 
 
-# An H100/H200 multiprocessor: 64K registers (allocated per warp in units of 256), 64 warps, 32 programs,
-# 228 KB of shared memory of which 227 KB for one program and 1 KB reserved per program.
-SM_REGISTERS, SM_WARPS, SM_PROGRAMS, SM_SHARED, SHARED_RESERVED = 65536, 64, 32, 233472, 1024
-MULTIPROCESSORS = 132
-
-
-def programs_per_sm(registers: int, shared: int, warps: int) -> int:
-    """Programs a multiprocessor holds at once (the occupancy calculator's arithmetic, simplified)."""
-    per_warp = -(-registers * 32 // 256) * 256
-    return min(
-        SM_REGISTERS // (per_warp * warps), SM_WARPS // warps, SM_PROGRAMS, SM_SHARED // (shared + SHARED_RESERVED)
-    )
+MULTIPROCESSORS = 132  # an H100's or H200's; each holds `K.resident_programs` programs at once
 
 
 def busy_fraction(plan: K.Plan) -> float:
@@ -213,9 +202,11 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             warps = K._block_args(plan, reduction)["num_warps"]
             per_value = loops[0] / (plan.block_a * plan.block_b / (warps * 32)) if loops else float("nan")
             tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}{' grouped' if plan.group else ''}"
-            resident = programs_per_sm(registers, shared, warps)
+            resident = K.resident_programs(registers, shared, warps)
             if kname in ELEMENTWISE:  # the same tiles in more slices (the machine code does not change)
                 plan = K.elementwise_plan(plan, K.APPLY_PROGRAMS_PER_SM[layout] * MULTIPROCESSORS)
+            if K.ONE_WAVE:  # as launched: cut to what the GPU holds at once
+                plan = K.within(plan, resident * MULTIPROCESSORS)
             waves = plan.grid[0] * plan.grid[1] / (resident * MULTIPROCESSORS)
             results.append(Loop(name, kname, tile, tuple(loops), per_value, per_value / busy_fraction(plan),
                                 ops["LDL"] + ops["STL"], registers, resident, waves))  # fmt: skip

@@ -56,6 +56,9 @@ VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "N
 # Programmatic dependent launch: each kernel starting while the previous one ends (session 8, untimed; its
 # effect is in the graph-timed step, not in the kernels' times).
 DEPENDENT_LAUNCH = {"PDL": True}
+# Grids as planned, over one wave where they are (session 8's default cuts them): profiled only on the
+# shapes whose launches at the defaults were cut (`_was_cut`), i.e. after the defaults.
+NO_WAVE_CUT = {"ONE_WAVE": False}
 VARIANTS = (
     DEPENDENT_LAUNCH,
     {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
@@ -71,6 +74,7 @@ SETS = {
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
             DEPENDENT_LAUNCH,
+            NO_WAVE_CUT,
             # Twice the warps in the reductions (at 7x7 the same programs, 0.97 of a wave; at 14x14 1.09 waves:
             # 90-97 registers hold 2 programs of 8 warps a multiprocessor; kernel_sass.py under Triton 3.6)
             {"REDUCTION_WARPS": {"planes": 8, "rows": 8}},
@@ -98,6 +102,7 @@ SETS = {
         (
             {},
             DEPENDENT_LAUNCH,
+            NO_WAVE_CUT,
             {"FLAT_ELEMENTWISE": True},  # normalize and dx flat: no idle lanes, contiguous blocks
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
             {"APPLY_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},  # more loads in flight still
@@ -212,9 +217,22 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
     graph_timer = make_timer("cuda", warmup_ms=3, rep_ms=10, graphs=True)  # (a few hundred replays at most)
     for shape, layout, knobs in runs:
+        if knobs == NO_WAVE_CUT and not _was_cut(K, shape, layout, dtype):
+            continue
         with knobs_set(K, knobs):
             profile_shape(shape, layout, dtype, copy, graph_timer)
     return 0
+
+
+def _was_cut(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str = "cuda") -> bool:
+    """Whether a launch at the defaults cut one of this shape's passes to one wave (K._FITTED, filled by the
+    launches so far)."""
+    x = torch.empty(shape, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    plan = K.make_plan(x, K.layout_of(x), streams=2)
+    flat, apply = K._elementwise_passes(plan, x.device)
+    return any(planned in (plan, apply, flat) for _, planned in K._FITTED)
 
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:

@@ -83,6 +83,7 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     monkeypatch.setattr(profile_kernels, "make_timer", lambda device, **options: None)
     monkeypatch.setattr(profile_kernels.torch.cuda, "get_device_name", lambda: "stub")
     monkeypatch.setattr(profile_kernels, "_changes", lambda *args: True)  # (plans for a GPU: tested below)
+    monkeypatch.setattr(profile_kernels, "_was_cut", lambda *args: True)  # (launches on a GPU: tested below)
     monkeypatch.setattr(
         profile_kernels,
         "profile_shape",
@@ -99,6 +100,18 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
         assert sum(tile == 8192 for _, tile, *_ in seen) == 4 and sum(persistent for *_, persistent, _ in seen) == 16
     assert sum(pdl for *_, pdl in seen) == len(variant_shapes)  # every set times dependent launches once
     assert {name: getattr(K, name) for name in names} == before
+
+
+def test_the_kernel_profile_times_uncut_grids_only_where_a_launch_was_cut(monkeypatch):
+    import profile_kernels
+
+    x = torch.empty(8, 4, 14, 14)
+    plan = K.make_plan(x, K.PLANES, streams=2)
+    monkeypatch.setattr(K, "_FITTED", {})
+    assert not profile_kernels._was_cut(K, (8, 4, 14, 14), "NCHW", torch.float32, device="cpu")
+    K._FITTED[(K._stats_kernel, plan)] = K.within(plan, 1)
+    assert profile_kernels._was_cut(K, (8, 4, 14, 14), "NCHW", torch.float32, device="cpu")
+    assert not profile_kernels._was_cut(K, (8, 4, 7, 7), "NCHW", torch.float32, device="cpu")
 
 
 def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():

@@ -9,6 +9,7 @@ cross many of them), the fused residual + ReLU, its determinism and its compiled
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import subprocess
@@ -521,6 +522,98 @@ def test_reductions_take_their_own_warps(monkeypatch):
     )
 
 
+def test_resident_programs_follow_the_occupancy_arithmetic():
+    # (sm_90 kernels read by kernel_sass.py under Triton 3.6: registers, shared memory, warps -> programs)
+    assert K.resident_programs(153, 16384, 4) == 3  # NCHW 7x7 statistics: registers bound it
+    assert K.resident_programs(96, 16384, 4) == 5
+    assert K.resident_programs(32, 16384, 4) == 13  # shared memory does: 233472 // (16384 + 1024)
+    assert K.resident_programs(32, 0, 4) == 16  # threads do: 2048 // 128
+    assert K.resident_programs(90, 16384, 8) == 2  # 90 registers round up to 96 a thread
+    assert K.resident_programs(255, 200_000, 4) == 1 and K.resident_programs(255, 240_000, 4) == 0
+
+
+def test_plans_are_cut_to_one_wave_by_taking_fewer_slices():
+    plan = K.plan_for(K.PLANES, 256, 256, 196, target_programs=264)  # grouped: 32 blocks x 9 slices
+    assert plan.grid == (32, 9) and plan.tiles == 128
+    assert K.within(plan, 288) == plan and K.within(plan, 10_000) == plan
+    cut = K.within(plan, 264)  # 8 slices of 16 tiles: 256 programs
+    assert cut.grid == (32, 8) and cut.per_split == 16 and cut.splits * cut.per_split >= cut.tiles
+    assert K.within(plan, 20).grid == (32, 1)  # one slice a block is the least
+    single = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=528, single_tile_max=8192)
+    assert K.within(single, 1) == single
+    assert K.flat_within((8, 1000, 2), 100) == (8, 1000, 10) and K.flat_within((8, 1000, 20), 100) == (8, 1000, 20)
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records each launch's grid and arguments."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: self.launches.append((grid, args, options))
+
+
+def test_a_launch_over_more_than_one_wave_runs_fewer_slices(monkeypatch):
+    kernel = _Recorder()
+    plan = K.plan_for(K.PLANES, 256, 256, 196, target_programs=264)
+    monkeypatch.setattr(K, "_one_wave_on", lambda device: True)
+    monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 9, 2048, 233472))
+    monkeypatch.setattr(K, "_resident", lambda kernel, args, options, device: 66)  # 132 programs at once
+    monkeypatch.setattr(K, "_FITTED", {})
+    K._launch(kernel, plan, torch.device("cpu"), lambda p: (p.per_split,), lambda p: {"SPLITS": p.splits})
+    ((grid, args, options),) = kernel.launches
+    assert grid == (32, 4) and args == (32,) and options == {"SPLITS": 4}  # 132 // 32 blocks = 4 slices
+    assert K._FITTED == {(kernel, plan): K.replace(plan, per_split=32, splits=4)}
+    monkeypatch.setattr(K, "_one_wave_on", lambda device: False)
+    K._launch(kernel, plan, torch.device("cpu"), lambda p: (p.per_split,), lambda p: {"SPLITS": p.splits})
+    assert kernel.launches[-1][0] == plan.grid
+
+
+def test_a_kernel_without_occupancy_attributes_is_launched_uncut_with_a_warning(monkeypatch):
+    class Bare:  # a compiled kernel without n_regs / metadata (another Triton)
+        fn = type("bare", (), {})
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: object()
+
+    monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 9, 2048, 233472))
+    monkeypatch.setattr(K, "_RESIDENT", {})
+    with pytest.warns(RuntimeWarning, match="no occupancy for bare"):
+        assert K._resident(Bare(), (torch.empty(1),), {}, torch.device("cpu")) == 32  # every slot
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_residual):
+    """Every split pass cut to fewer slices than planned (the interpreter pretends to be a GPU of 2
+    multiprocessors holding 2 programs each): the same results as the reference; the partial workspaces
+    sized for the planned slices serve the cut ones; the bench's note says so."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 64)
+    monkeypatch.setattr(K, "COMBINE_VALUES", 4)
+    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", flat)
+    monkeypatch.setattr(K, "FLAT_BLOCK", 32)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 16)
+    monkeypatch.setattr(K, "_one_wave_on", lambda device: True)
+    monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 9, 2048, 233472))
+    monkeypatch.setattr(K, "_resident", lambda kernel, args, options, device: 2)
+    monkeypatch.setattr(K, "_FITTED", {})
+    shape = (12, 2, 4, 8)
+    x, z, dy, w, b = _operands(shape, "contiguous", torch.float32)
+    results = {}
+    for backend in ("triton", "reference"):
+        rm, rv = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv,
+                        with_residual=with_residual)  # fmt: skip
+        results[backend] = (y, *grads, rm, rv)
+    for i, (ours, ref) in enumerate(zip(results["triton"], results["reference"], strict=True)):
+        _close(ours, ref, torch.float32, f"result {i}")
+    launched = [cut.grid if isinstance(cut, K.Plan) else K._flat_grid(cut) for cut in K._FITTED.values()]
+    assert len(launched) == 4 and all(math.prod(grid) <= 4 for grid in launched)  # all four passes were cut
+    assert K.describe_plans(x.detach(), residual=with_residual).count("(cut to one wave)") == 2
+
+
 def test_persistent_plans_can_be_limited_to_a_number_of_rounds():
     """PERSISTENT_MAX_ROUNDS: NCHW 512 x 7x7 at batch 256 (6.4M values) in rounds of 3.2M values takes two
     rounds; limited to one round it gets the split plan, and with the whole budget (6.5M) one round."""
@@ -817,6 +910,25 @@ def test_dependent_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatc
     for name, ref, a, g in zip(names, want, eager, captured, strict=True):  # (a replay zeroes rm, rv first)
         assert torch.equal(a, ref), f"{name}: PDL launches differ from ordinary ones"
         assert torch.equal(g, ref), f"{name}: PDL launches replayed from a graph differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_launches_read_their_kernels_occupancy_and_fit_one_wave(monkeypatch):
+    """On a GPU every split pass asks its compiled kernel how many programs a multiprocessor holds
+    (`_resident`, from its registers, shared memory and warps) and launches no more than the GPU holds."""
+    monkeypatch.setattr(K, "_RESIDENT", {})
+    monkeypatch.setattr(K, "_FITTED", {})
+    x, z, dy, w, b = _operands((256, 1024, 14, 14), "contiguous", torch.float32)
+    _run("triton", x, z, dy, w, b, training=True, activation="relu")
+    kernels_asked = {key[0] for key in K._RESIDENT}
+    assert {K._stats_kernel, K._grad_kernel} <= kernels_asked and len(kernels_asked) == 4
+    assert all(1 <= resident <= 32 for resident in K._RESIDENT.values())
+    multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count
+    for (kernel, _), cut in K._FITTED.items():
+        programs = math.prod(cut.grid if isinstance(cut, K.Plan) else K._flat_grid(cut))
+        most = max(r for key, r in K._RESIDENT.items() if key[0] is kernel) * multiprocessors
+        assert programs <= most, f"{kernel.fn.__name__}: {programs} programs, {most} at once"
 
 
 def test_dependent_launch_is_asked_for_only_where_the_gpu_has_it(monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -188,6 +189,7 @@ def _per_split(tiles: int, units: int, target_programs: int) -> int:
     return _cdiv(tiles, max(1, min(tiles, _cdiv(target_programs, units))))
 
 
+@functools.lru_cache(maxsize=4096)  # pure; called on every layer call
 def elementwise_plan(plan: Plan, target_programs: int) -> Plan:
     """`plan` with its tiles regrouped into slices for the elementwise passes (normalize, dx) so that about
     `target_programs` programs run (APPLY_PROGRAMS_PER_SM per multiprocessor): the reductions do best with
@@ -318,7 +320,7 @@ def _persistent_limits(device: torch.device, itemsize: int, streams: int) -> tup
     """
     if not PERSISTENT or device.type != "cuda":
         return 0, 0
-    multiprocessors, l2_bytes, _ = _gpu(device)
+    multiprocessors, l2_bytes, *_ = _gpu(device)
     rounds_in_l2 = 2 if PIPELINE_ROUNDS else 1
     return (
         PERSISTENT_PROGRAMS_PER_SM * multiprocessors,
@@ -327,13 +329,20 @@ def _persistent_limits(device: torch.device, itemsize: int, streams: int) -> tup
 
 
 @functools.cache
-def _gpu_properties(index: int) -> tuple[int, int, int]:
+def _gpu_properties(index: int) -> tuple[int, int, int, int, int]:
     properties = torch.cuda.get_device_properties(index)
-    return properties.multi_processor_count, getattr(properties, "L2_cache_size", 40 * 2**20), properties.major
+    return (
+        properties.multi_processor_count,
+        getattr(properties, "L2_cache_size", 40 * 2**20),
+        properties.major,
+        getattr(properties, "max_threads_per_multi_processor", 2048),
+        getattr(properties, "shared_memory_per_multiprocessor", 233472),
+    )
 
 
-def _gpu(device: torch.device) -> tuple[int, int, int]:
-    """(multiprocessors, L2 bytes, compute capability's major), asked once per GPU (planning runs on every call)."""
+def _gpu(device: torch.device) -> tuple[int, int, int, int, int]:
+    """(multiprocessors, L2 bytes, compute capability's major, threads and shared memory bytes a
+    multiprocessor holds), asked once per GPU (planning runs on every call)."""
     return _gpu_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -526,16 +535,23 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             rounds = _cdiv(plan.channel_programs, plan.units_per_round)
             how = f"persistent {plan.units_per_round}x{plan.splits} in {rounds} rounds"
         else:
-            how = f"split over {plan.splits} slices"
+            # (as launched: `_launch` may have cut a pass to one wave)
+            kernels = _SPLIT_KERNELS[direction == "backward"]
+            reduce = _FITTED.get((kernels[0], plan), plan)
+            how = f"split over {reduce.splits} slices"
             flat, apply = _elementwise_passes(plan, x.device)
+            cut = reduce != plan or (kernels[1 + bool(flat)], flat or apply) in _FITTED
+            apply = _FITTED.get((kernels[1], apply), apply)
             elementwise = "normalize" if direction == "forward" else "dx"
             if flat:
                 how += f" ({elementwise} flat)"
-            elif apply.splits != plan.splits:
+            elif apply.splits != reduce.splits:
                 how += f" ({elementwise} over {apply.splits})"
-            stages = _grad_stages(plan)
+            stages = _grad_stages(reduce)
             if direction == "backward" and stages != GRAD_STAGES[plan.layout]:
                 how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
+            if cut:
+                how += " (cut to one wave)"
         if plan.packed:
             how += f" (packed tiles of {plan.samples_per_tile} samples)"
         if plan.group:
@@ -605,6 +621,107 @@ def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor
         return [*parts, _semaphores(device, counters)]
     buffer = _semaphores(device, counters + 2 * units)
     return [*parts, buffer[:counters], buffer[counters:]]
+
+
+# ---- one wave -------------------------------------------------------------------------------------------
+# A grid larger than the GPU holds at once runs its last programs after the first ones end, nearly alone;
+# at these sizes a program's time is mostly latency, so crossing one wave costs far more than its share.
+# On an H200 (bf16 NCHW): 256x256x14x14 statistics took 40 us at 16 slices (1.29 waves) against 23.4 at 9
+# (0.73), run 5; 256x1024x14x14 dx 84.6 us at 640 programs (1.21 waves, run 6) against 75.7 at 320 (0.61,
+# run 5), while 256x256x14x14 dx, within one wave either way, was faster with more (17.4 against 19.2 us).
+# With ONE_WAVE each split pass gets no more programs than the GPU holds at once of its compiled kernel
+# (registers, shared memory, warps: `_resident`), fewer slices where it would. Where it binds (sm_90,
+# Triton 3.6, benchmarks/kernel_sass.py's arithmetic): bf16 NCHW 14x14 dx at 512-1024 channels (1.09-1.21
+# waves); fp32 NCHW 14x14 statistics (1.09-1.45), normalize and dx (up to 1.21), 2048x7x7 statistics
+# (1.45), 28x28/56x56 gradient sums at 256-512 channels (1.29). Not timed yet (session 8).
+ONE_WAVE = True
+
+
+def resident_programs(
+    registers: int, shared: int, warps: int, sm_registers: int = 65536, sm_threads: int = 2048,
+    sm_shared: int = 233472, sm_programs: int = 32,
+) -> int:  # fmt: skip
+    """Programs of `warps` warps, `registers` per thread and `shared` bytes of shared memory that one
+    multiprocessor holds at once (the CUDA occupancy calculator's arithmetic, simplified: registers
+    allocated 256 a warp at a time, 1 KB of shared memory reserved a program); defaults: sm_80/sm_90."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return max(
+        0,
+        min(sm_registers // (per_warp * warps), sm_threads // (32 * warps), sm_shared // (shared + 1024), sm_programs),
+    )
+
+
+def within(plan: Plan, programs: int) -> Plan:
+    """`plan` cut to at most `programs` programs by taking fewer slices per channel block, as far as one
+    slice a block allows (pure; single-tile and persistent plans as they are)."""
+    units = plan.channel_programs
+    if plan.single or plan.persistent or units * plan.splits <= programs:
+        return plan
+    per_split = _cdiv(plan.tiles, max(1, programs // units))
+    return replace(plan, per_split=per_split, splits=_cdiv(plan.tiles, per_split))
+
+
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident(kernel, args: tuple, options: dict, device: torch.device) -> int:
+    """Programs of this kernel variant that a multiprocessor of `device` holds at once, from the compiled
+    kernel, asked once per variant: a launch over an empty grid compiles and loads it and runs nothing.
+    Keyed by the kernel, the device, the first tensor's dtype and the constexprs and options (mixed data
+    dtypes would share an entry: only the estimate, not a result, could be off)."""
+    key = (kernel, device.index, args[0].dtype, *options.items())
+    resident = _RESIDENT.get(key)
+    if resident is None:
+        compiled = kernel[(0, 0)](*args, **options)
+        _, _, _, threads, shared = _gpu(device)
+        try:  # (Triton's compiled-kernel attributes, not a documented API: a Triton without them cuts nothing)
+            registers, shared_bytes, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
+        except AttributeError as exc:
+            warnings.warn(f"bnlab: no occupancy for {kernel.fn.__name__} ({exc}); its launches are not cut to one "
+                          f"wave", RuntimeWarning, stacklevel=3)  # fmt: skip
+            registers, shared_bytes, warps = 1, 0, 1  # (as many programs as the multiprocessor has slots)
+        resident = _RESIDENT[key] = max(
+            1, resident_programs(registers, shared_bytes, warps, sm_threads=threads, sm_shared=shared)
+        )
+    return resident
+
+
+def _one_wave_on(device: torch.device) -> bool:
+    """Whether launches on `device` are cut to one wave: ONE_WAVE, on a GPU (Triton's CPU interpreter has
+    no occupancy; tests make it pretend)."""
+    return ONE_WAVE and device.type == "cuda"
+
+
+def flat_within(flat: tuple[int, int, int], programs: int) -> tuple[int, int, int]:
+    """`within` for a flat pass (V, blocks, blocks per program): at most `programs` programs (pure)."""
+    vector, blocks, per_program = flat
+    return vector, blocks, max(per_program, _cdiv(blocks, max(1, programs)))
+
+
+def _flat_grid(flat: tuple[int, int, int]) -> tuple[int]:
+    return (_cdiv(flat[1], flat[2]),)
+
+
+def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=None, fit=within):
+    """Launch `kernel` over `plan` (a Plan; a flat pass's tuple with `grid_of=_flat_grid, fit=flat_within`),
+    first cut to one wave (ONE_WAVE) on a GPU. `args_of(plan)`, `options_of(plan)`: its arguments and its
+    constexprs and options (both may change with the slices, e.g. the combine's step)."""
+    args, options = args_of(plan), options_of(plan)
+    if _one_wave_on(device):
+        fitted = fit(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
+        if fitted != plan:
+            _FITTED[(kernel, plan)] = plan = fitted
+            args, options = args_of(plan), options_of(plan)
+    kernel[grid_of(plan) if grid_of else plan.grid](*args, **options)
+
+
+# The plans `_launch` cut, by (kernel, planned): what a launch of that plan ran (for `describe_plans`).
+_FITTED: dict[tuple, Plan] = {}
+# A split direction's kernels (forward, backward): the reduction, the tiled and the flat elementwise pass.
+_SPLIT_KERNELS = (
+    (_stats_kernel, _apply_kernel, _apply_flat_kernel),
+    (_grad_kernel, _input_grad_kernel, _input_grad_flat_kernel),
+)
 
 
 _SEMAPHORES: dict[tuple[int, int], torch.Tensor] = {}
@@ -690,11 +807,14 @@ def forward(
             **epilogue, **_block_args(plan),
         )  # fmt: skip
         return y, mean, invstd
+    launch = _launch_options(x.device)
     if training:
-        _stats_kernel[plan.grid](
-            x, *_partials(plan, x.device, 3), mean, invstd, *running, *_shape_args(plan), eps, momentum,
-            SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running,
-            STAGES=STATS_STAGES[plan.layout], **_block_args(plan, reduction=True), **_launch_options(x.device),
+        partials = _partials(plan, x.device, 3)  # (one wave cuts slices: never more rows than these)
+        _launch(
+            _stats_kernel, plan, x.device,
+            lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
+            lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
+                           STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
     elif save_stats:
         # The backward must see the very invstd the forward used (it recomputes the ReLU mask from it).
@@ -704,17 +824,19 @@ def forward(
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     flat, apply = _elementwise_passes(plan, x.device)
     if flat:
-        vector, blocks, per_program = flat
-        _apply_flat_kernel[(_cdiv(blocks, per_program),)](
-            x, z, y, *stats, *params, *_flat_args(plan), blocks, per_program, eps,
-            BLOCK=FLAT_BLOCK, V=vector, FROM_RUNNING=from_running, STAGES=APPLY_STAGES[PLANES],
-            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue,
+        _launch(
+            _apply_flat_kernel, flat, x.device,
+            lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
+            lambda f: dict(BLOCK=FLAT_BLOCK, V=f[0], FROM_RUNNING=from_running, STAGES=APPLY_STAGES[PLANES],
+                           num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **launch, **epilogue),
+            grid_of=_flat_grid, fit=flat_within,
         )  # fmt: skip
     else:
-        _apply_kernel[apply.grid](
-            x, z, y, *stats, *params, *_shape_args(apply), eps,
-            FROM_RUNNING=from_running, STAGES=APPLY_STAGES[plan.layout], **epilogue, **_block_args(apply),
-            **_launch_options(x.device),
+        _launch(
+            _apply_kernel, apply, x.device,
+            lambda p: (x, z, y, *stats, *params, *_shape_args(p), eps),
+            lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue, **_block_args(p),
+                           **launch),
         )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
@@ -757,6 +879,7 @@ def backward(
     # One kernel does it all (single tile, persistent) when training needs any gradient; the split plan
     # needs the sums for the parameters, or (training) for dx.
     fused = training and (plan.single or plan.persistent) and (need_input or need_params or need_residual)
+    launch = _launch_options(x.device)
     dweight = dbias = None
     coef = dummy
     if fused or need_params or (training and need_input):
@@ -767,7 +890,7 @@ def backward(
         _single_tile_backward_kernel[(C,)](
             dy, x, tensors[1], *outputs, *tensors[2:], dweight, dbias, plan.N, C, plan.S,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, enable_fp_fusion=FP_FUSION,
-            **_launch_options(x.device), **writes, **flags,
+            **launch, **writes, **flags,
         )  # fmt: skip
     elif fused:
         _persistent_launch(
@@ -782,11 +905,12 @@ def backward(
         # comes from g and x: 4 + 3 tensor passes instead of 3 + 5 (dx would read dy, x, z for the mask).
         dz_early = dweight is not None and dz is not None and dz.dtype == dy.dtype
         if dweight is not None:
-            _grad_kernel[plan.grid](
-                dy, *tensors, dz if dz_early else dy, *_partials(plan, x.device, 2), dweight, dbias, coef,
-                *_shape_args(plan), SPLIT=plan.splits > 1, SPLIT_BLOCK=_split_block(plan),
-                STAGES=_grad_stages(plan), WRITE_DZ=dz_early, **flags, **_block_args(plan, reduction=True),
-                **_launch_options(x.device),
+            partials = _partials(plan, x.device, 2)  # (one wave cuts slices: never more rows than these)
+            _launch(
+                _grad_kernel, plan, x.device,
+                lambda p: (dy, *tensors, dz if dz_early else dy, *partials, dweight, dbias, coef, *_shape_args(p)),
+                lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
+                               WRITE_DZ=dz_early, **flags, **_block_args(p, reduction=True), **launch),
             )  # fmt: skip
         if dz_early:  # dx from g: dz read as dy, through no mask and no residual
             dy, tensors = dz, (x, x, *tensors[2:])
@@ -795,17 +919,18 @@ def backward(
         if dx is not None or (dz is not None and not dz_early):
             flat, apply = _elementwise_passes(plan, x.device)
             if flat:
-                vector, blocks, per_program = flat
-                _input_grad_flat_kernel[(_cdiv(blocks, per_program),)](
-                    dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), blocks, per_program,
-                    BLOCK=FLAT_BLOCK, V=vector, TRAINING=training, STAGES=APPLY_STAGES[PLANES],
-                    num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **writes,
-                    **flags,
+                _launch(
+                    _input_grad_flat_kernel, flat, x.device,
+                    lambda f: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), f[1], f[2]),
+                    lambda f: dict(BLOCK=FLAT_BLOCK, V=f[0], TRAINING=training, STAGES=APPLY_STAGES[PLANES],
+                                   num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **launch, **writes, **flags),
+                    grid_of=_flat_grid, fit=flat_within,
                 )  # fmt: skip
             else:
-                _input_grad_kernel[apply.grid](
-                    dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(apply),
-                    TRAINING=training, STAGES=APPLY_STAGES[plan.layout], **writes, **flags, **_block_args(apply),
-                    **_launch_options(x.device),
+                _launch(
+                    _input_grad_kernel, apply, x.device,
+                    lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p)),
+                    lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **writes, **flags,
+                                   **_block_args(p), **launch),
                 )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz
