@@ -8,7 +8,8 @@
 #   tune   the knob sweep (benchmarks/tune_triton.py), bf16;
 #   full   `bnlab bench --gpu` (every batch, dtype and direction);
 #   profile every kernel's GPU time on a few shapes (benchmarks/profile_kernels.py, PROFILE_SET: large,
-#          small, nchw, cl or several, "small nchw cl"), bf16, the kernels compiled in $JOBS processes first;
+#          small, nchw, cl or several, "small nchw cl"), PROFILE_DTYPE (default bfloat16; float32), the
+#          kernels compiled in $JOBS processes first;
 #   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s;
 #   inductor the kernels torch.compile generates for one BN training step (benchmarks/inductor_code.py,
 #          INDUCTOR_SHAPE, default 256,256,14,14 NCHW bf16), ~20-40 s;
@@ -81,7 +82,8 @@ for step in "${steps[@]}"; do
         | tee "$OUT/bench-full.log" | tail -80 ;;
     profile)
       for set in ${PROFILE_SET:-large}; do  # one or more sets, each within PROFILE_S, into one log ($OUT's 8 files)
-        timeout "${PROFILE_S:-60}" python3 benchmarks/profile_kernels.py --set "$set" --warm-jobs "$JOBS" 2>&1 \
+        timeout "${PROFILE_S:-60}" python3 benchmarks/profile_kernels.py --set "$set" --warm-jobs "$JOBS" \
+          --dtype "${PROFILE_DTYPE:-bfloat16}" 2>&1 \
           | tee -a "$OUT/profile.log" | tail -40
       done ;;
     host)
