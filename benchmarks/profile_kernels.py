@@ -183,6 +183,8 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "FLAT_ELEMENTWISE",
         "PERSISTENT_STAGES",
         "PDL",
+        "REDUCTION_WARPS",
+        "ONE_WAVE",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
