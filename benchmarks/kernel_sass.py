@@ -17,7 +17,7 @@ value a thread holds, and the spills (LDL/STL); then the registers per thread, t
 multiprocessor holds at once with them, and the waves the plan's grid takes on 132 multiprocessors (a
 grid of 1.2 waves runs its last 0.2 after the first programs finish, nearly alone).
 
-Each shape is compiled with the tiles its plan gets (the split kernels at TILE, the persistent ones at
+Each shape is compiled with the tiles its plan gets (the split kernels at TILE / TILE_BYTES, the persistent ones at
 PERSISTENT_TILE), specialized as Triton's launcher specializes them (16-divisible integers, S_BLOCKS of
 1). Per busy value: per value over the share of lanes that hold values (NCHW runs of 49 in 64 lanes:
 77%; packed tiles hold several samples' runs side by side: 98%).
@@ -180,7 +180,7 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
     for name, layout, N, C, S in SHAPES:
         # The module's knobs, as make_plan passes them, with an H100/H200's 132 multiprocessors (make_plan asks
         # the device); no single-tile plans (batch 256: none would be taken).
-        knobs = {**K.knob_args(layout), "single_tile_max": 0}
+        knobs = {**K.knob_args(layout, itemsize), "single_tile_max": 0}
         target = K.PROGRAMS_PER_SM[layout] * MULTIPROCESSORS
         split = K.plan_for(layout, N, C, S, target_programs=target, **knobs)
         # 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.

@@ -89,7 +89,7 @@ SETS = {
              "PERSISTENT_STAGES": {"planes": 2, "rows": 2}},
             {"PERSISTENT": True},
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 2}},  # planes: the old default; rows: fewer slices
-            {"TILE": 8192},  # fewer, larger tiles
+            {"TILE": 8192, "TILE_BYTES": 16384},  # fewer, larger tiles
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
         ),
     ),
@@ -136,6 +136,7 @@ PLAN_KNOBS = {
     "GRAD_STAGES_LONG",
     "LONG_LOOP_TILES",
     "TILE",
+    "TILE_BYTES",
     "COMBINE_VALUES",
 }
 
@@ -174,6 +175,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "LONG_LOOP_TILES",
         "APPLY_STAGES",
         "TILE",
+        "TILE_BYTES",
         "COMBINE_VALUES",
         "PERSISTENT",
         "PIPELINE_ROUNDS",

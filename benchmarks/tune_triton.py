@@ -67,7 +67,9 @@ def stage_one(K, x: torch.Tensor) -> list[dict]:
     could_be_single = _plan_with(K, x, {"SINGLE_TILE_MAX": max(KNOBS["SINGLE_TILE_MAX"])}).single
     # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
     grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
-    fixed = {"PROGRAMS_PER_SM": dict(K.PROGRAMS_PER_SM), "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False}
+    # (TILE_BYTES lifted: TILE alone sets the tiles here, in values, whatever the dtype)
+    fixed = {"PROGRAMS_PER_SM": dict(K.PROGRAMS_PER_SM), "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False,
+             "TILE_BYTES": 4 * max(KNOBS["TILE"])}  # fmt: skip
     return [{**dict(zip(grid, values, strict=True)), **fixed} for values in itertools.product(*grid.values())]
 
 

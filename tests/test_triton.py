@@ -431,6 +431,7 @@ def test_long_run_tiles_with_idle_lanes_match_the_reference(monkeypatch, min_run
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "PLANES_MIN_RUN", min_run)
     monkeypatch.setattr(K, "PLANES_MAX_RUN", max_run)
+    monkeypatch.setattr(K, "TILE_BYTES", 4 * K.TILE)  # (float32 here: the tiles 16-bit data gets)
     x, z, dy, w, b = _operands((3, 2, 56, 56), "contiguous", torch.float32)
     plan = K.make_plan(x, K.PLANES)
     assert (plan.block_a, plan.block_b, plan.s_blocks) == tiles
@@ -517,9 +518,9 @@ def test_reductions_take_their_own_warps(monkeypatch):
     monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: K.NUM_WARPS, K.ROWS: K.NUM_WARPS})
     assert K.make_plan(x, K.PLANES) == K.replace(plan, reduce_warps=K.NUM_WARPS)
     # (and make_plan plans with exactly the module's knobs: what kernel_sass.py plans with, without a GPU)
-    assert K.make_plan(x, K.PLANES) == K.plan_for(
-        K.PLANES, 8, 16, 49, target_programs=K._target_programs(x.device, K.PLANES), **K.knob_args(K.PLANES)
-    )
+    target = K._target_programs(x.device, K.PLANES)
+    knobs = K.knob_args(K.PLANES, x.element_size())
+    assert K.make_plan(x, K.PLANES) == K.plan_for(K.PLANES, 8, 16, 49, target_programs=target, **knobs)
 
 
 def test_resident_programs_follow_the_occupancy_arithmetic():
@@ -612,6 +613,15 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_resid
     launched = [cut.grid if isinstance(cut, K.Plan) else K._flat_grid(cut) for cut in K._FITTED.values()]
     assert len(launched) == 4 and all(math.prod(grid) <= 4 for grid in launched)  # all four passes were cut
     assert K.describe_plans(x.detach(), residual=with_residual).count("(cut to one wave)") == 2
+
+
+def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
+    """float32 tiles take half the values of 16-bit ones (TILE_BYTES); TILE still caps both."""
+    assert (K.knob_args(K.PLANES, 2)["tile"], K.knob_args(K.PLANES, 4)["tile"]) == (4096, 2048)
+    bf16, fp32 = (torch.empty(256, 256, 14, 14, dtype=dtype) for dtype in (torch.bfloat16, torch.float32))
+    assert (K.make_plan(bf16, K.PLANES).block_a, K.make_plan(fp32, K.PLANES).block_a) == (2, 1)  # x 2048 lanes
+    monkeypatch.setattr(K, "TILE", 64)
+    assert K.knob_args(K.PLANES, 4)["tile"] == 64
 
 
 def test_persistent_plans_can_be_limited_to_a_number_of_rounds():

@@ -372,6 +372,13 @@ FP_FUSION = True
 # plans of channels-last 56x56/28x28, BatchNorm1d 65536x1024 and NCHW 7x7; 8 warps cost 10-40% there.
 TILE = 4096
 NUM_WARPS = 4
+# ... and at most TILE_BYTES of data a tile: float32 tiles take 2048 values, the bytes of a bf16 tile. At
+# 4096 float32 values the sm_90 kernels (Triton 3.6) held 215 registers in the grouped 14x14 statistics
+# (2 programs a multiprocessor: 8 warps an SM), 138 in the gradient sums (3; the 56x56 ones at 256-512
+# channels then over one wave, 1.29); at 2048, 121 (4) and 64-122 (4-6), no spills, 10 instructions a
+# value against a budget of 31. The H200's fp32 NCHW 14x14 layers ran at 0.78-0.95x torch.compile (run
+# 6). Untimed at 2048 (session 8): the quick bench's fp32 rows against run 6 show it.
+TILE_BYTES = 8192
 # Warps per program of the split reductions (statistics, gradient sums), per layout. At 4 warps and 2
 # programs per multiprocessor an SM runs 8 warps of them: too few to hide the loops' instruction latencies?
 # On an H200 (run 6, bf16 NCHW) they moved 1.1-1.7 TB/s at 14x14 against 4.3 for normalize and dx there;
@@ -499,17 +506,18 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     resident, round_values = _persistent_limits(x.device, x.element_size(), streams) if streams else (0, 0)
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=_target_programs(x.device, layout),
-        resident_programs=resident, round_values=round_values, **knob_args(layout),
+        resident_programs=resident, round_values=round_values, **knob_args(layout, x.element_size()),
     )  # fmt: skip
 
 
-def knob_args(layout: str) -> dict[str, int]:
-    """`plan_for`'s keyword arguments that the module's knobs set, all but the device's (target programs,
-    resident programs, round size): `make_plan` adds those; benchmarks/kernel_sass.py, planning for a GPU
-    it does not have, its own."""
+def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
+    """`plan_for`'s keyword arguments that the module's knobs set for values of `itemsize` bytes, all but
+    the device's (target programs, resident programs, round size): `make_plan` adds those;
+    benchmarks/kernel_sass.py, planning for a GPU it does not have, its own."""
+    tile = min(TILE, TILE_BYTES // itemsize)
     return dict(
-        tile=TILE, num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout], single_tile_max=SINGLE_TILE_MAX,
-        single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, TILE), persistent_warps=PERSISTENT_WARPS,
+        tile=tile, num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout], single_tile_max=SINGLE_TILE_MAX,
+        single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, tile), persistent_warps=PERSISTENT_WARPS,
         min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
         max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS,
     )  # fmt: skip
@@ -630,10 +638,9 @@ def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor
 # (0.73), run 5; 256x1024x14x14 dx 84.6 us at 640 programs (1.21 waves, run 6) against 75.7 at 320 (0.61,
 # run 5), while 256x256x14x14 dx, within one wave either way, was faster with more (17.4 against 19.2 us).
 # With ONE_WAVE each split pass gets no more programs than the GPU holds at once of its compiled kernel
-# (registers, shared memory, warps: `_resident`), fewer slices where it would. Where it binds (sm_90,
-# Triton 3.6, benchmarks/kernel_sass.py's arithmetic): bf16 NCHW 14x14 dx at 512-1024 channels (1.09-1.21
-# waves); fp32 NCHW 14x14 statistics (1.09-1.45), normalize and dx (up to 1.21), 2048x7x7 statistics
-# (1.45), 28x28/56x56 gradient sums at 256-512 channels (1.29). Not timed yet (session 8).
+# (registers, shared memory, warps: `_resident`), fewer slices where it would. Where it binds on ResNet-50's
+# layers at batch 256 (sm_90, Triton 3.6, benchmarks/kernel_sass.py's arithmetic): NCHW 14x14 dx at 512 and
+# 1024 channels (1.09 and 1.21 waves planned), bf16 and fp32. Not timed yet (session 8).
 ONE_WAVE = True
 
 
