@@ -75,8 +75,8 @@ SETS = {
             {},  # the defaults
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
-            # Twice the warps in the reductions (at 7x7 the same programs, 0.97 of a wave; at 14x14 1.09 waves:
-            # 90-97 registers hold 2 programs of 8 warps a multiprocessor; kernel_sass.py under Triton 3.6)
+            # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
+            # Triton 3.6; at 7x7 the same 256 programs, at 14x14 cut to one wave: 8 slices instead of 9)
             {"REDUCTION_WARPS": {"planes": 8, "rows": 8}},
             # One launch a direction, the second read from L2: only where one round holds the whole tensor
             # (7x7 both ways, 14x14 forward; the others split), then rounds as planned (pipelined: a round
