@@ -30,7 +30,8 @@ al.'s pairwise update, which has no E[x^2] - E[x]^2 cancellation.
 Three ways to run a training direction (the planner in `batchnorm` picks one per call):
 - split (two launches): a reduction kernel (statistics, or the gradient sums) whose last program per
   channel block finalizes (see "combining" below), then an elementwise kernel (normalize, or dx). Reads
-  the input twice.
+  the input twice. When the residual's gradient is wanted, the gradient sums write it (dz = g) and dx
+  reads g (as dy, with no residual and no ReLU) instead of dy, the residual and the recomputed mask.
 - single tile (one launch, planes only): a channel fits one program's registers; read once.
 - persistent (one launch): a grid no larger than the GPU holds at once loops over rounds of channel
   blocks. In a round, every block is split over K programs; each writes its partial, the one that
