@@ -70,9 +70,12 @@ for step in "${steps[@]}"; do
     quick)
       # (the warm-up compiles every group's kernels in $JOBS processes first: ~70 groups of torch.compile
       #  and Triton compiles would otherwise spend most of the budget one after another)
+      # (QUICK_AGAINST: an earlier run's CSV to compare bnlab's rows and sums with, printed last; default
+      #  the last H200 run committed, "" for none)
       q=${QUICK_S:-300}
+      against=${QUICK_AGAINST-benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-074258.csv}
       timeout "$q" python3 -m bnlab.cli bench --gpu --quick --out "$OUT" --budget-s $((q - 100)) \
-        --warm-jobs "$JOBS" 2>&1 | tee "$OUT/bench-quick.log" | tail -45 ;;
+        --warm-jobs "$JOBS" ${against:+--against "$against"} 2>&1 | tee "$OUT/bench-quick.log" | tail -45 ;;
     tune)
       timeout "${TUNE_S:-180}" python3 benchmarks/tune_triton.py --out "$OUT/tune.csv" --warm-jobs "$JOBS" 2>&1 \
         | tee "$OUT/tune.log" | grep -E "BEST|copy|rror" ;;

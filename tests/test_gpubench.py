@@ -507,6 +507,22 @@ def test_cli_gpu_refuses_bad_input(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_check_compares_bnlab_with_an_earlier_run(tmp_path, capsys):
+    """--against: bnlab's rows and sums beside an earlier CSV's; a row whose plan note changed is marked."""
+    before = bench.write_csv(_results(bnlab=100.0), tmp_path / "before.csv", record={"gpu": "test"})
+    rows = _replace_first(_results(bnlab=80.0), lambda r: r.provider == g.BNLAB, note="other plans")
+    after = bench.write_csv(rows, tmp_path / "after.csv", record={"gpu": "test"})
+    assert cli.main(["bench", "--gpu", "--check", str(after), "--against", str(before)]) == 0
+    out = capsys.readouterr().out
+    comparison = out[out.index("bnlab-triton against the earlier run") :].splitlines()
+    assert "(64 rows in both" in comparison[0]  # 48 layer rows and 16 fused ones
+    assert comparison[1].endswith("100.0 ->       80.0 us  0.800 *")  # the first row: its note changed
+    assert comparison[2].endswith("0.800") and "sum resnet50 batch 256 bfloat16 NCHW both: 5.300 -> 4.240 ms" in out
+    assert cli.main(["bench", "--gpu", "--check", str(after), "--against", str(tmp_path / "none.csv")]) == 2
+    assert "--against: [Errno 2] No such file" in capsys.readouterr().err
+    assert cli.main(["bench", "--against", str(before)]) == 2  # (GPU bench only)
+
+
 def test_check_refuses_a_csv_that_is_not_a_gpu_bench(tmp_path, capsys):
     path = tmp_path / "cpu.csv"
     path.write_text("case,shape,provider,median_us\nforward,60x100,torch,1.0\n")

@@ -15,7 +15,7 @@ from bnlab import distributed
 from bnlab.runner import RunError
 
 # `bench` options for --gpu only; all default to None (--strict too), so "given" means "not None".
-_GPU_ONLY = ("out", "check", "strict", "device", "budget_s", "providers", "bnlab_backend", "warm_jobs")
+_GPU_ONLY = ("out", "check", "against", "strict", "device", "budget_s", "providers", "bnlab_backend", "warm_jobs")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="--gpu: folder for the CSV (default benchmarks/results)")
     p.add_argument("--check", metavar="CSV", default=None, help="--gpu: sums and acceptance check of a saved CSV")
+    p.add_argument(
+        "--against",
+        metavar="CSV",
+        default=None,
+        help="--gpu: also compare bnlab's times, row by row and per-iteration sum, with a saved earlier run",
+    )
     p.add_argument(
         "--strict", action="store_true", default=None, help="--gpu: exit status 1 if an acceptance criterion fails"
     )

@@ -52,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
 from typing import TypeVar
 
@@ -1093,26 +1094,58 @@ def format_acceptance(verdicts: Sequence[Verdict], max_failures: int = 8) -> str
     return "\n".join(lines)
 
 
+def format_comparison(rows: Sequence[GpuRow], before: Sequence[GpuRow], provider: str = BNLAB) -> str:
+    """`provider`'s times in `rows` against `before` (a previous run, on the same kind of GPU for the
+    numbers to mean anything): per row found in both (same case, shape, dtype, layout, direction), then
+    per complete per-iteration sum; new / old < 1 is faster now. A row whose note (the plans, mask flips)
+    changed is marked *."""
+    key = attrgetter("case", "shape", "dtype", "layout", "direction")
+    old = {key(r): r for r in before if r.provider == provider and _ok(r)}
+    pairs = [(r, old[key(r)]) for r in rows if r.provider == provider and _ok(r) and key(r) in old]
+    lines = [f"{provider} against the earlier run ({len(pairs)} rows in both; new / old time, < 1: faster now)"]
+    for new, was in pairs:
+        mark = " *" if new.note != was.note else ""
+        lines.append(f"  {_label(new):<66} {was.median_us:10.1f} -> {new.median_us:10.1f} us "
+                     f"{new.median_us / was.median_us:6.3f}{mark}")  # fmt: skip
+    now, then = per_iteration_sums(rows), per_iteration_sums(before)
+    for k, s in now.items():
+        t = then.get(k)
+        if k[-1] == provider and s.complete and t is not None and t.complete:
+            case, batch, dtype, layout, direction, _ = k
+            lines.append(f"  sum {case} batch {batch} {dtype} {layout} {direction}: {t.total_us / 1e3:.3f} -> "
+                         f"{s.total_us / 1e3:.3f} ms {s.total_us / t.total_us:6.3f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def _report(rows: Sequence[GpuRow], strict: bool) -> int:
+def _report(rows: Sequence[GpuRow], strict: bool, against: str | None = None) -> int:
     print(format_sums(rows))
     print()
     verdicts = acceptance(rows)
     print(format_acceptance(verdicts))
+    if against:
+        print()
+        print(format_comparison(rows, read_rows(Path(against))))
     return 1 if strict and not all(v.passed for v in verdicts) else 0
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """``bnlab bench --gpu``: run (or, with --check, reload) the benchmark, print the sums and the check."""
+    if args.against:  # (read first: a run that ends in a bad comparison file would be lost to the reader)
+        try:
+            read_rows(Path(args.against))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"bnlab bench --gpu --against: {exc}", file=sys.stderr)
+            return 2
     if args.check:
         try:
             rows = read_rows(Path(args.check))
         except (OSError, ValueError, KeyError) as exc:
             print(f"bnlab bench --gpu --check: {exc}", file=sys.stderr)
             return 2
-        return _report(rows, args.strict)
+        return _report(rows, args.strict, args.against)
     device = args.device or "cuda"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print(
@@ -1144,6 +1177,6 @@ def run_cli(args: argparse.Namespace) -> int:
             return 2
         settings = replace(settings, warm_jobs=args.warm_jobs)
     rows, path = run_gpu_bench(settings, Path(args.out or "benchmarks/results"), plan=build_plan(settings))
-    code = _report(rows, args.strict)
+    code = _report(rows, args.strict, args.against)
     print(f"\nCSV: {path}")
     return code
