@@ -228,12 +228,17 @@ def main() -> int:
     return 0
 
 
+def _planning_tensor(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """An uninitialised tensor of `shape` in `layout` on `device`: enough for the planner, which asks for
+    shape, strides, dtype and (on a GPU) the multiprocessor count."""
+    x = torch.empty(shape, dtype=dtype, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
 def _was_cut(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str = "cuda") -> bool:
     """Whether a launch at the defaults cut one of this shape's passes to one wave (K._FITTED, filled by the
     launches so far)."""
-    x = torch.empty(shape, dtype=dtype, device=device)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _planning_tensor(shape, layout, dtype, device)
     plan = K.make_plan(x, K.layout_of(x), streams=2)
     flat, apply = K._elementwise_passes(plan, x.device)
     return any(planned in (plan, apply, flat) for _, planned in K._FITTED)
@@ -243,9 +248,7 @@ def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: 
     """Whether `knobs` change the backward's plans (the reductions', the elementwise passes'), the gradient
     sums' depth or the combine's step on this shape (planning asks the GPU's multiprocessor count: an
     uninitialised tensor on the device)."""
-    x = torch.empty(shape, dtype=dtype, device=device)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _planning_tensor(shape, layout, dtype, device)
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x), streams=2)

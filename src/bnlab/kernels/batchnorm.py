@@ -197,7 +197,11 @@ def elementwise_plan(plan: Plan, target_programs: int) -> Plan:
     single-tile and persistent plans, one kernel a direction, are returned as they are."""
     if plan.single or plan.persistent:
         return plan
-    per_split = _per_split(plan.tiles, plan.channel_programs, target_programs)
+    return _resliced(plan, _per_split(plan.tiles, plan.channel_programs, target_programs))
+
+
+def _resliced(plan: Plan, per_split: int) -> Plan:
+    """`plan`'s tiles in slices of `per_split` tiles (the tiles themselves unchanged)."""
     return replace(plan, per_split=per_split, splits=_cdiv(plan.tiles, per_split))
 
 
@@ -664,8 +668,7 @@ def within(plan: Plan, programs: int) -> Plan:
     units = plan.channel_programs
     if plan.single or plan.persistent or units * plan.splits <= programs:
         return plan
-    per_split = _cdiv(plan.tiles, max(1, programs // units))
-    return replace(plan, per_split=per_split, splits=_cdiv(plan.tiles, per_split))
+    return _resliced(plan, _cdiv(plan.tiles, max(1, programs // units)))
 
 
 _RESIDENT: dict[tuple, int] = {}
@@ -707,6 +710,17 @@ def flat_within(flat: tuple[int, int, int], programs: int) -> tuple[int, int, in
 
 def _flat_grid(flat: tuple[int, int, int]) -> tuple[int]:
     return (_cdiv(flat[1], flat[2]),)
+
+
+def _flat_block_args(flat: tuple[int, int, int]) -> dict[str, int | bool]:
+    """The block constexprs and launch options of the flat kernels (`_block_args`' twin for a flat pass)."""
+    return {
+        "BLOCK": FLAT_BLOCK,
+        "V": flat[0],
+        "STAGES": APPLY_STAGES[PLANES],
+        "num_warps": NUM_WARPS,
+        "enable_fp_fusion": FP_FUSION,
+    }
 
 
 def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=None, fit=within):
@@ -834,8 +848,7 @@ def forward(
         _launch(
             _apply_flat_kernel, flat, x.device,
             lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
-            lambda f: dict(BLOCK=FLAT_BLOCK, V=f[0], FROM_RUNNING=from_running, STAGES=APPLY_STAGES[PLANES],
-                           num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **launch, **epilogue),
+            lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **launch, **epilogue),
             grid_of=_flat_grid, fit=flat_within,
         )  # fmt: skip
     else:
@@ -929,8 +942,7 @@ def backward(
                 _launch(
                     _input_grad_flat_kernel, flat, x.device,
                     lambda f: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), f[1], f[2]),
-                    lambda f: dict(BLOCK=FLAT_BLOCK, V=f[0], TRAINING=training, STAGES=APPLY_STAGES[PLANES],
-                                   num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **launch, **writes, **flags),
+                    lambda f: dict(TRAINING=training, **_flat_block_args(f), **launch, **writes, **flags),
                     grid_of=_flat_grid, fit=flat_within,
                 )  # fmt: skip
             else:
