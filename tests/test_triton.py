@@ -35,7 +35,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent"])
+def _chained_in_thirds(monkeypatch):
+    """Training plans chained (CHAIN_L2_FRACTION) in chunks of about a third of the channel blocks, down to
+    one channel a block (rows), whatever the shape: the interpreter has no L2 to size them by."""
+    plan_for = K.plan_for
+
+    def chained(layout, N, C, S, **knobs):
+        if knobs.get("chain_values"):
+            knobs["chain_values"] = max(1, N * C * S // 3)
+        return plan_for(layout, N, C, S, **knobs)
+
+    monkeypatch.setattr(K, "plan_for", chained)
+    monkeypatch.setattr(K, "_chain_values", lambda device, itemsize, streams, values: 1)
+    monkeypatch.setattr(K, "CHAIN_MIN_CHANNELS", 1)
+
+
+@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent", "chained"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
     default tiles (planes with 16 channels: grouped tiles; planes normalize and dx as flat passes in
@@ -43,19 +58,22 @@ def tiling(request, monkeypatch):
     reductions, combined by the last program of each channel block a few partials at a time), 64-lane
     tiles (planes: several samples' short runs packed in each, several tiles and slices per channel), or
     the persistent kernels with tiny tiles, several programs per channel block and several rounds (the
-    interpreter runs them as two phases; grouped tiles: see the rounds test)."""
+    interpreter runs them as two phases; grouped tiles: see the rounds test), or tiny tiles in chained
+    plans, each pass launched per chunk of about a third of the channels (rows: narrowed blocks)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     if request.param == "two-pass":
         monkeypatch.setattr(K, "FLAT_ELEMENTWISE", True)
         monkeypatch.setattr(K, "FLAT_BLOCK", 64)
-    if request.param in ("many-slices", "packed", "persistent"):
+    if request.param in ("many-slices", "packed", "persistent", "chained"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         # (the elementwise passes in slices of other lengths than the reductions', as on a GPU)
         monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 64)
         monkeypatch.setattr(K, "COMBINE_VALUES", 4)
     if request.param == "persistent":
         monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200))
+    if request.param == "chained":
+        _chained_in_thirds(monkeypatch)
     return request.param
 
 
@@ -102,8 +120,8 @@ FUSED_SHAPES = [(5, 3), (4, 3, 5), (21, 3, 7), (5, 16, 3), (3, 4, 5, 6), (2, 3, 
 )
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_epilogue_matches_the_composed_reference(tiling, shape, layout, activation, with_residual, training):
-    if tiling == "persistent" and not training:
-        pytest.skip("inference plans are never persistent: the same kernels and tiles as 'many-slices'")
+    if tiling in ("persistent", "chained") and not training:
+        pytest.skip(f"inference plans are never {tiling}: the same kernels and tiles as 'many-slices'")
     x, z, dy, w, b = _operands(shape, layout, torch.float32)
     rm, rv = torch.linspace(-0.5, 0.5, shape[1], device=DEVICE), torch.linspace(0.5, 2.0, shape[1], device=DEVICE)
     stats = {}
@@ -615,6 +633,103 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_resid
     assert K.describe_plans(x.detach(), residual=with_residual).count("(cut to one wave)") == 2
 
 
+def test_chained_plans_cut_the_channels_into_equal_chunks_that_fit_the_budget():
+    """bf16, a quarter of a 50 MB L2 (CHAIN_L2_FRACTION 0.25): 6.55M values of each tensor read a chunk."""
+    budget = int(50 * 2**20 * 0.25) // 2
+    knobs = dict(target_programs=264, **K.knob_args(K.PLANES, 2))
+    plan = K.plan_for(K.PLANES, 256, 256, 3136, **knobs, chain_values=budget)  # 803K values a channel
+    assert plan.chunk_units == 8 and plan.launch_units == 8 and len(plan.chunks) == 32
+    assert plan.chunks[:2] == [(0, 8), (8, 8)] and plan.chunks[-1] == (248, 8)
+    assert plan.grid == (8, 32)  # each chunk's reduction over enough slices for 264 programs: 8 x 33 -> 32
+    assert K.within(plan, 132).grid == (8, 16)  # one wave counts a chunk's programs
+    unchained = K.plan_for(K.PLANES, 256, 256, 3136, **knobs)
+    assert unchained.chunk_units == 0 and unchained.chunks == [(0, 256)] and unchained.grid == (256, 2)
+    assert K.replace(plan, chunk_units=0, per_split=unchained.per_split, splits=2) == unchained  # same tiles
+    # a tensor within the budget is not chained (512 x 7x7: 6.42M values); chunks are balanced (10 blocks
+    # of 60 values in chunks of at most 6: two of 5, not 6 and 4)
+    assert K.plan_for(K.PLANES, 256, 512, 49, **knobs, chain_values=budget).chunk_units == 0
+    assert K.plan_for(K.PLANES, 3, 10, 20, target_programs=8, chain_values=360).chunks == [(0, 5), (5, 5)]
+    # channels-last: 128-channel blocks (103M values) narrowed to fit, down to the floor given
+    rows = dict(target_programs=264, **K.knob_args(K.ROWS, 2))
+    assert K.plan_for(K.ROWS, 256, 256, 3136, **{**rows, "chain_min_channels": 32}, chain_values=budget) == (
+        K.plan_for(K.ROWS, 256, 256, 3136, **rows)
+    )  # 32 channels are 25.7M values: not chained, the default blocks
+    narrow = K.plan_for(K.ROWS, 256, 256, 3136, **{**rows, "chain_min_channels": 8}, chain_values=budget)
+    assert narrow.block_b == 8 and narrow.chunk_units == 1 and len(narrow.chunks) == 32
+    assert K.elementwise_plan(narrow, 528).splits == K._cdiv(narrow.tiles, K._per_split(narrow.tiles, 1, 528))
+
+
+def test_chunks_are_sized_by_a_share_of_the_gpus_l2(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 9, 2048, 233472))
+    big = 256 * 256 * 3136  # 411 MB of bf16
+    assert K.CHAIN_L2_FRACTION == 0 and K._chain_values(cuda, 2, 1, big) == 0  # off by default
+    monkeypatch.setattr(K, "CHAIN_L2_FRACTION", 0.25)
+    assert K._chain_values(cuda, 2, 1, big) == 6_553_600 and K._chain_values(cuda, 2, 2, big) == 3_276_800
+    assert K._chain_values(torch.device("cpu"), 2, 1, big) == 0  # the interpreter: tests pretend
+    # only where a direction reads more than twice L2 (CHAIN_ABOVE_L2): 51 MB forward no, backward yes
+    assert K._chain_values(cuda, 2, 1, 256 * 512 * 196) == 0 and K._chain_values(cuda, 2, 2, 256 * 1024 * 196) > 0
+    x = torch.empty(256, 256, 56, 56, dtype=torch.bfloat16)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 264)
+    monkeypatch.setattr(K, "_chain_values", lambda device, itemsize, streams, values: 6_553_600 // streams)
+    assert len(K.make_plan(x, K.PLANES, streams=1).chunks) == 32 and len(K.make_plan(x, K.PLANES, 2).chunks) == 64
+    assert K.make_plan(x, K.PLANES, streams=0).chunk_units == 0  # inference: nothing to re-read
+
+
+def test_chained_launches_go_chunk_by_chunk_and_wait_late_under_dependent_launch(monkeypatch):
+    """Each chunk's reduction, then its elementwise pass, over that chunk's channel blocks (`unit0`); with
+    PDL every reduction after the first waits at its end (PDL 2), the elementwise passes at their start."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.name, self.unit0 = kernel.fn.__name__, kernel.arg_names.index("unit0")
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: launches.append((self.name, grid, args[self.unit0], options["PDL"]))
+
+    for name in ("_stats_kernel", "_apply_kernel", "_grad_kernel", "_input_grad_kernel"):
+        monkeypatch.setattr(K, name, Recorder(getattr(K, name)))
+    monkeypatch.setattr(K, "_launch_options", lambda device: {"PDL": True, "launch_pdl": True})
+    plan = K.plan_for(K.PLANES, 4, 6, 5, target_programs=4, chain_values=40)  # 20 values a channel
+    assert plan.chunks == [(0, 2), (2, 2), (4, 2)]
+    x, dy, w = torch.randn(4, 6, 5), torch.randn(4, 6, 5), torch.ones(6)
+    _, mean, invstd = K.forward(x, w, None, None, None, training=True, momentum=0.1, eps=1e-5, plan=plan)
+    K.backward(dy, x, w, None, mean, invstd, training=True, plan=plan)
+    splits, apply_splits = plan.splits, K.elementwise_plan(plan, 8).splits
+    for direction, (reduction, elementwise) in enumerate((("stats", "apply"), ("grad", "input_grad"))):
+        want = []
+        for k, unit0 in enumerate((0, 2, 4)):
+            want.append((f"_{reduction}_kernel", (2, splits), unit0, 2 if k else True))
+            want.append((f"_{elementwise}_kernel", (2, apply_splits), unit0, True))
+        assert launches[6 * direction : 6 * direction + 6] == want
+    assert len(launches) == 12
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_chained_launches_give_the_same_bits_as_one_launch(monkeypatch, layout):
+    """With one tile a slice in both (so that the slices are the same), a chained plan's launches over
+    chunks of channel blocks compute exactly what one launch over all of them does: each program finds
+    its channels, workspaces and counters from `unit0`. (24 channels: channels-last blocks of 8, chunked
+    without narrowing, whose other tiles would sum in another order.)"""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 8)
+    monkeypatch.setattr(K, "COMBINE_VALUES", 4)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 10**6)
+    x, z, dy, w, b = _operands((3, 24, 2, 3), layout, torch.float32)
+
+    def step():
+        rm, rv = torch.zeros(24, device=DEVICE), torch.ones(24, device=DEVICE)
+        y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+        return (y, *grads, rm, rv)
+
+    want = step()
+    _chained_in_thirds(monkeypatch)
+    assert "chained: 3 chunks" in K.describe_plans(x, residual=True)
+    for name, ours, ref in zip(("y", "dx", "dweight", "dbias", "dz", "rm", "rv"), step(), want, strict=True):
+        assert torch.equal(ours, ref), f"{name}: chained launches differ from one launch"
+
+
 def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
     """float32 tiles take half the values of 16-bit ones (TILE_BYTES); TILE still caps both."""
     assert (K.knob_args(K.PLANES, 2)["tile"], K.knob_args(K.PLANES, 4)["tile"]) == (4096, 2048)
@@ -832,11 +947,16 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("persistent", [False, True], ids=["default", "persistent"])
-def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, persistent):
+@pytest.mark.parametrize("plans", ["default", "persistent", "chained"])
+def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
-    monkeypatch.setattr(K, "PERSISTENT", persistent)
+    monkeypatch.setattr(K, "PERSISTENT", plans == "persistent")
+    # chunks of 2.5 MB at a 50 MB L2 (residual fused: 2 tensors read forward, 3 backward): NCHW
+    # 32x64x56x56 bf16 in 11 and 16 chunks, 256x512x7x7 in 11 and 16; channels-last not chained (the
+    # blocks would need fewer than CHAIN_MIN_CHANNELS), but BatchNorm1d 8192x256 bf16 (4 and 8 chunks)
+    monkeypatch.setattr(K, "CHAIN_L2_FRACTION", 0.05 if plans == "chained" else 0.0)
+    monkeypatch.setattr(K, "CHAIN_ABOVE_L2", 0.0)  # (these shapes fit L2 twice over: chained all the same)
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(shape, generator=gen, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
@@ -878,21 +998,30 @@ def _sm90() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="programmatic dependent launch needs an sm_90+ GPU")
 @pytest.mark.parametrize(
-    ("shape", "layout", "flat"),
+    ("shape", "layout", "knobs"),
     [
-        ((256, 512, 7, 7), "contiguous", False),  # split, grouped tiles
-        ((64, 64, 56, 56), "contiguous", True),  # split reductions, flat normalize and dx
-        ((64, 256, 14, 14), "channels_last", False),  # rows
-        ((32, 2048, 7, 7), "contiguous", False),  # single tile
+        ((256, 512, 7, 7), "contiguous", {}),  # split, grouped tiles
+        ((64, 64, 56, 56), "contiguous", {"FLAT_ELEMENTWISE": True}),  # split reductions, flat normalize and dx
+        ((64, 256, 14, 14), "channels_last", {}),  # rows
+        ((32, 2048, 7, 7), "contiguous", {}),  # single tile
+        # chained (at a 50 MB L2): 86 and 128 chunks of 3 and 2 channels; blocks of 64 and 32 channels, 4
+        # and 8 chunks
+        ((64, 256, 56, 56), "contiguous", {"CHAIN_L2_FRACTION": 0.05, "CHAIN_ABOVE_L2": 0.0}),
+        ((64, 256, 28, 28), "channels_last", {"CHAIN_L2_FRACTION": 0.25, "CHAIN_ABOVE_L2": 0.0}),
     ],
-    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
-)
-def test_dependent_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatch, shape, layout, flat):
+    ids=lambda v: (
+        "x".join(map(str, v)) if isinstance(v, tuple)
+        else ",".join(f"{k}={x}" for k, x in v.items()) or "defaults" if isinstance(v, dict) else v
+    ),
+)  # fmt: skip
+def test_dependent_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatch, shape, layout, knobs):
     """PDL lets each kernel start before the previous one ends, its programs waiting on the GPU: a kernel
     that read its inputs before the wait would see stale values, which only a bit-for-bit comparison with
     ordinary launches catches reliably (the results are deterministic). Also replayed from a CUDA graph,
-    where the launches become programmatic edges, as in the bench."""
-    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", flat)
+    where the launches become programmatic edges, as in the bench. Chained plans: each chunk's reduction
+    overlaps the previous chunk's elementwise pass and waits at its end."""
+    for knob, value in knobs.items():
+        monkeypatch.setattr(K, knob, value)
     monkeypatch.setattr(K, "ONE_WAVE", False)  # (a PDL variant's registers could cut another slice count)
     x, z, dy, w, b = _operands(shape, layout, torch.bfloat16)
     C = shape[1]

@@ -56,7 +56,9 @@ class Plan:
     planes: tiles of [block_a samples, block_b spatial positions] of one channel per program.
     Each program (channel block, slice) covers `per_split` consecutive tiles of its channels. A
     persistent plan (`units_per_round` > 0) runs `units_per_round` channel blocks at a time, each over
-    `splits` programs that are all resident on the GPU together.
+    `splits` programs that are all resident on the GPU together. A chained split plan (`chunk_units` > 0)
+    launches its reduction and elementwise pass once per chunk of `chunk_units` channel blocks, in turn,
+    so that the elementwise pass re-reads its chunk from L2 (CHAIN_L2_FRACTION).
     """
 
     layout: str
@@ -73,6 +75,7 @@ class Plan:
     packed: bool = False  # planes: block_a == 1, a tile holds block_b // S samples' runs side by side
     group: int = 0  # planes: > 0, a program takes this many channels, one contiguous span per sample
     reduce_warps: int = 0  # split plans: warps per program of the reductions (others: 0, unused)
+    chunk_units: int = 0  # split plans: > 0, chained: channel blocks per launch (0: all in one launch)
 
     @property
     def channel_programs(self) -> int:
@@ -85,8 +88,19 @@ class Plan:
         return self.units_per_round > 0
 
     @property
+    def launch_units(self) -> int:
+        """Channel blocks a launch of a split pass covers: a chained plan's chunk, or all of them."""
+        return min(self.chunk_units, self.channel_programs) if self.chunk_units else self.channel_programs
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        """(first channel block, blocks) of each launch of a split pass, in launch order."""
+        units, step = self.channel_programs, self.launch_units
+        return [(first, min(step, units - first)) for first in range(0, units, step)] if units else [(0, 0)]
+
+    @property
     def grid(self) -> tuple[int, int]:
-        return (self.units_per_round or self.channel_programs, self.splits)
+        return (self.units_per_round or self.launch_units, self.splits)
 
     @property
     def s_blocks(self) -> int:
@@ -144,6 +158,8 @@ def plan_for(
     min_run: int = 64,
     max_run: int = 1024,
     max_rounds: int = 0,
+    chain_values: int = 0,
+    chain_min_channels: int = 0,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run, of
     `num_warps` warps (`reduce_warps` for a split plan's reductions, when given).
@@ -161,6 +177,10 @@ def plan_for(
     Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes; other
     planes tiles are `min_run` to `max_run` positions wide where S allows (`_spatial_block`). With `max_rounds`
     (0: any), a persistent plan of more rounds than that is not taken (the split plan is).
+    With `chain_values` (0: off; values of each tensor read that a chunk may hold and still find them in
+    L2 for the second read), a split plan over more values than that is chained: its passes launched per
+    chunk of channel blocks, chunks of equal size, each chunk's reduction over enough slices for
+    `target_programs`; rows: a channel block larger than a chunk is narrowed, down to `chain_min_channels`.
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
@@ -178,10 +198,24 @@ def plan_for(
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
-    block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, (min_run, max_run))
-    per_split = _per_split(tiles, units, target_programs)
+    width = 128
+    while True:
+        block_a, block_b, tiles, units, unit_values, packing = _blocks(
+            layout, N, C, S, tile, group_span, (min_run, max_run), width
+        )
+        per_chunk = chain_values // unit_values if unit_values else 0
+        if not chain_values or per_chunk >= units:  # not chained, or the whole tensor fits one chunk
+            per_chunk = 0
+            break
+        if per_chunk or layout != ROWS or not chain_min_channels or block_b // 2 < chain_min_channels:
+            per_chunk = _cdiv(units, _cdiv(units, per_chunk)) if per_chunk else 0  # equal chunks
+            break
+        width = block_b // 2
+    if per_chunk == 0:  # (a width narrowed in vain is kept only when chained: otherwise the default blocks)
+        block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, (min_run, max_run))
+    per_split = _per_split(tiles, per_chunk or units, target_programs)
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
-                reduce_warps=reduce_warps or num_warps, **packing)  # fmt: skip
+                reduce_warps=reduce_warps or num_warps, chunk_units=per_chunk, **packing)  # fmt: skip
 
 
 def _per_split(tiles: int, units: int, target_programs: int) -> int:
@@ -197,7 +231,7 @@ def elementwise_plan(plan: Plan, target_programs: int) -> Plan:
     single-tile and persistent plans, one kernel a direction, are returned as they are."""
     if plan.single or plan.persistent:
         return plan
-    return _resliced(plan, _per_split(plan.tiles, plan.channel_programs, target_programs))
+    return _resliced(plan, _per_split(plan.tiles, plan.launch_units, target_programs))
 
 
 def _resliced(plan: Plan, per_split: int) -> Plan:
@@ -270,7 +304,7 @@ def flat_pass(plan: Plan, target_programs: int) -> tuple[int, int, int] | None:
     of fewer than 4 values (S odd, e.g. 7x7) stay tiled: a channel's values gathered for every value or
     two cost more instructions than a memory-bound pass can afford (sm_90, Triton 3.6: bf16 normalize 33
     per value at V = 1 against a budget of 31, dx 47 and spills; at V = 8 14 and 20, at 4 16 and 22)."""
-    if not FLAT_ELEMENTWISE or plan.layout != PLANES or plan.single or plan.persistent:
+    if not FLAT_ELEMENTWISE or plan.layout != PLANES or plan.single or plan.persistent or plan.chunk_units:
         return None
     total = plan.N * plan.C * plan.S
     vector = min(8, plan.S & -plan.S)
@@ -498,6 +532,22 @@ PERSISTENT_STAGES = {PLANES: 1, ROWS: 1}
 # (0: off, such tensors get the split plan). Untimed: benchmarks/tune_triton.py tries 16.
 PERSISTENT_MIN_CHANNELS = 0
 
+# Chained split plans (training; `Plan.chunk_units`): a tensor whose reads exceed this share of L2 runs its
+# reduction and elementwise pass chunk by chunk of channels (stats(0), normalize(0), stats(1), ...), so
+# that each elementwise pass re-reads its chunk from L2 instead of memory: 8 tensor passes of memory
+# traffic a step become 5 on the layers that do not fit L2 (ResNet-50's 28x28 and larger at batch 256),
+# for 2 launches a chunk instead of 2 in all. With PDL a chunk's reduction streams its chunk from memory
+# while the previous chunk's elementwise pass runs (device `_before_exit`); the persistent plans' rounds
+# without their spin-waits or their residency argument. The share covers the chunk being re-read, the next
+# one being read and the writes (0: off). Only where a direction reads more than CHAIN_ABOVE_L2 times
+# L2: below that the split plans' second passes, which start with what the first read last, already find
+# most of their values in L2. Rows: blocks narrowed down to CHAIN_MIN_CHANNELS channels (32 bf16 channels:
+# 64-byte pieces of each row) where one block of 128 would not fit a chunk. Untimed (session 9): off;
+# profile_kernels.py's sets `nchw` and `cl` time it.
+CHAIN_L2_FRACTION = 0.0
+CHAIN_ABOVE_L2 = 2.0
+CHAIN_MIN_CHANNELS = 32
+
 
 def _split_block(plan: Plan) -> int:
     channels = plan.block_b if plan.layout == ROWS else plan.group or 1  # channels a partial row spans
@@ -506,12 +556,25 @@ def _split_block(plan: Plan) -> int:
 
 def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     """The plan for `x` laid out as `layout`; `streams`: tensors a training direction reads (persistent
-    plans size their rounds by it; 0: no persistent plan, e.g. inference)."""
-    resident, round_values = _persistent_limits(x.device, x.element_size(), streams) if streams else (0, 0)
+    and chained plans size their rounds and chunks by it; 0: neither, e.g. inference)."""
+    itemsize = x.element_size()
+    resident, round_values = _persistent_limits(x.device, itemsize, streams) if streams else (0, 0)
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=_target_programs(x.device, layout),
-        resident_programs=resident, round_values=round_values, **knob_args(layout, x.element_size()),
+        resident_programs=resident, round_values=round_values,
+        chain_values=_chain_values(x.device, itemsize, streams, x.numel()) if streams else 0,
+        **knob_args(layout, itemsize),
     )  # fmt: skip
+
+
+def _chain_values(device: torch.device, itemsize: int, streams: int, values: int) -> int:
+    """Values of each of `streams` tensors of `values` values of `itemsize` bytes that a chunk of a
+    chained plan may hold (CHAIN_L2_FRACTION of L2); 0: no chained plan (off; the tensors read no more
+    than CHAIN_ABOVE_L2 times L2; Triton's CPU interpreter, where tests pretend)."""
+    if not CHAIN_L2_FRACTION or device.type != "cuda":
+        return 0
+    l2_bytes, per_value = _gpu(device)[1], itemsize * streams
+    return int(l2_bytes * CHAIN_L2_FRACTION) // per_value if values * per_value > CHAIN_ABOVE_L2 * l2_bytes else 0
 
 
 def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
@@ -523,7 +586,7 @@ def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
         tile=tile, num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout], single_tile_max=SINGLE_TILE_MAX,
         single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, tile), persistent_warps=PERSISTENT_WARPS,
         min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
-        max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS,
+        max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS, chain_min_channels=CHAIN_MIN_CHANNELS,
     )  # fmt: skip
 
 
@@ -564,6 +627,8 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
                 how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
             if cut:
                 how += " (cut to one wave)"
+            if plan.chunk_units:
+                how += f" (chained: {len(plan.chunks)} chunks of {plan.launch_units} channel blocks)"
         if plan.packed:
             how += f" (packed tiles of {plan.samples_per_tile} samples)"
         if plan.group:
@@ -627,7 +692,7 @@ def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor
     groups = _cdiv(plan.splits, _split_block(plan))
     rows = plan.splits + (groups if groups > 1 else 0)
     parts = list(torch.empty((count, rows, plan.C), device=device, dtype=torch.float32).unbind(0))  # one allocation
-    units = plan.channel_programs
+    units = plan.launch_units  # (a chained plan's launches share the counters: see device `_reduction_program`)
     counters = units * (1 + groups)
     if not plan.persistent:
         return [*parts, _semaphores(device, counters)]
@@ -664,8 +729,8 @@ def resident_programs(
 
 def within(plan: Plan, programs: int) -> Plan:
     """`plan` cut to at most `programs` programs by taking fewer slices per channel block, as far as one
-    slice a block allows (pure; single-tile and persistent plans as they are)."""
-    units = plan.channel_programs
+    slice a block allows (pure; single-tile and persistent plans as they are; a chained plan per launch)."""
+    units = plan.launch_units
     if plan.single or plan.persistent or units * plan.splits <= programs:
         return plan
     return _resliced(plan, _cdiv(plan.tiles, max(1, programs // units)))
@@ -734,6 +799,17 @@ def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=Non
             _FITTED[(kernel, plan)] = plan = fitted
             args, options = args_of(plan), options_of(plan)
     kernel[grid_of(plan) if grid_of else plan.grid](*args, **options)
+
+
+def _chunk_grid(units: int, plan: Plan) -> tuple[int, int]:
+    """The grid of one launch of a split pass over `units` channel blocks (a chunk, or all of them)."""
+    return (units, plan.splits)
+
+
+def _chained_launch(launch: dict[str, bool], chunk: int) -> dict[str, bool | int]:
+    """The launch options of a split reduction over chunk `chunk` of its plan: with PDL, every chunk's
+    after the first waits for the previous kernel at its end, not its start (device `_before_exit`)."""
+    return {**launch, "PDL": 2} if chunk and launch["PDL"] else launch
 
 
 # The plans `_launch` cut, by (kernel, planned): what a launch of that plan ran (for `describe_plans`).
@@ -831,12 +907,6 @@ def forward(
     launch = _launch_options(x.device)
     if training:
         partials = _partials(plan, x.device, 3)  # (one wave cuts slices: never more rows than these)
-        _launch(
-            _stats_kernel, plan, x.device,
-            lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
-            lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                           STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **launch),
-        )  # fmt: skip
     elif save_stats:
         # The backward must see the very invstd the forward used (it recomputes the ReLU mask from it).
         mean.copy_(running_mean)
@@ -844,20 +914,32 @@ def forward(
     from_running = not training and not save_stats
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     flat, apply = _elementwise_passes(plan, x.device)
-    if flat:
-        _launch(
-            _apply_flat_kernel, flat, x.device,
-            lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
-            lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **launch, **epilogue),
-            grid_of=_flat_grid, fit=flat_within,
-        )  # fmt: skip
-    else:
-        _launch(
-            _apply_kernel, apply, x.device,
-            lambda p: (x, z, y, *stats, *params, *_shape_args(p), eps),
-            lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue, **_block_args(p),
-                           **launch),
-        )  # fmt: skip
+    for k, (unit0, units) in enumerate(plan.chunks):  # one launch a pass, or a chained plan's chunks in turn
+        grid = functools.partial(_chunk_grid, units)
+        if training:
+            _launch(
+                _stats_kernel, plan, x.device,
+                lambda p, u=unit0: (x, *partials, mean, invstd, *running, *_shape_args(p), u, eps, momentum),
+                lambda p, k=k: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
+                                    STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True),
+                                    **_chained_launch(launch, k)),
+                grid_of=grid,
+            )  # fmt: skip
+        if flat:  # (never chained)
+            _launch(
+                _apply_flat_kernel, flat, x.device,
+                lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
+                lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **launch, **epilogue),
+                grid_of=_flat_grid, fit=flat_within,
+            )  # fmt: skip
+        else:
+            _launch(
+                _apply_kernel, apply, x.device,
+                lambda p, u=unit0: (x, z, y, *stats, *params, *_shape_args(p), u, eps),
+                lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue,
+                               **_block_args(p), **launch),
+                grid_of=grid,
+            )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
 
@@ -924,32 +1006,40 @@ def backward(
         # With the residual's gradient wanted, the sums pass writes it (dz = g, exact in dy's dtype), and dx
         # comes from g and x: 4 + 3 tensor passes instead of 3 + 5 (dx would read dy, x, z for the mask).
         dz_early = dweight is not None and dz is not None and dz.dtype == dy.dtype
-        if dweight is not None:
+        reduce = dweight is not None
+        if reduce:
             partials = _partials(plan, x.device, 2)  # (one wave cuts slices: never more rows than these)
-            _launch(
-                _grad_kernel, plan, x.device,
-                lambda p: (dy, *tensors, dz if dz_early else dy, *partials, dweight, dbias, coef, *_shape_args(p)),
-                lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
-                               WRITE_DZ=dz_early, **flags, **_block_args(p, reduction=True), **launch),
-            )  # fmt: skip
+            sums_args = (dy, *tensors, dz if dz_early else dy, *partials, dweight, dbias, coef)
+            sums_options = dict(WRITE_DZ=dz_early, **flags)
         if dz_early:  # dx from g: dz read as dy, through no mask and no residual
             dy, tensors = dz, (x, x, *tensors[2:])
             outputs, writes = (outputs[0], dy), {**writes, "WRITE_DZ": False}
             flags = {**flags, "HAS_RESIDUAL": False, "RELU": False}
-        if dx is not None or (dz is not None and not dz_early):
-            flat, apply = _elementwise_passes(plan, x.device)
-            if flat:
+        elementwise = dx is not None or (dz is not None and not dz_early)
+        flat, apply = _elementwise_passes(plan, x.device)
+        for k, (unit0, units) in enumerate(plan.chunks):  # one launch a pass, or a chained plan's chunks
+            grid = functools.partial(_chunk_grid, units)
+            if reduce:
+                _launch(
+                    _grad_kernel, plan, x.device,
+                    lambda p, u=unit0: (*sums_args, *_shape_args(p), u),
+                    lambda p, k=k: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
+                                        **sums_options, **_block_args(p, reduction=True), **_chained_launch(launch, k)),
+                    grid_of=grid,
+                )  # fmt: skip
+            if elementwise and flat:  # (never chained)
                 _launch(
                     _input_grad_flat_kernel, flat, x.device,
                     lambda f: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), f[1], f[2]),
                     lambda f: dict(TRAINING=training, **_flat_block_args(f), **launch, **writes, **flags),
                     grid_of=_flat_grid, fit=flat_within,
                 )  # fmt: skip
-            else:
+            elif elementwise:
                 _launch(
                     _input_grad_kernel, apply, x.device,
-                    lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p)),
+                    lambda p, u=unit0: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p), u),
                     lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **writes, **flags,
                                    **_block_args(p), **launch),
+                    grid_of=grid,
                 )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz
