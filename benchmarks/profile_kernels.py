@@ -9,8 +9,9 @@ the time between them. Every set also times programmatic dependent launch (`PDL`
 Sets: `large` (default) profiles ResNet-50's shapes at the defaults, then a few under other knobs;
 `small` profiles the 7x7 and 14x14 layers (28 of the 53, the furthest from the floor after session 5)
 under the knobs that change their fixed costs (launches, slices, combine, one persistent round); `nchw`
-every NCHW layer shape at the defaults and under the settings they replaced (session 7); `cl` every
-channels-last layer shape under fewer reduction programs / more elementwise ones.
+every NCHW layer shape at the defaults and under the settings they replaced (session 7), and chained
+(session 9); `cl` every channels-last layer shape chained, under fewer reduction programs / more
+elementwise ones.
 `--warm-jobs N` compiles every setting's kernels in N processes first.
 """
 
@@ -56,6 +57,13 @@ VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "N
 # Programmatic dependent launch: each kernel starting while the previous one ends (session 8, untimed; its
 # effect is in the graph-timed step, not in the kernels' times).
 DEPENDENT_LAUNCH = {"PDL": True}
+# Chained plans (session 9, untimed): a layer's passes chunk by chunk of channels, each chunk a quarter of
+# L2 (12.5 MB of each tensor read at 50 MB), so that normalize and dx re-read their chunk from L2; with PDL
+# a chunk's reduction streams from memory while the previous chunk's elementwise pass runs. Plan knobs:
+# profiled only where they chain (NCHW 28x28 and larger, 14x14x1024; channels-last where blocks of 32
+# channels fit a chunk).
+CHAINED = {"CHAIN_L2_FRACTION": 0.25}
+CHAINED_PDL = {**CHAINED, "PDL": True}
 # Grids as planned, over one wave where they are (session 8's default cuts them): profiled only on the
 # shapes whose launches at the defaults were cut (`_was_cut`), i.e. after the defaults.
 NO_WAVE_CUT = {"ONE_WAVE": False}
@@ -102,6 +110,9 @@ SETS = {
         (
             {},
             DEPENDENT_LAUNCH,
+            CHAINED_PDL,
+            CHAINED,
+            {**CHAINED_PDL, "CHAIN_L2_FRACTION": 0.4},  # fewer, larger chunks (fewer launches, less reuse)
             NO_WAVE_CUT,
             {"FLAT_ELEMENTWISE": True},  # normalize and dx flat: no idle lanes, contiguous blocks
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
@@ -117,6 +128,7 @@ SETS = {
         (
             {},
             DEPENDENT_LAUNCH,
+            CHAINED_PDL,  # rows of 32-channel blocks (64-byte pieces in bf16), or 64
             {"PROGRAMS_PER_SM": {"planes": 2, "rows": 2}},
             {"APPLY_PROGRAMS_PER_SM": {"planes": 4, "rows": 8}},
             # run 4: combining 64 partials a step (COMBINE_VALUES 8192) took 256x512x7x7 from 48.5 to 61.9
@@ -138,6 +150,8 @@ PLAN_KNOBS = {
     "TILE",
     "TILE_BYTES",
     "COMBINE_VALUES",
+    "CHAIN_L2_FRACTION",
+    "CHAIN_MIN_CHANNELS",
 }
 
 
@@ -187,6 +201,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PDL",
         "REDUCTION_WARPS",
         "ONE_WAVE",
+        "CHAIN_L2_FRACTION",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
@@ -211,7 +226,7 @@ def main() -> int:
         (shape, layout, knobs)
         for knobs in variants
         for shape, layout in variant_shapes
-        if not (knobs and set(knobs) <= PLAN_KNOBS and not _changes(K, shape, layout, dtype, knobs))
+        if not (_plan_knobs(knobs) and not _changes(K, shape, layout, dtype, _plan_knobs(knobs)))
     ]
     if args.warm_jobs:
         start = time.perf_counter()
@@ -242,6 +257,12 @@ def _was_cut(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
     plan = K.make_plan(x, K.layout_of(x), streams=2)
     flat, apply = K._elementwise_passes(plan, x.device)
     return any(planned in (plan, apply, flat) for _, planned in K._FITTED)
+
+
+def _plan_knobs(knobs: dict) -> dict:
+    """The knobs of a setting that act through the plan: where they leave it as it is, the setting is
+    not profiled (it would time the defaults again, or only its other knobs, which other settings time)."""
+    return {name: value for name, value in knobs.items() if name in PLAN_KNOBS}
 
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:

@@ -98,7 +98,8 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     assert len(seen) == len(shapes) + len(variant_shapes) * len(variants)
     if which == "small":  # the variants were in force while their shapes were profiled
         assert sum(tile == 8192 for _, tile, *_ in seen) == 4 and sum(persistent for *_, persistent, _ in seen) == 16
-    assert sum(pdl for *_, pdl in seen) == len(variant_shapes)  # every set times dependent launches once
+    assert profile_kernels.DEPENDENT_LAUNCH in variants  # every set times dependent launches on their own
+    assert sum(pdl for *_, pdl in seen) == len(variant_shapes) * sum(bool(v.get("PDL")) for v in variants)
     assert {name: getattr(K, name) for name in names} == before
 
 
@@ -127,6 +128,9 @@ def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():
     assert changes((64, 1, 56, 56), {"COMBINE_VALUES": 1})  # the combine's step (split_block), same plan
     assert changes((64, 4, 14, 14), {"FLAT_ELEMENTWISE": True})  # flat normalize and dx, same plan
     assert not changes((256, 4, 7, 7), {"FLAT_ELEMENTWISE": True})  # rows of 1 value: stays tiled
+    # a setting's other knobs (PDL) do not make it count as a plan change
+    assert profile_kernels._plan_knobs(profile_kernels.CHAINED_PDL) == profile_kernels.CHAINED
+    assert profile_kernels._plan_knobs(profile_kernels.DEPENDENT_LAUNCH) == {}
 
 
 @pytest.mark.slow  # torch.compile with inductor (C++ on a CPU)
