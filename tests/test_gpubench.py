@@ -7,6 +7,7 @@ the CUDA-event loop runs against fake events, so what only a GPU can tell (speed
 import csv
 import functools
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import replace
@@ -505,6 +506,44 @@ def test_cli_check_strict_passes_on_passing_rows(tmp_path, capsys):
 def test_cli_gpu_refuses_bad_input(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_knobs_are_parsed_and_checked_against_the_kernels_defaults():
+    texts = ["PDL=True", "CHAIN_L2_FRACTION=0.25", "TILE_BYTES = 16384", "PROGRAMS_PER_SM={'planes': 4, 'rows': 4}"]
+    assert g.parse_knobs(texts) == (
+        ("PDL", True), ("CHAIN_L2_FRACTION", 0.25), ("TILE_BYTES", 16384),
+        ("PROGRAMS_PER_SM", {"planes": 4, "rows": 4}),
+    )  # fmt: skip
+    assert g.parse_knobs(["CHAIN_L2_FRACTION=1"]) == (("CHAIN_L2_FRACTION", 1),)  # (an int where a float goes)
+    for text, message in [
+        ("PDL", "expected NAME=VALUE"),
+        ("NO_SUCH=1", "not a knob of bnlab.kernels.batchnorm"),
+        ("plan_for=1", "not a knob"),
+        ("PDL=maybe", "not a Python literal"),
+        ("PDL=1", "is a int, expected a bool"),
+        ("TILE=True", "is a bool, expected a int"),
+        ("CHAIN_L2_FRACTION='a'", "is a str, expected a float"),
+        ("PROGRAMS_PER_SM={'planes': 4}", "keys ['planes'], expected ['planes', 'rows']"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            g.parse_knobs([text])
+
+
+def test_a_run_with_knobs_sets_them_records_them_and_restores_the_defaults(toy_plan, tmp_path, capsys, monkeypatch):
+    K = bnlab.kernels.load()
+    seen = []
+    measure = g.measure_group
+    monkeypatch.setattr(g, "measure_group", lambda *args: seen.append(K.TILE) or measure(*args))
+    argv = ["bench", "--gpu", "--device", "cpu", "--providers", "bnlab-triton", "--bnlab-backend", "native"]
+    assert cli.main([*argv, "--out", str(tmp_path), "--knob", "TILE=64", "--knob", "PDL=True"]) == 0
+    assert set(seen) == {64} and K.TILE == 4096 and K.PDL is False
+    (path,) = tmp_path.glob("gpu-cpu-*.csv")
+    with path.open(newline="") as f:
+        assert {line["knobs"] for line in csv.DictReader(f)} == {"TILE=64 PDL=True"}
+    assert "knobs set for this run: TILE=64 PDL=True" in capsys.readouterr().err
+    assert cli.main([*argv, "--knob", "TILE=big"]) == 2 and "--knob: knob TILE" in capsys.readouterr().err
+    assert cli.main(["bench", "--gpu", "--check", str(path), "--knob", "PDL=True"]) == 2
+    assert cli.main(["bench", "--knob", "PDL=True"]) == 2 and "--knob only with --gpu" in capsys.readouterr().err
 
 
 def test_check_compares_bnlab_with_an_earlier_run(tmp_path, capsys):

@@ -15,7 +15,9 @@ from bnlab import distributed
 from bnlab.runner import RunError
 
 # `bench` options for --gpu only; all default to None (--strict too), so "given" means "not None".
-_GPU_ONLY = ("out", "check", "against", "strict", "device", "budget_s", "providers", "bnlab_backend", "warm_jobs")
+_GPU_ONLY = (
+    "out", "check", "against", "strict", "device", "budget_s", "providers", "bnlab_backend", "warm_jobs", "knob",
+)  # fmt: skip
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -197,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers", default=None, help="--gpu: comma-separated, from bnlab-triton,torch-eager,torch-compile"
     )
     p.add_argument("--bnlab-backend", default=None, help="--gpu: the bnlab backend of bnlab-triton (default triton)")
+    p.add_argument(
+        "--knob",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="--gpu: set a Triton kernel knob for the run (repeatable; e.g. PDL=True, CHAIN_L2_FRACTION=0.25; "
+        "see bnlab.kernels.batchnorm); recorded in the CSV",
+    )
     p.add_argument(
         "--warm-jobs",
         type=int,

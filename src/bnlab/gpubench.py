@@ -39,6 +39,7 @@ caches, so that the budget goes to timing rather than to compiling one group aft
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import contextlib
 import csv
@@ -221,6 +222,9 @@ class Settings:
     profile: str = "default"
     warm_jobs: int = 0  # processes that compile every group's kernels before the timed loop (0: none)
     graphs: bool = True  # also time each call replayed from a CUDA graph (the GPU's time; see the module doc)
+    # The Triton kernels' knobs (bnlab.kernels.batchnorm's module constants) set for the whole run, as
+    # (name, value) pairs: a candidate setting timed as the defaults are (`parse_knobs`, `--knob`)
+    knobs: tuple[tuple[str, object], ...] = ()
 
 
 QUICK = Settings(batches=(256,), dtypes=("bfloat16", "float32"), directions=("forward", "both"), profile="quick")
@@ -529,6 +533,40 @@ def compile_training_steps(
     return errors_in_processes(compile_training_step, [(s, lay, name, device, k) for s, lay, k in runs], jobs)
 
 
+def parse_knobs(texts: Sequence[str]) -> tuple[tuple[str, object], ...]:
+    """NAME=VALUE settings of the Triton kernels' knobs (`bnlab.kernels.batchnorm`'s upper-case module
+    constants; VALUE a Python literal: True, 0.25, {'planes': 2, 'rows': 4}), checked against the
+    knobs' current values: ValueError naming the setting where the name is unknown or the type differs."""
+    module = kernels.load()
+    knobs = []
+    for text in texts:
+        name, sep, value_text = text.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"knob {text!r}: expected NAME=VALUE, e.g. PDL=True")
+        if not name.isupper() or not hasattr(module, name):
+            known = ", ".join(sorted(n for n in vars(module) if n.isupper() and not n.startswith("_")))
+            raise ValueError(f"knob {name!r}: not a knob of bnlab.kernels.batchnorm (knobs: {known})")
+        try:
+            value = ast.literal_eval(value_text.strip())
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"knob {name}: {value_text!r} is not a Python literal ({exc})") from None
+        default = getattr(module, name)
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
+            raise ValueError(f"knob {name}: {value!r} is a {type(value).__name__}, expected a "
+                             f"{type(default).__name__} like its default {default!r}")  # fmt: skip
+        if isinstance(default, dict) and set(value) != set(default):
+            raise ValueError(f"knob {name}: keys {sorted(value)}, expected {sorted(default)}")
+        knobs.append((name, value))
+    return tuple(knobs)
+
+
+def _knobs_of(settings: Settings) -> contextlib.AbstractContextManager:
+    """`knobs_set` for a run's knobs (none: nothing to set, the kernels not even loaded)."""
+    return knobs_set(kernels.load(), dict(settings.knobs)) if settings.knobs else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def knobs_set(module: object, knobs: dict[str, object]) -> Iterator[None]:
     """Within the block, the module's attributes (the kernels' knobs) set to `knobs`; its own values again
@@ -767,7 +805,8 @@ def _warm_group(task: tuple[Group, Settings]) -> str:
         for provider in settings.providers:
             if provider in (BNLAB, COMPILE):
                 fn, _ = make_provider(provider, settings.backend, settings.compile_backend)
-                _outputs_once(fn, inp, inp.stats())
+                with _knobs_of(settings):
+                    _outputs_once(fn, inp, inp.stats())
         _sync(torch.device(settings.device))
     except Exception as exc:  # the timed loop meets the same failure and records it
         return f"{group.case.name} {_shape_str(group.case.shape)} {group.dtype} {group.layout}: {_error_text(exc)}"
@@ -813,10 +852,13 @@ def run_gpu_bench(
     copy_gbps = copy_bandwidth_gbps(timer, settings.device, settings.copy_bytes)
     record = {**provenance(), **gpu_provenance(device if device.type == "cuda" else None)}
     record.update(device=str(device), copy_gbps=round(copy_gbps, 1), profile=settings.profile)
+    record["knobs"] = " ".join(f"{name}={value!r}" for name, value in settings.knobs)  # ("": the defaults)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = record["gpu"] if device.type == "cuda" else ""  # (provenance names a GPU that a CPU run did not use)
     path = Path(out_dir) / f"gpu-{_slug(str(name or device.type))}-{stamp}.csv"
     estimate = estimate_seconds(plan, settings)
+    if settings.knobs:
+        log(f"the Triton kernels' knobs set for this run: {record['knobs']}")
     log(
         f"bnlab bench --gpu ({settings.profile}) on {record['gpu'] or device}: device copy {copy_gbps:.0f} GB/s; "
         f"{len(plan)} groups, {len(settings.providers)} providers; rough estimate {estimate:.0f} s (torch.compile "
@@ -843,7 +885,8 @@ def run_gpu_bench(
             rows += [_row(group, p, d, copy_gbps, error=SKIPPED) for p in settings.providers for d in group.directions]
             continue
         try:
-            new = measure_group(group, settings, timer, copy_gbps, graph_timer)
+            with _knobs_of(settings):
+                new = measure_group(group, settings, timer, copy_gbps, graph_timer)
         except Exception as exc:  # the inputs or the reference failed (e.g. out of memory): the whole group
             error = _error_text(exc)
             new = [_row(group, p, d, copy_gbps, error=error) for p in settings.providers for d in group.directions]
@@ -1140,6 +1183,9 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"bnlab bench --gpu --against: {exc}", file=sys.stderr)
             return 2
     if args.check:
+        if args.knob:
+            print("bnlab bench --gpu: --knob sets the kernels for a run; --check only reads a CSV", file=sys.stderr)
+            return 2
         try:
             rows = read_rows(Path(args.check))
         except (OSError, ValueError, KeyError) as exc:
@@ -1171,6 +1217,12 @@ def run_cli(args: argparse.Namespace) -> int:
         settings = replace(settings, backend=args.bnlab_backend)
     if args.budget_s is not None:
         settings = replace(settings, budget_s=args.budget_s)
+    if args.knob:
+        try:
+            settings = replace(settings, knobs=parse_knobs(args.knob))
+        except ValueError as exc:
+            print(f"bnlab bench --gpu --knob: {exc}", file=sys.stderr)
+            return 2
     if args.warm_jobs is not None:
         if args.warm_jobs < 0:
             print(f"bnlab bench --gpu: --warm-jobs must be 0 or more, got {args.warm_jobs}", file=sys.stderr)
