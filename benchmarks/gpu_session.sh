@@ -5,6 +5,11 @@
 #          other: if they hang, the tests that turn them on would too, and smoke.log says so), then the
 #          Triton kernels' tests natively (not the interpreter);
 #   quick  `bnlab bench --gpu --quick` (batch 256, bf16 + fp32, forward+backward, with the acceptance check);
+#          QUICK_KNOBS="PDL=True ..." sets the Triton kernels' knobs for it (recorded in the CSV);
+#   candidates  bnlab's rows of the quick bench only, once per knob setting in CANDIDATES (';' between
+#          settings, e.g. "PDL=True;PDL=True CHAIN_L2_FRACTION=0.25"), each against this call's quick CSV
+#          at the defaults (run `quick` first; else QUICK_AGAINST's): the whole sums of each candidate, on
+#          the same machine, in candidates.log (CSVs in candidates.tgz); CANDIDATE_S each (default 100);
 #   tune   the knob sweep (benchmarks/tune_triton.py), bf16;
 #   full   `bnlab bench --gpu` (every batch, dtype and direction);
 #   profile every kernel's GPU time on a few shapes (benchmarks/profile_kernels.py, PROFILE_SET: large,
@@ -18,7 +23,8 @@
 #          (carry [".gpucache"]), they are restored first and spare its compiles.
 # Results land in $OUT (the device tool brings that folder back: at most 8 files) or /tmp/bnlab-gpu.
 # Usage, from the repository root, on the GPU machine (python3 there has torch and triton):
-#   bash benchmarks/gpu_session.sh [tests|quick|tune|full|profile|host|inductor|caches]...   (default: tests quick tune)
+#   bash benchmarks/gpu_session.sh [tests|quick|candidates|tune|full|profile|host|inductor|caches]...
+#   (default: tests quick tune)
 # Step time limits can be set in the environment: SMOKE_S, TESTS_S, QUICK_S (its timing budget is
 # QUICK_S minus 100 s of compiling and reporting), TUNE_S, FULL_S, PROFILE_S, HOST_S, INDUCTOR_S.
 set -uo pipefail
@@ -72,10 +78,29 @@ for step in "${steps[@]}"; do
       #  and Triton compiles would otherwise spend most of the budget one after another)
       # (QUICK_AGAINST: an earlier run's CSV to compare bnlab's rows and sums with, printed last; default
       #  the last H200 run committed, "" for none)
+      # (QUICK_KNOBS: the Triton kernels' knobs for this run, space-separated NAME=VALUE, e.g.
+      #  "PDL=True CHAIN_L2_FRACTION=0.25": a candidate's whole sums, recorded in the CSV's knobs column)
       q=${QUICK_S:-300}
       against=${QUICK_AGAINST-benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-074258.csv}
+      knobs=()
+      for knob in ${QUICK_KNOBS:-}; do knobs+=(--knob "$knob"); done
       timeout "$q" python3 -m bnlab.cli bench --gpu --quick --out "$OUT" --budget-s $((q - 100)) \
-        --warm-jobs "$JOBS" ${against:+--against "$against"} 2>&1 | tee "$OUT/bench-quick.log" | tail -45 ;;
+        --warm-jobs "$JOBS" ${against:+--against "$against"} ${knobs[@]+"${knobs[@]}"} 2>&1 | tee -a "$OUT/bench-quick.log" \
+        | tail -45 ;;
+    candidates)
+      base=$(ls "$OUT"/gpu-*.csv 2>/dev/null | head -1)
+      base=${base:-${QUICK_AGAINST-benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-074258.csv}}
+      c=${CANDIDATE_S:-100}
+      IFS=';' read -ra settings <<< "${CANDIDATES:-PDL=True;PDL=True CHAIN_L2_FRACTION=0.25}"
+      for setting in "${settings[@]}"; do
+        knobs=()
+        for knob in $setting; do knobs+=(--knob "$knob"); done
+        echo "--- candidate: $setting (against $base)" | tee -a "$OUT/candidates.log"
+        timeout "$c" python3 -m bnlab.cli bench --gpu --quick --providers bnlab-triton --out /tmp/bnlab-candidates \
+          --budget-s $((c - 40)) --warm-jobs "$JOBS" --against "$base" ${knobs[@]+"${knobs[@]}"} 2>&1 \
+          | tee -a "$OUT/candidates.log" | grep -E "^  sum |rows skipped|rror" | tail -10
+      done
+      tar -C /tmp -czf "$OUT/candidates.tgz" bnlab-candidates 2>/dev/null ;;
     tune)
       timeout "${TUNE_S:-180}" python3 benchmarks/tune_triton.py --out "$OUT/tune.csv" --warm-jobs "$JOBS" 2>&1 \
         | tee "$OUT/tune.log" | grep -E "BEST|copy|rror" ;;
@@ -97,7 +122,7 @@ for step in "${steps[@]}"; do
     caches)  # in parts of 15 MB: the device tool brings back files of at most 16 MiB (session 7's was 24 MB)
       XZ_OPT="-T0 -6" tar -C / -cJ tmp/bnlab-cache 2>/dev/null | split -b 15M - "$OUT/caches.tar.xz.part"
       ls -l "$OUT"/caches.tar.xz.part* ;;
-    *) echo "unknown step $step (tests, quick, tune, full, profile, host, inductor, caches)"; exit 2 ;;
+    *) echo "unknown step $step (tests, quick, candidates, tune, full, profile, host, inductor, caches)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date -u +%T)); files in $OUT"
