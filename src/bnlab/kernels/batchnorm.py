@@ -1,7 +1,8 @@
 """Launch planning and launchers for the batch-norm Triton kernels (device code: `bnlab.kernels.device`).
 
 A call's plan (`plan_for`, pure arithmetic) picks the tiles, how many programs share a channel, and
-which of the three ways of the device module's doc runs a training direction. Module constants are the
+which of the three ways of the device module's doc runs a training direction (a split plan may be chained:
+its two launches repeated per chunk of channels, `Plan.chunk_units`). Module constants are the
 knobs a GPU session tunes (benchmarks/tune_triton.py); the tests shrink them to cross many tiles.
 """
 

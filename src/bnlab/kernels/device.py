@@ -32,6 +32,8 @@ Three ways to run a training direction (the planner in `batchnorm` picks one per
   channel block finalizes (see "combining" below), then an elementwise kernel (normalize, or dx). Reads
   the input twice. When the residual's gradient is wanted, the gradient sums write it (dz = g) and dx
   reads g (as dy, with no residual and no ReLU) instead of dy, the residual and the recomputed mask.
+  Chained (the planner's CHAIN_L2_FRACTION), the two launches cover one chunk of channel blocks at a time
+  (`unit0`), chunk after chunk, so that the second pass finds its chunk in L2 (`_before_exit`).
 - single tile (one launch, planes only): a channel fits one program's registers; read once.
 - persistent (one launch): a grid no larger than the GPU holds at once loops over rounds of channel
   blocks. In a round, every block is split over K programs; each writes its partial, the one that
