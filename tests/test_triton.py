@@ -659,6 +659,17 @@ def test_chained_plans_cut_the_channels_into_equal_chunks_that_fit_the_budget():
     assert K.elementwise_plan(narrow, 528).splits == K._cdiv(narrow.tiles, K._per_split(narrow.tiles, 1, 528))
 
 
+def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for():
+    """ROWS_BLOCK_CHANNELS: 256x512x7x7 channels-last in blocks of 128 channels (4 blocks x 131 slices
+    for 528 programs) or 32 (16 blocks x 33 slices: a quarter of the partials, loops 4x as long)."""
+    wide = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **K.knob_args(K.ROWS, 2))
+    narrow = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **{**K.knob_args(K.ROWS, 2), "block_channels": 32})
+    assert (wide.block_b, wide.block_a, wide.grid) == (128, 32, (4, 131))
+    assert (narrow.block_b, narrow.block_a, narrow.grid) == (32, 128, (16, 33))
+    planes = K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264)
+    assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
+
+
 def test_chunks_are_sized_by_a_share_of_the_gpus_l2(monkeypatch):
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 9, 2048, 233472))

@@ -161,6 +161,7 @@ def plan_for(
     max_rounds: int = 0,
     chain_values: int = 0,
     chain_min_channels: int = 0,
+    block_channels: int = 128,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run, of
     `num_warps` warps (`reduce_warps` for a split plan's reductions, when given).
@@ -182,6 +183,7 @@ def plan_for(
     L2 for the second read), a split plan over more values than that is chained: its passes launched per
     chunk of channel blocks, chunks of equal size, each chunk's reduction over enough slices for
     `target_programs`; rows: a channel block larger than a chunk is narrowed, down to `chain_min_channels`.
+    Rows split plans take blocks of at most `block_channels` channels (a power of two).
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
@@ -199,7 +201,7 @@ def plan_for(
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
-    width = 128
+    width = block_channels
     while True:
         block_a, block_b, tiles, units, unit_values, packing = _blocks(
             layout, N, C, S, tile, group_span, (min_run, max_run), width
@@ -213,7 +215,8 @@ def plan_for(
             break
         width = block_b // 2
     if per_chunk == 0:  # (a width narrowed in vain is kept only when chained: otherwise the default blocks)
-        block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, (min_run, max_run))
+        runs = (min_run, max_run)
+        block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, runs, block_channels)
     per_split = _per_split(tiles, per_chunk or units, target_programs)
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
                 reduce_warps=reduce_warps or num_warps, chunk_units=per_chunk, **packing)  # fmt: skip
@@ -456,6 +459,13 @@ SINGLE_WARPS = 16
 # 256x128x28x28 167 against 149, 65536x1024 386 against 317.
 PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
 APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
+# Channels-last split plans: channels per block (a power of two; each row of a tile one contiguous piece of
+# that many channels). Fewer channels a block, more blocks, so fewer slices a block for the same programs:
+# fewer partials to combine and longer loops. On an H200 (run 4, bf16 256x512x7x7 channels-last) the
+# statistics took 19.6 us for 12.8 MB (131 slices of 3 tiles each, then a combine of 131 partials) and the
+# gradient sums 16.9 us for twice the bytes: latency, not bandwidth. Untimed at 64 and 32 (session 9):
+# profile set `cl`.
+ROWS_BLOCK_CHANNELS = 128
 # NCHW normalize and dx as flat passes (`flat_pass`; device `_apply_flat_kernel`): contiguous blocks of
 # FLAT_BLOCK values, no idle lanes, per-channel values gathered per 4-8 values, instead of the plan's
 # tiles (23% idle lanes at 56x56, 28x28, 14x14; pieces of 2-3 KB); 7x7 stays tiled. Off: untimed
@@ -588,6 +598,7 @@ def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
         single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, tile), persistent_warps=PERSISTENT_WARPS,
         min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
         max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS, chain_min_channels=CHAIN_MIN_CHANNELS,
+        block_channels=ROWS_BLOCK_CHANNELS,
     )  # fmt: skip
 
 
