@@ -182,18 +182,22 @@ def test_split_reductions_are_deterministic(monkeypatch, layout):
     assert all(torch.equal(a, b) for a, b in zip(first[1], again[1], strict=True))
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["split", "persistent"])
-def test_split_reductions_leave_their_counters_at_zero(monkeypatch, persistent):
+@pytest.mark.parametrize("plans", ["split", "persistent", "chained"])
+def test_split_reductions_leave_their_counters_at_zero(monkeypatch, plans):
     """The last program of each channel block zeroes its counters again, so that one buffer serves every
     launch on a stream (on a GPU the cached per-stream buffer; here a shared one put in its place): a
     counter left at k would make a later launch finalize too early, from partials not yet written (and
-    a ready flag left up would let a persistent kernel read statistics not yet written)."""
+    a ready flag left up would let a persistent kernel read statistics not yet written). A chained plan's
+    launches, chunk after chunk, share the same counters."""
+    persistent = plans == "persistent"
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 64)
     # persistent: channel blocks of 105 (planes) or 7 * 15 * 4 values (rows): 1 round, many programs
     limits = (8, 420) if persistent else (0, 0)  # (0, 0): off, also on a GPU
     monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: limits)
+    if plans == "chained":
+        _chained_in_thirds(monkeypatch)
     shared = torch.zeros(1024, dtype=torch.int32, device=DEVICE)
     if DEVICE == "cpu":
         monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
@@ -201,6 +205,7 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, persistent):
         x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
         plan = K.make_plan(x, K.layout_of(x), streams=2)
         assert plan.splits > 1 and plan.persistent == persistent
+        assert len(plan.chunks) == (3 if plans == "chained" else 1)
         expected = _run("reference", x, z, dy, w, b, training=True, activation="relu")
         for _ in range(2):  # the second run starts from the counters that the first one left
             y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu")
@@ -717,12 +722,18 @@ def test_chained_launches_go_chunk_by_chunk_and_wait_late_under_dependent_launch
     assert len(launches) == 12
 
 
+CONCURRENCY = [False, True] if DEVICE == "cpu" else [False]  # (threads per program: the interpreter's only)
+
+
+@pytest.mark.parametrize("concurrent", CONCURRENCY, ids=lambda c: "concurrent" if c else "sequential")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_chained_launches_give_the_same_bits_as_one_launch(monkeypatch, layout):
+def test_chained_launches_give_the_same_bits_as_one_launch(monkeypatch, layout, concurrent):
     """With one tile a slice in both (so that the slices are the same), a chained plan's launches over
     chunks of channel blocks compute exactly what one launch over all of them does: each program finds
     its channels, workspaces and counters from `unit0`. (24 channels: channels-last blocks of 8, chunked
-    without narrowing, whose other tiles would sum in another order.)"""
+    without narrowing, whose other tiles would sum in another order.) `concurrent`: the chained launches'
+    programs all at once, each in its own thread (tests/concurrent_interpreter.py): the counters numbered
+    within a launch under every interleaving the threads produce."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
     monkeypatch.setattr(K, "COMBINE_VALUES", 4)
@@ -737,7 +748,9 @@ def test_chained_launches_give_the_same_bits_as_one_launch(monkeypatch, layout):
     want = step()
     _chained_in_thirds(monkeypatch)
     assert "chained: 3 chunks" in K.describe_plans(x, residual=True)
-    for name, ours, ref in zip(("y", "dx", "dweight", "dbias", "dz", "rm", "rv"), step(), want, strict=True):
+    with concurrent_programs() if concurrent else contextlib.nullcontext():
+        chained = step()
+    for name, ours, ref in zip(("y", "dx", "dweight", "dbias", "dz", "rm", "rv"), chained, want, strict=True):
         assert torch.equal(ours, ref), f"{name}: chained launches differ from one launch"
 
 
