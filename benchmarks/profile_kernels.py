@@ -112,6 +112,7 @@ SETS = {
             DEPENDENT_LAUNCH,
             CHAINED_PDL,
             CHAINED,
+            {**CHAINED, "CHAIN_STREAMS": True},  # normalize / dx on a side stream: overlap without PDL
             {**CHAINED_PDL, "CHAIN_L2_FRACTION": 0.4},  # fewer, larger chunks (fewer launches, less reuse)
             NO_WAVE_CUT,
             {"FLAT_ELEMENTWISE": True},  # normalize and dx flat: no idle lanes, contiguous blocks
@@ -208,6 +209,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "ONE_WAVE",
         "CHAIN_L2_FRACTION",
         "ROWS_BLOCK_CHANNELS",
+        "CHAIN_STREAMS",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")

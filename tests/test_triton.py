@@ -722,6 +722,66 @@ def test_chained_launches_go_chunk_by_chunk_and_wait_late_under_dependent_launch
     assert len(launches) == 12
 
 
+def test_chained_passes_on_two_streams_wait_for_their_reductions_and_join_back(monkeypatch):
+    """CHAIN_STREAMS, with torch.cuda's streams and events stood in for (the order is what is tested): each
+    elementwise pass runs on the side stream after an event recorded behind its chunk's reduction; the
+    reduction of chunk k waits for the elementwise pass of chunk k - 2; the caller's stream waits for the
+    side stream at the end; no launch asks for PDL."""
+    log = []
+
+    class Stream:
+        current = None
+
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+        def wait_event(self, event):
+            log.append(f"{self.name} waits for {event.name}")
+
+    class Event:
+        def record(self, stream):
+            self.name = f"event {len([line for line in log if line.startswith('record')])}"
+            log.append(f"record {self.name} on {stream.name}")
+
+    @contextlib.contextmanager
+    def on(stream):
+        before, Stream.current = Stream.current, stream
+        yield
+        Stream.current = before
+
+    main = Stream.current = Stream("main")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(K, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(K, "CHAIN_STREAMS", True)
+
+    def launcher(name):
+        return lambda unit0, units, options: log.append(f"{name}({unit0}) on {Stream.current.name} {options['PDL']}")
+
+    plan = K.plan_for(K.PLANES, 4, 6, 5, target_programs=4, chain_values=40)  # 3 chunks of 2 channels
+    pdl = {"PDL": True, "launch_pdl": True}
+    K._run_chunks(plan, torch.device("cuda", 0), pdl, launcher("stats"), launcher("apply"))
+    assert log == [
+        "side waits for main",
+        "stats(0) on main False", "record event 0 on main", "side waits for event 0", "apply(0) on side False",
+        "record event 1 on side",
+        "stats(2) on main False", "record event 2 on main", "side waits for event 2", "apply(2) on side False",
+        "record event 3 on side",
+        "main waits for event 1",  # (chunk 2's reduction after chunk 0's elementwise pass)
+        "stats(4) on main False", "record event 4 on main", "side waits for event 4", "apply(4) on side False",
+        "record event 5 on side",
+        "main waits for side",
+    ]  # fmt: skip
+    log.clear()  # one chunk, or one pass only: on the caller's stream, as without CHAIN_STREAMS
+    K._run_chunks(plan, torch.device("cuda", 0), pdl, None, launcher("dx"))
+    assert log == ["dx(0) on main True", "dx(2) on main True", "dx(4) on main True"]
+
+
 CONCURRENCY = [False, True] if DEVICE == "cpu" else [False]  # (threads per program: the interpreter's only)
 
 
@@ -739,12 +799,7 @@ def test_chained_launches_give_the_same_bits_as_one_launch(monkeypatch, layout, 
     monkeypatch.setattr(K, "COMBINE_VALUES", 4)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 10**6)
     x, z, dy, w, b = _operands((3, 24, 2, 3), layout, torch.float32)
-
-    def step():
-        rm, rv = torch.zeros(24, device=DEVICE), torch.ones(24, device=DEVICE)
-        y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
-        return (y, *grads, rm, rv)
-
+    step = _training_step(x, z, dy, w, b)
     want = step()
     _chained_in_thirds(monkeypatch)
     assert "chained: 3 chunks" in K.describe_plans(x, residual=True)
@@ -1048,16 +1103,28 @@ def test_dependent_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatc
         monkeypatch.setattr(K, knob, value)
     monkeypatch.setattr(K, "ONE_WAVE", False)  # (a PDL variant's registers could cut another slice count)
     x, z, dy, w, b = _operands(shape, layout, torch.bfloat16)
-    C = shape[1]
-
-    def step() -> tuple[torch.Tensor, ...]:
-        rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
-        y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
-        return (y, *grads, rm, rv)
-
+    step = _training_step(x, z, dy, w, b)
     want = step()
     monkeypatch.setattr(K, "PDL", True)
     assert K._launch_options(x.device) == {"PDL": True, "launch_pdl": True}
+    _check_eagerly_and_in_a_graph(step, want, "PDL launches")
+
+
+def _training_step(x, z, dy, w, b):
+    """A function running one fused training step (residual, ReLU) of the triton backend on these operands
+    from fresh running statistics: its output, gradients and running statistics."""
+
+    def step() -> tuple[torch.Tensor, ...]:
+        rm, rv = torch.zeros(x.shape[1], device=DEVICE), torch.ones(x.shape[1], device=DEVICE)
+        y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+        return (y, *grads, rm, rv)
+
+    return step
+
+
+def _check_eagerly_and_in_a_graph(step, want: tuple[torch.Tensor, ...], what: str) -> None:
+    """`step()`'s results, called eagerly and replayed from a CUDA graph (as the bench times it), bit for
+    bit `want`."""
     eager = step()
     side = torch.cuda.Stream()  # (compiles done, as `gpubench` captures)
     side.wait_stream(torch.cuda.current_stream())
@@ -1072,8 +1139,28 @@ def test_dependent_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatc
     torch.cuda.synchronize()
     names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
     for name, ref, a, g in zip(names, want, eager, captured, strict=True):  # (a replay zeroes rm, rv first)
-        assert torch.equal(a, ref), f"{name}: PDL launches differ from ordinary ones"
-        assert torch.equal(g, ref), f"{name}: PDL launches replayed from a graph differ"
+        assert torch.equal(a, ref), f"{name}: {what} differ from ordinary ones"
+        assert torch.equal(g, ref), f"{name}: {what} replayed from a graph differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("shape", "layout", "fraction"),
+    [((64, 256, 56, 56), "contiguous", 0.05), ((64, 256, 28, 28), "channels_last", 0.25)],
+)
+def test_chained_plans_on_two_streams_give_the_same_bits_eagerly_and_in_a_graph(monkeypatch, shape, layout, fraction):
+    """CHAIN_STREAMS: each chunk's elementwise pass on a side stream, after its reduction (an event): an
+    elementwise pass that ran before its chunk's statistics were final, or a join missed at the end,
+    shows as other bits than the same chained plan on one stream."""
+    for knob, value in (("CHAIN_L2_FRACTION", fraction), ("CHAIN_ABOVE_L2", 0.0), ("ONE_WAVE", False)):
+        monkeypatch.setattr(K, knob, value)
+    x, z, dy, w, b = _operands(shape, layout, torch.bfloat16)
+    assert len(K.make_plan(x, K.layout_of(x), streams=3).chunks) > 2
+    step = _training_step(x, z, dy, w, b)
+    want = step()
+    monkeypatch.setattr(K, "CHAIN_STREAMS", True)
+    _check_eagerly_and_in_a_graph(step, want, "chained launches on two streams")
 
 
 @pytest.mark.gpu

@@ -824,6 +824,47 @@ def _chained_launch(launch: dict[str, bool], chunk: int) -> dict[str, bool | int
     return {**launch, "PDL": 2} if chunk and launch["PDL"] else launch
 
 
+# Chained plans on two streams: each chunk's elementwise pass on a side stream after its chunk's reduction
+# (an event), so that the next chunk's reduction, on the caller's stream, overlaps it without PDL; a
+# reduction waits for the elementwise pass two chunks back (at most two chunks' values in L2 at once).
+# Launches without PDL there. Untimed (session 9): off; profile_kernels.py's set `nchw` times it.
+CHAIN_STREAMS = False
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _run_chunks(plan: Plan, device: torch.device, launch: dict, reduction, elementwise) -> None:
+    """A split direction's launches: for each of `plan.chunks` (one, unless the plan is chained) its
+    reduction, then its elementwise pass, each a function of (first channel block, blocks, launch
+    options) or None where not wanted, in turn on the current stream; with CHAIN_STREAMS on a GPU, a
+    chained plan's elementwise passes on a side stream (see CHAIN_STREAMS), joined back at the end."""
+    chunks = plan.chunks
+    if not (CHAIN_STREAMS and len(chunks) > 1 and device.type == "cuda" and reduction and elementwise):
+        for k, (unit0, units) in enumerate(chunks):
+            if reduction:
+                reduction(unit0, units, _chained_launch(launch, k))
+            if elementwise:
+                elementwise(unit0, units, launch)
+        return
+    plain = {**launch, "PDL": False, "launch_pdl": False}
+    main = torch.cuda.current_stream(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side = _SIDE_STREAMS.get(index) or _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(device))
+    side.wait_stream(main)  # (the inputs, written on the caller's stream)
+    passed = []
+    for k, (unit0, units) in enumerate(chunks):
+        if k >= 2:
+            main.wait_event(passed[k - 2])
+        reduction(unit0, units, plain)
+        reduced = torch.cuda.Event()
+        reduced.record(main)
+        with torch.cuda.stream(side):
+            side.wait_event(reduced)
+            elementwise(unit0, units, plain)
+            passed.append(torch.cuda.Event())
+            passed[-1].record(side)
+    main.wait_stream(side)  # (the outputs, and the inputs' memory, back in the caller's stream's order)
+
+
 # The plans `_launch` cut, by (kernel, planned): what a launch of that plan ran (for `describe_plans`).
 _FITTED: dict[tuple, Plan] = {}
 # A split direction's kernels (forward, backward): the reduction, the tiled and the flat elementwise pass.
@@ -926,32 +967,34 @@ def forward(
     from_running = not training and not save_stats
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     flat, apply = _elementwise_passes(plan, x.device)
-    for k, (unit0, units) in enumerate(plan.chunks):  # one launch a pass, or a chained plan's chunks in turn
-        grid = functools.partial(_chunk_grid, units)
-        if training:
-            _launch(
-                _stats_kernel, plan, x.device,
-                lambda p, u=unit0: (x, *partials, mean, invstd, *running, *_shape_args(p), u, eps, momentum),
-                lambda p, k=k: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                                    STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True),
-                                    **_chained_launch(launch, k)),
-                grid_of=grid,
-            )  # fmt: skip
+
+    def statistics(unit0: int, units: int, options: dict) -> None:
+        _launch(
+            _stats_kernel, plan, x.device,
+            lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), unit0, eps, momentum),
+            lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
+                           STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **options),
+            grid_of=functools.partial(_chunk_grid, units),
+        )  # fmt: skip
+
+    def normalize(unit0: int, units: int, options: dict) -> None:
         if flat:  # (never chained)
             _launch(
                 _apply_flat_kernel, flat, x.device,
                 lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
-                lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **launch, **epilogue),
+                lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **options, **epilogue),
                 grid_of=_flat_grid, fit=flat_within,
             )  # fmt: skip
         else:
             _launch(
                 _apply_kernel, apply, x.device,
-                lambda p, u=unit0: (x, z, y, *stats, *params, *_shape_args(p), u, eps),
+                lambda p: (x, z, y, *stats, *params, *_shape_args(p), unit0, eps),
                 lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue,
-                               **_block_args(p), **launch),
-                grid_of=grid,
+                               **_block_args(p), **options),
+                grid_of=functools.partial(_chunk_grid, units),
             )  # fmt: skip
+
+    _run_chunks(plan, x.device, launch, statistics if training else None, normalize)
     return (y, None, None) if from_running else (y, mean, invstd)
 
 
@@ -1029,29 +1072,32 @@ def backward(
             flags = {**flags, "HAS_RESIDUAL": False, "RELU": False}
         elementwise = dx is not None or (dz is not None and not dz_early)
         flat, apply = _elementwise_passes(plan, x.device)
-        for k, (unit0, units) in enumerate(plan.chunks):  # one launch a pass, or a chained plan's chunks
-            grid = functools.partial(_chunk_grid, units)
-            if reduce:
-                _launch(
-                    _grad_kernel, plan, x.device,
-                    lambda p, u=unit0: (*sums_args, *_shape_args(p), u),
-                    lambda p, k=k: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
-                                        **sums_options, **_block_args(p, reduction=True), **_chained_launch(launch, k)),
-                    grid_of=grid,
-                )  # fmt: skip
-            if elementwise and flat:  # (never chained)
+
+        def gradient_sums(unit0: int, units: int, options: dict) -> None:
+            _launch(
+                _grad_kernel, plan, x.device,
+                lambda p: (*sums_args, *_shape_args(p), unit0),
+                lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
+                               **sums_options, **_block_args(p, reduction=True), **options),
+                grid_of=functools.partial(_chunk_grid, units),
+            )  # fmt: skip
+
+        def input_grad(unit0: int, units: int, options: dict) -> None:
+            if flat:  # (never chained)
                 _launch(
                     _input_grad_flat_kernel, flat, x.device,
                     lambda f: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), f[1], f[2]),
-                    lambda f: dict(TRAINING=training, **_flat_block_args(f), **launch, **writes, **flags),
+                    lambda f: dict(TRAINING=training, **_flat_block_args(f), **options, **writes, **flags),
                     grid_of=_flat_grid, fit=flat_within,
                 )  # fmt: skip
-            elif elementwise:
+            else:
                 _launch(
                     _input_grad_kernel, apply, x.device,
-                    lambda p, u=unit0: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p), u),
+                    lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p), unit0),
                     lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **writes, **flags,
-                                   **_block_args(p), **launch),
-                    grid_of=grid,
+                                   **_block_args(p), **options),
+                    grid_of=functools.partial(_chunk_grid, units),
                 )  # fmt: skip
+
+        _run_chunks(plan, x.device, launch, gradient_sums if reduce else None, input_grad if elementwise else None)
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz
