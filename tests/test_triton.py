@@ -46,6 +46,7 @@ def _chained_in_thirds(monkeypatch):
         return plan_for(layout, N, C, S, **knobs)
 
     monkeypatch.setattr(K, "plan_for", chained)
+    monkeypatch.setattr(K, "CHAIN_L2_FRACTION", 0.25)  # (on; the chunks' size is the stand-ins')
     monkeypatch.setattr(K, "_chain_values", lambda device, itemsize, streams, values: 1)
     monkeypatch.setattr(K, "CHAIN_MIN_CHANNELS", 1)
 
@@ -74,6 +75,7 @@ def tiling(request, monkeypatch):
         monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200))
     if request.param == "chained":
         _chained_in_thirds(monkeypatch)
+        assert len(K.make_plan(torch.empty(4, 3, 5), K.PLANES, streams=1).chunks) == 3  # (the stand-ins hold)
     return request.param
 
 
@@ -671,6 +673,8 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for():
     narrow = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **{**K.knob_args(K.ROWS, 2), "block_channels": 32})
     assert (wide.block_b, wide.block_a, wide.grid) == (128, 32, (4, 131))
     assert (narrow.block_b, narrow.block_a, narrow.grid) == (32, 128, (16, 33))
+    with pytest.raises(ValueError, match=r"ROWS_BLOCK_CHANNELS\) must be a power of two, got 48"):
+        K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, block_channels=48)
     planes = K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264)
     assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
 

@@ -101,7 +101,7 @@ class Plan:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self.units_per_round or self.launch_units, self.splits)
+        return (self.units_per_round or (self.launch_units if self.chunk_units else self.channel_programs), self.splits)
 
     @property
     def s_blocks(self) -> int:
@@ -187,6 +187,8 @@ def plan_for(
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
+    if block_channels < 1 or block_channels & (block_channels - 1):
+        raise ValueError(f"plan_for: block_channels (ROWS_BLOCK_CHANNELS) must be a power of two, got {block_channels}")
     if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max and _offsets_fit(_pow2(N), C * S, _pow2(S)):
         bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
@@ -573,7 +575,7 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=_target_programs(x.device, layout),
         resident_programs=resident, round_values=round_values,
-        chain_values=_chain_values(x.device, itemsize, streams, x.numel()) if streams else 0,
+        chain_values=_chain_values(x.device, itemsize, streams, x.numel()) if streams and CHAIN_L2_FRACTION else 0,
         **knob_args(layout, itemsize),
     )  # fmt: skip
 
@@ -818,6 +820,12 @@ def _chunk_grid(units: int, plan: Plan) -> tuple[int, int]:
     return (units, plan.splits)
 
 
+def _grid_of(units: int | None):
+    """`_launch`'s grid_of for a launch of a split pass over `units` channel blocks of a chained plan's
+    chunk; None (the plan's own grid) for all of them."""
+    return None if units is None else functools.partial(_chunk_grid, units)
+
+
 def _chained_launch(launch: dict[str, bool], chunk: int) -> dict[str, bool | int]:
     """The launch options of a split reduction over chunk `chunk` of its plan: with PDL, every chunk's
     after the first waits for the previous kernel at its end, not its start (device `_before_exit`)."""
@@ -834,9 +842,15 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def _run_chunks(plan: Plan, device: torch.device, launch: dict, reduction, elementwise) -> None:
     """A split direction's launches: for each of `plan.chunks` (one, unless the plan is chained) its
-    reduction, then its elementwise pass, each a function of (first channel block, blocks, launch
-    options) or None where not wanted, in turn on the current stream; with CHAIN_STREAMS on a GPU, a
+    reduction, then its elementwise pass, each a function of (first channel block, blocks or None for
+    all of them, launch options) or None where not wanted, in turn on the current stream; with CHAIN_STREAMS on a GPU, a
     chained plan's elementwise passes on a side stream (see CHAIN_STREAMS), joined back at the end."""
+    if not plan.chunk_units:  # (the common case first: planning and launching run on every layer call)
+        if reduction:
+            reduction(0, None, launch)
+        if elementwise:
+            elementwise(0, None, launch)
+        return
     chunks = plan.chunks
     if not (CHAIN_STREAMS and len(chunks) > 1 and device.type == "cuda" and reduction and elementwise):
         for k, (unit0, units) in enumerate(chunks):
@@ -968,16 +982,16 @@ def forward(
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     flat, apply = _elementwise_passes(plan, x.device)
 
-    def statistics(unit0: int, units: int, options: dict) -> None:
+    def statistics(unit0: int, units: int | None, options: dict) -> None:
         _launch(
             _stats_kernel, plan, x.device,
             lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), unit0, eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
                            STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **options),
-            grid_of=functools.partial(_chunk_grid, units),
+            grid_of=_grid_of(units),
         )  # fmt: skip
 
-    def normalize(unit0: int, units: int, options: dict) -> None:
+    def normalize(unit0: int, units: int | None, options: dict) -> None:
         if flat:  # (never chained)
             _launch(
                 _apply_flat_kernel, flat, x.device,
@@ -991,7 +1005,7 @@ def forward(
                 lambda p: (x, z, y, *stats, *params, *_shape_args(p), unit0, eps),
                 lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue,
                                **_block_args(p), **options),
-                grid_of=functools.partial(_chunk_grid, units),
+                grid_of=_grid_of(units),
             )  # fmt: skip
 
     _run_chunks(plan, x.device, launch, statistics if training else None, normalize)
@@ -1071,18 +1085,18 @@ def backward(
             outputs, writes = (outputs[0], dy), {**writes, "WRITE_DZ": False}
             flags = {**flags, "HAS_RESIDUAL": False, "RELU": False}
         elementwise = dx is not None or (dz is not None and not dz_early)
-        flat, apply = _elementwise_passes(plan, x.device)
+        flat, apply = _elementwise_passes(plan, x.device) if elementwise else (None, plan)
 
-        def gradient_sums(unit0: int, units: int, options: dict) -> None:
+        def gradient_sums(unit0: int, units: int | None, options: dict) -> None:
             _launch(
                 _grad_kernel, plan, x.device,
                 lambda p: (*sums_args, *_shape_args(p), unit0),
                 lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
                                **sums_options, **_block_args(p, reduction=True), **options),
-                grid_of=functools.partial(_chunk_grid, units),
+                grid_of=_grid_of(units),
             )  # fmt: skip
 
-        def input_grad(unit0: int, units: int, options: dict) -> None:
+        def input_grad(unit0: int, units: int | None, options: dict) -> None:
             if flat:  # (never chained)
                 _launch(
                     _input_grad_flat_kernel, flat, x.device,
@@ -1096,7 +1110,7 @@ def backward(
                     lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p), unit0),
                     lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **writes, **flags,
                                    **_block_args(p), **options),
-                    grid_of=functools.partial(_chunk_grid, units),
+                    grid_of=_grid_of(units),
                 )  # fmt: skip
 
         _run_chunks(plan, x.device, launch, gradient_sums if reduce else None, input_grad if elementwise else None)
