@@ -642,7 +642,8 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             if cut:
                 how += " (cut to one wave)"
             if plan.chunk_units:
-                how += f" (chained: {len(plan.chunks)} chunks of {plan.launch_units} channel blocks)"
+                streams = " on two streams" if CHAIN_STREAMS and x.device.type == "cuda" else ""
+                how += f" (chained{streams}: {len(plan.chunks)} chunks of {plan.launch_units} channel blocks)"
         if plan.packed:
             how += f" (packed tiles of {plan.samples_per_tile} samples)"
         if plan.group:
