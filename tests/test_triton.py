@@ -609,27 +609,30 @@ def test_a_kernel_without_occupancy_attributes_is_launched_uncut_with_a_warning(
         assert K._resident(Bare(), (torch.empty(1),), {}, torch.device("cpu")) == 32  # every slot
 
 
-@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("flat", [False, True, "chained"], ids=["tiled", "flat", "chained"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_residual):
     """Every split pass cut to fewer slices than planned (the interpreter pretends to be a GPU of 2
     multiprocessors holding 2 programs each): the same results as the reference; the partial workspaces
-    sized for the planned slices serve the cut ones; the bench's note says so."""
+    sized for the planned slices serve the cut ones; the bench's note says so. Chained: each chunk's
+    launches cut (the chunk's channel blocks count, not the plan's)."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 64)
     monkeypatch.setattr(K, "COMBINE_VALUES", 4)
-    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", flat)
+    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", flat is True)
     monkeypatch.setattr(K, "FLAT_BLOCK", 32)
+    if flat == "chained":
+        _chained_in_thirds(monkeypatch)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 16)
     monkeypatch.setattr(K, "_one_wave_on", lambda device: True)
     monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 9, 2048, 233472))
     monkeypatch.setattr(K, "_resident", lambda kernel, args, options, device: 2)
     monkeypatch.setattr(K, "_FITTED", {})
-    shape = (12, 2, 4, 8)
+    shape = (12, 3, 4, 8) if flat == "chained" else (12, 2, 4, 8)  # (3 chunks of one channel)
     x, z, dy, w, b = _operands(shape, "contiguous", torch.float32)
     results = {}
     for backend in ("triton", "reference"):
-        rm, rv = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+        rm, rv = torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE)
         y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv,
                         with_residual=with_residual)  # fmt: skip
         results[backend] = (y, *grads, rm, rv)
@@ -637,7 +640,8 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_resid
         _close(ours, ref, torch.float32, f"result {i}")
     launched = [cut.grid if isinstance(cut, K.Plan) else K._flat_grid(cut) for cut in K._FITTED.values()]
     assert len(launched) == 4 and all(math.prod(grid) <= 4 for grid in launched)  # all four passes were cut
-    assert K.describe_plans(x.detach(), residual=with_residual).count("(cut to one wave)") == 2
+    described = K.describe_plans(x.detach(), residual=with_residual)
+    assert described.count("(cut to one wave)") == 2 and (flat != "chained" or "chained: 3 chunks" in described)
 
 
 def test_chained_plans_cut_the_channels_into_equal_chunks_that_fit_the_budget():
