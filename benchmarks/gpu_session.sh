@@ -31,6 +31,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
+RUN6_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-074258.csv  # (the last H200 run committed)
 JOBS=$(nproc)
 mkdir -p "$OUT"
 steps=("$@")
@@ -81,7 +82,7 @@ for step in "${steps[@]}"; do
       # (QUICK_KNOBS: the Triton kernels' knobs for this run, space-separated NAME=VALUE, e.g.
       #  "PDL=True CHAIN_L2_FRACTION=0.25": a candidate's whole sums, recorded in the CSV's knobs column)
       q=${QUICK_S:-300}
-      against=${QUICK_AGAINST-benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-074258.csv}
+      against=${QUICK_AGAINST-$RUN6_CSV}
       knobs=()
       for knob in ${QUICK_KNOBS:-}; do knobs+=(--knob "$knob"); done
       timeout "$q" python3 -m bnlab.cli bench --gpu --quick --out "$OUT" --budget-s $((q - 100)) \
@@ -89,7 +90,7 @@ for step in "${steps[@]}"; do
         | tail -45 ;;
     candidates)
       base=$(ls "$OUT"/gpu-*.csv 2>/dev/null | head -1)
-      base=${base:-${QUICK_AGAINST-benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-074258.csv}}
+      base=${base:-${QUICK_AGAINST-$RUN6_CSV}}
       c=${CANDIDATE_S:-100}
       IFS=';' read -ra settings <<< "${CANDIDATES:-PDL=True;PDL=True CHAIN_L2_FRACTION=0.25}"
       for setting in "${settings[@]}"; do

@@ -101,7 +101,7 @@ class Plan:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self.units_per_round or (self.launch_units if self.chunk_units else self.channel_programs), self.splits)
+        return (self.units_per_round or self.launch_units, self.splits)
 
     @property
     def s_blocks(self) -> int:
@@ -203,25 +203,34 @@ def plan_for(
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
-    width = block_channels
-    while True:
-        block_a, block_b, tiles, units, unit_values, packing = _blocks(
-            layout, N, C, S, tile, group_span, (min_run, max_run), width
-        )
-        per_chunk = chain_values // unit_values if unit_values else 0
-        if not chain_values or per_chunk >= units:  # not chained, or the whole tensor fits one chunk
-            per_chunk = 0
-            break
-        if per_chunk or layout != ROWS or not chain_min_channels or block_b // 2 < chain_min_channels:
-            per_chunk = _cdiv(units, _cdiv(units, per_chunk)) if per_chunk else 0  # equal chunks
-            break
-        width = block_b // 2
-    if per_chunk == 0:  # (a width narrowed in vain is kept only when chained: otherwise the default blocks)
-        runs = (min_run, max_run)
-        block_a, block_b, tiles, units, _, packing = _blocks(layout, N, C, S, tile, group_span, runs, block_channels)
+    runs = (min_run, max_run)
+    chained = _chained_blocks(layout, N, C, S, tile, group_span, runs, block_channels, chain_values, chain_min_channels)
+    blocks, per_chunk = chained or (_blocks(layout, N, C, S, tile, group_span, runs, block_channels), 0)
+    block_a, block_b, tiles, units, _, packing = blocks
     per_split = _per_split(tiles, per_chunk or units, target_programs)
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
                 reduce_warps=reduce_warps or num_warps, chunk_units=per_chunk, **packing)  # fmt: skip
+
+
+def _chained_blocks(
+    layout: str, N: int, C: int, S: int, tile: int, group_span: int, runs: tuple[int, int], width: int,
+    chain_values: int, min_channels: int,
+) -> tuple[tuple, int] | None:  # fmt: skip
+    """(`_blocks` of a chained split plan, channel blocks a chunk: chunks of equal size) where the tensor
+    is over `chain_values` values and a channel block fits that (rows: blocks of `width` channels narrowed
+    down to `min_channels` until one fits); None: not chained (see `plan_for`)."""
+    while chain_values:
+        blocks = _blocks(layout, N, C, S, tile, group_span, runs, width)
+        units, unit_values = blocks[3], blocks[4]
+        if units * unit_values <= chain_values:  # the whole tensor fits one chunk
+            return None
+        per_chunk = chain_values // unit_values
+        if per_chunk:
+            return blocks, _cdiv(units, _cdiv(units, per_chunk))
+        if layout != ROWS or not min_channels or blocks[1] // 2 < min_channels:
+            return None
+        width = blocks[1] // 2
+    return None
 
 
 def _per_split(tiles: int, units: int, target_programs: int) -> int:
@@ -844,15 +853,10 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 def _run_chunks(plan: Plan, device: torch.device, launch: dict, reduction, elementwise) -> None:
     """A split direction's launches: for each of `plan.chunks` (one, unless the plan is chained) its
     reduction, then its elementwise pass, each a function of (first channel block, blocks or None for
-    all of them, launch options) or None where not wanted, in turn on the current stream; with CHAIN_STREAMS on a GPU, a
-    chained plan's elementwise passes on a side stream (see CHAIN_STREAMS), joined back at the end."""
-    if not plan.chunk_units:  # (the common case first: planning and launching run on every layer call)
-        if reduction:
-            reduction(0, None, launch)
-        if elementwise:
-            elementwise(0, None, launch)
-        return
-    chunks = plan.chunks
+    all of them, launch options) or None where not wanted, in turn on the current stream; with
+    CHAIN_STREAMS on a GPU, a chained plan's elementwise passes on a side stream (see CHAIN_STREAMS),
+    joined back at the end."""
+    chunks = plan.chunks if plan.chunk_units else ((0, None),)  # (None: the plan's own grid, all blocks)
     if not (CHAIN_STREAMS and len(chunks) > 1 and device.type == "cuda" and reduction and elementwise):
         for k, (unit0, units) in enumerate(chunks):
             if reduction:
