@@ -61,8 +61,9 @@ DEPENDENT_LAUNCH = {"PDL": True}
 # L2 (12.5 MB of each tensor read at 50 MB), so that normalize and dx re-read their chunk from L2; with PDL
 # a chunk's reduction streams from memory while the previous chunk's elementwise pass runs. Plan knobs:
 # profiled only where they chain (NCHW 28x28 and larger, 14x14x1024; channels-last where blocks of 32
-# channels fit a chunk).
-CHAINED = {"CHAIN_L2_FRACTION": 0.25}
+# channels fit a chunk). CHAIN_EAGER: the profiler times eager calls, which otherwise leave chaining to
+# captures (the graph-timed step chains either way).
+CHAINED = {"CHAIN_L2_FRACTION": 0.25, "CHAIN_EAGER": True}
 CHAINED_PDL = {**CHAINED, "PDL": True}
 # Grids as planned, over one wave where they are (session 8's default cuts them): profiled only on the
 # shapes whose launches at the defaults were cut (`_was_cut`), i.e. after the defaults.
@@ -210,6 +211,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "CHAIN_L2_FRACTION",
         "ROWS_BLOCK_CHANNELS",
         "CHAIN_STREAMS",
+        "CHAIN_EAGER",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
@@ -280,7 +282,7 @@ def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: 
     x = _planning_tensor(shape, layout, dtype, device)
 
     def plan() -> tuple:
-        p = K.make_plan(x, K.layout_of(x), streams=2)
+        p = K.make_plan(x, K.layout_of(x), streams=2, chain=True)
         return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p)
 
     before = plan()

@@ -9,6 +9,7 @@ cross many of them), the fused residual + ReLU, its determinism and its compiled
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -33,6 +34,8 @@ from concurrent_interpreter import concurrent_programs
 K = kernels.load()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# What a fused training step gives (`_training_step`), in order.
+STEP_RESULTS = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
 
 
 def _chained_in_thirds(monkeypatch):
@@ -49,6 +52,7 @@ def _chained_in_thirds(monkeypatch):
     monkeypatch.setattr(K, "CHAIN_L2_FRACTION", 0.25)  # (on; the chunks' size is the stand-ins')
     monkeypatch.setattr(K, "_chain_values", lambda device, itemsize, streams, values: 1)
     monkeypatch.setattr(K, "CHAIN_MIN_CHANNELS", 1)
+    monkeypatch.setattr(K, "CHAIN_EAGER", True)  # (the tests call eagerly; see the CHAIN_EAGER test)
 
 
 @pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent", "chained"])
@@ -218,6 +222,50 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, plans):
     assert buffers and all(int(buf.count_nonzero()) == 0 for buf in buffers)
 
 
+def test_graph_counters_give_each_captured_reduction_zeroed_counters_of_its_own():
+    """The reserve for captured graphs: slices that never overlap (a graph keeps the addresses it was
+    captured with), all zero, 16-byte aligned like a buffer of their own (Triton compiles a variant per
+    pointer alignment, and a capture cannot compile), topped up only when a quarter of a slab is left and
+    never beyond its limit; then it gives nothing, and the capture zeroes counters of its own."""
+    reserve = K.GraphCounters(slab=128, limit=256)
+    cpu = torch.device("cpu")
+    assert reserve.take(cpu, 1) is None and reserve.left(cpu) == 0  # nothing set aside before an eager call
+    reserve.top_up(cpu)
+    taken = [reserve.take(cpu, count) for count in (10, 20, 30)]
+    assert [t.numel() for t in taken] == [10, 20, 30] and reserve.left(cpu) == 128 - 3 * 32
+    spans = sorted((t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in taken)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
+    assert all(t.dtype == torch.int32 and int(t.count_nonzero()) == 0 for t in taken)
+    assert all(t.data_ptr() % 16 == 0 for t in taken)
+    reserve.top_up(cpu)  # a quarter left: nothing allocated
+    assert len(reserve._slabs) == 1
+    assert reserve.take(cpu, 32).numel() == 32 and reserve.left(cpu) == 0
+    assert reserve.take(cpu, 1) is None
+    reserve.top_up(cpu)  # none left: a second slab
+    assert reserve.left(cpu) == 128 and len(reserve._slabs) == 2
+    assert reserve.take(cpu, 100) is not None and reserve.left(cpu) == 0
+    reserve.top_up(cpu)  # a third slab would pass the limit of 256
+    assert len(reserve._slabs) == 2 and reserve.take(cpu, 1) is None
+
+
+def test_counters_of_a_captured_reduction_come_from_the_reserve(monkeypatch):
+    """Wiring, with stand-ins for the GPU: a reduction being captured takes its counters from the reserve
+    (no fill kernel recorded in the graph); an eager one uses its stream's buffer and tops the reserve up."""
+    gpu = torch.device("cuda", 0)
+    reserve = K.GraphCounters(slab=100, limit=100)
+    reserve._free[gpu] = stand_in = torch.zeros(100, dtype=torch.int32)
+    monkeypatch.setattr(K, "_GRAPH_COUNTERS", reserve)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    first, second = K._semaphores(gpu, 30), K._semaphores(gpu, 30)
+    assert first.data_ptr() == stand_in.data_ptr() and second.data_ptr() == stand_in[32:].data_ptr()
+    topped = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(reserve, "top_up", topped.append)
+    monkeypatch.setattr(K, "_raw_stream", lambda index: 7)
+    monkeypatch.setitem(K._SEMAPHORES, (0, 7), stream_buffer := torch.zeros(1024, dtype=torch.int32))
+    assert K._semaphores(gpu, 30) is stream_buffer and topped == [gpu]
+
+
 # (shape, layout, values per round, tile): two channel blocks (of 8 channels in rows, 1 in planes, 16 in
 # grouped planes) per round.
 ROUNDS = [
@@ -268,7 +316,7 @@ def test_persistent_kernels_run_rounds_of_channel_blocks(
         with concurrent_programs() if concurrent and run != "reference" else contextlib.nullcontext():
             y, grads = _run(run.split()[0], x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
         results[run] = (y, *grads, rm, rv)
-    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
+    names = STEP_RESULTS
     for name, ours, again, ref in zip(names, *results.values(), strict=True):
         _close(ours, ref, torch.float32, name)
         assert torch.equal(ours, again), f"{name} differs between two runs"
@@ -696,8 +744,12 @@ def test_chunks_are_sized_by_a_share_of_the_gpus_l2(monkeypatch):
     x = torch.empty(256, 256, 56, 56, dtype=torch.bfloat16)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 264)
     monkeypatch.setattr(K, "_chain_values", lambda device, itemsize, streams, values: 6_553_600 // streams)
-    assert len(K.make_plan(x, K.PLANES, streams=1).chunks) == 32 and len(K.make_plan(x, K.PLANES, 2).chunks) == 64
-    assert K.make_plan(x, K.PLANES, streams=0).chunk_units == 0  # inference: nothing to re-read
+    assert len(K.make_plan(x, K.PLANES, 1, chain=True).chunks) == 32
+    assert len(K.make_plan(x, K.PLANES, 2, chain=True).chunks) == 64
+    assert K.make_plan(x, K.PLANES, streams=0, chain=True).chunk_units == 0  # inference: nothing to re-read
+    assert K.make_plan(x, K.PLANES, streams=1).chunk_units == 0  # an eager call (CHAIN_EAGER off)
+    monkeypatch.setattr(K, "CHAIN_EAGER", True)
+    assert len(K.make_plan(x, K.PLANES, streams=1).chunks) == 32
 
 
 def test_chained_launches_go_chunk_by_chunk_and_wait_late_under_dependent_launch(monkeypatch):
@@ -728,6 +780,47 @@ def test_chained_launches_go_chunk_by_chunk_and_wait_late_under_dependent_launch
             want.append((f"_{elementwise}_kernel", (2, apply_splits), unit0, True))
         assert launches[6 * direction : 6 * direction + 6] == want
     assert len(launches) == 12
+
+
+def test_eager_calls_leave_chained_plans_to_captures_and_compile_their_kernels_first(monkeypatch):
+    """CHAIN_EAGER off: an eager call runs the unchained plan and, the first time only, the chained plan's
+    launches over empty grids (they compile and load its kernels, which a capture cannot); a call made
+    while a graph is being captured (stood in for) runs the chained plan. Both match the reference."""
+    _chained_in_thirds(monkeypatch)
+    monkeypatch.setattr(K, "CHAIN_EAGER", False)
+    monkeypatch.setattr(K, "_WARMED", set())
+    for knob, value in (("SINGLE_TILE_MAX", 0), ("TILE", 8), ("COMBINE_VALUES", 4)):
+        monkeypatch.setattr(K, knob, value)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 64)
+    capturing = [False]
+    monkeypatch.setattr(K, "_chaining", lambda device: capturing[0])
+    launches = []
+    launch = K._launch
+
+    def recorded(kernel, plan, device, *args, dry=False, **options):
+        launches.append((kernel.fn.__name__.strip("_").removesuffix("_kernel"), dry))
+        return launch(kernel, plan, device, *args, dry=dry, **options)
+
+    monkeypatch.setattr(K, "_launch", recorded)
+    x, z, dy, w, b = _operands((4, 3, 5, 2), "contiguous", torch.float32)
+    expected = _run("reference", x, z, dy, w, b, training=True, activation="relu")
+
+    def passes(reduction: str, elementwise: str, chunks: int, dry: bool) -> list[tuple[str, bool]]:
+        return [(reduction, dry), (elementwise, dry)] * chunks
+
+    for call, (chained, warm) in enumerate([(False, True), (False, False), (True, False)]):
+        capturing[0] = chained
+        launches.clear()
+        y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu")
+        _close(y, expected[0], torch.float32, f"output, call {call}")
+        for name, ours, ref in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected[1], strict=True):
+            _close(ours, ref, torch.float32, f"{name}, call {call}")
+        chunks = 3 if chained else 1
+        want = [
+            *(passes("stats", "apply", 3, True) if warm else []), *passes("stats", "apply", chunks, False),
+            *(passes("grad", "input_grad", 3, True) if warm else []), *passes("grad", "input_grad", chunks, False),
+        ]  # fmt: skip
+        assert launches == want, f"call {call}"
 
 
 def test_chained_passes_on_two_streams_wait_for_their_reductions_and_join_back(monkeypatch):
@@ -911,7 +1004,7 @@ def test_flat_elementwise_passes_match_the_reference(monkeypatch, shape, trainin
         activation = "relu" if dtype == torch.float32 else None
         y, grads = _run(backend, x, z, dy, w, b, training=training, activation=activation, rm=rm, rv=rv)
         outs.append((y, *grads, rm, rv))
-    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
+    names = STEP_RESULTS
     for name, ours, ref in zip(names, *outs, strict=True):
         _close(ours, ref, dtype, name)
 
@@ -1044,6 +1137,7 @@ def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, 
     # blocks would need fewer than CHAIN_MIN_CHANNELS), but BatchNorm1d 8192x256 bf16 (4 and 8 chunks)
     monkeypatch.setattr(K, "CHAIN_L2_FRACTION", 0.05 if plans == "chained" else 0.0)
     monkeypatch.setattr(K, "CHAIN_ABOVE_L2", 0.0)  # (these shapes fit L2 twice over: chained all the same)
+    monkeypatch.setattr(K, "CHAIN_EAGER", True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(shape, generator=gen, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
@@ -1070,7 +1164,7 @@ def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, 
     masked_dy = torch.where(ours_y > 0, dy, torch.zeros_like(dy))
     _, through_our_mask = _run("reference", x, z, masked_dy, w, b, training=True, activation=None)
     results["reference"] = (ref_y, *through_our_mask, *results["reference"][-2:])
-    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
+    names = STEP_RESULTS
     for name, ours, ref, again in zip(names, results["triton"], results["reference"], results["again"], strict=True):
         # Parameter gradients and statistics are float32 sums over many values: relative to their size.
         _close(ours, ref, dtype if ours.dtype == dtype else torch.float32, name)
@@ -1093,8 +1187,8 @@ def _sm90() -> bool:
         ((32, 2048, 7, 7), "contiguous", {}),  # single tile
         # chained (at a 50 MB L2): 86 and 128 chunks of 3 and 2 channels; blocks of 64 and 32 channels, 4
         # and 8 chunks
-        ((64, 256, 56, 56), "contiguous", {"CHAIN_L2_FRACTION": 0.05, "CHAIN_ABOVE_L2": 0.0}),
-        ((64, 256, 28, 28), "channels_last", {"CHAIN_L2_FRACTION": 0.25, "CHAIN_ABOVE_L2": 0.0}),
+        ((64, 256, 56, 56), "contiguous", {"CHAIN_L2_FRACTION": 0.05, "CHAIN_ABOVE_L2": 0.0, "CHAIN_EAGER": True}),
+        ((64, 256, 28, 28), "channels_last", {"CHAIN_L2_FRACTION": 0.25, "CHAIN_ABOVE_L2": 0.0, "CHAIN_EAGER": True}),
     ],
     ids=lambda v: (
         "x".join(map(str, v)) if isinstance(v, tuple)
@@ -1130,23 +1224,30 @@ def _training_step(x, z, dy, w, b):
     return step
 
 
-def _check_eagerly_and_in_a_graph(step, want: tuple[torch.Tensor, ...], what: str) -> None:
-    """`step()`'s results, called eagerly and replayed from a CUDA graph (as the bench times it), bit for
-    bit `want`."""
-    eager = step()
-    side = torch.cuda.Stream()  # (compiles done, as `gpubench` captures)
+def _captured(step, graphs: int = 1) -> tuple[list[torch.cuda.CUDAGraph], list[tuple[torch.Tensor, ...]]]:
+    """`graphs` CUDA graphs of `step`, captured as `gpubench` does (after a call on a side stream), and the
+    results each replay writes (a replay zeroes the running statistics first: `_training_step`)."""
+    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    captured = []
+    for graph in (made := [torch.cuda.CUDAGraph() for _ in range(graphs)]):
+        with torch.cuda.graph(graph):
+            captured.append(step())
+    return made, captured
+
+
+def _check_eagerly_and_in_a_graph(step, want: tuple[torch.Tensor, ...], what: str) -> None:
+    """`step()`'s results, called eagerly and replayed from a CUDA graph (as the bench times it), bit for
+    bit `want`."""
+    eager = step()
+    (graph,), (captured,) = _captured(step)
     for _ in range(3):  # (later replays start on the counters the earlier ones left)
         graph.replay()
     torch.cuda.synchronize()
-    names = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
-    for name, ref, a, g in zip(names, want, eager, captured, strict=True):  # (a replay zeroes rm, rv first)
+    for name, ref, a, g in zip(STEP_RESULTS, want, eager, captured, strict=True):
         assert torch.equal(a, ref), f"{name}: {what} differ from ordinary ones"
         assert torch.equal(g, ref), f"{name}: {what} replayed from a graph differ"
 
@@ -1161,7 +1262,8 @@ def test_chained_plans_on_two_streams_give_the_same_bits_eagerly_and_in_a_graph(
     """CHAIN_STREAMS: each chunk's elementwise pass on a side stream, after its reduction (an event): an
     elementwise pass that ran before its chunk's statistics were final, or a join missed at the end,
     shows as other bits than the same chained plan on one stream."""
-    for knob, value in (("CHAIN_L2_FRACTION", fraction), ("CHAIN_ABOVE_L2", 0.0), ("ONE_WAVE", False)):
+    knobs = (("CHAIN_L2_FRACTION", fraction), ("CHAIN_ABOVE_L2", 0.0), ("ONE_WAVE", False), ("CHAIN_EAGER", True))
+    for knob, value in knobs:
         monkeypatch.setattr(K, knob, value)
     x, z, dy, w, b = _operands(shape, layout, torch.bfloat16)
     assert len(K.make_plan(x, K.layout_of(x), streams=3).chunks) > 2
@@ -1169,6 +1271,57 @@ def test_chained_plans_on_two_streams_give_the_same_bits_eagerly_and_in_a_graph(
     want = step()
     monkeypatch.setattr(K, "CHAIN_STREAMS", True)
     _check_eagerly_and_in_a_graph(step, want, "chained launches on two streams")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "PDL"])
+def test_captures_chain_what_eager_calls_compiled(monkeypatch, pdl):
+    """CHAIN_EAGER off: the eager calls run the unchained plan and compile the chained one's kernels; the
+    capture then chains without compiling (a module load during a capture fails it), giving the bits of
+    the same chained plan run eagerly (CHAIN_EAGER on)."""
+    for knob, value in (("CHAIN_L2_FRACTION", 0.05), ("CHAIN_ABOVE_L2", 0.0), ("PDL", pdl), ("_WARMED", set())):
+        monkeypatch.setattr(K, knob, value)
+    x, z, dy, w, b = _operands((64, 256, 28, 28), "contiguous", torch.bfloat16)
+    assert len(K.make_plan(x, K.layout_of(x), streams=2, chain=True).chunks) > 2
+    assert K.make_plan(x, K.layout_of(x), streams=2).chunk_units == 0  # (eagerly: not chained)
+    for kernel in (K._stats_kernel, K._apply_kernel, K._grad_kernel, K._input_grad_kernel):
+        kernel.device_caches.clear()  # (Triton's loaded variants forgotten, as in a new process)
+    step = _training_step(x, z, dy, w, b)
+    step()
+    (graph,), (captured,) = _captured(step)
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(K, "CHAIN_EAGER", True)
+    want = step()
+    for name, ref, got in zip(STEP_RESULTS, want, captured, strict=True):
+        assert torch.equal(got, ref), f"{name}: the captured chain differs from the eager one"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_graphs_take_their_counters_from_the_reserve_and_replay_in_any_order(monkeypatch):
+    """Two graphs of the same training step take disjoint counters from the reserve set aside by the eager
+    calls (none zeroed inside the graphs); replayed in turn, each gives the eager bits every time, which
+    counters shared between them or left non-zero by a replay would not."""
+    monkeypatch.setattr(K, "_GRAPH_COUNTERS", K.GraphCounters(slab=1 << 16, limit=1 << 17))
+    x, z, dy, w, b = _operands((32, 64, 14, 14), "contiguous", torch.bfloat16)
+    assert K.make_plan(x, K.layout_of(x), streams=2).splits > 1  # (a split plan: it has counters)
+    step = _training_step(x, z, dy, w, b)
+    want = step()
+    left = K._GRAPH_COUNTERS.left(x.device)
+    graphs, captured = _captured(step, graphs=2)
+    taken = left - K._GRAPH_COUNTERS.left(x.device)
+    assert taken > 0 and taken % 2 == 0, f"{taken} counters taken by two captures of one step"
+    for _ in range(3):
+        for graph in graphs:
+            graph.replay()
+    torch.cuda.synchronize()
+    for results in captured:
+        for name, ref, got in zip(STEP_RESULTS, want, results, strict=True):
+            assert torch.equal(got, ref), f"{name}: replayed from a graph differs"
+    slab = K._GRAPH_COUNTERS._slabs[0]
+    assert int(slab.count_nonzero()) == 0, "counters left non-zero after the replays"
 
 
 @pytest.mark.gpu

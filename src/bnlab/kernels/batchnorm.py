@@ -569,6 +569,19 @@ PERSISTENT_MIN_CHANNELS = 0
 CHAIN_L2_FRACTION = 0.0
 CHAIN_ABOVE_L2 = 2.0
 CHAIN_MIN_CHANNELS = 32
+# Chained plans in eager calls too (True), or only in CUDA graphs being captured (False). A chunk costs two
+# launches: nothing on the host in a replayed graph, but 4-5 us of bnlab's Python and Triton's launcher
+# (~10 us more) each when called from Python: 192 launches a step at 256x256x56x56 would take ~3 ms of host
+# time for ~0.85 ms of GPU time. Off, an eager call runs the unchained plan and, once per kernel variant,
+# compiles and loads the chained plan's kernels (launches over empty grids; a capture cannot load modules),
+# so that a later capture of the same call chains.
+CHAIN_EAGER = False
+
+
+def _chaining(device: torch.device) -> bool:
+    """Whether a call on `device` takes chained plans now: always with CHAIN_EAGER, else while a CUDA graph
+    is being captured."""
+    return CHAIN_EAGER or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _split_block(plan: Plan) -> int:
@@ -576,17 +589,40 @@ def _split_block(plan: Plan) -> int:
     return max(1, min(_pow2(plan.splits), COMBINE_VALUES // channels))
 
 
-def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
+def make_plan(x: torch.Tensor, layout: str, streams: int = 1, chain: bool | None = None) -> Plan:
     """The plan for `x` laid out as `layout`; `streams`: tensors a training direction reads (persistent
-    and chained plans size their rounds and chunks by it; 0: neither, e.g. inference)."""
+    and chained plans size their rounds and chunks by it; 0: neither, e.g. inference); `chain`: whether
+    it may be chained (CHAIN_L2_FRACTION permitting; None: as a call made now would be, `_chaining`)."""
     itemsize = x.element_size()
     resident, round_values = _persistent_limits(x.device, itemsize, streams) if streams else (0, 0)
+    chained = streams and CHAIN_L2_FRACTION and (_chaining(x.device) if chain is None else chain)
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=_target_programs(x.device, layout),
         resident_programs=resident, round_values=round_values,
-        chain_values=_chain_values(x.device, itemsize, streams, x.numel()) if streams and CHAIN_L2_FRACTION else 0,
+        chain_values=_chain_values(x.device, itemsize, streams, x.numel()) if chained else 0,
         **knob_args(layout, itemsize),
     )  # fmt: skip
+
+
+# What eager calls compiled for later captures (CHAIN_EAGER off): (chained plan, operands' kinds).
+_WARMED: set[tuple] = set()
+
+
+def _chain_to_warm(x: torch.Tensor, layout: str, streams: int, kinds: tuple) -> Plan | None:
+    """For a call that took an unchained plan with chained plans on (CHAIN_L2_FRACTION): the chained plan
+    that a capture of it would take, if that plan's kernels are not yet compiled for operands of these
+    `kinds` (dtypes, flags); else None. Once per (plan, kinds): the caller then runs the call dry on it."""
+    chained = make_plan(x, layout, streams, chain=True)
+    key = (chained, x.device, *kinds)
+    if not chained.chunk_units or key in _WARMED:
+        return None
+    _WARMED.add(key)
+    return chained
+
+
+def _kind(t: torch.Tensor | None) -> torch.dtype | None:
+    """What a kernel variant depends on of an optional operand (its dtype, or its absence)."""
+    return None if t is None else t.dtype
 
 
 def _chain_values(device: torch.device, itemsize: int, streams: int, values: int) -> int:
@@ -626,7 +662,8 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
     layout = layout_of(x) or PLANES
     parts = []
     for direction in ("forward", "backward"):
-        plan = make_plan(x, layout, _streams(direction == "backward", residual))
+        # (as a capture plans, CHAIN_EAGER or not: the bench's numbers are replayed from CUDA graphs)
+        plan = make_plan(x, layout, _streams(direction == "backward", residual), chain=True)
         if plan.single:
             how = "single tile"
         elif plan.persistent:
@@ -652,7 +689,8 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
                 how += " (cut to one wave)"
             if plan.chunk_units:
                 streams = " on two streams" if CHAIN_STREAMS and x.device.type == "cuda" else ""
-                how += f" (chained{streams}: {len(plan.chunks)} chunks of {plan.launch_units} channel blocks)"
+                where = "" if CHAIN_EAGER else " in CUDA graphs"
+                how += f" (chained{where}{streams}: {len(plan.chunks)} chunks of {plan.launch_units} channel blocks)"
         if plan.packed:
             how += f" (packed tiles of {plan.samples_per_tile} samples)"
         if plan.group:
@@ -812,17 +850,19 @@ def _flat_block_args(flat: tuple[int, int, int]) -> dict[str, int | bool]:
     }
 
 
-def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=None, fit=within):
+def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=None, fit=within, dry=False):
     """Launch `kernel` over `plan` (a Plan; a flat pass's tuple with `grid_of=_flat_grid, fit=flat_within`),
     first cut to one wave (ONE_WAVE) on a GPU. `args_of(plan)`, `options_of(plan)`: its arguments and its
-    constexprs and options (both may change with the slices, e.g. the combine's step)."""
+    constexprs and options (both may change with the slices, e.g. the combine's step). `dry`: over an
+    empty grid, which compiles and loads the variant and runs nothing."""
     args, options = args_of(plan), options_of(plan)
     if _one_wave_on(device):
         fitted = fit(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
         if fitted != plan:
             _FITTED[(kernel, plan)] = plan = fitted
             args, options = args_of(plan), options_of(plan)
-    kernel[grid_of(plan) if grid_of else plan.grid](*args, **options)
+    grid = grid_of(plan) if grid_of else plan.grid
+    kernel[(0,) * len(grid) if dry else grid](*args, **options)
 
 
 def _chunk_grid(units: int, plan: Plan) -> tuple[int, int]:
@@ -901,18 +941,78 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 )
 
 
+class GraphCounters:
+    """Counters for the reductions of CUDA graphs being captured, zeroed before any capture.
+
+    A captured reduction needs counters of its own (its graph may replay on another stream, beside eager
+    launches on this one) that are zero when the graph's first replay starts; the kernels leave them at
+    zero after each replay. `torch.zeros` during the capture would put a fill kernel before every
+    reduction in the graph: a node between two dependent kernels (session 8 measured 8.5-13 us a step
+    outside the kernels; two fills a step are part of it), and a break in a chain of PDL launches. So
+    eager calls set a reserve aside (`top_up`: zeroed, then the stream synchronized once, so that a
+    capture on any stream finds it zero) and each captured reduction takes its own slice of it (`take`).
+    A graph keeps the addresses it was captured with, so a slice taken is never given out again:
+    `limit` counters a GPU in all (a few hundred a reduction; ResNet-50's 106 reductions a step take
+    ~20 thousand), then captures zero their own, as before.
+    """
+
+    def __init__(self, slab: int = 1 << 20, limit: int = 1 << 23) -> None:
+        self.slab, self.limit = slab, limit
+        self._free: dict[torch.device, torch.Tensor] = {}  # what is left of the newest slab
+        self._allocated: dict[torch.device, int] = {}
+        self._slabs: list[torch.Tensor] = []  # every slab, alive for as long as graphs may use it
+
+    def top_up(self, device: torch.device) -> None:
+        """Called outside captures: a new slab when less than a quarter of one is left, within `limit`."""
+        free = self._free.get(device)
+        if free is not None and 4 * free.numel() >= self.slab:
+            return
+        allocated = self._allocated.get(device, 0)
+        if allocated + self.slab > self.limit:
+            return
+        slab = torch.zeros(self.slab, device=device, dtype=torch.int32)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # (zero before a capture on another stream)
+        self._slabs.append(slab)
+        self._free[device] = slab
+        self._allocated[device] = allocated + self.slab
+
+    def take(self, device: torch.device, count: int) -> torch.Tensor | None:
+        """`count` zeroed counters no one else has, or None when the reserve cannot give them. Each slice
+        starts 128 bytes into a slab times a whole number, as a buffer of its own does: Triton compiles a
+        variant per pointer alignment (16 bytes or not), and a capture cannot compile one."""
+        free = self._free.get(device)
+        if free is None or free.numel() < count:
+            return None
+        self._free[device] = free[min(free.numel(), -(-count // 32) * 32) :]
+        return free[:count]
+
+    def left(self, device: torch.device) -> int:
+        free = self._free.get(device)
+        return 0 if free is None else free.numel()
+
+
+_GRAPH_COUNTERS = GraphCounters()
+
+
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     """`count` zeroed int32 arrival counters.
 
     The last program of each channel block zeroes its counter again, so a buffer is all zeros whenever
     no kernel is running on its stream: one buffer per (GPU, stream) serves every launch on it (kernels
-    on one stream never overlap; on two streams they could, hence not one buffer per GPU). A graph being
-    captured gets its own buffer (its replays may run on another stream), as does the CPU interpreter.
+    on one stream never overlap; on two streams they could, hence not one buffer per GPU). A reduction
+    in a graph being captured gets counters of its own from `_GRAPH_COUNTERS` (its replays may run on
+    another stream); the CPU interpreter a fresh buffer.
     """
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda":
         return torch.zeros(count, device=device, dtype=torch.int32)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, _raw_stream(index))
+    if device.index is None:  # (a tensor's device always names its GPU; this is for other callers)
+        device = torch.device("cuda", torch.cuda.current_device())
+    if torch.cuda.is_current_stream_capturing():
+        taken = _GRAPH_COUNTERS.take(device, count)
+        return taken if taken is not None else torch.zeros(count, device=device, dtype=torch.int32)
+    _GRAPH_COUNTERS.top_up(device)
+    key = (device.index, _raw_stream(device.index))
     buffer = _SEMAPHORES.get(key)
     if buffer is None or buffer.numel() < count:
         buffer = _SEMAPHORES[key] = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
@@ -937,6 +1037,7 @@ def forward(
     save_stats: bool = True,
     layout: str | None = None,
     plan: Plan | None = None,
+    dry: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd): y in x's layout; mean and invstd float32 per channel, the ones y was computed with.
 
@@ -944,10 +1045,18 @@ def forward(
     given, is `layout_of(x)`, saving the caller's second look); in training the
     running statistics, when given, are updated in place (momentum already resolved by the caller). In
     inference, `save_stats=False` (no backward to come) lets the kernel read the running statistics
-    directly and returns None for mean and invstd.
+    directly and returns None for mean and invstd. `dry` (split plans): launches over empty grids, which
+    compile and load the kernels and compute nothing (see CHAIN_EAGER).
     """
     layout = layout or layout_of(x)
-    plan = plan or make_plan(x, layout, streams=_streams(False, residual is not None) if training else 0)
+    if plan is None:
+        streams = _streams(False, residual is not None) if training else 0
+        plan = make_plan(x, layout, streams)
+        if streams and CHAIN_L2_FRACTION and not plan.chunk_units:  # (a capture may chain: CHAIN_EAGER)
+            kinds = ("forward", x.dtype, _kind(weight), _kind(bias), _kind(running_mean), _kind(residual), relu)
+            if chained := _chain_to_warm(x, layout, streams, kinds):
+                forward(x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+                        eps=eps, residual=residual, relu=relu, layout=layout, plan=chained, dry=True)  # fmt: skip
     C = plan.C
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -993,7 +1102,7 @@ def forward(
             lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), unit0, eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
                            STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **options),
-            grid_of=_grid_of(units),
+            grid_of=_grid_of(units), dry=dry,
         )  # fmt: skip
 
     def normalize(unit0: int, units: int | None, options: dict) -> None:
@@ -1002,7 +1111,7 @@ def forward(
                 _apply_flat_kernel, flat, x.device,
                 lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
                 lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **options, **epilogue),
-                grid_of=_flat_grid, fit=flat_within,
+                grid_of=_flat_grid, fit=flat_within, dry=dry,
             )  # fmt: skip
         else:
             _launch(
@@ -1010,7 +1119,7 @@ def forward(
                 lambda p: (x, z, y, *stats, *params, *_shape_args(p), unit0, eps),
                 lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue,
                                **_block_args(p), **options),
-                grid_of=_grid_of(units),
+                grid_of=_grid_of(units), dry=dry,
             )  # fmt: skip
 
     _run_chunks(plan, x.device, launch, statistics if training else None, normalize)
@@ -1033,14 +1142,24 @@ def backward(
     need_residual: bool = False,
     layout: str | None = None,
     plan: Plan | None = None,
+    dry: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias, dresidual), each None where not needed; dweight/dbias float32.
 
     `dy` must be in x's layout (see `to_layout`). In training dx needs the per-channel sums, so the
-    reduction pass runs whenever dx or a parameter gradient is needed.
+    reduction pass runs whenever dx or a parameter gradient is needed. `dry`: as in `forward`.
     """
     layout = layout or layout_of(x)
-    plan = plan or make_plan(x, layout, streams=_streams(True, residual is not None) if training else 0)
+    if plan is None:
+        streams = _streams(True, residual is not None) if training else 0
+        plan = make_plan(x, layout, streams)
+        if streams and CHAIN_L2_FRACTION and not plan.chunk_units:  # (a capture may chain: CHAIN_EAGER)
+            kinds = ("backward", dy.dtype, x.dtype, _kind(weight), _kind(bias), _kind(residual), relu,
+                     need_input, need_params, need_residual)  # fmt: skip
+            if chained := _chain_to_warm(x, layout, streams, kinds):
+                backward(dy, x, weight, bias, mean, invstd, training=training, residual=residual, relu=relu,
+                         need_input=need_input, need_params=need_params, need_residual=need_residual,
+                         layout=layout, plan=chained, dry=True)  # fmt: skip
     C = plan.C
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
@@ -1098,7 +1217,7 @@ def backward(
                 lambda p: (*sums_args, *_shape_args(p), unit0),
                 lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
                                **sums_options, **_block_args(p, reduction=True), **options),
-                grid_of=_grid_of(units),
+                grid_of=_grid_of(units), dry=dry,
             )  # fmt: skip
 
         def input_grad(unit0: int, units: int | None, options: dict) -> None:
@@ -1107,7 +1226,7 @@ def backward(
                     _input_grad_flat_kernel, flat, x.device,
                     lambda f: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), f[1], f[2]),
                     lambda f: dict(TRAINING=training, **_flat_block_args(f), **options, **writes, **flags),
-                    grid_of=_flat_grid, fit=flat_within,
+                    grid_of=_flat_grid, fit=flat_within, dry=dry,
                 )  # fmt: skip
             else:
                 _launch(
@@ -1115,7 +1234,7 @@ def backward(
                     lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p), unit0),
                     lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **writes, **flags,
                                    **_block_args(p), **options),
-                    grid_of=_grid_of(units),
+                    grid_of=_grid_of(units), dry=dry,
                 )  # fmt: skip
 
         _run_chunks(plan, x.device, launch, gradient_sums if reduce else None, input_grad if elementwise else None)
