@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass, replace
 
@@ -952,40 +953,44 @@ class GraphCounters:
     eager calls set a reserve aside (`top_up`: zeroed, then the stream synchronized once, so that a
     capture on any stream finds it zero) and each captured reduction takes its own slice of it (`take`).
     A graph keeps the addresses it was captured with, so a slice taken is never given out again:
-    `limit` counters a GPU in all (a few hundred a reduction; ResNet-50's 106 reductions a step take
-    ~20 thousand), then captures zero their own, as before.
+    `limit` counters a GPU in all, then captures zero their own, as before. A reduction takes a few
+    hundred (32 at least); a slab (512 KB) holds a whole ResNet-50 training step's 106 (~40 thousand), and
+    an eager call tops it up when less than half of one is left.
     """
 
-    def __init__(self, slab: int = 1 << 20, limit: int = 1 << 23) -> None:
+    def __init__(self, slab: int = 1 << 17, limit: int = 1 << 23) -> None:
         self.slab, self.limit = slab, limit
         self._free: dict[torch.device, torch.Tensor] = {}  # what is left of the newest slab
         self._allocated: dict[torch.device, int] = {}
         self._slabs: list[torch.Tensor] = []  # every slab, alive for as long as graphs may use it
+        self._lock = threading.Lock()  # (captures on two threads must not take the same slice)
 
     def top_up(self, device: torch.device) -> None:
-        """Called outside captures: a new slab when less than a quarter of one is left, within `limit`."""
+        """Called outside captures: a new slab when less than half of one is left, within `limit`."""
         free = self._free.get(device)
-        if free is not None and 4 * free.numel() >= self.slab:
+        if free is not None and 2 * free.numel() >= self.slab:
             return
-        allocated = self._allocated.get(device, 0)
-        if allocated + self.slab > self.limit:
-            return
-        slab = torch.zeros(self.slab, device=device, dtype=torch.int32)
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # (zero before a capture on another stream)
-        self._slabs.append(slab)
-        self._free[device] = slab
-        self._allocated[device] = allocated + self.slab
+        with self._lock:
+            allocated = self._allocated.get(device, 0)
+            if allocated + self.slab > self.limit or self._free.get(device) is not free:
+                return  # (the limit reached, or another thread has just topped up)
+            slab = torch.zeros(self.slab, device=device, dtype=torch.int32)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # (zero before a capture on another stream)
+            self._slabs.append(slab)
+            self._free[device] = slab
+            self._allocated[device] = allocated + self.slab
 
     def take(self, device: torch.device, count: int) -> torch.Tensor | None:
         """`count` zeroed counters no one else has, or None when the reserve cannot give them. Each slice
         starts 128 bytes into a slab times a whole number, as a buffer of its own does: Triton compiles a
         variant per pointer alignment (16 bytes or not), and a capture cannot compile one."""
-        free = self._free.get(device)
-        if free is None or free.numel() < count:
-            return None
-        self._free[device] = free[min(free.numel(), -(-count // 32) * 32) :]
-        return free[:count]
+        with self._lock:
+            free = self._free.get(device)
+            if free is None or free.numel() < count:
+                return None
+            self._free[device] = free[min(free.numel(), -(-count // 32) * 32) :]
+            return free[:count]
 
     def left(self, device: torch.device) -> int:
         free = self._free.get(device)
