@@ -255,11 +255,11 @@ def test_counters_of_a_captured_reduction_come_from_the_reserve(monkeypatch):
     reserve = K.GraphCounters(slab=100, limit=100)
     reserve._free[gpu] = stand_in = torch.zeros(100, dtype=torch.int32)
     monkeypatch.setattr(K, "_GRAPH_COUNTERS", reserve)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
     first, second = K._semaphores(gpu, 30), K._semaphores(gpu, 30)
     assert first.data_ptr() == stand_in.data_ptr() and second.data_ptr() == stand_in[32:].data_ptr()
     topped = []
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(K, "_capturing", lambda device: False)
     monkeypatch.setattr(reserve, "top_up", topped.append)
     monkeypatch.setattr(K, "_raw_stream", lambda index: 7)
     monkeypatch.setitem(K._SEMAPHORES, (0, 7), stream_buffer := torch.zeros(1024, dtype=torch.int32))
@@ -785,7 +785,8 @@ def test_chained_launches_go_chunk_by_chunk_and_wait_late_under_dependent_launch
 def test_eager_calls_leave_chained_plans_to_captures_and_compile_their_kernels_first(monkeypatch):
     """CHAIN_EAGER off: an eager call runs the unchained plan and, the first time only, the chained plan's
     launches over empty grids (they compile and load its kernels, which a capture cannot); a call made
-    while a graph is being captured (stood in for) runs the chained plan. Both match the reference."""
+    while a graph is being captured (stood in for) runs the chained plan, but only once an eager call has
+    compiled it (before that, the unchained plan). All match the reference."""
     _chained_in_thirds(monkeypatch)
     monkeypatch.setattr(K, "CHAIN_EAGER", False)
     monkeypatch.setattr(K, "_WARMED", set())
@@ -793,7 +794,7 @@ def test_eager_calls_leave_chained_plans_to_captures_and_compile_their_kernels_f
         monkeypatch.setattr(K, knob, value)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 64)
     capturing = [False]
-    monkeypatch.setattr(K, "_chaining", lambda device: capturing[0])
+    monkeypatch.setattr(K, "_capturing", lambda device: capturing[0])
     launches = []
     launch = K._launch
 
@@ -808,8 +809,10 @@ def test_eager_calls_leave_chained_plans_to_captures_and_compile_their_kernels_f
     def passes(reduction: str, elementwise: str, chunks: int, dry: bool) -> list[tuple[str, bool]]:
         return [(reduction, dry), (elementwise, dry)] * chunks
 
-    for call, (chained, warm) in enumerate([(False, True), (False, False), (True, False)]):
-        capturing[0] = chained
+    # (captured, chained, warm): a capture before any eager call, two eager calls, a capture
+    calls = [(True, False, False), (False, False, True), (False, False, False), (True, True, False)]
+    for call, (captured, chained, warm) in enumerate(calls):
+        capturing[0] = captured
         launches.clear()
         y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu")
         _close(y, expected[0], torch.float32, f"output, call {call}")
@@ -1287,9 +1290,19 @@ def test_captures_chain_what_eager_calls_compiled(monkeypatch, pdl):
     assert K.make_plan(x, K.layout_of(x), streams=2).chunk_units == 0  # (eagerly: not chained)
     for kernel in (K._stats_kernel, K._apply_kernel, K._grad_kernel, K._input_grad_kernel):
         kernel.device_caches.clear()  # (Triton's loaded variants forgotten, as in a new process)
+    chunks, run_chunks = [], K._run_chunks
+
+    def recorded(plan, *args):
+        chunks.append(len(plan.chunks))
+        return run_chunks(plan, *args)
+
+    monkeypatch.setattr(K, "_run_chunks", recorded)
     step = _training_step(x, z, dy, w, b)
     step()
+    assert chunks[0] > 2 and chunks[1] == 1 and chunks[2] > 2 and chunks[3] == 1  # (dry, then unchained)
+    chunks.clear()
     (graph,), (captured,) = _captured(step)
+    assert chunks[0] == chunks[1] == 1 and min(chunks[2:]) > 2  # (the side stream's call, then the capture)
     graph.replay()
     torch.cuda.synchronize()
     monkeypatch.setattr(K, "CHAIN_EAGER", True)

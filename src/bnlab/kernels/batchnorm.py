@@ -575,14 +575,13 @@ CHAIN_MIN_CHANNELS = 32
 # (~10 us more) each when called from Python: 192 launches a step at 256x256x56x56 would take ~3 ms of host
 # time for ~0.85 ms of GPU time. Off, an eager call runs the unchained plan and, once per kernel variant,
 # compiles and loads the chained plan's kernels (launches over empty grids; a capture cannot load modules),
-# so that a later capture of the same call chains.
+# so that a later capture of the same call chains (`_planned`).
 CHAIN_EAGER = False
 
 
-def _chaining(device: torch.device) -> bool:
-    """Whether a call on `device` takes chained plans now: always with CHAIN_EAGER, else while a CUDA graph
-    is being captured."""
-    return CHAIN_EAGER or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of `device`."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _split_block(plan: Plan) -> int:
@@ -593,10 +592,10 @@ def _split_block(plan: Plan) -> int:
 def make_plan(x: torch.Tensor, layout: str, streams: int = 1, chain: bool | None = None) -> Plan:
     """The plan for `x` laid out as `layout`; `streams`: tensors a training direction reads (persistent
     and chained plans size their rounds and chunks by it; 0: neither, e.g. inference); `chain`: whether
-    it may be chained (CHAIN_L2_FRACTION permitting; None: as a call made now would be, `_chaining`)."""
+    it may be chained (CHAIN_L2_FRACTION permitting; None: CHAIN_EAGER, i.e. as an eager call runs it)."""
     itemsize = x.element_size()
     resident, round_values = _persistent_limits(x.device, itemsize, streams) if streams else (0, 0)
-    chained = streams and CHAIN_L2_FRACTION and (_chaining(x.device) if chain is None else chain)
+    chained = streams and CHAIN_L2_FRACTION and (CHAIN_EAGER if chain is None else chain)
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=_target_programs(x.device, layout),
         resident_programs=resident, round_values=round_values,
@@ -605,20 +604,29 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1, chain: bool | None
     )  # fmt: skip
 
 
-# What eager calls compiled for later captures (CHAIN_EAGER off): (chained plan, operands' kinds).
+# The chained plans whose kernels eager calls compiled for captures (CHAIN_EAGER off), with the operands'
+# kinds and PDL: (plan, device, PDL, kinds).
 _WARMED: set[tuple] = set()
 
 
-def _chain_to_warm(x: torch.Tensor, layout: str, streams: int, kinds: tuple) -> Plan | None:
-    """For a call that took an unchained plan with chained plans on (CHAIN_L2_FRACTION): the chained plan
-    that a capture of it would take, if that plan's kernels are not yet compiled for operands of these
-    `kinds` (dtypes, flags); else None. Once per (plan, kinds): the caller then runs the call dry on it."""
-    chained = make_plan(x, layout, streams, chain=True)
-    key = (chained, x.device, *kinds)
-    if not chained.chunk_units or key in _WARMED:
-        return None
+def _planned(x: torch.Tensor, layout: str, streams: int, kinds) -> tuple[Plan, Plan | None]:
+    """(the plan a launcher runs, a chained plan to run dry first, or None). With chained plans on but
+    CHAIN_EAGER off: an eager call runs the unchained plan and, the first time for these operands
+    (`kinds()`: dtypes, flags), asks for the chained plan to be run dry (compiled and loaded); a call being
+    captured runs the chained plan where an eager call has done so, else the unchained one (a capture
+    cannot compile a kernel)."""
+    if not (streams and CHAIN_L2_FRACTION) or CHAIN_EAGER:
+        return make_plan(x, layout, streams), None
+    plan, chained = make_plan(x, layout, streams, chain=False), make_plan(x, layout, streams, chain=True)
+    if not chained.chunk_units:
+        return plan, None
+    key = (chained, x.device, _launch_options(x.device)["PDL"], *kinds())
+    if _capturing(x.device):
+        return (chained if key in _WARMED else plan), None
+    if key in _WARMED:
+        return plan, None
     _WARMED.add(key)
-    return chained
+    return plan, chained
 
 
 def _kind(t: torch.Tensor | None) -> torch.dtype | None:
@@ -1013,7 +1021,7 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
         return torch.zeros(count, device=device, dtype=torch.int32)
     if device.index is None:  # (a tensor's device always names its GPU; this is for other callers)
         device = torch.device("cuda", torch.cuda.current_device())
-    if torch.cuda.is_current_stream_capturing():
+    if _capturing(device):
         taken = _GRAPH_COUNTERS.take(device, count)
         return taken if taken is not None else torch.zeros(count, device=device, dtype=torch.int32)
     _GRAPH_COUNTERS.top_up(device)
@@ -1055,13 +1063,13 @@ def forward(
     """
     layout = layout or layout_of(x)
     if plan is None:
-        streams = _streams(False, residual is not None) if training else 0
-        plan = make_plan(x, layout, streams)
-        if streams and CHAIN_L2_FRACTION and not plan.chunk_units:  # (a capture may chain: CHAIN_EAGER)
-            kinds = ("forward", x.dtype, _kind(weight), _kind(bias), _kind(running_mean), _kind(residual), relu)
-            if chained := _chain_to_warm(x, layout, streams, kinds):
-                forward(x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
-                        eps=eps, residual=residual, relu=relu, layout=layout, plan=chained, dry=True)  # fmt: skip
+        plan, chained = _planned(
+            x, layout, _streams(False, residual is not None) if training else 0,
+            lambda: ("forward", x.dtype, _kind(weight), _kind(bias), _kind(running_mean), _kind(residual), relu),
+        )  # fmt: skip
+        if chained:
+            forward(x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
+                    residual=residual, relu=relu, layout=layout, plan=chained, dry=True)  # fmt: skip
     C = plan.C
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -1156,15 +1164,15 @@ def backward(
     """
     layout = layout or layout_of(x)
     if plan is None:
-        streams = _streams(True, residual is not None) if training else 0
-        plan = make_plan(x, layout, streams)
-        if streams and CHAIN_L2_FRACTION and not plan.chunk_units:  # (a capture may chain: CHAIN_EAGER)
-            kinds = ("backward", dy.dtype, x.dtype, _kind(weight), _kind(bias), _kind(residual), relu,
-                     need_input, need_params, need_residual)  # fmt: skip
-            if chained := _chain_to_warm(x, layout, streams, kinds):
-                backward(dy, x, weight, bias, mean, invstd, training=training, residual=residual, relu=relu,
-                         need_input=need_input, need_params=need_params, need_residual=need_residual,
-                         layout=layout, plan=chained, dry=True)  # fmt: skip
+        plan, chained = _planned(
+            x, layout, _streams(True, residual is not None) if training else 0,
+            lambda: ("backward", dy.dtype, x.dtype, _kind(weight), _kind(bias), _kind(residual), relu, need_input,
+                     need_params, need_residual),
+        )  # fmt: skip
+        if chained:
+            backward(dy, x, weight, bias, mean, invstd, training=training, residual=residual, relu=relu,
+                     need_input=need_input, need_params=need_params, need_residual=need_residual, layout=layout,
+                     plan=chained, dry=True)  # fmt: skip
     C = plan.C
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
