@@ -826,6 +826,21 @@ def test_eager_calls_leave_chained_plans_to_captures_and_compile_their_kernels_f
         assert launches == want, f"call {call}"
 
 
+def test_a_dry_run_is_refused_where_it_would_compute():
+    """Only a chained split plan's launches have a dry form (empty grids); the single-tile and persistent
+    kernels would run for real and update the running statistics a second time."""
+    x, dy, w = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.ones(3)
+    plan = K.make_plan(x, K.PLANES, streams=1)
+    assert plan.single and not plan.chunk_units
+    rm = torch.zeros(3)
+    with pytest.raises(ValueError, match="dry run is for chained split plans"):
+        K.forward(x, w, None, rm, torch.ones(3), training=True, momentum=0.1, eps=1e-5, plan=plan, dry=True)
+    assert int(rm.count_nonzero()) == 0
+    mean, invstd = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="dry run is for chained split plans"):
+        K.backward(dy, x, w, None, mean, invstd, training=True, plan=plan, dry=True)
+
+
 def test_chained_passes_on_two_streams_wait_for_their_reductions_and_join_back(monkeypatch):
     """CHAIN_STREAMS, with torch.cuda's streams and events stood in for (the order is what is tested): each
     elementwise pass runs on the side stream after an event recorded behind its chunk's reduction; the

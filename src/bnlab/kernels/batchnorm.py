@@ -1070,6 +1070,8 @@ def forward(
         if chained:
             forward(x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
                     residual=residual, relu=relu, layout=layout, plan=chained, dry=True)  # fmt: skip
+    elif dry and not plan.chunk_units:  # (the single-tile and persistent launches have no dry form)
+        raise ValueError(f"a dry run is for chained split plans, not {plan}")
     C = plan.C
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -1173,6 +1175,8 @@ def backward(
             backward(dy, x, weight, bias, mean, invstd, training=training, residual=residual, relu=relu,
                      need_input=need_input, need_params=need_params, need_residual=need_residual, layout=layout,
                      plan=chained, dry=True)  # fmt: skip
+    elif dry and not plan.chunk_units:  # (the single-tile and persistent launches have no dry form)
+        raise ValueError(f"a dry run is for chained split plans, not {plan}")
     C = plan.C
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
