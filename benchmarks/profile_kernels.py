@@ -135,6 +135,10 @@ SETS = {
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             {"ROWS_BLOCK_CHANNELS": 64},
             {"ROWS_BLOCK_CHANNELS": 32},
+            # statistics loads 2 deep (run 4's 14x14 statistics: 25.7 us for 25.7 MB, a dozen tiles a
+            # program, each load waited for; at 56x56, ~190 tiles a program, 3 deep was slower): sm_90,
+            # Triton 3.6, 128 registers instead of 121, no spills, the same 4 programs an SM
+            {"STATS_STAGES": {"planes": 3, "rows": 2}},
             {"PROGRAMS_PER_SM": {"planes": 2, "rows": 2}},
             {"APPLY_PROGRAMS_PER_SM": {"planes": 4, "rows": 8}},
             # run 4: combining 64 partials a step (COMBINE_VALUES 8192) took 256x512x7x7 from 48.5 to 61.9
