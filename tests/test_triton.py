@@ -805,6 +805,7 @@ def test_eager_calls_leave_chained_plans_to_captures_and_compile_their_kernels_f
     monkeypatch.setattr(K, "_launch", recorded)
     x, z, dy, w, b = _operands((4, 3, 5, 2), "contiguous", torch.float32)
     expected = _run("reference", x, z, dy, w, b, training=True, activation="relu")
+    assert "(chained in CUDA graphs: 3 chunks" in K.describe_plans(x, residual=True)  # (what the bench times)
 
     def passes(reduction: str, elementwise: str, chunks: int, dry: bool) -> list[tuple[str, bool]]:
         return [(reduction, dry), (elementwise, dry)] * chunks
