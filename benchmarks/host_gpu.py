@@ -11,12 +11,15 @@ back to back, one synchronize at the end), so the differences between lines loca
 - backward through autograd vs the launchers' backward called directly: the autograd engine hands a
   CUDA backward to its device thread, which must take the GIL for a Python autograd.Function;
 - the same with a short GIL switch interval (if that helps, the device thread waited for the GIL);
+- one Triton launch of the forward's first kernel over an empty grid (Triton's own Python per launch),
+  and the launchers with every kernel stubbed (bnlab's own Python);
 - eager torch and torch.compile for comparison (compile last: it starts worker processes and threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +49,38 @@ def per_call_us(fn: Callable[[], object], calls: int, device: str) -> float:
         sync()
         runs.append((time.perf_counter() - start) / calls * 1e6)
     return sorted(runs)[1]
+
+
+class _Recorder:
+    """Stands in for a kernel: a launch runs nothing; with a list, it is recorded there as (kernel, grid,
+    arguments, options)."""
+
+    def __init__(self, kernel, launches: list | None) -> None:
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **options):
+            if self.launches is not None:
+                self.launches.append((self.kernel, grid, args, options))
+
+        return launch
+
+
+@contextlib.contextmanager
+def _kernels_replaced(K, stand_in):
+    """Each kernel replaced by `stand_in(kernel)` (and no occupancy asked of them: ONE_WAVE off) for the
+    duration."""
+    names = [name for name in dir(K) if name.endswith("_kernel")]
+    real, one_wave = {name: getattr(K, name) for name in names}, K.ONE_WAVE
+    K.ONE_WAVE = False
+    for name in names:
+        setattr(K, name, stand_in(real[name]))
+    try:
+        yield
+    finally:
+        K.ONE_WAVE = one_wave
+        for name, kernel in real.items():
+            setattr(K, name, kernel)
 
 
 def main() -> int:
@@ -95,6 +130,13 @@ def main() -> int:
     def bnlab_backward_kept() -> object:
         return torch.autograd.grad(y_kept, wrt, dy, retain_graph=True)
 
+    # The forward's first launch as bnlab makes it (kernel, grid, arguments, options), to time Triton's own
+    # launch path over an empty grid: binding and specializing the arguments, no kernel run.
+    launches: list[tuple] = []
+    with _kernels_replaced(K, lambda kernel: _Recorder(kernel, launches)):
+        launchers_forward()
+    kernel, grid, launch_args, launch_options = launches[0]
+
     rows = [
         ("launchers: forward (no autograd)", launchers_forward),
         ("launchers: backward (no autograd)", launchers_backward),
@@ -109,6 +151,12 @@ def main() -> int:
           f"GIL switch interval {sys.getswitchinterval() * 1e6:.0f} us; us per call:")  # fmt: skip
     for label, fn in rows:
         print(f"  {timed(fn):8.1f}  {label}", flush=True)
+    empty = (0,) * len(grid)
+    us = timed(lambda: kernel[empty](*launch_args, **launch_options))
+    print(f"  {us:8.1f}  Triton: one launch of {kernel.fn.__name__} over an empty grid", flush=True)
+    with _kernels_replaced(K, lambda kernel: _Recorder(kernel, None)):
+        print(f"  {timed(rows[0][1]):8.1f}  launchers: forward, kernels stubbed (bnlab's Python)", flush=True)
+        print(f"  {timed(rows[1][1]):8.1f}  launchers: backward, kernels stubbed (bnlab's Python)", flush=True)
     default_interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     for label, fn in rows[4:5] + rows[6:7]:
