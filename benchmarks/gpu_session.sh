@@ -99,7 +99,8 @@ for step in "${steps[@]}"; do
         echo "--- candidate: $setting (against $base)" | tee -a "$OUT/candidates.log"
         timeout "$c" python3 -m bnlab.cli bench --gpu --quick --providers bnlab-triton --out /tmp/bnlab-candidates \
           --budget-s $((c - 40)) --warm-jobs "$JOBS" --against "$base" ${knobs[@]+"${knobs[@]}"} 2>&1 \
-          | tee -a "$OUT/candidates.log" | grep -E "^  sum |rows skipped|rror" | tail -10
+          | tee -a "$OUT/candidates.log" | grep -E "^  sum |rows skipped|rror" | grep -v "called from Python" \
+          | tail -10  # (the sums as graphs time them here; candidates.log has them called from Python too)
       done
       tar -C /tmp -czf "$OUT/candidates.tgz" bnlab-candidates 2>/dev/null ;;
     tune)

@@ -557,6 +557,14 @@ def test_check_compares_bnlab_with_an_earlier_run(tmp_path, capsys):
     assert "(64 rows in both" in comparison[0]  # 48 layer rows and 16 fused ones
     assert comparison[1].endswith("100.0 ->       80.0 us  0.800 *")  # the first row: its note changed
     assert comparison[2].endswith("0.800") and "sum resnet50 batch 256 bfloat16 NCHW both: 5.300 -> 4.240 ms" in out
+    assert "called from Python" not in out  # (these rows were not timed from Python)
+    timed = [replace(r, stream_us=2 * r.median_us) for r in rows]
+    timed = _replace_first(timed, lambda r: r.provider == g.BNLAB, stream_us=None)  # one missing: no sum
+    early = [replace(r, stream_us=3 * r.median_us) for r in _results(bnlab=100.0)]
+    text = g.format_comparison(timed, early)
+    assert "sum resnet50 batch 256 bfloat16 channels_last both, called from Python: 15.900 -> 8.480 ms  0.533" in text
+    assert "sum resnet50 batch 256 bfloat16 NCHW both, called from" not in text  # (a row short: no sum)
+    assert text.count("called from Python") == 7  # (the 8 sums timed in graphs, but that one)
     assert cli.main(["bench", "--gpu", "--check", str(after), "--against", str(tmp_path / "none.csv")]) == 2
     assert "--against: [Errno 2] No such file" in capsys.readouterr().err
     assert cli.main(["bench", "--against", str(before)]) == 2  # (GPU bench only)

@@ -951,16 +951,19 @@ class IterationSum:
         return self.layers == self.expected
 
 
-def per_iteration_sums(rows: Iterable[GpuRow]) -> dict[tuple[str, int, str, str, str, str], IterationSum]:
-    """Sum multiplicity x median over the layer shapes, per case, batch, dtype, layout, direction, provider."""
+def per_iteration_sums(
+    rows: Iterable[GpuRow], field: str = "median_us"
+) -> dict[tuple[str, int, str, str, str, str], IterationSum]:
+    """Sum multiplicity x median over the layer shapes, per case, batch, dtype, layout, direction, provider
+    (`field`: the median as the bench times it, or `stream_us`: called from Python, where measured)."""
     totals: dict[tuple[str, int, str, str, str, str], list[float]] = {}
     for r in rows:
         if r.case not in CASE_LAYERS:
             continue
         key = (r.case, int(r.shape.split("x")[0]), r.dtype, r.layout, r.direction, r.provider)
         acc = totals.setdefault(key, [0.0, 0])
-        if _ok(r):
-            acc[0] += r.layers * r.median_us
+        if _ok(r) and getattr(r, field) is not None:
+            acc[0] += r.layers * getattr(r, field)
             acc[1] += r.layers
     return {key: IterationSum(*key, total, int(n), CASE_LAYERS[key[0]]) for key, (total, n) in totals.items()}
 
@@ -1141,7 +1144,8 @@ def format_comparison(rows: Sequence[GpuRow], before: Sequence[GpuRow], provider
     """`provider`'s times in `rows` against `before` (a previous run, on the same kind of GPU for the
     numbers to mean anything): per row found in both (same case, shape, dtype, layout, direction), then
     per complete per-iteration sum; new / old < 1 is faster now. A row whose note (the plans, mask flips)
-    changed is marked *."""
+    changed is marked *. The sums also called from Python (`stream_us`), where both runs have them all: a
+    candidate's host cost (e.g. a plan chained in graphs only) shows there."""
     key = attrgetter("case", "shape", "dtype", "layout", "direction")
     old = {key(r): r for r in before if r.provider == provider and _ok(r)}
     pairs = [(r, old[key(r)]) for r in rows if r.provider == provider and _ok(r) and key(r) in old]
@@ -1150,13 +1154,14 @@ def format_comparison(rows: Sequence[GpuRow], before: Sequence[GpuRow], provider
         mark = " *" if new.note != was.note else ""
         lines.append(f"  {_label(new):<66} {was.median_us:10.1f} -> {new.median_us:10.1f} us "
                      f"{new.median_us / was.median_us:6.3f}{mark}")  # fmt: skip
-    now, then = per_iteration_sums(rows), per_iteration_sums(before)
-    for k, s in now.items():
-        t = then.get(k)
-        if k[-1] == provider and s.complete and t is not None and t.complete:
-            case, batch, dtype, layout, direction, _ = k
-            lines.append(f"  sum {case} batch {batch} {dtype} {layout} {direction}: {t.total_us / 1e3:.3f} -> "
-                         f"{s.total_us / 1e3:.3f} ms {s.total_us / t.total_us:6.3f}")  # fmt: skip
+    for field, how in (("median_us", ""), ("stream_us", ", called from Python")):
+        now, then = per_iteration_sums(rows, field), per_iteration_sums(before, field)
+        for k, s in now.items():
+            t = then.get(k)
+            if k[-1] == provider and s.complete and t is not None and t.complete:
+                case, batch, dtype, layout, direction, _ = k
+                lines.append(f"  sum {case} batch {batch} {dtype} {layout} {direction}{how}: {t.total_us / 1e3:.3f}"
+                             f" -> {s.total_us / 1e3:.3f} ms {s.total_us / t.total_us:6.3f}")  # fmt: skip
     return "\n".join(lines)
 
 
