@@ -210,9 +210,18 @@ def _poison(kind, shape=(6, 4)):
     return x
 
 
+@pytest.fixture(params=["synced", "on the device"])
+def skip_check(request, monkeypatch):
+    """Policy "skip" as a CPU runs it (a host sync) and as a GPU does (a select on the device, the warning
+    once the flag reaches the host: at once here, where nothing runs behind the host)."""
+    if request.param == "on the device":
+        monkeypatch.setattr(bnlab.functional, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+    return request.param
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["nan", "inf", "overflow"])
-def test_nonfinite_statistics_are_skipped_with_a_warning(backend, kind):
+def test_nonfinite_statistics_are_skipped_with_a_warning(backend, kind, skip_check):
     layer = bnlab.nn.convert(nn.Sequential(nn.Linear(4, 4), _trained(bnlab.nn.BatchNorm1d, backend=backend)))
     before = copy.deepcopy(layer.state_dict())
     with pytest.warns(NonFiniteStatisticsWarning, match=r"BatchNorm1d\(4\) '1': non-finite batch statistics"):
@@ -247,12 +256,46 @@ def test_nonfinite_ignore_policy_is_torchs_behaviour():
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, equal_nan=True)
 
 
-def test_nonfinite_statistics_from_an_already_broken_layer_are_reported_as_such():
+def test_nonfinite_statistics_from_an_already_broken_layer_are_reported_as_such(skip_check):
     layer = _trained(bnlab.nn.BatchNorm1d)
     with torch.no_grad():
         layer.running_var[0] = float("nan")
     with pytest.warns(NonFiniteStatisticsWarning, match="already non-finite"):
         layer(make_input((6, 4)))
+
+
+class _Event:
+    """Stands in for a CUDA event: done once told so (or waited for)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def test_device_checks_warn_once_their_flags_arrive_in_order():
+    """A GPU's checks are reported when their flags have reached the host (the event done), oldest first, a
+    later one never before an earlier one; at exit the rest are waited for."""
+    reports = bnlab.functional._LateReports()
+    events = [_Event() for _ in range(4)]
+    flags = [torch.tensor(False), torch.tensor(True), torch.tensor(False), torch.tensor(False)]
+    for i, (event, flag) in enumerate(zip(events, flags, strict=True)):
+        reports._pending.append((event, flag, torch.ones(3), f"layer {i}"))
+    events[1].done = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reports.poll()  # layer 0's flag not there yet: nothing, and layer 1 waits behind it
+    events[0].done = True
+    with pytest.warns(NonFiniteStatisticsWarning, match=r"layer 0: .*an earlier call's batch") as caught:
+        reports.poll()
+    assert len(caught) == 1 and len(reports._pending) == 2  # (layer 1's batch was finite)
+    with pytest.warns(NonFiniteStatisticsWarning) as caught:
+        reports.flush()  # (at exit: waits for the rest)
+    assert [str(w.message).split(":")[0] for w in caught] == ["layer 2", "layer 3"] and not reports._pending
 
 
 # ---- numerics --------------------------------------------------------------------------------------------

@@ -1329,6 +1329,44 @@ def test_captures_chain_what_eager_calls_compiled(monkeypatch, pdl):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warns_later():
+    """bnlab.nn.BatchNorm2d (triton backend) with the default nonfinite="skip": a training call syncs with
+    nothing (torch's sync debug mode would raise), a NaN batch leaves the running statistics and the
+    counter as they were, and the warning comes once its flag has reached the host; a training step
+    captured in a CUDA graph (where a sync would fail the capture) replays with the statistics updated."""
+    import warnings
+
+    from bnlab import nn as bnn
+
+    layer = bnn.BatchNorm2d(8, backend="triton").cuda()
+    good = torch.randn(4, 8, 5, 5, device="cuda")
+    bad = good.clone()
+    bad[0, 3, 0, 0] = float("nan")
+    layer(good)  # (compiles, sets the counters' reserve aside: the syncs a first call may make)
+    torch.cuda.synchronize()
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(bad)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        BF._LATE_REPORTS.poll()
+    assert [w.category for w in caught] == [BF.NonFiniteStatisticsWarning], [str(w.message) for w in caught]
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    (graph,), _ = _captured(lambda: layer(good))
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert int(layer.num_batches_tracked) == int(before["num_batches_tracked"]) + 3  # (the side call, 2 replays)
+    assert not torch.equal(layer.running_mean, before["running_mean"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_captured_graphs_take_their_counters_from_the_reserve_and_replay_in_any_order(monkeypatch):
     """Two graphs of the same training step take disjoint counters from the reserve set aside by the eager
     calls (none zeroed inside the graphs); replayed in turn, each gives the eager bits every time, which

@@ -12,9 +12,12 @@ keyword-only extras are what a module needs to keep its state honest:
   or an overflowing variance). ``"skip"`` (default) leaves the running statistics and the counter as they
   were and warns, naming the layer; ``"error"`` raises ``FloatingPointError`` with the running statistics
   untouched; ``"ignore"`` does what torch does (no check: one NaN batch poisons the running statistics for
-  good) and costs nothing. The check costs two small ops and, in eager mode, one host sync per layer call.
-  Under ``torch.compile`` the check runs without a sync and ``"skip"`` and ``"error"`` both restore the
-  statistics silently (a compiled graph cannot warn or raise on data).
+  good) and costs nothing. The check costs a few small ops and, on a CPU, one host sync per layer call.
+  On a GPU ``"skip"`` waits for nothing: the statistics are kept or restored on the device, and the
+  warning comes once the GPU has got there (a later call, or exit); ``"error"`` must sync to raise (and
+  ghost batch norm's closed-form update syncs either way).
+  Under ``torch.compile`` or CUDA-graph capture the check runs without a sync and ``"skip"`` (and under
+  compile ``"error"``) restore the statistics silently (a compiled graph cannot warn or raise on data).
 - ``backend``: a backend name for this call only (see ``bnlab.backends``).
 - ``layer``: the name to put in error messages.
 - ``residual`` and ``activation``: the output becomes ``activation(bn(input) + residual)`` (``activation``
@@ -25,6 +28,8 @@ keyword-only extras are what a module needs to keep its state honest:
 
 from __future__ import annotations
 
+import atexit
+import collections
 import functools
 import math
 import warnings
@@ -172,6 +177,86 @@ def _with_epilogue(
     return composed
 
 
+# Devices whose work runs behind the host: there policy "skip" checks the statistics on the device and
+# reports later (`_LateReports`), since a host sync per layer call would stall every layer of a training
+# step (and cannot happen while a CUDA graph is being captured). Tests add "cpu" to run that path.
+DEFERRED_CHECK_DEVICES = frozenset({"cuda"})
+
+
+class _LateReports:
+    """Warnings for batches whose statistics were found non-finite on the device, issued once the host
+    learns of it: each check's flag is copied to the host without waiting (pinned memory, an event), and
+    `poll` warns for the checks that have arrived, in order; at most `limit` wait (then the oldest is
+    waited for), and the rest at exit."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._pending: collections.deque = collections.deque()  # (event or None, flag, before, name)
+
+    def add(self, finite: torch.Tensor, before: torch.Tensor, name: str) -> None:
+        if finite.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return  # (a graph's replays cannot report: the statistics are still kept or restored)
+            flag, event = torch.empty((), dtype=torch.bool, pin_memory=True), torch.cuda.Event()
+            flag.copy_(finite, non_blocking=True)  # (into pinned memory: no wait for the GPU)
+            event.record()
+        else:
+            flag, event = finite, None
+        self._pending.append((event, flag, before, name))
+        if len(self._pending) > self.limit:
+            self._pending[0][0].synchronize()
+        self.poll()
+
+    def poll(self, wait: bool = False) -> None:
+        while self._pending:
+            event, flag, before, name = self._pending[0]
+            if event is not None and not (wait or event.query()):
+                return
+            if event is not None and wait:
+                event.synchronize()
+            self._pending.popleft()
+            if not bool(flag):
+                already_bad = not bool(torch.isfinite(before).all())
+                # (the caller's frame, as the sync path's report names it: 3 frames deeper here)
+                _report_nonfinite("skip", name, already_bad, stacklevel=8, late=event is not None)
+
+    def flush(self) -> None:
+        """Wait for every pending check and report it (at exit; best effort once CUDA is shutting down)."""
+        try:
+            self.poll(wait=True)
+        except RuntimeError:
+            pass
+
+
+_LATE_REPORTS = _LateReports()
+atexit.register(_LATE_REPORTS.flush)
+
+
+def _update_selected(
+    impl: backends.BatchNormFn,
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    factor: float,
+    eps: float,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy "skip" without a host sync: the update is kept or undone on the device by a select, and the
+    warning comes later (`_LATE_REPORTS`). Returns the output and whether the update was kept (a 0-dim
+    bool tensor)."""
+    channels = running_mean.numel()
+    before = torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
+    output = impl(input, running_mean, running_var, weight, bias, True, factor, eps)
+    finite = torch.isfinite(running_var).all()
+    # Written through .data, as the sync path restores: the kernel's autograd node may have saved them.
+    for stat, old in ((running_mean, before[:channels]), (running_var, before[channels:])):
+        torch.where(finite, stat.data, old.view_as(stat), out=stat.data)
+    _LATE_REPORTS.add(finite, before[channels:], name)
+    return output, finite
+
+
 def _update_guarded(
     impl: backends.BatchNormFn,
     input: torch.Tensor,
@@ -198,6 +283,8 @@ def _update_guarded(
             running_mean.copy_(torch.where(finite, new_mean, running_mean))
             running_var.copy_(torch.where(finite, new_var, running_var))
         return output, finite
+    if policy == "skip" and running_var.device.type in DEFERRED_CHECK_DEVICES:
+        return _update_selected(impl, input, running_mean, running_var, weight, bias, factor, eps, name)
 
     channels = running_mean.numel()
     # Buffers are 1-D and need no grad: one small copy is the cheapest way to be able to undo the update.
@@ -219,8 +306,9 @@ def _update_guarded(
     return output, False
 
 
-def _report_nonfinite(policy: str, name: str, already_bad: bool, stacklevel: int) -> None:
-    """Raise (policy "error") or warn (policy "skip") that a batch's statistics were not used."""
+def _report_nonfinite(policy: str, name: str, already_bad: bool, stacklevel: int, late: bool = False) -> None:
+    """Raise (policy "error") or warn (policy "skip") that a batch's statistics were not used (`late`: a
+    batch of an earlier call, checked on the GPU without waiting)."""
     if already_bad:
         detail = "the running statistics were already non-finite before this batch"
     else:
@@ -230,9 +318,10 @@ def _report_nonfinite(policy: str, name: str, already_bad: bool, stacklevel: int
             f"{name}: non-finite batch statistics in training ({detail}); the running statistics were left "
             f"unchanged. Pass nonfinite='skip' to warn and continue instead."
         )
+    when = " (an earlier call's batch: on a GPU the check waits for nothing)" if late else ""
     warnings.warn(
         f"{name}: non-finite batch statistics in training ({detail}); the running statistics and "
-        f"num_batches_tracked were left unchanged for this batch.",
+        f"num_batches_tracked were left unchanged for this batch{when}.",
         NonFiniteStatisticsWarning,
         stacklevel=stacklevel,
     )
