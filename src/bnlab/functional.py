@@ -217,8 +217,8 @@ class _LateReports:
             self._pending.popleft()
             if not bool(flag):
                 already_bad = not bool(torch.isfinite(before).all())
-                # (the caller's frame, as the sync path's report names it: 3 frames deeper here)
-                _report_nonfinite("skip", name, already_bad, stacklevel=8, late=event is not None)
+                # (the caller's frame, as the sync path's report names it: 2 frames deeper here)
+                _report_nonfinite("skip", name, already_bad, stacklevel=7, late=event is not None)
 
     def flush(self) -> None:
         """Wait for every pending check and report it (at exit; best effort once CUDA is shutting down)."""
@@ -230,31 +230,6 @@ class _LateReports:
 
 _LATE_REPORTS = _LateReports()
 atexit.register(_LATE_REPORTS.flush)
-
-
-def _update_selected(
-    impl: backends.BatchNormFn,
-    input: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    factor: float,
-    eps: float,
-    name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy "skip" without a host sync: the update is kept or undone on the device by a select, and the
-    warning comes later (`_LATE_REPORTS`). Returns the output and whether the update was kept (a 0-dim
-    bool tensor)."""
-    channels = running_mean.numel()
-    before = torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
-    output = impl(input, running_mean, running_var, weight, bias, True, factor, eps)
-    finite = torch.isfinite(running_var).all()
-    # Written through .data, as the sync path restores: the kernel's autograd node may have saved them.
-    for stat, old in ((running_mean, before[:channels]), (running_var, before[channels:])):
-        torch.where(finite, stat.data, old.view_as(stat), out=stat.data)
-    _LATE_REPORTS.add(finite, before[channels:], name)
-    return output, finite
 
 
 def _update_guarded(
@@ -271,7 +246,8 @@ def _update_guarded(
 ) -> tuple[torch.Tensor, bool | torch.Tensor]:
     """Run a training step and undo its running-statistics update if the batch statistics were not finite.
 
-    Returns the output and whether the update was kept (a 0-dim bool tensor under torch.compile).
+    Returns the output and whether the update was kept (a 0-dim bool tensor under torch.compile, and for
+    policy "skip" on DEFERRED_CHECK_DEVICES, whose warning `_LATE_REPORTS` issues once the GPU got there).
     """
     if torch.compiler.is_compiling():
         # No host sync in a graph: update copies, then keep or drop the result with a select. The kernel's
@@ -283,8 +259,6 @@ def _update_guarded(
             running_mean.copy_(torch.where(finite, new_mean, running_mean))
             running_var.copy_(torch.where(finite, new_var, running_var))
         return output, finite
-    if policy == "skip" and running_var.device.type in DEFERRED_CHECK_DEVICES:
-        return _update_selected(impl, input, running_mean, running_var, weight, bias, factor, eps, name)
 
     channels = running_mean.numel()
     # Buffers are 1-D and need no grad: one small copy is the cheapest way to be able to undo the update.
@@ -292,6 +266,14 @@ def _update_guarded(
         (running_mean.view(-1), running_var.view(-1)) if running_mean.dim() != 1 else (running_mean, running_var)
     )
     output = impl(input, running_mean, running_var, weight, bias, True, factor, eps)
+    if policy == "skip" and running_var.device.type in DEFERRED_CHECK_DEVICES:
+        # No host sync either: the update kept or undone on the device by a select, the warning later.
+        finite = torch.isfinite(running_var).all()
+        # Written through .data, as the restore below: the kernel's autograd node may have saved them.
+        for stat, old in ((running_mean, before[:channels]), (running_var, before[channels:])):
+            torch.where(finite, stat.data, old.view_as(stat), out=stat.data)
+        _LATE_REPORTS.add(finite, before[channels:], name)
+        return output, finite
     # A non-finite batch mean (an inf in the input) always comes with a NaN variance, so checking the
     # running variance catches every bad update. One float32 sum and a host sync; a finite sum is the
     # common case, and an infinite one from finite values (an overflow of the sum alone) is re-checked.
