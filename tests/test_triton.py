@@ -1344,6 +1344,9 @@ def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warn
     bad[0, 3, 0, 0] = float("nan")
     layer(good)  # (compiles, sets the counters' reserve aside: the syncs a first call may make)
     torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BF._LATE_REPORTS.flush()  # (any other test's late reports out of the way)
     before = {key: value.clone() for key, value in layer.state_dict().items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
