@@ -1168,22 +1168,23 @@ def format_comparison(rows: Sequence[GpuRow], before: Sequence[GpuRow], provider
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def _report(rows: Sequence[GpuRow], strict: bool, against: str | None = None) -> int:
+def _report(rows: Sequence[GpuRow], strict: bool, against: Sequence[GpuRow] | None = None) -> int:
     print(format_sums(rows))
     print()
     verdicts = acceptance(rows)
     print(format_acceptance(verdicts))
-    if against:
+    if against is not None:
         print()
-        print(format_comparison(rows, read_rows(Path(against))))
+        print(format_comparison(rows, against))
     return 1 if strict and not all(v.passed for v in verdicts) else 0
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """``bnlab bench --gpu``: run (or, with --check, reload) the benchmark, print the sums and the check."""
+    against = None
     if args.against:  # (read first: a run that ends in a bad comparison file would be lost to the reader)
         try:
-            read_rows(Path(args.against))
+            against = read_rows(Path(args.against))
         except (OSError, ValueError, KeyError) as exc:
             print(f"bnlab bench --gpu --against: {exc}", file=sys.stderr)
             return 2
@@ -1196,7 +1197,7 @@ def run_cli(args: argparse.Namespace) -> int:
         except (OSError, ValueError, KeyError) as exc:
             print(f"bnlab bench --gpu --check: {exc}", file=sys.stderr)
             return 2
-        return _report(rows, args.strict, args.against)
+        return _report(rows, args.strict, against)
     device = args.device or "cuda"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print(
@@ -1234,6 +1235,6 @@ def run_cli(args: argparse.Namespace) -> int:
             return 2
         settings = replace(settings, warm_jobs=args.warm_jobs)
     rows, path = run_gpu_bench(settings, Path(args.out or "benchmarks/results"), plan=build_plan(settings))
-    code = _report(rows, args.strict, args.against)
+    code = _report(rows, args.strict, against)
     print(f"\nCSV: {path}")
     return code
