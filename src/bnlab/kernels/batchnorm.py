@@ -394,10 +394,15 @@ def _gpu_properties(index: int) -> tuple[int, int, int, int, int]:
     )
 
 
+def _gpu_index(device: torch.device) -> int:
+    """The index of the GPU that `device` names ("cuda" alone: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _gpu(device: torch.device) -> tuple[int, int, int, int, int]:
     """(multiprocessors, L2 bytes, compute capability's major, threads and shared memory bytes a
     multiprocessor holds), asked once per GPU (planning runs on every call)."""
-    return _gpu_properties(device.index if device.index is not None else torch.cuda.current_device())
+    return _gpu_properties(_gpu_index(device))
 
 
 def layout_of(x: torch.Tensor) -> str | None:
@@ -915,7 +920,7 @@ def _run_chunks(plan: Plan, device: torch.device, launch: dict, reduction, eleme
         return
     plain = {**launch, "PDL": False, "launch_pdl": False}
     main = torch.cuda.current_stream(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _gpu_index(device)
     side = _SIDE_STREAMS.get(index) or _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(device))
     side.wait_stream(main)  # (the inputs, written on the caller's stream)
     passed = []
@@ -969,7 +974,6 @@ class GraphCounters:
     def __init__(self, slab: int = 1 << 17, limit: int = 1 << 23) -> None:
         self.slab, self.limit = slab, limit
         self._free: dict[torch.device, torch.Tensor] = {}  # what is left of the newest slab
-        self._allocated: dict[torch.device, int] = {}
         self._slabs: list[torch.Tensor] = []  # every slab, alive for as long as graphs may use it
         self._lock = threading.Lock()  # (captures on two threads must not take the same slice)
 
@@ -979,7 +983,7 @@ class GraphCounters:
         if free is not None and 2 * free.numel() >= self.slab:
             return
         with self._lock:
-            allocated = self._allocated.get(device, 0)
+            allocated = sum(slab.numel() for slab in self._slabs if slab.device == device)
             if allocated + self.slab > self.limit or self._free.get(device) is not free:
                 return  # (the limit reached, or another thread has just topped up)
             slab = torch.zeros(self.slab, device=device, dtype=torch.int32)
@@ -987,7 +991,6 @@ class GraphCounters:
                 torch.cuda.current_stream(device).synchronize()  # (zero before a capture on another stream)
             self._slabs.append(slab)
             self._free[device] = slab
-            self._allocated[device] = allocated + self.slab
 
     def take(self, device: torch.device, count: int) -> torch.Tensor | None:
         """`count` zeroed counters no one else has, or None when the reserve cannot give them. Each slice
@@ -1020,7 +1023,7 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     if device.type != "cuda":
         return torch.zeros(count, device=device, dtype=torch.int32)
     if device.index is None:  # (a tensor's device always names its GPU; this is for other callers)
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", _gpu_index(device))
     if _capturing(device):
         taken = _GRAPH_COUNTERS.take(device, count)
         return taken if taken is not None else torch.zeros(count, device=device, dtype=torch.int32)
