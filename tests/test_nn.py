@@ -282,9 +282,11 @@ def test_device_checks_warn_once_their_flags_arrive_in_order():
     later one never before an earlier one; at exit the rest are waited for."""
     reports = bnlab.functional._LateReports()
     events = [_Event() for _ in range(4)]
-    flags = [torch.tensor(False), torch.tensor(True), torch.tensor(False), torch.tensor(False)]
+    # (each: whether the batch was finite, whether the running statistics were before it)
+    flags = [torch.tensor([False, True]), torch.tensor([True, True]), torch.tensor([False, True]),
+             torch.tensor([False, False])]  # fmt: skip
     for i, (event, flag) in enumerate(zip(events, flags, strict=True)):
-        reports._pending.append((event, flag, torch.ones(3), f"layer {i}"))
+        reports._pending.append((event, flag, f"layer {i}"))
     events[1].done = True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -296,6 +298,7 @@ def test_device_checks_warn_once_their_flags_arrive_in_order():
     with pytest.warns(NonFiniteStatisticsWarning) as caught:
         reports.flush()  # (at exit: waits for the rest)
     assert [str(w.message).split(":")[0] for w in caught] == ["layer 2", "layer 3"] and not reports._pending
+    assert "already non-finite" not in str(caught[0].message) and "already non-finite" in str(caught[1].message)
 
 
 # ---- numerics --------------------------------------------------------------------------------------------

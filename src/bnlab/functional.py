@@ -191,34 +191,38 @@ class _LateReports:
 
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
-        self._pending: collections.deque = collections.deque()  # (event or None, flag, before, name)
+        self._pending: collections.deque = collections.deque()  # (event or None, flags, name)
 
     def add(self, finite: torch.Tensor, before: torch.Tensor, name: str) -> None:
-        if finite.is_cuda:
+        """Queue the check of one batch: `finite` (0-dim bool, whether its statistics were finite) and
+        `before` (the running statistics before it, for the report's wording), both on the device."""
+        # (Both verdicts travel in one copy: reading `before` on the host later would be a sync of its own.)
+        verdicts = torch.stack((finite, torch.isfinite(before).all()))
+        if verdicts.is_cuda:
             if torch.cuda.is_current_stream_capturing():
                 return  # (a graph's replays cannot report: the statistics are still kept or restored)
-            flag, event = torch.empty((), dtype=torch.bool, pin_memory=True), torch.cuda.Event()
-            flag.copy_(finite, non_blocking=True)  # (into pinned memory: no wait for the GPU)
+            flags, event = torch.empty(2, dtype=torch.bool, pin_memory=True), torch.cuda.Event()
+            flags.copy_(verdicts, non_blocking=True)  # (into pinned memory: no wait for the GPU)
             event.record()
         else:
-            flag, event = finite, None
-        self._pending.append((event, flag, before, name))
+            flags, event = verdicts, None
+        self._pending.append((event, flags, name))
         if len(self._pending) > self.limit:
             self._pending[0][0].synchronize()
         self.poll()
 
     def poll(self, wait: bool = False) -> None:
         while self._pending:
-            event, flag, before, name = self._pending[0]
+            event, flags, name = self._pending[0]
             if event is not None and not (wait or event.query()):
                 return
             if event is not None and wait:
                 event.synchronize()
             self._pending.popleft()
-            if not bool(flag):
-                already_bad = not bool(torch.isfinite(before).all())
+            finite, was_finite = flags.tolist()
+            if not finite:
                 # (the caller's frame, as the sync path's report names it: 2 frames deeper here)
-                _report_nonfinite("skip", name, already_bad, stacklevel=7, late=event is not None)
+                _report_nonfinite("skip", name, not was_finite, stacklevel=7, late=event is not None)
 
     def flush(self) -> None:
         """Wait for every pending check and report it (at exit; best effort once CUDA is shutting down)."""
@@ -272,7 +276,7 @@ def _update_guarded(
         # Written through .data, as the restore below: the kernel's autograd node may have saved them.
         for stat, old in ((running_mean, before[:channels]), (running_var, before[channels:])):
             torch.where(finite, stat.data, old.view_as(stat), out=stat.data)
-        _LATE_REPORTS.add(finite, before[channels:], name)
+        _LATE_REPORTS.add(finite, before, name)
         return output, finite
     # A non-finite batch mean (an inf in the input) always comes with a NaN variance, so checking the
     # running variance catches every bad update. One float32 sum and a host sync; a finite sum is the
