@@ -115,6 +115,28 @@ def _close(ours, ref, dtype, what):
 FUSED_SHAPES = [(5, 3), (4, 3, 5), (21, 3, 7), (5, 16, 3), (3, 4, 5, 6), (2, 3, 3, 2, 5)]  # (5, 16, 3): grouped
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_every_split_launch_asks_for_a_power_of_two_of_warps(monkeypatch, training):
+    """Triton refuses to compile for a GPU with a warp count that is not a power of two (the interpreter
+    ignores it): inference's backward of a single-tile plan runs a split reduction over that plan, which has
+    no reduction warps of its own (0 reached the GPU in session 11)."""
+    asked = []
+    launch = K._launch
+
+    def recorded(kernel, plan, device, args_of, options_of, *rest, **kw):
+        asked.append((kernel.fn.__name__, options_of(plan)["num_warps"]))
+        return launch(kernel, plan, device, args_of, options_of, *rest, **kw)
+
+    monkeypatch.setattr(K, "_launch", recorded)
+    x, z, dy, w, b = _operands((6, 3, 5, 5), "contiguous", torch.float32)
+    assert K.make_plan(x, K.layout_of(x), streams=2).single  # (the case that reached the GPU with 0 warps)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    _run("triton", x, z, dy, w, b, training=training, activation="relu", rm=rm, rv=rv)
+    assert training or asked, "inference's backward launched no split pass"
+    for name, warps in asked:
+        assert warps >= 1 and warps & (warps - 1) == 0, f"{name}: num_warps={warps}"
+
+
 @pytest.mark.parametrize(
     ("shape", "layout", "activation", "with_residual"),
     [
@@ -1375,7 +1397,8 @@ def test_captured_graphs_take_their_counters_from_the_reserve_and_replay_in_any_
     calls (none zeroed inside the graphs); replayed in turn, each gives the eager bits every time, which
     counters shared between them or left non-zero by a replay would not."""
     monkeypatch.setattr(K, "_GRAPH_COUNTERS", K.GraphCounters(slab=1 << 16, limit=1 << 17))
-    x, z, dy, w, b = _operands((32, 64, 14, 14), "contiguous", torch.bfloat16)
+    # (64x14x14 a channel: over SINGLE_TILE_MAX; 32x14x14 was a single-tile plan on the H200, session 11)
+    x, z, dy, w, b = _operands((64, 64, 14, 14), "contiguous", torch.bfloat16)
     assert K.make_plan(x, K.layout_of(x), streams=2).splits > 1  # (a split plan: it has counters)
     step = _training_step(x, z, dy, w, b)
     want = step()

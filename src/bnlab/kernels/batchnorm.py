@@ -753,7 +753,8 @@ def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
         "BLOCK_A": plan.block_a,
         "BLOCK_B": plan.block_b,
         "PLANES": _planes_code(plan),
-        "num_warps": plan.reduce_warps if reduction else plan.num_warps,
+        # (a single-tile plan has no reduce_warps; inference's backward still runs its split reduction)
+        "num_warps": (plan.reduce_warps or plan.num_warps) if reduction else plan.num_warps,
         "enable_fp_fusion": FP_FUSION,
     }
 
