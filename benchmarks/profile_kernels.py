@@ -133,8 +133,8 @@ SETS = {
             CHAINED_PDL,  # rows of 32-channel blocks (64-byte pieces in bf16), or 64
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
-            {"ROWS_BLOCK_CHANNELS": 64},
-            {"ROWS_BLOCK_CHANNELS": 32},
+            {"ROWS_BLOCK_BYTES": 128},  # (64 channels a block in bf16, 32 in float32)
+            {"ROWS_BLOCK_BYTES": 64},
             # statistics loads 2 deep (run 4's 14x14 statistics: 25.7 us for 25.7 MB, a dozen tiles a
             # program, each load waited for; at 56x56, ~190 tiles a program, 3 deep was slower): sm_90,
             # Triton 3.6, 128 registers instead of 121, no spills, the same 4 programs an SM
@@ -162,7 +162,7 @@ PLAN_KNOBS = {
     "COMBINE_VALUES",
     "CHAIN_L2_FRACTION",
     "CHAIN_MIN_CHANNELS",
-    "ROWS_BLOCK_CHANNELS",
+    "ROWS_BLOCK_BYTES",
 }
 
 
@@ -213,7 +213,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "REDUCTION_WARPS",
         "ONE_WAVE",
         "CHAIN_L2_FRACTION",
-        "ROWS_BLOCK_CHANNELS",
+        "ROWS_BLOCK_BYTES",
         "CHAIN_STREAMS",
         "CHAIN_EAGER",
     )

@@ -189,7 +189,9 @@ def plan_for(
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
     if block_channels < 1 or block_channels & (block_channels - 1):
-        raise ValueError(f"plan_for: block_channels (ROWS_BLOCK_CHANNELS) must be a power of two, got {block_channels}")
+        raise ValueError(
+            f"plan_for: block_channels (ROWS_BLOCK_BYTES / itemsize) must be a power of two, got {block_channels}"
+        )
     if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max and _offsets_fit(_pow2(N), C * S, _pow2(S)):
         bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
@@ -476,13 +478,15 @@ SINGLE_WARPS = 16
 # 256x128x28x28 167 against 149, 65536x1024 386 against 317.
 PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
 APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
-# Channels-last split plans: channels per block (a power of two; each row of a tile one contiguous piece of
-# that many channels). Fewer channels a block, more blocks, so fewer slices a block for the same programs:
-# fewer partials to combine and longer loops. On an H200 (run 4, bf16 256x512x7x7 channels-last) the
-# statistics took 19.6 us for 12.8 MB (131 slices of 3 tiles each, then a combine of 131 partials) and the
-# gradient sums 16.9 us for twice the bytes: latency, not bandwidth. Untimed at 64 and 32 (session 9):
-# profile set `cl`.
-ROWS_BLOCK_CHANNELS = 128
+# Channels-last split plans: bytes of each tile row (a block of ROWS_BLOCK_BYTES / itemsize channels, a
+# power of two: each row of a tile one contiguous piece of that many channels). Fewer channels a block, more
+# blocks, so fewer slices a block for the same programs: fewer partials to combine and longer loops. On an
+# H200 (run 4, bf16 256x512x7x7 channels-last) the statistics took 19.6 us for 12.8 MB (131 slices of 3
+# tiles each, then a combine of 131 partials) and the gradient sums 16.9 us for twice the bytes: latency,
+# not bandwidth. Session 11 (H200, float32, profile set `cl`, graph-timed steps): 64 channels a block
+# instead of 128 faster on all 10 channels-last shapes with more than 64 channels (0.91-0.98 of the time),
+# 32 slower on the large ones: 256 bytes a row, which keeps bf16's 128 channels (untimed there at 64).
+ROWS_BLOCK_BYTES = 256
 # NCHW normalize and dx as flat passes (`flat_pass`; device `_apply_flat_kernel`): contiguous blocks of
 # FLAT_BLOCK values, no idle lanes, per-channel values gathered per 4-8 values, instead of the plan's
 # tiles (23% idle lanes at 56x56, 28x28, 14x14; pieces of 2-3 KB); 7x7 stays tiled. Off: untimed
@@ -659,7 +663,7 @@ def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
         single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, tile), persistent_warps=PERSISTENT_WARPS,
         min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
         max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS, chain_min_channels=CHAIN_MIN_CHANNELS,
-        block_channels=ROWS_BLOCK_CHANNELS,
+        block_channels=max(1, ROWS_BLOCK_BYTES // itemsize),
     )  # fmt: skip
 
 
