@@ -1396,6 +1396,31 @@ def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warn
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_renorm_on_the_gpu_trains_without_a_host_sync():
+    """BatchRenorm2d (triton backend) through its warm-up and ramp: its limits come from num_batches_tracked
+    on the GPU (session 11; it was int(num_batches_tracked) on every training call), so a training call
+    syncs with nothing (torch's sync debug mode would raise)."""
+    import warnings
+
+    from bnlab import nn as bnn
+
+    layer = bnn.BatchRenorm2d(8, backend="triton", warmup_steps=1, rmax_ramp_end=3, dmax_ramp_end=2).cuda()
+    x = torch.randn(4, 8, 5, 5, device="cuda")
+    layer(x).sum().backward()  # (compiles, sets the counters' reserve aside: the syncs a first call may make)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert int(layer.num_batches_tracked) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_captured_graphs_take_their_counters_from_the_reserve_and_replay_in_any_order(monkeypatch):
     """Two graphs of the same training step take disjoint counters from the reserve set aside by the eager
     calls (none zeroed inside the graphs); replayed in turn, each gives the eager bits every time, which

@@ -68,6 +68,44 @@ def test_renorm_warmup_is_batch_norm_and_the_schedule_follows_the_paper():
     assert layer.current_limits() == (3.0, 5.0)
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [{}, {"warmup_steps": 0, "rmax_ramp_end": 0, "dmax_ramp_end": 0}, {"warmup_steps": 10, "rmax_ramp_end": 5}],
+)
+def test_renorm_limits_computed_on_the_device_are_the_hosts(schedule):
+    """On a GPU the schedule's limits are computed from num_batches_tracked where it lives (no host read):
+    the same values, bit for bit, at every step (before, at and after the warm-up and the ramps' ends)."""
+    layer = bnlab.nn.BatchRenorm1d(3, **schedule)
+    for step in (0, 1, 9, 10, 11, 4_999, 5_000, 5_001, 15_000, 24_999, 25_000, 39_999, 40_000, 10**7):
+        layer.num_batches_tracked.fill_(step)
+        on_device = tuple(float(t) for t in layer._limits_on_device())
+        assert on_device == layer.current_limits(), f"step {step}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_renorm_on_a_deferred_device_never_reads_its_counter_on_the_host(monkeypatch, backend):
+    """Where statistics are checked without a host sync (DEFERRED_CHECK_DEVICES: CUDA; here the CPU stands
+    in), BatchRenorm passes its limits as device tensors and never calls `current_limits` (an int() of the
+    counter); through the warm-up (r = 1, d = 0 on the renorm path instead of plain batch norm) and the
+    ramp it gives the host path's outputs, gradients and state bit for bit."""
+    schedule = {"warmup_steps": 2, "rmax_ramp_end": 4, "dmax_ramp_end": 3, "momentum": 0.1, "backend": backend}
+    host, device = _same_params(bnlab.nn.BatchRenorm2d(3, **schedule), bnlab.nn.BatchRenorm2d(3, **schedule))
+    inputs = [make_input((4, 3, 5, 5), seed=s, offset=0.3 * s) for s in range(6)]
+    grads = [make_input((4, 3, 5, 5), seed=10 + s, offset=0.0) for s in range(6)]
+    want = train_steps(host, inputs, grads)
+    monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu"}))
+
+    def read_on_host():
+        raise AssertionError("the counter was read on the host")
+
+    monkeypatch.setattr(device, "current_limits", read_on_host)
+    got = train_steps(device, inputs, grads)
+    for ours, ref in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
+        assert torch.equal(ours, ref)
+    for key, value in host.state_dict().items():
+        assert torch.equal(device.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 def test_unclipped_renorm_normalizes_with_the_running_statistics(backend):
     # r = sigma_B / sigma and d = (mu_B - mu) / sigma turn (x - mu_B) / sigma_B into (x - mu) / sigma.

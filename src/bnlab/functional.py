@@ -326,8 +326,8 @@ def batch_renorm(
     momentum: float | None = 0.01,
     eps: float = 1e-5,
     *,
-    rmax: float = 3.0,
-    dmax: float = 5.0,
+    rmax: float | torch.Tensor = 3.0,
+    dmax: float | torch.Tensor = 5.0,
     num_batches_tracked: torch.Tensor | None = None,
     small_batch: str = "error",
     nonfinite: str = "skip",
@@ -345,9 +345,14 @@ def batch_renorm(
 
     The running statistics keep torch's convention (an EMA of the unbiased variance, not of sigma as in the
     paper), so checkpoints and inference are interchangeable with BatchNorm.
+
+    `rmax` and `dmax` may be 0-dim tensors on the input's device (BatchRenorm's schedule on a GPU, computed
+    there without a host sync): then they are not checked, and rmax = 1, dmax = 0 takes the renorm path,
+    whose r = 1 and d = 0 give batch norm's results.
     """
     name = layer or "batch_renorm"
-    if not (rmax >= 1.0 and dmax >= 0.0):
+    limits_on_host = not (isinstance(rmax, torch.Tensor) or isinstance(dmax, torch.Tensor))
+    if limits_on_host and not (rmax >= 1.0 and dmax >= 0.0):
         raise ValueError(f"{name}: need rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
     common = dict(
         num_batches_tracked=num_batches_tracked,
@@ -357,7 +362,7 @@ def batch_renorm(
         layer=layer,
     )
     count = input.numel() // max(input.shape[1], 1) if input.dim() >= 2 else 0
-    plain = rmax == 1.0 and dmax == 0.0
+    plain = limits_on_host and rmax == 1.0 and dmax == 0.0
     if (
         not training
         or plain
@@ -380,8 +385,8 @@ def _renorm_affine(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
-    rmax: float,
-    dmax: float,
+    rmax: float | torch.Tensor,
+    dmax: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch renorm's effective (weight * r, weight * d + bias), r and d held constant for the gradient.
 

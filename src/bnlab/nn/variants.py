@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from bnlab import functional as F
@@ -76,7 +77,7 @@ class _RenormMixin(_BatchNormMixin):
             self._functional = F.ghost_batch_norm
 
     def current_limits(self) -> tuple[float, float]:
-        """(rmax, dmax) in force at the current num_batches_tracked."""
+        """(rmax, dmax) in force at the current num_batches_tracked (reads the counter on the host)."""
         step = int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0
 
         def ramp(end: int) -> float:
@@ -86,12 +87,30 @@ class _RenormMixin(_BatchNormMixin):
 
         return 1.0 + (self.rmax - 1.0) * ramp(self.rmax_ramp_end), self.dmax * ramp(self.dmax_ramp_end)
 
+    def _limits_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`current_limits` as float64 0-dim tensors computed from num_batches_tracked where it lives, the
+        same values by the same operations: on a GPU, reading the counter on the host would wait for every
+        earlier layer's work at each training call (and cannot happen during a CUDA graph's capture)."""
+        step = self.num_batches_tracked.to(torch.float64)
+        warmup = self.warmup_steps
+
+        def ramp(end: int) -> torch.Tensor:
+            rising = torch.ones_like(step) if end <= warmup else ((step - warmup) / (end - warmup)).clamp(max=1.0)
+            return torch.where(step < warmup, torch.zeros_like(step), rising)
+
+        return 1.0 + (self.rmax - 1.0) * ramp(self.rmax_ramp_end), self.dmax * ramp(self.dmax_ramp_end)
+
     def _variant_options(self) -> dict[str, Any]:
         if not self.training:
             return {} if self.ghost_batch_size is None else {"ghost_batch_size": self.ghost_batch_size}
-        rmax, dmax = self.current_limits()
-        if self.ghost_batch_size is not None:
+        if self.ghost_batch_size is not None:  # (its closed-form update reads its statistics on the host anyway)
+            rmax, dmax = self.current_limits()
             return {"rmax": rmax, "dmax": dmax, "ghost_batch_size": self.ghost_batch_size}
+        counter = self.num_batches_tracked
+        if counter is not None and counter.device.type in F.DEFERRED_CHECK_DEVICES:
+            rmax, dmax = self._limits_on_device()
+        else:
+            rmax, dmax = self.current_limits()
         return {"rmax": rmax, "dmax": dmax}
 
     def extra_repr(self) -> str:
