@@ -10,7 +10,8 @@ back to back, one synchronize at the end), so the differences between lines loca
 - the kernels' launchers called directly (no autograd) vs through bnlab.functional (checks, autograd);
 - backward through autograd vs the launchers' backward called directly: the autograd engine hands a
   CUDA backward to its device thread, which must take the GIL for a Python autograd.Function;
-- the same with a short GIL switch interval (if that helps, the device thread waited for the GIL);
+- the same with a short GIL switch interval (if that helps, the device thread waited for the GIL), and
+  with the engine's multithreading off (backward on the calling thread: no hand-off at all);
 - one Triton launch of the forward's first kernel over an empty grid (Triton's own Python per launch),
   and the launchers with every kernel stubbed (bnlab's own Python);
 - eager torch and torch.compile for comparison (compile last: it starts worker processes and threads).
@@ -162,6 +163,11 @@ def main() -> int:
     for label, fn in rows[4:5] + rows[6:7]:
         print(f"  {timed(fn):8.1f}  {label}, GIL switch interval 10 us", flush=True)
     sys.setswitchinterval(default_interval)
+    # Backward on the calling thread instead of the engine's device thread (no GIL hand-off): if these rows
+    # drop to about forward + backward alone, the hand-off was the cost (session 11: 525 us against 83 + 203)
+    with torch.autograd.set_multithreading_enabled(False):
+        for label, fn in rows[4:5] + rows[6:7]:
+            print(f"  {timed(fn):8.1f}  {label}, autograd multithreading off", flush=True)
     if args.no_compile:
         return 0
     compiled = torch.compile(F.batch_norm, dynamic=False)
