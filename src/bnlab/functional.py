@@ -196,11 +196,11 @@ class _LateReports:
     def add(self, finite: torch.Tensor, before: torch.Tensor, name: str) -> None:
         """Queue the check of one batch: `finite` (0-dim bool, whether its statistics were finite) and
         `before` (the running statistics before it, for the report's wording), both on the device."""
+        if finite.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # (a graph's replays cannot report: the statistics are still kept or restored)
         # (Both verdicts travel in one copy: reading `before` on the host later would be a sync of its own.)
         verdicts = torch.stack((finite, torch.isfinite(before).all()))
         if verdicts.is_cuda:
-            if torch.cuda.is_current_stream_capturing():
-                return  # (a graph's replays cannot report: the statistics are still kept or restored)
             flags, event = torch.empty(2, dtype=torch.bool, pin_memory=True), torch.cuda.Event()
             flags.copy_(verdicts, non_blocking=True)  # (into pinned memory: no wait for the GPU)
             event.record()
