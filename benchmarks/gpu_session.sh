@@ -7,7 +7,7 @@
 #   quick  `bnlab bench --gpu --quick` (batch 256, bf16 + fp32, forward+backward, with the acceptance check);
 #          QUICK_KNOBS="PDL=True ..." sets the Triton kernels' knobs for it (recorded in the CSV);
 #   candidates  bnlab's rows of the quick bench only, once per knob setting in CANDIDATES (';' between
-#          settings, e.g. "PDL=True;PDL=True CHAIN_L2_FRACTION=0.25"), each against this call's quick CSV
+#          settings, e.g. "TILE_BYTES=16384;PDL=True TILE_BYTES=16384"), each against this call's quick CSV
 #          at the defaults (run `quick` first; else QUICK_AGAINST's): the whole sums of each candidate, on
 #          the same machine, in candidates.log (CSVs in candidates.tgz); CANDIDATE_S each (default 100);
 #   tune   the knob sweep (benchmarks/tune_triton.py), bf16;
@@ -31,7 +31,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
-RUN6_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-074258.csv  # (the last H200 run committed)
+LAST_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-144914.csv  # (run 8: the last H200 run at the defaults)
 JOBS=$(nproc)
 mkdir -p "$OUT"
 steps=("$@")
@@ -80,9 +80,9 @@ for step in "${steps[@]}"; do
       # (QUICK_AGAINST: an earlier run's CSV to compare bnlab's rows and sums with, printed last; default
       #  the last H200 run committed, "" for none)
       # (QUICK_KNOBS: the Triton kernels' knobs for this run, space-separated NAME=VALUE, e.g.
-      #  "PDL=True CHAIN_L2_FRACTION=0.25": a candidate's whole sums, recorded in the CSV's knobs column)
+      #  "PDL=True TILE_BYTES=16384": a candidate's whole sums, recorded in the CSV's knobs column)
       q=${QUICK_S:-300}
-      against=${QUICK_AGAINST-$RUN6_CSV}
+      against=${QUICK_AGAINST-$LAST_CSV}
       knobs=()
       for knob in ${QUICK_KNOBS:-}; do knobs+=(--knob "$knob"); done
       timeout "$q" python3 -m bnlab.cli bench --gpu --quick --out "$OUT" --budget-s $((q - 100)) \
@@ -90,9 +90,9 @@ for step in "${steps[@]}"; do
         | tail -45 ;;
     candidates)
       base=$(ls "$OUT"/gpu-*.csv 2>/dev/null | head -1)
-      base=${base:-${QUICK_AGAINST-$RUN6_CSV}}
+      base=${base:-${QUICK_AGAINST-$LAST_CSV}}
       c=${CANDIDATE_S:-100}
-      IFS=';' read -ra settings <<< "${CANDIDATES:-PDL=True;PDL=True CHAIN_L2_FRACTION=0.25}"
+      IFS=';' read -ra settings <<< "${CANDIDATES:-TILE_BYTES=16384;STATS_STAGES={'planes':3,'rows':2}}"
       for setting in "${settings[@]}"; do
         knobs=()
         for knob in $setting; do knobs+=(--knob "$knob"); done

@@ -4,9 +4,8 @@ Usage: python benchmarks/host_overhead.py   (any machine: it runs on CPU tensors
 Prints the median microseconds of a forward and of a forward+backward through bnlab.functional.batch_norm
 (backend "triton", kernels stubbed: planning, checks, allocations, autograd) beside the native backend and
 torch's own F.batch_norm (which include their tiny CPU compute); then the triton backend's split plan (2
-launches a direction; the input above gets the single-tile plan, 1) and a chained split plan
-(CHAIN_L2_FRACTION, CHAIN_EAGER) in 4 chunks (8 launches a direction; grouped tiles of 16 channels, one
-group a chunk). On a GPU each Triton launch adds its own launch cost on top.
+launches a direction; the input above gets the single-tile plan, 1). On a GPU each Triton launch adds its
+own launch cost on top.
 """
 
 from __future__ import annotations
@@ -55,13 +54,10 @@ def _print_rows(K) -> None:
 
     calls = {"triton": bnlab_call("triton"), "native": bnlab_call("native")}
     calls["torch F.batch_norm"] = lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
-    calls["triton split"] = calls["triton split, 4 chunks"] = calls["triton"]
+    calls["triton split"] = calls["triton"]
     for label, forward in calls.items():
         if label == "triton split":
             K.SINGLE_TILE_MAX = 0
-        if label == "triton split, 4 chunks":  # a quarter of the values a chunk, whatever the direction reads
-            K.CHAIN_L2_FRACTION, K.CHAIN_EAGER = 0.25, True  # (eagerly: by default only captures chain)
-            K._chain_values = lambda device, itemsize, streams, values: values // 4
         both = _median_us(step(forward))
         print(f"{label:>22}: forward {_median_us(forward):6.1f} us, forward+backward {both:6.1f} us")
 

@@ -9,9 +9,9 @@ the time between them. Every set also times programmatic dependent launch (`PDL`
 Sets: `large` (default) profiles ResNet-50's shapes at the defaults, then a few under other knobs;
 `small` profiles the 7x7 and 14x14 layers (28 of the 53, the furthest from the floor after session 5)
 under the knobs that change their fixed costs (launches, slices, combine, one persistent round); `nchw`
-every NCHW layer shape at the defaults and under the settings they replaced (session 7), and chained
-(session 9); `cl` every channels-last layer shape chained, under fewer reduction programs / more
-elementwise ones.
+every NCHW layer shape at the defaults and under the settings they replaced (session 7); `cl` every
+channels-last layer shape under narrower channel blocks, deeper statistics, fewer reduction programs /
+more elementwise ones.
 `--warm-jobs N` compiles every setting's kernels in N processes first.
 """
 
@@ -57,14 +57,6 @@ VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "N
 # Programmatic dependent launch: each kernel starting while the previous one ends (session 8, untimed; its
 # effect is in the graph-timed step, not in the kernels' times).
 DEPENDENT_LAUNCH = {"PDL": True}
-# Chained plans (session 9, untimed): a layer's passes chunk by chunk of channels, each chunk a quarter of
-# L2 (12.5 MB of each tensor read at 50 MB), so that normalize and dx re-read their chunk from L2; with PDL
-# a chunk's reduction streams from memory while the previous chunk's elementwise pass runs. Plan knobs:
-# profiled only where they chain (NCHW 28x28 and larger, 14x14x1024; channels-last where blocks of 32
-# channels fit a chunk). CHAIN_EAGER: the profiler times eager calls, which otherwise leave chaining to
-# captures (the graph-timed step chains either way).
-CHAINED = {"CHAIN_L2_FRACTION": 0.25, "CHAIN_EAGER": True}
-CHAINED_PDL = {**CHAINED, "PDL": True}
 # Grids as planned, over one wave where they are (session 8's default cuts them): profiled only on the
 # shapes whose launches at the defaults were cut (`_was_cut`), i.e. after the defaults.
 NO_WAVE_CUT = {"ONE_WAVE": False}
@@ -111,10 +103,6 @@ SETS = {
         (
             {},
             DEPENDENT_LAUNCH,
-            CHAINED_PDL,
-            CHAINED,
-            {**CHAINED, "CHAIN_STREAMS": True},  # normalize / dx on a side stream: overlap without PDL
-            {**CHAINED_PDL, "CHAIN_L2_FRACTION": 0.4},  # fewer, larger chunks (fewer launches, less reuse)
             NO_WAVE_CUT,
             {"FLAT_ELEMENTWISE": True},  # normalize and dx flat: no idle lanes, contiguous blocks
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
@@ -130,7 +118,6 @@ SETS = {
         (
             {},
             DEPENDENT_LAUNCH,
-            CHAINED_PDL,  # rows of 32-channel blocks (64-byte pieces in bf16), or 64
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             {"ROWS_BLOCK_BYTES": 128},  # (64 channels a block in bf16, 32 in float32)
@@ -160,8 +147,6 @@ PLAN_KNOBS = {
     "TILE",
     "TILE_BYTES",
     "COMBINE_VALUES",
-    "CHAIN_L2_FRACTION",
-    "CHAIN_MIN_CHANNELS",
     "ROWS_BLOCK_BYTES",
 }
 
@@ -212,10 +197,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PDL",
         "REDUCTION_WARPS",
         "ONE_WAVE",
-        "CHAIN_L2_FRACTION",
         "ROWS_BLOCK_BYTES",
-        "CHAIN_STREAMS",
-        "CHAIN_EAGER",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
@@ -286,7 +268,7 @@ def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: 
     x = _planning_tensor(shape, layout, dtype, device)
 
     def plan() -> tuple:
-        p = K.make_plan(x, K.layout_of(x), streams=2, chain=True)
+        p = K.make_plan(x, K.layout_of(x), streams=2)
         return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p)
 
     before = plan()

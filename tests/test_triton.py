@@ -38,24 +38,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 STEP_RESULTS = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
 
 
-def _chained_in_thirds(monkeypatch):
-    """Training plans chained (CHAIN_L2_FRACTION) in chunks of about a third of the channel blocks, down to
-    one channel a block (rows), whatever the shape: the interpreter has no L2 to size them by."""
-    plan_for = K.plan_for
-
-    def chained(layout, N, C, S, **knobs):
-        if knobs.get("chain_values"):
-            knobs["chain_values"] = max(1, N * C * S // 3)
-        return plan_for(layout, N, C, S, **knobs)
-
-    monkeypatch.setattr(K, "plan_for", chained)
-    monkeypatch.setattr(K, "CHAIN_L2_FRACTION", 0.25)  # (on; the chunks' size is the stand-ins')
-    monkeypatch.setattr(K, "_chain_values", lambda device, itemsize, streams, values: 1)
-    monkeypatch.setattr(K, "CHAIN_MIN_CHANNELS", 1)
-    monkeypatch.setattr(K, "CHAIN_EAGER", True)  # (the tests call eagerly; see the CHAIN_EAGER test)
-
-
-@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent", "chained"])
+@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
     default tiles (planes with 16 channels: grouped tiles; planes normalize and dx as flat passes in
@@ -63,23 +46,19 @@ def tiling(request, monkeypatch):
     reductions, combined by the last program of each channel block a few partials at a time), 64-lane
     tiles (planes: several samples' short runs packed in each, several tiles and slices per channel), or
     the persistent kernels with tiny tiles, several programs per channel block and several rounds (the
-    interpreter runs them as two phases; grouped tiles: see the rounds test), or tiny tiles in chained
-    plans, each pass launched per chunk of about a third of the channels (rows: narrowed blocks)."""
+    interpreter runs them as two phases; grouped tiles: see the rounds test)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     if request.param == "two-pass":
         monkeypatch.setattr(K, "FLAT_ELEMENTWISE", True)
         monkeypatch.setattr(K, "FLAT_BLOCK", 64)
-    if request.param in ("many-slices", "packed", "persistent", "chained"):
+    if request.param in ("many-slices", "packed", "persistent"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         # (the elementwise passes in slices of other lengths than the reductions', as on a GPU)
         monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 64)
         monkeypatch.setattr(K, "COMBINE_VALUES", 4)
     if request.param == "persistent":
         monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200))
-    if request.param == "chained":
-        _chained_in_thirds(monkeypatch)
-        assert len(K.make_plan(torch.empty(4, 3, 5), K.PLANES, streams=1).chunks) == 3  # (the stand-ins hold)
     return request.param
 
 
@@ -148,7 +127,7 @@ def test_every_split_launch_asks_for_a_power_of_two_of_warps(monkeypatch, traini
 )
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_epilogue_matches_the_composed_reference(tiling, shape, layout, activation, with_residual, training):
-    if tiling in ("persistent", "chained") and not training:
+    if tiling == "persistent" and not training:
         pytest.skip(f"inference plans are never {tiling}: the same kernels and tiles as 'many-slices'")
     x, z, dy, w, b = _operands(shape, layout, torch.float32)
     rm, rv = torch.linspace(-0.5, 0.5, shape[1], device=DEVICE), torch.linspace(0.5, 2.0, shape[1], device=DEVICE)
@@ -210,13 +189,12 @@ def test_split_reductions_are_deterministic(monkeypatch, layout):
     assert all(torch.equal(a, b) for a, b in zip(first[1], again[1], strict=True))
 
 
-@pytest.mark.parametrize("plans", ["split", "persistent", "chained"])
+@pytest.mark.parametrize("plans", ["split", "persistent"])
 def test_split_reductions_leave_their_counters_at_zero(monkeypatch, plans):
     """The last program of each channel block zeroes its counters again, so that one buffer serves every
     launch on a stream (on a GPU the cached per-stream buffer; here a shared one put in its place): a
     counter left at k would make a later launch finalize too early, from partials not yet written (and
-    a ready flag left up would let a persistent kernel read statistics not yet written). A chained plan's
-    launches, chunk after chunk, share the same counters."""
+    a ready flag left up would let a persistent kernel read statistics not yet written)."""
     persistent = plans == "persistent"
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
@@ -224,8 +202,6 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, plans):
     # persistent: channel blocks of 105 (planes) or 7 * 15 * 4 values (rows): 1 round, many programs
     limits = (8, 420) if persistent else (0, 0)  # (0, 0): off, also on a GPU
     monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: limits)
-    if plans == "chained":
-        _chained_in_thirds(monkeypatch)
     shared = torch.zeros(1024, dtype=torch.int32, device=DEVICE)
     if DEVICE == "cpu":
         monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
@@ -233,7 +209,6 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, plans):
         x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
         plan = K.make_plan(x, K.layout_of(x), streams=2)
         assert plan.splits > 1 and plan.persistent == persistent
-        assert len(plan.chunks) == (3 if plans == "chained" else 1)
         expected = _run("reference", x, z, dy, w, b, training=True, activation="relu")
         for _ in range(2):  # the second run starts from the counters that the first one left
             y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu")
@@ -679,26 +654,23 @@ def test_a_kernel_without_occupancy_attributes_is_launched_uncut_with_a_warning(
         assert K._resident(Bare(), (torch.empty(1),), {}, torch.device("cpu")) == 32  # every slot
 
 
-@pytest.mark.parametrize("flat", [False, True, "chained"], ids=["tiled", "flat", "chained"])
+@pytest.mark.parametrize("flat", [False, True], ids=["tiled", "flat"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_residual):
     """Every split pass cut to fewer slices than planned (the interpreter pretends to be a GPU of 2
     multiprocessors holding 2 programs each): the same results as the reference; the partial workspaces
-    sized for the planned slices serve the cut ones; the bench's note says so. Chained: each chunk's
-    launches cut (the chunk's channel blocks count, not the plan's)."""
+    sized for the planned slices serve the cut ones; the bench's note says so."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 64)
     monkeypatch.setattr(K, "COMBINE_VALUES", 4)
-    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", flat is True)
+    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", flat)
     monkeypatch.setattr(K, "FLAT_BLOCK", 32)
-    if flat == "chained":
-        _chained_in_thirds(monkeypatch)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 16)
     monkeypatch.setattr(K, "_one_wave_on", lambda device: True)
     monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 9, 2048, 233472))
     monkeypatch.setattr(K, "_resident", lambda kernel, args, options, device: 2)
     monkeypatch.setattr(K, "_FITTED", {})
-    shape = (12, 3, 4, 8) if flat == "chained" else (12, 2, 4, 8)  # (3 chunks of one channel)
+    shape = (12, 2, 4, 8)
     x, z, dy, w, b = _operands(shape, "contiguous", torch.float32)
     results = {}
     for backend in ("triton", "reference"):
@@ -711,33 +683,7 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_resid
     launched = [cut.grid if isinstance(cut, K.Plan) else K._flat_grid(cut) for cut in K._FITTED.values()]
     assert len(launched) == 4 and all(math.prod(grid) <= 4 for grid in launched)  # all four passes were cut
     described = K.describe_plans(x.detach(), residual=with_residual)
-    assert described.count("(cut to one wave)") == 2 and (flat != "chained" or "chained: 3 chunks" in described)
-
-
-def test_chained_plans_cut_the_channels_into_equal_chunks_that_fit_the_budget():
-    """bf16, a quarter of a 50 MB L2 (CHAIN_L2_FRACTION 0.25): 6.55M values of each tensor read a chunk."""
-    budget = int(50 * 2**20 * 0.25) // 2
-    knobs = dict(target_programs=264, **K.knob_args(K.PLANES, 2))
-    plan = K.plan_for(K.PLANES, 256, 256, 3136, **knobs, chain_values=budget)  # 803K values a channel
-    assert plan.chunk_units == 8 and plan.launch_units == 8 and len(plan.chunks) == 32
-    assert plan.chunks[:2] == [(0, 8), (8, 8)] and plan.chunks[-1] == (248, 8)
-    assert plan.grid == (8, 32)  # each chunk's reduction over enough slices for 264 programs: 8 x 33 -> 32
-    assert K.within(plan, 132).grid == (8, 16)  # one wave counts a chunk's programs
-    unchained = K.plan_for(K.PLANES, 256, 256, 3136, **knobs)
-    assert unchained.chunk_units == 0 and unchained.chunks == [(0, 256)] and unchained.grid == (256, 2)
-    assert K.replace(plan, chunk_units=0, per_split=unchained.per_split, splits=2) == unchained  # same tiles
-    # a tensor within the budget is not chained (512 x 7x7: 6.42M values); chunks are balanced (10 blocks
-    # of 60 values in chunks of at most 6: two of 5, not 6 and 4)
-    assert K.plan_for(K.PLANES, 256, 512, 49, **knobs, chain_values=budget).chunk_units == 0
-    assert K.plan_for(K.PLANES, 3, 10, 20, target_programs=8, chain_values=360).chunks == [(0, 5), (5, 5)]
-    # channels-last: 128-channel blocks (103M values) narrowed to fit, down to the floor given
-    rows = dict(target_programs=264, **K.knob_args(K.ROWS, 2))
-    assert K.plan_for(K.ROWS, 256, 256, 3136, **{**rows, "chain_min_channels": 32}, chain_values=budget) == (
-        K.plan_for(K.ROWS, 256, 256, 3136, **rows)
-    )  # 32 channels are 25.7M values: not chained, the default blocks
-    narrow = K.plan_for(K.ROWS, 256, 256, 3136, **{**rows, "chain_min_channels": 8}, chain_values=budget)
-    assert narrow.block_b == 8 and narrow.chunk_units == 1 and len(narrow.chunks) == 32
-    assert K.elementwise_plan(narrow, 528).splits == K._cdiv(narrow.tiles, K._per_split(narrow.tiles, 1, 528))
+    assert described.count("(cut to one wave)") == 2
 
 
 def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for():
@@ -755,202 +701,7 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for():
     assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
 
 
-def test_chunks_are_sized_by_a_share_of_the_gpus_l2(monkeypatch):
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 9, 2048, 233472))
-    big = 256 * 256 * 3136  # 411 MB of bf16
-    assert K.CHAIN_L2_FRACTION == 0 and K._chain_values(cuda, 2, 1, big) == 0  # off by default
-    monkeypatch.setattr(K, "CHAIN_L2_FRACTION", 0.25)
-    assert K._chain_values(cuda, 2, 1, big) == 6_553_600 and K._chain_values(cuda, 2, 2, big) == 3_276_800
-    assert K._chain_values(torch.device("cpu"), 2, 1, big) == 0  # the interpreter: tests pretend
-    # only where a direction reads more than twice L2 (CHAIN_ABOVE_L2): 51 MB forward no, backward yes
-    assert K._chain_values(cuda, 2, 1, 256 * 512 * 196) == 0 and K._chain_values(cuda, 2, 2, 256 * 1024 * 196) > 0
-    x = torch.empty(256, 256, 56, 56, dtype=torch.bfloat16)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 264)
-    monkeypatch.setattr(K, "_chain_values", lambda device, itemsize, streams, values: 6_553_600 // streams)
-    assert len(K.make_plan(x, K.PLANES, 1, chain=True).chunks) == 32
-    assert len(K.make_plan(x, K.PLANES, 2, chain=True).chunks) == 64
-    assert K.make_plan(x, K.PLANES, streams=0, chain=True).chunk_units == 0  # inference: nothing to re-read
-    assert K.make_plan(x, K.PLANES, streams=1).chunk_units == 0  # an eager call (CHAIN_EAGER off)
-    monkeypatch.setattr(K, "CHAIN_EAGER", True)
-    assert len(K.make_plan(x, K.PLANES, streams=1).chunks) == 32
-
-
-def test_chained_launches_go_chunk_by_chunk_and_wait_late_under_dependent_launch(monkeypatch):
-    """Each chunk's reduction, then its elementwise pass, over that chunk's channel blocks (`unit0`); with
-    PDL every reduction after the first waits at its end (PDL 2), the elementwise passes at their start."""
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.name, self.unit0 = kernel.fn.__name__, kernel.arg_names.index("unit0")
-
-        def __getitem__(self, grid):
-            return lambda *args, **options: launches.append((self.name, grid, args[self.unit0], options["PDL"]))
-
-    for name in ("_stats_kernel", "_apply_kernel", "_grad_kernel", "_input_grad_kernel"):
-        monkeypatch.setattr(K, name, Recorder(getattr(K, name)))
-    monkeypatch.setattr(K, "_launch_options", lambda device: {"PDL": True, "launch_pdl": True})
-    plan = K.plan_for(K.PLANES, 4, 6, 5, target_programs=4, chain_values=40)  # 20 values a channel
-    assert plan.chunks == [(0, 2), (2, 2), (4, 2)]
-    x, dy, w = torch.randn(4, 6, 5), torch.randn(4, 6, 5), torch.ones(6)
-    _, mean, invstd = K.forward(x, w, None, None, None, training=True, momentum=0.1, eps=1e-5, plan=plan)
-    K.backward(dy, x, w, None, mean, invstd, training=True, plan=plan)
-    splits, apply_splits = plan.splits, K.elementwise_plan(plan, 8).splits
-    for direction, (reduction, elementwise) in enumerate((("stats", "apply"), ("grad", "input_grad"))):
-        want = []
-        for k, unit0 in enumerate((0, 2, 4)):
-            want.append((f"_{reduction}_kernel", (2, splits), unit0, 2 if k else True))
-            want.append((f"_{elementwise}_kernel", (2, apply_splits), unit0, True))
-        assert launches[6 * direction : 6 * direction + 6] == want
-    assert len(launches) == 12
-
-
-def test_eager_calls_leave_chained_plans_to_captures_and_compile_their_kernels_first(monkeypatch):
-    """CHAIN_EAGER off: an eager call runs the unchained plan and, the first time only, the chained plan's
-    launches over empty grids (they compile and load its kernels, which a capture cannot); a call made
-    while a graph is being captured (stood in for) runs the chained plan, but only once an eager call has
-    compiled it (before that, the unchained plan). All match the reference."""
-    _chained_in_thirds(monkeypatch)
-    monkeypatch.setattr(K, "CHAIN_EAGER", False)
-    monkeypatch.setattr(K, "_WARMED", set())
-    for knob, value in (("SINGLE_TILE_MAX", 0), ("TILE", 8), ("COMBINE_VALUES", 4)):
-        monkeypatch.setattr(K, knob, value)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 64)
-    capturing = [False]
-    monkeypatch.setattr(K, "_capturing", lambda device: capturing[0])
-    launches = []
-    launch = K._launch
-
-    def recorded(kernel, plan, device, *args, dry=False, **options):
-        launches.append((kernel.fn.__name__.strip("_").removesuffix("_kernel"), dry))
-        return launch(kernel, plan, device, *args, dry=dry, **options)
-
-    monkeypatch.setattr(K, "_launch", recorded)
-    x, z, dy, w, b = _operands((4, 3, 5, 2), "contiguous", torch.float32)
-    expected = _run("reference", x, z, dy, w, b, training=True, activation="relu")
-    assert "(chained in CUDA graphs: 3 chunks" in K.describe_plans(x, residual=True)  # (what the bench times)
-
-    def passes(reduction: str, elementwise: str, chunks: int, dry: bool) -> list[tuple[str, bool]]:
-        return [(reduction, dry), (elementwise, dry)] * chunks
-
-    # (captured, chained, warm): a capture before any eager call, two eager calls, a capture
-    calls = [(True, False, False), (False, False, True), (False, False, False), (True, True, False)]
-    for call, (captured, chained, warm) in enumerate(calls):
-        capturing[0] = captured
-        launches.clear()
-        y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu")
-        _close(y, expected[0], torch.float32, f"output, call {call}")
-        for name, ours, ref in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected[1], strict=True):
-            _close(ours, ref, torch.float32, f"{name}, call {call}")
-        chunks = 3 if chained else 1
-        want = [
-            *(passes("stats", "apply", 3, True) if warm else []), *passes("stats", "apply", chunks, False),
-            *(passes("grad", "input_grad", 3, True) if warm else []), *passes("grad", "input_grad", chunks, False),
-        ]  # fmt: skip
-        assert launches == want, f"call {call}"
-
-
-def test_a_dry_run_is_refused_where_it_would_compute():
-    """Only a chained split plan's launches have a dry form (empty grids); the single-tile and persistent
-    kernels would run for real and update the running statistics a second time."""
-    x, dy, w = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.ones(3)
-    plan = K.make_plan(x, K.PLANES, streams=1)
-    assert plan.single and not plan.chunk_units
-    rm = torch.zeros(3)
-    with pytest.raises(ValueError, match="dry run is for chained split plans"):
-        K.forward(x, w, None, rm, torch.ones(3), training=True, momentum=0.1, eps=1e-5, plan=plan, dry=True)
-    assert int(rm.count_nonzero()) == 0
-    mean, invstd = torch.zeros(3), torch.ones(3)
-    with pytest.raises(ValueError, match="dry run is for chained split plans"):
-        K.backward(dy, x, w, None, mean, invstd, training=True, plan=plan, dry=True)
-
-
-def test_chained_passes_on_two_streams_wait_for_their_reductions_and_join_back(monkeypatch):
-    """CHAIN_STREAMS, with torch.cuda's streams and events stood in for (the order is what is tested): each
-    elementwise pass runs on the side stream after an event recorded behind its chunk's reduction; the
-    reduction of chunk k waits for the elementwise pass of chunk k - 2; the caller's stream waits for the
-    side stream at the end; no launch asks for PDL."""
-    log = []
-
-    class Stream:
-        current = None
-
-        def __init__(self, name="side"):
-            self.name = name
-
-        def wait_stream(self, other):
-            log.append(f"{self.name} waits for {other.name}")
-
-        def wait_event(self, event):
-            log.append(f"{self.name} waits for {event.name}")
-
-    class Event:
-        def record(self, stream):
-            self.name = f"event {len([line for line in log if line.startswith('record')])}"
-            log.append(f"record {self.name} on {stream.name}")
-
-    @contextlib.contextmanager
-    def on(stream):
-        before, Stream.current = Stream.current, stream
-        yield
-        Stream.current = before
-
-    main = Stream.current = Stream("main")
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    monkeypatch.setattr(K, "_SIDE_STREAMS", {})
-    monkeypatch.setattr(K, "CHAIN_STREAMS", True)
-
-    def launcher(name):
-        return lambda unit0, units, options: log.append(f"{name}({unit0}) on {Stream.current.name} {options['PDL']}")
-
-    plan = K.plan_for(K.PLANES, 4, 6, 5, target_programs=4, chain_values=40)  # 3 chunks of 2 channels
-    pdl = {"PDL": True, "launch_pdl": True}
-    K._run_chunks(plan, torch.device("cuda", 0), pdl, launcher("stats"), launcher("apply"))
-    assert log == [
-        "side waits for main",
-        "stats(0) on main False", "record event 0 on main", "side waits for event 0", "apply(0) on side False",
-        "record event 1 on side",
-        "stats(2) on main False", "record event 2 on main", "side waits for event 2", "apply(2) on side False",
-        "record event 3 on side",
-        "main waits for event 1",  # (chunk 2's reduction after chunk 0's elementwise pass)
-        "stats(4) on main False", "record event 4 on main", "side waits for event 4", "apply(4) on side False",
-        "record event 5 on side",
-        "main waits for side",
-    ]  # fmt: skip
-    log.clear()  # one chunk, or one pass only: on the caller's stream, as without CHAIN_STREAMS
-    K._run_chunks(plan, torch.device("cuda", 0), pdl, None, launcher("dx"))
-    assert log == ["dx(0) on main True", "dx(2) on main True", "dx(4) on main True"]
-
-
 CONCURRENCY = [False, True] if DEVICE == "cpu" else [False]  # (threads per program: the interpreter's only)
-
-
-@pytest.mark.parametrize("concurrent", CONCURRENCY, ids=lambda c: "concurrent" if c else "sequential")
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_chained_launches_give_the_same_bits_as_one_launch(monkeypatch, layout, concurrent):
-    """With one tile a slice in both (so that the slices are the same), a chained plan's launches over
-    chunks of channel blocks compute exactly what one launch over all of them does: each program finds
-    its channels, workspaces and counters from `unit0`. (24 channels: channels-last blocks of 8, chunked
-    without narrowing, whose other tiles would sum in another order.) `concurrent`: the chained launches'
-    programs all at once, each in its own thread (tests/concurrent_interpreter.py): the counters numbered
-    within a launch under every interleaving the threads produce."""
-    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "COMBINE_VALUES", 4)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 10**6)
-    x, z, dy, w, b = _operands((3, 24, 2, 3), layout, torch.float32)
-    step = _training_step(x, z, dy, w, b)
-    want = step()
-    _chained_in_thirds(monkeypatch)
-    assert "chained: 3 chunks" in K.describe_plans(x, residual=True)
-    with concurrent_programs() if concurrent else contextlib.nullcontext():
-        chained = step()
-    for name, ours, ref in zip(("y", "dx", "dweight", "dbias", "dz", "rm", "rv"), chained, want, strict=True):
-        assert torch.equal(ours, ref), f"{name}: chained launches differ from one launch"
 
 
 def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
@@ -1170,17 +921,11 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("plans", ["default", "persistent", "chained"])
+@pytest.mark.parametrize("plans", ["default", "persistent"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
     monkeypatch.setattr(K, "PERSISTENT", plans == "persistent")
-    # chunks of 2.5 MB at a 50 MB L2 (residual fused: 2 tensors read forward, 3 backward): NCHW
-    # 32x64x56x56 bf16 in 11 and 16 chunks, 256x512x7x7 in 11 and 16; channels-last not chained (the
-    # blocks would need fewer than CHAIN_MIN_CHANNELS), but BatchNorm1d 8192x256 bf16 (4 and 8 chunks)
-    monkeypatch.setattr(K, "CHAIN_L2_FRACTION", 0.05 if plans == "chained" else 0.0)
-    monkeypatch.setattr(K, "CHAIN_ABOVE_L2", 0.0)  # (these shapes fit L2 twice over: chained all the same)
-    monkeypatch.setattr(K, "CHAIN_EAGER", True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(shape, generator=gen, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
@@ -1228,10 +973,6 @@ def _sm90() -> bool:
         ((64, 64, 56, 56), "contiguous", {"FLAT_ELEMENTWISE": True}),  # split reductions, flat normalize and dx
         ((64, 256, 14, 14), "channels_last", {}),  # rows
         ((32, 2048, 7, 7), "contiguous", {}),  # single tile
-        # chained (at a 50 MB L2): 86 and 128 chunks of 3 and 2 channels; blocks of 64 and 32 channels, 4
-        # and 8 chunks
-        ((64, 256, 56, 56), "contiguous", {"CHAIN_L2_FRACTION": 0.05, "CHAIN_ABOVE_L2": 0.0, "CHAIN_EAGER": True}),
-        ((64, 256, 28, 28), "channels_last", {"CHAIN_L2_FRACTION": 0.25, "CHAIN_ABOVE_L2": 0.0, "CHAIN_EAGER": True}),
     ],
     ids=lambda v: (
         "x".join(map(str, v)) if isinstance(v, tuple)
@@ -1242,8 +983,7 @@ def test_dependent_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatc
     """PDL lets each kernel start before the previous one ends, its programs waiting on the GPU: a kernel
     that read its inputs before the wait would see stale values, which only a bit-for-bit comparison with
     ordinary launches catches reliably (the results are deterministic). Also replayed from a CUDA graph,
-    where the launches become programmatic edges, as in the bench. Chained plans: each chunk's reduction
-    overlaps the previous chunk's elementwise pass and waits at its end."""
+    where the launches become programmatic edges, as in the bench."""
     for knob, value in knobs.items():
         monkeypatch.setattr(K, knob, value)
     monkeypatch.setattr(K, "ONE_WAVE", False)  # (a PDL variant's registers could cut another slice count)
@@ -1293,62 +1033,6 @@ def _check_eagerly_and_in_a_graph(step, want: tuple[torch.Tensor, ...], what: st
     for name, ref, a, g in zip(STEP_RESULTS, want, eager, captured, strict=True):
         assert torch.equal(a, ref), f"{name}: {what} differ from ordinary ones"
         assert torch.equal(g, ref), f"{name}: {what} replayed from a graph differ"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize(
-    ("shape", "layout", "fraction"),
-    [((64, 256, 56, 56), "contiguous", 0.05), ((64, 256, 28, 28), "channels_last", 0.25)],
-)
-def test_chained_plans_on_two_streams_give_the_same_bits_eagerly_and_in_a_graph(monkeypatch, shape, layout, fraction):
-    """CHAIN_STREAMS: each chunk's elementwise pass on a side stream, after its reduction (an event): an
-    elementwise pass that ran before its chunk's statistics were final, or a join missed at the end,
-    shows as other bits than the same chained plan on one stream."""
-    knobs = (("CHAIN_L2_FRACTION", fraction), ("CHAIN_ABOVE_L2", 0.0), ("ONE_WAVE", False), ("CHAIN_EAGER", True))
-    for knob, value in knobs:
-        monkeypatch.setattr(K, knob, value)
-    x, z, dy, w, b = _operands(shape, layout, torch.bfloat16)
-    assert len(K.make_plan(x, K.layout_of(x), streams=3).chunks) > 2
-    step = _training_step(x, z, dy, w, b)
-    want = step()
-    monkeypatch.setattr(K, "CHAIN_STREAMS", True)
-    _check_eagerly_and_in_a_graph(step, want, "chained launches on two streams")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "PDL"])
-def test_captures_chain_what_eager_calls_compiled(monkeypatch, pdl):
-    """CHAIN_EAGER off: the eager calls run the unchained plan and compile the chained one's kernels; the
-    capture then chains without compiling (a module load during a capture fails it), giving the bits of
-    the same chained plan run eagerly (CHAIN_EAGER on)."""
-    for knob, value in (("CHAIN_L2_FRACTION", 0.05), ("CHAIN_ABOVE_L2", 0.0), ("PDL", pdl), ("_WARMED", set())):
-        monkeypatch.setattr(K, knob, value)
-    x, z, dy, w, b = _operands((64, 256, 28, 28), "contiguous", torch.bfloat16)
-    assert len(K.make_plan(x, K.layout_of(x), streams=2, chain=True).chunks) > 2
-    assert K.make_plan(x, K.layout_of(x), streams=2).chunk_units == 0  # (eagerly: not chained)
-    for kernel in (K._stats_kernel, K._apply_kernel, K._grad_kernel, K._input_grad_kernel):
-        kernel.device_caches.clear()  # (Triton's loaded variants forgotten, as in a new process)
-    chunks, run_chunks = [], K._run_chunks
-
-    def recorded(plan, *args):
-        chunks.append(len(plan.chunks))
-        return run_chunks(plan, *args)
-
-    monkeypatch.setattr(K, "_run_chunks", recorded)
-    step = _training_step(x, z, dy, w, b)
-    step()
-    assert chunks[0] > 2 and chunks[1] == 1 and chunks[2] > 2 and chunks[3] == 1  # (dry, then unchained)
-    chunks.clear()
-    (graph,), (captured,) = _captured(step)
-    assert chunks[0] == chunks[1] == 1 and min(chunks[2:]) > 2  # (the side stream's call, then the capture)
-    graph.replay()
-    torch.cuda.synchronize()
-    monkeypatch.setattr(K, "CHAIN_EAGER", True)
-    want = step()
-    for name, ref, got in zip(STEP_RESULTS, want, captured, strict=True):
-        assert torch.equal(got, ref), f"{name}: the captured chain differs from the eager one"
 
 
 @pytest.mark.gpu

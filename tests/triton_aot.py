@@ -90,8 +90,8 @@ def compile_cases():
 
 def with_dependent_launch(cases, arch: int):
     """`cases` with the PDL constexpr (`batchnorm.PDL`) off in every kernel that takes it, and on once per
-    such kernel where the architecture has programmatic dependent launch (sm_90+), the reductions also
-    waiting at their end (PDL 2, chained plans): (fn, constexprs, options)."""
+    such kernel where the architecture has programmatic dependent launch (sm_90+): (fn, constexprs,
+    options)."""
     seen = set()
     for fn, constexprs in cases:
         if "PDL" not in fn.arg_names:
@@ -101,8 +101,6 @@ def with_dependent_launch(cases, arch: int):
         if arch >= 90 and fn not in seen:
             seen.add(fn)
             yield fn, {**constexprs, "PDL": True}, {"launch_pdl": True}
-            if fn in (K._stats_kernel, K._grad_kernel):  # a chained plan's later reductions wait at their end
-                yield fn, {**constexprs, "PDL": 2}, {"launch_pdl": True}
 
 
 def main(arch: int) -> int:

@@ -1145,7 +1145,7 @@ def format_comparison(rows: Sequence[GpuRow], before: Sequence[GpuRow], provider
     numbers to mean anything): per row found in both (same case, shape, dtype, layout, direction), then
     per complete per-iteration sum; new / old < 1 is faster now. A row whose note (the plans, mask flips)
     changed is marked *. The sums also called from Python (`stream_us`), where both runs have them all: a
-    candidate's host cost (e.g. a plan chained in graphs only) shows there."""
+    candidate's host cost (e.g. more launches a layer) shows there."""
     key = attrgetter("case", "shape", "dtype", "layout", "direction")
     old = {key(r): r for r in before if r.provider == provider and _ok(r)}
     pairs = [(r, old[key(r)]) for r in rows if r.provider == provider and _ok(r) and key(r) in old]

@@ -1,8 +1,7 @@
 """Launch planning and launchers for the batch-norm Triton kernels (device code: `bnlab.kernels.device`).
 
 A call's plan (`plan_for`, pure arithmetic) picks the tiles, how many programs share a channel, and
-which of the three ways of the device module's doc runs a training direction (a split plan may be chained:
-its two launches repeated per chunk of channels, `Plan.chunk_units`). Module constants are the
+which of the three ways of the device module's doc runs a training direction. Module constants are the
 knobs a GPU session tunes (benchmarks/tune_triton.py); the tests shrink them to cross many tiles.
 """
 
@@ -58,9 +57,7 @@ class Plan:
     planes: tiles of [block_a samples, block_b spatial positions] of one channel per program.
     Each program (channel block, slice) covers `per_split` consecutive tiles of its channels. A
     persistent plan (`units_per_round` > 0) runs `units_per_round` channel blocks at a time, each over
-    `splits` programs that are all resident on the GPU together. A chained split plan (`chunk_units` > 0)
-    launches its reduction and elementwise pass once per chunk of `chunk_units` channel blocks, in turn,
-    so that the elementwise pass re-reads its chunk from L2 (CHAIN_L2_FRACTION).
+    `splits` programs that are all resident on the GPU together.
     """
 
     layout: str
@@ -77,7 +74,6 @@ class Plan:
     packed: bool = False  # planes: block_a == 1, a tile holds block_b // S samples' runs side by side
     group: int = 0  # planes: > 0, a program takes this many channels, one contiguous span per sample
     reduce_warps: int = 0  # split plans: warps per program of the reductions (others: 0, unused)
-    chunk_units: int = 0  # split plans: > 0, chained: channel blocks per launch (0: all in one launch)
 
     @property
     def channel_programs(self) -> int:
@@ -90,19 +86,8 @@ class Plan:
         return self.units_per_round > 0
 
     @property
-    def launch_units(self) -> int:
-        """Channel blocks a launch of a split pass covers: a chained plan's chunk, or all of them."""
-        return min(self.chunk_units, self.channel_programs) if self.chunk_units else self.channel_programs
-
-    @property
-    def chunks(self) -> list[tuple[int, int]]:
-        """(first channel block, blocks) of each launch of a split pass, in launch order."""
-        units, step = self.channel_programs, self.launch_units
-        return [(first, min(step, units - first)) for first in range(0, units, step)] if units else [(0, 0)]
-
-    @property
     def grid(self) -> tuple[int, int]:
-        return (self.units_per_round or self.launch_units, self.splits)
+        return (self.units_per_round or self.channel_programs, self.splits)
 
     @property
     def s_blocks(self) -> int:
@@ -160,8 +145,6 @@ def plan_for(
     min_run: int = 64,
     max_run: int = 1024,
     max_rounds: int = 0,
-    chain_values: int = 0,
-    chain_min_channels: int = 0,
     block_channels: int = 128,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run, of
@@ -180,10 +163,6 @@ def plan_for(
     Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes; other
     planes tiles are `min_run` to `max_run` positions wide where S allows (`_spatial_block`). With `max_rounds`
     (0: any), a persistent plan of more rounds than that is not taken (the split plan is).
-    With `chain_values` (0: off; values of each tensor read that a chunk may hold and still find them in
-    L2 for the second read), a split plan over more values than that is chained: its passes launched per
-    chunk of channel blocks, chunks of equal size, each chunk's reduction over enough slices for
-    `target_programs`; rows: a channel block larger than a chunk is narrowed, down to `chain_min_channels`.
     Rows split plans take blocks of at most `block_channels` channels (a power of two).
     """
     if layout not in (ROWS, PLANES):
@@ -206,34 +185,11 @@ def plan_for(
             per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
             return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
                         units_per_round=per_round, **packing)  # fmt: skip
-    runs = (min_run, max_run)
-    chained = _chained_blocks(layout, N, C, S, tile, group_span, runs, block_channels, chain_values, chain_min_channels)
-    blocks, per_chunk = chained or (_blocks(layout, N, C, S, tile, group_span, runs, block_channels), 0)
+    blocks = _blocks(layout, N, C, S, tile, group_span, (min_run, max_run), block_channels)
     block_a, block_b, tiles, units, _, packing = blocks
-    per_split = _per_split(tiles, per_chunk or units, target_programs)
+    per_split = _per_split(tiles, units, target_programs)
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
-                reduce_warps=reduce_warps or num_warps, chunk_units=per_chunk, **packing)  # fmt: skip
-
-
-def _chained_blocks(
-    layout: str, N: int, C: int, S: int, tile: int, group_span: int, runs: tuple[int, int], width: int,
-    chain_values: int, min_channels: int,
-) -> tuple[tuple, int] | None:  # fmt: skip
-    """(`_blocks` of a chained split plan, channel blocks a chunk: chunks of equal size) where the tensor
-    is over `chain_values` values and a channel block fits that (rows: blocks of `width` channels narrowed
-    down to `min_channels` until one fits); None: not chained (see `plan_for`)."""
-    while chain_values:
-        blocks = _blocks(layout, N, C, S, tile, group_span, runs, width)
-        units, unit_values = blocks[3], blocks[4]
-        if units * unit_values <= chain_values:  # the whole tensor fits one chunk
-            return None
-        per_chunk = chain_values // unit_values
-        if per_chunk:
-            return blocks, _cdiv(units, _cdiv(units, per_chunk))
-        if layout != ROWS or not min_channels or blocks[1] // 2 < min_channels:
-            return None
-        width = blocks[1] // 2
-    return None
+                reduce_warps=reduce_warps or num_warps, **packing)  # fmt: skip
 
 
 def _per_split(tiles: int, units: int, target_programs: int) -> int:
@@ -249,7 +205,7 @@ def elementwise_plan(plan: Plan, target_programs: int) -> Plan:
     single-tile and persistent plans, one kernel a direction, are returned as they are."""
     if plan.single or plan.persistent:
         return plan
-    return _resliced(plan, _per_split(plan.tiles, plan.launch_units, target_programs))
+    return _resliced(plan, _per_split(plan.tiles, plan.channel_programs, target_programs))
 
 
 def _resliced(plan: Plan, per_split: int) -> Plan:
@@ -322,7 +278,7 @@ def flat_pass(plan: Plan, target_programs: int) -> tuple[int, int, int] | None:
     of fewer than 4 values (S odd, e.g. 7x7) stay tiled: a channel's values gathered for every value or
     two cost more instructions than a memory-bound pass can afford (sm_90, Triton 3.6: bf16 normalize 33
     per value at V = 1 against a budget of 31, dx 47 and spills; at V = 8 14 and 20, at 4 16 and 22)."""
-    if not FLAT_ELEMENTWISE or plan.layout != PLANES or plan.single or plan.persistent or plan.chunk_units:
+    if not FLAT_ELEMENTWISE or plan.layout != PLANES or plan.single or plan.persistent:
         return None
     total = plan.N * plan.C * plan.S
     vector = min(8, plan.S & -plan.S)
@@ -564,29 +520,6 @@ PERSISTENT_STAGES = {PLANES: 1, ROWS: 1}
 # (0: off, such tensors get the split plan). Untimed: benchmarks/tune_triton.py tries 16.
 PERSISTENT_MIN_CHANNELS = 0
 
-# Chained split plans (training; `Plan.chunk_units`): a tensor whose reads exceed this share of L2 runs its
-# reduction and elementwise pass chunk by chunk of channels (stats(0), normalize(0), stats(1), ...), so
-# that each elementwise pass re-reads its chunk from L2 instead of memory: 8 tensor passes of memory
-# traffic a step become 5 on the layers that do not fit L2 (ResNet-50's 28x28 and larger at batch 256),
-# for 2 launches a chunk instead of 2 in all. With PDL a chunk's reduction streams its chunk from memory
-# while the previous chunk's elementwise pass runs (device `_before_exit`); the persistent plans' rounds
-# without their spin-waits or their residency argument. The share covers the chunk being re-read, the next
-# one being read and the writes (0: off). Only where a direction reads more than CHAIN_ABOVE_L2 times
-# L2: below that the split plans' second passes, which start with what the first read last, already find
-# most of their values in L2. Rows: blocks narrowed down to CHAIN_MIN_CHANNELS channels (32 bf16 channels:
-# 64-byte pieces of each row) where one block of 128 would not fit a chunk. Untimed (session 9): off;
-# profile_kernels.py's sets `nchw` and `cl` time it.
-CHAIN_L2_FRACTION = 0.0
-CHAIN_ABOVE_L2 = 2.0
-CHAIN_MIN_CHANNELS = 32
-# Chained plans in eager calls too (True), or only in CUDA graphs being captured (False). A chunk costs two
-# launches: nothing on the host in a replayed graph, but 4-5 us of bnlab's Python and Triton's launcher
-# (~10 us more) each when called from Python: 192 launches a step at 256x256x56x56 would take ~3 ms of host
-# time for ~0.85 ms of GPU time. Off, an eager call runs the unchained plan and, once per kernel variant,
-# compiles and loads the chained plan's kernels (launches over empty grids; a capture cannot load modules),
-# so that a later capture of the same call chains (`_planned`).
-CHAIN_EAGER = False
-
 
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on the current stream of `device`."""
@@ -598,59 +531,15 @@ def _split_block(plan: Plan) -> int:
     return max(1, min(_pow2(plan.splits), COMBINE_VALUES // channels))
 
 
-def make_plan(x: torch.Tensor, layout: str, streams: int = 1, chain: bool | None = None) -> Plan:
+def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     """The plan for `x` laid out as `layout`; `streams`: tensors a training direction reads (persistent
-    and chained plans size their rounds and chunks by it; 0: neither, e.g. inference); `chain`: whether
-    it may be chained (CHAIN_L2_FRACTION permitting; None: CHAIN_EAGER, i.e. as an eager call runs it)."""
+    plans size their rounds by it; 0: none, e.g. inference)."""
     itemsize = x.element_size()
     resident, round_values = _persistent_limits(x.device, itemsize, streams) if streams else (0, 0)
-    chained = streams and CHAIN_L2_FRACTION and (CHAIN_EAGER if chain is None else chain)
     return plan_for(
         layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=_target_programs(x.device, layout),
-        resident_programs=resident, round_values=round_values,
-        chain_values=_chain_values(x.device, itemsize, streams, x.numel()) if chained else 0,
-        **knob_args(layout, itemsize),
+        resident_programs=resident, round_values=round_values, **knob_args(layout, itemsize),
     )  # fmt: skip
-
-
-# The chained plans whose kernels eager calls compiled for captures (CHAIN_EAGER off), with the operands'
-# kinds and PDL: (plan, device, PDL, kinds).
-_WARMED: set[tuple] = set()
-
-
-def _planned(x: torch.Tensor, layout: str, streams: int, kinds) -> tuple[Plan, Plan | None]:
-    """(the plan a launcher runs, a chained plan to run dry first, or None). With chained plans on but
-    CHAIN_EAGER off: an eager call runs the unchained plan and, the first time for these operands
-    (`kinds()`: dtypes, flags), asks for the chained plan to be run dry (compiled and loaded); a call being
-    captured runs the chained plan where an eager call has done so, else the unchained one (a capture
-    cannot compile a kernel)."""
-    if not (streams and CHAIN_L2_FRACTION) or CHAIN_EAGER:
-        return make_plan(x, layout, streams), None
-    plan, chained = make_plan(x, layout, streams, chain=False), make_plan(x, layout, streams, chain=True)
-    if not chained.chunk_units:
-        return plan, None
-    key = (chained, x.device, _launch_options(x.device)["PDL"], *kinds())
-    if _capturing(x.device):
-        return (chained if key in _WARMED else plan), None
-    if key in _WARMED:
-        return plan, None
-    _WARMED.add(key)
-    return plan, chained
-
-
-def _kind(t: torch.Tensor | None) -> torch.dtype | None:
-    """What a kernel variant depends on of an optional operand (its dtype, or its absence)."""
-    return None if t is None else t.dtype
-
-
-def _chain_values(device: torch.device, itemsize: int, streams: int, values: int) -> int:
-    """Values of each of `streams` tensors of `values` values of `itemsize` bytes that a chunk of a
-    chained plan may hold (CHAIN_L2_FRACTION of L2); 0: no chained plan (off; the tensors read no more
-    than CHAIN_ABOVE_L2 times L2; Triton's CPU interpreter, where tests pretend)."""
-    if not CHAIN_L2_FRACTION or device.type != "cuda":
-        return 0
-    l2_bytes, per_value = _gpu(device)[1], itemsize * streams
-    return int(l2_bytes * CHAIN_L2_FRACTION) // per_value if values * per_value > CHAIN_ABOVE_L2 * l2_bytes else 0
 
 
 def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
@@ -662,7 +551,7 @@ def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
         tile=tile, num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout], single_tile_max=SINGLE_TILE_MAX,
         single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, tile), persistent_warps=PERSISTENT_WARPS,
         min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
-        max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS, chain_min_channels=CHAIN_MIN_CHANNELS,
+        max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS,
         block_channels=max(1, ROWS_BLOCK_BYTES // itemsize),
     )  # fmt: skip
 
@@ -680,8 +569,7 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
     layout = layout_of(x) or PLANES
     parts = []
     for direction in ("forward", "backward"):
-        # (as a capture plans, CHAIN_EAGER or not: the bench's numbers are replayed from CUDA graphs)
-        plan = make_plan(x, layout, _streams(direction == "backward", residual), chain=True)
+        plan = make_plan(x, layout, _streams(direction == "backward", residual))
         if plan.single:
             how = "single tile"
         elif plan.persistent:
@@ -705,10 +593,6 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
                 how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
             if cut:
                 how += " (cut to one wave)"
-            if plan.chunk_units:
-                streams = " on two streams" if CHAIN_STREAMS and x.device.type == "cuda" else ""
-                where = "" if CHAIN_EAGER else " in CUDA graphs"
-                how += f" (chained{where}{streams}: {len(plan.chunks)} chunks of {plan.launch_units} channel blocks)"
         if plan.packed:
             how += f" (packed tiles of {plan.samples_per_tile} samples)"
         if plan.group:
@@ -773,7 +657,7 @@ def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor
     groups = _cdiv(plan.splits, _split_block(plan))
     rows = plan.splits + (groups if groups > 1 else 0)
     parts = list(torch.empty((count, rows, plan.C), device=device, dtype=torch.float32).unbind(0))  # one allocation
-    units = plan.launch_units  # (a chained plan's launches share the counters: see device `_reduction_program`)
+    units = plan.channel_programs
     counters = units * (1 + groups)
     if not plan.persistent:
         return [*parts, _semaphores(device, counters)]
@@ -810,8 +694,8 @@ def resident_programs(
 
 def within(plan: Plan, programs: int) -> Plan:
     """`plan` cut to at most `programs` programs by taking fewer slices per channel block, as far as one
-    slice a block allows (pure; single-tile and persistent plans as they are; a chained plan per launch)."""
-    units = plan.launch_units
+    slice a block allows (pure; single-tile and persistent plans as they are)."""
+    units = plan.channel_programs
     if plan.single or plan.persistent or units * plan.splits <= programs:
         return plan
     return _resliced(plan, _cdiv(plan.tiles, max(1, programs // units)))
@@ -869,11 +753,10 @@ def _flat_block_args(flat: tuple[int, int, int]) -> dict[str, int | bool]:
     }
 
 
-def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=None, fit=within, dry=False):
+def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=None, fit=within):
     """Launch `kernel` over `plan` (a Plan; a flat pass's tuple with `grid_of=_flat_grid, fit=flat_within`),
     first cut to one wave (ONE_WAVE) on a GPU. `args_of(plan)`, `options_of(plan)`: its arguments and its
-    constexprs and options (both may change with the slices, e.g. the combine's step). `dry`: over an
-    empty grid, which compiles and loads the variant and runs nothing."""
+    constexprs and options (both may change with the slices, e.g. the combine's step)."""
     args, options = args_of(plan), options_of(plan)
     if _one_wave_on(device):
         fitted = fit(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
@@ -881,66 +764,7 @@ def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=Non
             _FITTED[(kernel, plan)] = plan = fitted
             args, options = args_of(plan), options_of(plan)
     grid = grid_of(plan) if grid_of else plan.grid
-    kernel[(0,) * len(grid) if dry else grid](*args, **options)
-
-
-def _chunk_grid(units: int, plan: Plan) -> tuple[int, int]:
-    """The grid of one launch of a split pass over `units` channel blocks (a chunk, or all of them)."""
-    return (units, plan.splits)
-
-
-def _grid_of(units: int | None):
-    """`_launch`'s grid_of for a launch of a split pass over `units` channel blocks of a chained plan's
-    chunk; None (the plan's own grid) for all of them."""
-    return None if units is None else functools.partial(_chunk_grid, units)
-
-
-def _chained_launch(launch: dict[str, bool], chunk: int) -> dict[str, bool | int]:
-    """The launch options of a split reduction over chunk `chunk` of its plan: with PDL, every chunk's
-    after the first waits for the previous kernel at its end, not its start (device `_before_exit`)."""
-    return {**launch, "PDL": 2} if chunk and launch["PDL"] else launch
-
-
-# Chained plans on two streams: each chunk's elementwise pass on a side stream after its chunk's reduction
-# (an event), so that the next chunk's reduction, on the caller's stream, overlaps it without PDL; a
-# reduction waits for the elementwise pass two chunks back (at most two chunks' values in L2 at once).
-# Launches without PDL there. Untimed (session 9): off; profile_kernels.py's set `nchw` times it.
-CHAIN_STREAMS = False
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _run_chunks(plan: Plan, device: torch.device, launch: dict, reduction, elementwise) -> None:
-    """A split direction's launches: for each of `plan.chunks` (one, unless the plan is chained) its
-    reduction, then its elementwise pass, each a function of (first channel block, blocks or None for
-    all of them, launch options) or None where not wanted, in turn on the current stream; with
-    CHAIN_STREAMS on a GPU, a chained plan's elementwise passes on a side stream (see CHAIN_STREAMS),
-    joined back at the end."""
-    chunks = plan.chunks if plan.chunk_units else ((0, None),)  # (None: the plan's own grid, all blocks)
-    if not (CHAIN_STREAMS and len(chunks) > 1 and device.type == "cuda" and reduction and elementwise):
-        for k, (unit0, units) in enumerate(chunks):
-            if reduction:
-                reduction(unit0, units, _chained_launch(launch, k))
-            if elementwise:
-                elementwise(unit0, units, launch)
-        return
-    plain = {**launch, "PDL": False, "launch_pdl": False}
-    main = torch.cuda.current_stream(device)
-    index = _gpu_index(device)
-    side = _SIDE_STREAMS.get(index) or _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(device))
-    side.wait_stream(main)  # (the inputs, written on the caller's stream)
-    passed = []
-    for k, (unit0, units) in enumerate(chunks):
-        if k >= 2:
-            main.wait_event(passed[k - 2])
-        reduction(unit0, units, plain)
-        reduced = torch.cuda.Event()
-        reduced.record(main)
-        with torch.cuda.stream(side):
-            side.wait_event(reduced)
-            elementwise(unit0, units, plain)
-            passed.append(torch.cuda.Event())
-            passed[-1].record(side)
-    main.wait_stream(side)  # (the outputs, and the inputs' memory, back in the caller's stream's order)
+    kernel[grid](*args, **options)
 
 
 # The plans `_launch` cut, by (kernel, planned): what a launch of that plan ran (for `describe_plans`).
@@ -1059,7 +883,6 @@ def forward(
     save_stats: bool = True,
     layout: str | None = None,
     plan: Plan | None = None,
-    dry: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd): y in x's layout; mean and invstd float32 per channel, the ones y was computed with.
 
@@ -1067,20 +890,11 @@ def forward(
     given, is `layout_of(x)`, saving the caller's second look); in training the
     running statistics, when given, are updated in place (momentum already resolved by the caller). In
     inference, `save_stats=False` (no backward to come) lets the kernel read the running statistics
-    directly and returns None for mean and invstd. `dry` (split plans): launches over empty grids, which
-    compile and load the kernels and compute nothing (see CHAIN_EAGER).
+    directly and returns None for mean and invstd. `plan`: instead of `make_plan`'s (tests).
     """
     layout = layout or layout_of(x)
     if plan is None:
-        plan, chained = _planned(
-            x, layout, _streams(False, residual is not None) if training else 0,
-            lambda: ("forward", x.dtype, _kind(weight), _kind(bias), _kind(running_mean), _kind(residual), relu),
-        )  # fmt: skip
-        if chained:
-            forward(x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
-                    residual=residual, relu=relu, layout=layout, plan=chained, dry=True)  # fmt: skip
-    elif dry and not plan.chunk_units:  # (the single-tile and persistent launches have no dry form)
-        raise ValueError(f"a dry run is for chained split plans, not {plan}")
+        plan = make_plan(x, layout, _streams(False, residual is not None) if training else 0)
     C = plan.C
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -1120,33 +934,27 @@ def forward(
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     flat, apply = _elementwise_passes(plan, x.device)
 
-    def statistics(unit0: int, units: int | None, options: dict) -> None:
+    if training:
         _launch(
             _stats_kernel, plan, x.device,
-            lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), unit0, eps, momentum),
+            lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                           STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **options),
-            grid_of=_grid_of(units), dry=dry,
+                           STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
-
-    def normalize(unit0: int, units: int | None, options: dict) -> None:
-        if flat:  # (never chained)
-            _launch(
-                _apply_flat_kernel, flat, x.device,
-                lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
-                lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **options, **epilogue),
-                grid_of=_flat_grid, fit=flat_within, dry=dry,
-            )  # fmt: skip
-        else:
-            _launch(
-                _apply_kernel, apply, x.device,
-                lambda p: (x, z, y, *stats, *params, *_shape_args(p), unit0, eps),
-                lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue,
-                               **_block_args(p), **options),
-                grid_of=_grid_of(units), dry=dry,
-            )  # fmt: skip
-
-    _run_chunks(plan, x.device, launch, statistics if training else None, normalize)
+    if flat:
+        _launch(
+            _apply_flat_kernel, flat, x.device,
+            lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
+            lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **launch, **epilogue),
+            grid_of=_flat_grid, fit=flat_within,
+        )  # fmt: skip
+    else:
+        _launch(
+            _apply_kernel, apply, x.device,
+            lambda p: (x, z, y, *stats, *params, *_shape_args(p), eps),
+            lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue,
+                           **_block_args(p), **launch),
+        )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
 
@@ -1166,26 +974,15 @@ def backward(
     need_residual: bool = False,
     layout: str | None = None,
     plan: Plan | None = None,
-    dry: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias, dresidual), each None where not needed; dweight/dbias float32.
 
     `dy` must be in x's layout (see `to_layout`). In training dx needs the per-channel sums, so the
-    reduction pass runs whenever dx or a parameter gradient is needed. `dry`: as in `forward`.
+    reduction pass runs whenever dx or a parameter gradient is needed. `plan`: as in `forward`.
     """
     layout = layout or layout_of(x)
     if plan is None:
-        plan, chained = _planned(
-            x, layout, _streams(True, residual is not None) if training else 0,
-            lambda: ("backward", dy.dtype, x.dtype, _kind(weight), _kind(bias), _kind(residual), relu, need_input,
-                     need_params, need_residual),
-        )  # fmt: skip
-        if chained:
-            backward(dy, x, weight, bias, mean, invstd, training=training, residual=residual, relu=relu,
-                     need_input=need_input, need_params=need_params, need_residual=need_residual, layout=layout,
-                     plan=chained, dry=True)  # fmt: skip
-    elif dry and not plan.chunk_units:  # (the single-tile and persistent launches have no dry form)
-        raise ValueError(f"a dry run is for chained split plans, not {plan}")
+        plan = make_plan(x, layout, _streams(True, residual is not None) if training else 0)
     C = plan.C
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
@@ -1237,31 +1034,25 @@ def backward(
         elementwise = dx is not None or (dz is not None and not dz_early)
         flat, apply = _elementwise_passes(plan, x.device) if elementwise else (None, plan)
 
-        def gradient_sums(unit0: int, units: int | None, options: dict) -> None:
+        if reduce:
             _launch(
                 _grad_kernel, plan, x.device,
-                lambda p: (*sums_args, *_shape_args(p), unit0),
+                lambda p: (*sums_args, *_shape_args(p)),
                 lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
-                               **sums_options, **_block_args(p, reduction=True), **options),
-                grid_of=_grid_of(units), dry=dry,
+                               **sums_options, **_block_args(p, reduction=True), **launch),
             )  # fmt: skip
-
-        def input_grad(unit0: int, units: int | None, options: dict) -> None:
-            if flat:  # (never chained)
-                _launch(
-                    _input_grad_flat_kernel, flat, x.device,
-                    lambda f: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), f[1], f[2]),
-                    lambda f: dict(TRAINING=training, **_flat_block_args(f), **options, **writes, **flags),
-                    grid_of=_flat_grid, fit=flat_within, dry=dry,
-                )  # fmt: skip
-            else:
-                _launch(
-                    _input_grad_kernel, apply, x.device,
-                    lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p), unit0),
-                    lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **writes, **flags,
-                                   **_block_args(p), **options),
-                    grid_of=_grid_of(units), dry=dry,
-                )  # fmt: skip
-
-        _run_chunks(plan, x.device, launch, gradient_sums if reduce else None, input_grad if elementwise else None)
+        if elementwise and flat:
+            _launch(
+                _input_grad_flat_kernel, flat, x.device,
+                lambda f: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), f[1], f[2]),
+                lambda f: dict(TRAINING=training, **_flat_block_args(f), **launch, **writes, **flags),
+                grid_of=_flat_grid, fit=flat_within,
+            )  # fmt: skip
+        elif elementwise:
+            _launch(
+                _input_grad_kernel, apply, x.device,
+                lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p)),
+                lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **writes, **flags,
+                               **_block_args(p), **launch),
+            )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz

@@ -32,8 +32,6 @@ Three ways to run a training direction (the planner in `batchnorm` picks one per
   channel block finalizes (see "combining" below), then an elementwise kernel (normalize, or dx). Reads
   the input twice. When the residual's gradient is wanted, the gradient sums write it (dz = g) and dx
   reads g (as dy, with no residual and no ReLU) instead of dy, the residual and the recomputed mask.
-  Chained (the planner's CHAIN_L2_FRACTION), the two launches cover one chunk of channel blocks at a time
-  (`unit0`), chunk after chunk, so that the second pass finds its chunk in L2 (`_before_exit`).
 - single tile (one launch, planes only): a channel fits one program's registers; read once.
 - persistent (one launch): a grid no larger than the GPU holds at once loops over rounds of channel
   blocks. In a round, every block is split over K programs; each writes its partial, the one that
@@ -81,24 +79,10 @@ def _after_previous_kernel(PDL: tl.constexpr):
     launch, whose programs take the free slots and wait here in turn. What it saves is the launch and
     ramp-up between dependent kernels. The signal fires once every program of this grid has started,
     so waiting programs of the next kernel never keep this one's from being scheduled. Not in the
-    persistent kernels: their residency argument counts only their own programs.
-    PDL 2 (a chained reduction after the first, see `_before_exit`): signal at once, wait at the end."""
-    if PDL == 1:
-        tl.extra.cuda.gdc_wait()
+    persistent kernels: their residency argument counts only their own programs."""
     if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _before_exit(PDL: tl.constexpr):
-    """Last statement of the split reductions. A chained reduction (the planner's CHAIN_L2_FRACTION: a
-    layer's channels in chunks, each chunk's reduction then its elementwise pass) reads only its own
-    chunk and writes only its chunk's results, so it need not wait for the elementwise pass of the chunk
-    before it (PDL 2): it streams its chunk from memory while that pass re-reads the previous chunk from
-    L2. It still waits before it ends, so that its end implies the previous pass's, and every later
-    kernel on the stream, which waits only for the kernel just before it, finds the whole layer done."""
-    if PDL == 2:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -482,20 +466,10 @@ def _backwards(i, t_start, t_end):
 
 
 @triton.jit
-def _second_pass_program(unit0):
+def _second_pass_program():
     """(channel block, slice) of an elementwise program, in the reverse of launch order: the programs
-    launched first take the values that the previous launch's last programs read (see `_backwards`).
-    The grid covers channel blocks [unit0, unit0 + grid's first dimension) (a chunk of a chained plan)."""
-    return unit0 + tl.num_programs(0) - 1 - tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
-
-
-@triton.jit
-def _reduction_program(unit0):
-    """(block in this launch, channel block, slice) of a split reduction's program: the launch covers
-    channel blocks [unit0, unit0 + grid's first dimension) (a chunk of a chained plan); its arrival
-    counters are numbered within the launch (chained launches on one stream run one at a time)."""
-    local = tl.program_id(0)
-    return local, unit0 + local, tl.program_id(1)
+    launched first take the values that the previous launch's last programs read (see `_backwards`)."""
+    return tl.num_programs(0) - 1 - tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
 
 
 @triton.jit
@@ -640,15 +614,15 @@ def _store_grads(
 # ---- split kernels: grid (channel blocks, slices) ---------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["unit0"])  # (one variant for every chunk of a chained plan)
+@triton.jit
 def _stats_kernel(
     x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split, unit0, eps, momentum,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
-    local, unit, split = _reduction_program(unit0)
+    unit, split = tl.program_id(0), tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
@@ -658,7 +632,7 @@ def _stats_kernel(
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
         done, n_c, mean_c, m2_c = _gather(
-            pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, local, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK, True
+            pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK, True
         )
         if done:
             _finalize_stats(n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
@@ -667,19 +641,18 @@ def _stats_kernel(
         _finalize_stats(
             n, rel_mean, m2, anchor, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
         )
-    _before_exit(PDL)
 
 
-@triton.jit(do_not_specialize=["unit0"])  # (one variant for every chunk of a chained plan)
+@triton.jit
 def _apply_kernel(
     x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split, unit0, eps,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
-    unit, split = _second_pass_program(unit0)
+    unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     _, mean, scale, shift = _normalizer(
@@ -689,16 +662,16 @@ def _apply_kernel(
                  BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["unit0"])  # (one variant for every chunk of a chained plan)
+@triton.jit
 def _grad_kernel(
     dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, dz_ptr, psum_ptr, psumc_ptr, sem_ptr, dw_ptr,
-    db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, unit0,
+    db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
-    local, unit, split = _reduction_program(unit0)
+    unit, split = tl.program_id(0), tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     invstd, mean, scale, shift = _normalizer(
@@ -712,26 +685,25 @@ def _grad_kernel(
         tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
         tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
         done, all_g, all_gc, _ = _gather(
-            psum_ptr, psumc_ptr, psumc_ptr, sem_ptr, local, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK,
+            psum_ptr, psumc_ptr, psumc_ptr, sem_ptr, unit, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK,
             False,
         )  # fmt: skip
         if done:
             _finalize_grads(all_g, all_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
     else:
         _finalize_grads(sum_g, sum_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
-    _before_exit(PDL)
 
 
-@triton.jit(do_not_specialize=["unit0"])  # (one variant for every chunk of a chained plan)
+@triton.jit
 def _input_grad_kernel(
     dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split, unit0,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
-    unit, split = _second_pass_program(unit0)
+    unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     _, mean, scale, shift = _normalizer(
