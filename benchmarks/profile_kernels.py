@@ -104,7 +104,6 @@ SETS = {
             {},
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
-            {"FLAT_ELEMENTWISE": True},  # normalize and dx flat: no idle lanes, contiguous blocks
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
             {"APPLY_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},  # more loads in flight still
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # the reductions as the elementwise passes
@@ -139,7 +138,6 @@ SETS = {
 PLAN_KNOBS = {
     "PLANES_MIN_RUN",
     "PLANES_MAX_RUN",
-    "FLAT_ELEMENTWISE",
     "PROGRAMS_PER_SM",
     "APPLY_PROGRAMS_PER_SM",
     "GRAD_STAGES_LONG",
@@ -192,7 +190,6 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PERSISTENT_MAX_ROUNDS",
         "PLANES_MIN_RUN",
         "PLANES_MAX_RUN",
-        "FLAT_ELEMENTWISE",
         "PERSISTENT_STAGES",
         "PDL",
         "REDUCTION_WARPS",
@@ -251,8 +248,8 @@ def _was_cut(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
     launches so far)."""
     x = _planning_tensor(shape, layout, dtype, device)
     plan = K.make_plan(x, K.layout_of(x), streams=2)
-    flat, apply = K._elementwise_passes(plan, x.device)
-    return any(planned in (plan, apply, flat) for _, planned in K._FITTED)
+    apply = K._elementwise_passes(plan, x.device)
+    return any(planned in (plan, apply) for _, planned in K._FITTED)
 
 
 def _plan_knobs(knobs: dict) -> dict:

@@ -128,8 +128,6 @@ def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():
     assert changes((8, 4, 56, 56), {"LONG_LOOP_TILES": 1})  # the gradient sums' depth, same plan
     assert not changes((8, 4, 56, 56), {"LONG_LOOP_TILES": 10_000})
     assert changes((64, 1, 56, 56), {"COMBINE_VALUES": 1})  # the combine's step (split_block), same plan
-    assert changes((64, 4, 14, 14), {"FLAT_ELEMENTWISE": True})  # flat normalize and dx, same plan
-    assert not changes((256, 4, 7, 7), {"FLAT_ELEMENTWISE": True})  # rows of 1 value: stays tiled
     # a setting's other knobs (PDL) do not make it count as a plan change
     assert profile_kernels._plan_knobs({"TILE": 8192, "PDL": True}) == {"TILE": 8192}
     assert profile_kernels._plan_knobs(profile_kernels.DEPENDENT_LAUNCH) == {}

@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -41,17 +40,13 @@ STEP_RESULTS = ("output", "dx", "dweight", "dbias", "dresidual", "running mean",
 @pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
-    default tiles (planes with 16 channels: grouped tiles; planes normalize and dx as flat passes in
-    blocks of 64 values, FLAT_ELEMENTWISE), tiny tiles and many programs (split
+    default tiles (planes with 16 channels: grouped tiles), tiny tiles and many programs (split
     reductions, combined by the last program of each channel block a few partials at a time), 64-lane
     tiles (planes: several samples' short runs packed in each, several tiles and slices per channel), or
     the persistent kernels with tiny tiles, several programs per channel block and several rounds (the
     interpreter runs them as two phases; grouped tiles: see the rounds test)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    if request.param == "two-pass":
-        monkeypatch.setattr(K, "FLAT_ELEMENTWISE", True)
-        monkeypatch.setattr(K, "FLAT_BLOCK", 64)
     if request.param in ("many-slices", "packed", "persistent"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         # (the elementwise passes in slices of other lengths than the reductions', as on a GPU)
@@ -612,7 +607,6 @@ def test_plans_are_cut_to_one_wave_by_taking_fewer_slices():
     assert K.within(plan, 20).grid == (32, 1)  # one slice a block is the least
     single = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=528, single_tile_max=8192)
     assert K.within(single, 1) == single
-    assert K.flat_within((8, 1000, 2), 100) == (8, 1000, 10) and K.flat_within((8, 1000, 20), 100) == (8, 1000, 20)
 
 
 class _Recorder:
@@ -654,17 +648,14 @@ def test_a_kernel_without_occupancy_attributes_is_launched_uncut_with_a_warning(
         assert K._resident(Bare(), (torch.empty(1),), {}, torch.device("cpu")) == 32  # every slot
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["tiled", "flat"])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_residual):
+def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, with_residual):
     """Every split pass cut to fewer slices than planned (the interpreter pretends to be a GPU of 2
     multiprocessors holding 2 programs each): the same results as the reference; the partial workspaces
     sized for the planned slices serve the cut ones; the bench's note says so."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 64)
     monkeypatch.setattr(K, "COMBINE_VALUES", 4)
-    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", flat)
-    monkeypatch.setattr(K, "FLAT_BLOCK", 32)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 16)
     monkeypatch.setattr(K, "_one_wave_on", lambda device: True)
     monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 9, 2048, 233472))
@@ -680,7 +671,7 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, flat, with_resid
         results[backend] = (y, *grads, rm, rv)
     for i, (ours, ref) in enumerate(zip(results["triton"], results["reference"], strict=True)):
         _close(ours, ref, torch.float32, f"result {i}")
-    launched = [cut.grid if isinstance(cut, K.Plan) else K._flat_grid(cut) for cut in K._FITTED.values()]
+    launched = [cut.grid for cut in K._FITTED.values()]
     assert len(launched) == 4 and all(math.prod(grid) <= 4 for grid in launched)  # all four passes were cut
     described = K.describe_plans(x.detach(), residual=with_residual)
     assert described.count("(cut to one wave)") == 2
@@ -776,60 +767,6 @@ def test_elementwise_passes_regroup_the_same_tiles_into_more_slices():
     assert (apply.splits - 1) * apply.per_split < apply.tiles <= apply.splits * apply.per_split  # no idle slice
     single = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=264, single_tile_max=8192)
     assert single.single and K.elementwise_plan(single, 528) is single
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 4, 5), (2, 3, 8, 8), (4, 6, 12)], ids=["rows-of-4", "rows-of-8", "1d"])
-@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_flat_elementwise_passes_match_the_reference(monkeypatch, shape, training, dtype):
-    """FLAT_ELEMENTWISE: normalize and dx (and the residual's gradient) as flat passes, blocks of 32 values
-    that end inside rows and channels, several blocks a program, match the reference (bf16 without the
-    ReLU: its mask flips where the pre-activation rounds differently, see the real-shapes test)."""
-    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", True)
-    monkeypatch.setattr(K, "FLAT_BLOCK", 32)
-    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 3 if elementwise else 4)
-    x, z, dy, w, b = _operands(shape, "contiguous", dtype)
-    assert "flat" in K.describe_plans(x)
-    C = shape[1]
-    outs = []
-    for backend in ("triton", "reference"):
-        rm, rv = torch.linspace(-1, 1, C, device=DEVICE), torch.linspace(0.5, 2, C, device=DEVICE)
-        activation = "relu" if dtype == torch.float32 else None
-        y, grads = _run(backend, x, z, dy, w, b, training=training, activation=activation, rm=rm, rv=rv)
-        outs.append((y, *grads, rm, rv))
-    names = STEP_RESULTS
-    for name, ours, ref in zip(names, *outs, strict=True):
-        _close(ours, ref, dtype, name)
-
-
-def test_magic_numbers_divide_exactly_below_two_to_the_31():
-    """The flat kernels' channel index: n // d as a multiply-high and a shift (device `_divide`)."""
-    rng = random.Random(0)
-    for d in [*range(2, 3000), 3136, 12544, 50176, 2**20 + 7, 2**30 - 1, 2**30, 2**31 - 1]:
-        magic, shift = K._magic(d)
-        unsigned = magic % 2**32  # the kernel reads the int32 argument's bits as unsigned
-        ns = [0, d - 1, d, d + 1, 2**31 - 1, (2**31 - 1) // d * d, (2**31 - 1) // d * d - 1]
-        for n in ns + [rng.randrange(2**31) for _ in range(20)]:
-            assert (n * unsigned) >> 32 >> shift == n // d, (n, d)
-    with pytest.raises(ValueError, match="divisor 1"):
-        K._magic(1)
-
-
-def test_flat_passes_take_rows_that_never_span_two_channels(monkeypatch):
-    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", True)
-    plan = K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264)
-    assert K.flat_pass(plan, 528) == (8, 12544, 24)  # 256 x 64 x 3136 / 4096 blocks, 24 a program
-    for S, vector in ((196, 4), (784, 8), (12544, 8), (20, 4)):
-        assert K.flat_pass(K.plan_for(K.PLANES, 256, 64, S, target_programs=264), 528)[0] == vector
-    for S in (49, 14):  # rows of 1 or 2 values: tiled (too many instructions per value)
-        assert K.flat_pass(K.plan_for(K.PLANES, 256, 64, S, target_programs=264), 528) is None
-    assert K.flat_pass(K.plan_for(K.ROWS, 256, 64, 3136, target_programs=264), 528) is None  # channels-last
-    single = K.plan_for(K.PLANES, 32, 2048, 49, target_programs=264, single_tile_max=8192)
-    assert K.flat_pass(single, 528) is None  # one kernel a direction already
-    assert K.flat_pass(K.plan_for(K.PLANES, 2**16, 64, 1024, target_programs=264), 528) is None  # int32 offsets
-    monkeypatch.setattr(K, "FLAT_ELEMENTWISE", False)
-    assert K.flat_pass(plan, 528) is None
 
 
 def test_host_integer_helpers_match_tritons():
@@ -970,7 +907,7 @@ def _sm90() -> bool:
     ("shape", "layout", "knobs"),
     [
         ((256, 512, 7, 7), "contiguous", {}),  # split, grouped tiles
-        ((64, 64, 56, 56), "contiguous", {"FLAT_ELEMENTWISE": True}),  # split reductions, flat normalize and dx
+        ((64, 64, 56, 56), "contiguous", {}),  # split, tiles of whole runs
         ((64, 256, 14, 14), "channels_last", {}),  # rows
         ((32, 2048, 7, 7), "contiguous", {}),  # single tile
     ],
@@ -1144,7 +1081,7 @@ def test_launches_read_their_kernels_occupancy_and_fit_one_wave(monkeypatch):
     assert all(1 <= resident <= 32 for resident in K._RESIDENT.values())
     multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count
     for (kernel, _), cut in K._FITTED.items():
-        programs = math.prod(cut.grid if isinstance(cut, K.Plan) else K._flat_grid(cut))
+        programs = math.prod(cut.grid)
         most = max(r for key, r in K._RESIDENT.items() if key[0] is kernel) * multiprocessors
         assert programs <= most, f"{kernel.fn.__name__}: {programs} programs, {most} at once"
 

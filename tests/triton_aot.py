@@ -77,10 +77,6 @@ def compile_cases():
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 for stages in dict.fromkeys(apply_stages if training else apply_stages[:1]):
                     yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": stages}
-    for ep, vector in ((epilogues[0], 8), (epilogues[-1], 4)):  # flat passes (FLAT_ELEMENTWISE; off by default)
-        flat = {**ep, "BLOCK": K.FLAT_BLOCK, "V": vector, "STAGES": K.APPLY_STAGES[K.PLANES]}
-        yield K._apply_flat_kernel, {**flat, "FROM_RUNNING": not ep["HAS_WEIGHT"]}
-        yield K._input_grad_flat_kernel, {**flat, "TRAINING": True, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
     single = {"BLOCK_N": 64, "BLOCK_S": 64}
     for ep in epilogues:
         yield K._single_tile_forward_kernel, {**single, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}

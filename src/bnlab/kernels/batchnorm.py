@@ -18,10 +18,8 @@ import torch
 
 from bnlab.kernels.device import (
     GROUPS,
-    _apply_flat_kernel,
     _apply_kernel,
     _grad_kernel,
-    _input_grad_flat_kernel,
     _input_grad_kernel,
     _persistent_backward_kernel,
     _persistent_forward_kernel,
@@ -271,46 +269,10 @@ def _blocks(
     return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S, {}
 
 
-def flat_pass(plan: Plan, target_programs: int) -> tuple[int, int, int] | None:
-    """(V, blocks, blocks per program) of the flat elementwise passes over `plan`'s tensor (NCHW split
-    plans with FLAT_ELEMENTWISE on: blocks of FLAT_BLOCK values in rows of V, the largest power of two up
-    to 8 that divides S, so that a row never spans two channels), or None: the plan's own tiles. Rows
-    of fewer than 4 values (S odd, e.g. 7x7) stay tiled: a channel's values gathered for every value or
-    two cost more instructions than a memory-bound pass can afford (sm_90, Triton 3.6: bf16 normalize 33
-    per value at V = 1 against a budget of 31, dx 47 and spills; at V = 8 14 and 20, at 4 16 and 22)."""
-    if not FLAT_ELEMENTWISE or plan.layout != PLANES or plan.single or plan.persistent:
-        return None
-    total = plan.N * plan.C * plan.S
-    vector = min(8, plan.S & -plan.S)
-    if vector < 4 or plan.C < 2 or total + FLAT_BLOCK > INT32_LIMIT:  # (int32 offsets; `_magic`'s divisors)
-        return None
-    blocks = _cdiv(total, FLAT_BLOCK)
-    return vector, blocks, _per_split(blocks, 1, target_programs)
-
-
-def _elementwise_passes(plan: Plan, device: torch.device) -> tuple[tuple[int, int, int] | None, Plan]:
-    """How normalize and dx run over `plan`: (`flat_pass` or None, `elementwise_plan`) at the elementwise
-    passes' target of programs."""
-    target = _target_programs(device, plan.layout, elementwise=True)
-    return flat_pass(plan, target), elementwise_plan(plan, target)
-
-
-def _magic(d: int) -> tuple[int, int]:
-    """(magic, shift) with n // d == umulhi(n, magic) >> shift for every 0 <= n < 2**31, 2 <= d < 2**31
-    (device `_divide`; magic passed as the int32 of its 32 bits): magic = floor(2**(31 + b) / d) + 1 with
-    b = ceil(log2 d), shift = b - 1. Exact: magic * d exceeds 2**(31 + b) by at most d, so the estimate
-    n * magic / 2**(31 + b) exceeds n / d by less than n / 2**(31 + b) < 1 / d, which never carries it
-    past the next integer (tests check it against integer division)."""
-    if not 2 <= d < INT32_LIMIT:
-        raise ValueError(f"_magic: divisor {d} out of [2, 2**31)")
-    bits = (d - 1).bit_length()
-    magic = (1 << (31 + bits)) // d + 1
-    return (magic - (1 << 32) if magic >= INT32_LIMIT else magic), bits - 1
-
-
-def _flat_args(plan: Plan) -> tuple[int, ...]:
-    """The flat kernels' shape arguments: C, S, N * C * S, then the magic numbers of S and C."""
-    return (plan.C, plan.S, plan.N * plan.C * plan.S, *_magic(plan.S), *_magic(plan.C))
+def _elementwise_passes(plan: Plan, device: torch.device) -> Plan:
+    """How normalize and dx run over `plan`: `elementwise_plan` at the elementwise passes' target of
+    programs."""
+    return elementwise_plan(plan, _target_programs(device, plan.layout, elementwise=True))
 
 
 def _target_programs(device: torch.device, layout: str, elementwise: bool = False) -> int:
@@ -443,12 +405,6 @@ APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 # instead of 128 faster on all 10 channels-last shapes with more than 64 channels (0.91-0.98 of the time),
 # 32 slower on the large ones: 256 bytes a row, which keeps bf16's 128 channels (untimed there at 64).
 ROWS_BLOCK_BYTES = 256
-# NCHW normalize and dx as flat passes (`flat_pass`; device `_apply_flat_kernel`): contiguous blocks of
-# FLAT_BLOCK values, no idle lanes, per-channel values gathered per 4-8 values, instead of the plan's
-# tiles (23% idle lanes at 56x56, 28x28, 14x14; pieces of 2-3 KB); 7x7 stays tiled. Off: untimed
-# (session 7); profile_kernels.py's set `nchw` times it.
-FLAT_ELEMENTWISE = False
-FLAT_BLOCK = 4096
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
@@ -475,7 +431,7 @@ def _grad_stages(plan: Plan) -> int:
     return (GRAD_STAGES_LONG if plan.per_split >= LONG_LOOP_TILES else GRAD_STAGES)[plan.layout]
 
 
-# Programmatic dependent launch (sm_90+; `device._after_previous_kernel`): the split, flat and single-tile
+# Programmatic dependent launch (sm_90+; `device._after_previous_kernel`): the split and single-tile
 # kernels launched so that each may start while the kernel before it on the stream ends. On an H200 (run 6,
 # bf16 NCHW, forward+backward) the bench's graph-replayed step took 8.5-13 us more than the profiled sum of
 # its 4 kernels on every layer shape (256x512x7x7: 56.9 against 44.1 us; 256x256x56x56: 852 against 841):
@@ -580,13 +536,11 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
             kernels = _SPLIT_KERNELS[direction == "backward"]
             reduce = _FITTED.get((kernels[0], plan), plan)
             how = f"split over {reduce.splits} slices"
-            flat, apply = _elementwise_passes(plan, x.device)
-            cut = reduce != plan or (kernels[1 + bool(flat)], flat or apply) in _FITTED
+            apply = _elementwise_passes(plan, x.device)
+            cut = reduce != plan or (kernels[1], apply) in _FITTED
             apply = _FITTED.get((kernels[1], apply), apply)
             elementwise = "normalize" if direction == "forward" else "dx"
-            if flat:
-                how += f" ({elementwise} flat)"
-            elif apply.splits != reduce.splits:
+            if apply.splits != reduce.splits:
                 how += f" ({elementwise} over {apply.splits})"
             stages = _grad_stages(reduce)
             if direction == "backward" and stages != GRAD_STAGES[plan.layout]:
@@ -732,48 +686,23 @@ def _one_wave_on(device: torch.device) -> bool:
     return ONE_WAVE and device.type == "cuda"
 
 
-def flat_within(flat: tuple[int, int, int], programs: int) -> tuple[int, int, int]:
-    """`within` for a flat pass (V, blocks, blocks per program): at most `programs` programs (pure)."""
-    vector, blocks, per_program = flat
-    return vector, blocks, max(per_program, _cdiv(blocks, max(1, programs)))
-
-
-def _flat_grid(flat: tuple[int, int, int]) -> tuple[int]:
-    return (_cdiv(flat[1], flat[2]),)
-
-
-def _flat_block_args(flat: tuple[int, int, int]) -> dict[str, int | bool]:
-    """The block constexprs and launch options of the flat kernels (`_block_args`' twin for a flat pass)."""
-    return {
-        "BLOCK": FLAT_BLOCK,
-        "V": flat[0],
-        "STAGES": APPLY_STAGES[PLANES],
-        "num_warps": NUM_WARPS,
-        "enable_fp_fusion": FP_FUSION,
-    }
-
-
-def _launch(kernel, plan, device: torch.device, args_of, options_of, grid_of=None, fit=within):
-    """Launch `kernel` over `plan` (a Plan; a flat pass's tuple with `grid_of=_flat_grid, fit=flat_within`),
-    first cut to one wave (ONE_WAVE) on a GPU. `args_of(plan)`, `options_of(plan)`: its arguments and its
-    constexprs and options (both may change with the slices, e.g. the combine's step)."""
+def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of) -> None:
+    """Launch `kernel` over `plan`, first cut to one wave (ONE_WAVE) on a GPU. `args_of(plan)`,
+    `options_of(plan)`: its arguments and its constexprs and options (both may change with the slices,
+    e.g. the combine's step)."""
     args, options = args_of(plan), options_of(plan)
     if _one_wave_on(device):
-        fitted = fit(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
+        fitted = within(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
         if fitted != plan:
             _FITTED[(kernel, plan)] = plan = fitted
             args, options = args_of(plan), options_of(plan)
-    grid = grid_of(plan) if grid_of else plan.grid
-    kernel[grid](*args, **options)
+    kernel[plan.grid](*args, **options)
 
 
 # The plans `_launch` cut, by (kernel, planned): what a launch of that plan ran (for `describe_plans`).
 _FITTED: dict[tuple, Plan] = {}
-# A split direction's kernels (forward, backward): the reduction, the tiled and the flat elementwise pass.
-_SPLIT_KERNELS = (
-    (_stats_kernel, _apply_kernel, _apply_flat_kernel),
-    (_grad_kernel, _input_grad_kernel, _input_grad_flat_kernel),
-)
+# A split direction's kernels (forward, backward): the reduction and the elementwise pass.
+_SPLIT_KERNELS = ((_stats_kernel, _apply_kernel), (_grad_kernel, _input_grad_kernel))
 
 
 _SEMAPHORES: dict[tuple[int, int], torch.Tensor] = {}
@@ -932,7 +861,7 @@ def forward(
         torch.rsqrt(running_var.float() + eps, out=invstd)
     from_running = not training and not save_stats
     stats = (running_mean, running_var) if from_running else (mean, invstd)
-    flat, apply = _elementwise_passes(plan, x.device)
+    apply = _elementwise_passes(plan, x.device)
 
     if training:
         _launch(
@@ -941,20 +870,12 @@ def forward(
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
                            STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
-    if flat:
-        _launch(
-            _apply_flat_kernel, flat, x.device,
-            lambda f: (x, z, y, *stats, *params, *_flat_args(plan), f[1], f[2], eps),
-            lambda f: dict(FROM_RUNNING=from_running, **_flat_block_args(f), **launch, **epilogue),
-            grid_of=_flat_grid, fit=flat_within,
-        )  # fmt: skip
-    else:
-        _launch(
-            _apply_kernel, apply, x.device,
-            lambda p: (x, z, y, *stats, *params, *_shape_args(p), eps),
-            lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue,
-                           **_block_args(p), **launch),
-        )  # fmt: skip
+    _launch(
+        _apply_kernel, apply, x.device,
+        lambda p: (x, z, y, *stats, *params, *_shape_args(p), eps),
+        lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue, **_block_args(p),
+                       **launch),
+    )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
 
@@ -1032,7 +953,7 @@ def backward(
             outputs, writes = (outputs[0], dy), {**writes, "WRITE_DZ": False}
             flags = {**flags, "HAS_RESIDUAL": False, "RELU": False}
         elementwise = dx is not None or (dz is not None and not dz_early)
-        flat, apply = _elementwise_passes(plan, x.device) if elementwise else (None, plan)
+        apply = _elementwise_passes(plan, x.device) if elementwise else plan
 
         if reduce:
             _launch(
@@ -1041,14 +962,7 @@ def backward(
                 lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
                                **sums_options, **_block_args(p, reduction=True), **launch),
             )  # fmt: skip
-        if elementwise and flat:
-            _launch(
-                _input_grad_flat_kernel, flat, x.device,
-                lambda f: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_flat_args(plan), f[1], f[2]),
-                lambda f: dict(TRAINING=training, **_flat_block_args(f), **launch, **writes, **flags),
-                grid_of=_flat_grid, fit=flat_within,
-            )  # fmt: skip
-        elif elementwise:
+        if elementwise:
             _launch(
                 _input_grad_kernel, apply, x.device,
                 lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p)),
