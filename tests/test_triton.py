@@ -1017,15 +1017,23 @@ def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warn
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_batch_renorm_on_the_gpu_trains_without_a_host_sync():
-    """BatchRenorm2d (triton backend) through its warm-up and ramp: its limits come from num_batches_tracked
-    on the GPU (session 11; it was int(num_batches_tracked) on every training call), so a training call
-    syncs with nothing (torch's sync debug mode would raise)."""
+@pytest.mark.parametrize("kind", ["renorm", "ghost", "ghost, cumulative"])
+def test_variants_on_the_gpu_train_without_a_host_sync(kind):
+    """BatchRenorm2d through its warm-up and ramp (its limits from num_batches_tracked on the GPU; session
+    11: it was int(num_batches_tracked) on every training call) and GhostBatchNorm2d's closed-form update
+    of its ghosts (session 12: it checked the statistics, read the counter of momentum=None and copied its
+    weights to the GPU on every call), triton backend: a training call syncs with nothing (torch's sync
+    debug mode would raise)."""
     import warnings
 
     from bnlab import nn as bnn
 
-    layer = bnn.BatchRenorm2d(8, backend="triton", warmup_steps=1, rmax_ramp_end=3, dmax_ramp_end=2).cuda()
+    if kind == "renorm":
+        layer = bnn.BatchRenorm2d(8, backend="triton", warmup_steps=1, rmax_ramp_end=3, dmax_ramp_end=2)
+    else:
+        momentum = None if kind == "ghost, cumulative" else 0.1
+        layer = bnn.GhostBatchNorm2d(8, ghost_batch_size=2, momentum=momentum, backend="triton")
+    layer = layer.cuda()
     x = torch.randn(4, 8, 5, 5, device="cuda")
     layer(x).sum().backward()  # (compiles, sets the counters' reserve aside: the syncs a first call may make)
     torch.cuda.synchronize()
@@ -1037,7 +1045,7 @@ def test_batch_renorm_on_the_gpu_trains_without_a_host_sync():
                 layer(x)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert int(layer.num_batches_tracked) == 5
+    assert int(layer.num_batches_tracked) == (5 if kind == "renorm" else 10)
 
 
 @pytest.mark.gpu

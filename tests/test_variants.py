@@ -252,6 +252,54 @@ def test_ghost_nonfinite_statistics_leave_running_statistics_alone():
         assert torch.equal(value, before[key])
 
 
+class _NoHostReads:
+    """Within it, any read of a tensor's value on the host (bool, int, float, item) raises: what a GPU
+    step would wait for. (`tolist` stays allowed: the late report's flags arrive that way.)"""
+
+    def __enter__(self):
+        def refuse(tensor, *args):
+            raise AssertionError("a tensor was read on the host")
+
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "__int__", "__float__", "item")}
+        for name in self.saved:
+            setattr(torch.Tensor, name, refuse)
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_ghost_on_a_deferred_device_updates_without_reading_anything_on_the_host(monkeypatch, backend, momentum):
+    """Where statistics are checked without a host sync (DEFERRED_CHECK_DEVICES: CUDA; the CPU stands in),
+    ghost batch norm's closed-form update of k ghosts reads nothing on the host (the finite check, the
+    counter of momentum=None, the ghosts' weights all stay on the device) and gives the host path's
+    outputs, gradients and state bit for bit; a NaN batch is dropped by a select (state as it was,
+    counter included) and reported by the late warning."""
+    ghost = {"ghost_batch_size": 3, "momentum": momentum, "backend": backend}
+    host, device = _same_params(bnlab.nn.GhostBatchNorm2d(2, **ghost), bnlab.nn.GhostBatchNorm2d(2, **ghost))
+    inputs = [make_input((12, 2, 3, 2), seed=s, offset=0.2 * s) for s in range(3)]
+    grads = [make_input((12, 2, 3, 2), seed=10 + s, offset=0.0) for s in range(3)]
+    want = train_steps(host, inputs, grads)
+    monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu"}))
+    with _NoHostReads():
+        got = train_steps(device, inputs, grads)
+    for ours, ref in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
+        assert torch.equal(ours, ref)
+    for key, value in host.state_dict().items():
+        assert torch.equal(device.state_dict()[key], value), key
+    assert int(device.num_batches_tracked) == 3 * 4
+    before = copy.deepcopy(device.state_dict())
+    bad = make_input((12, 2, 3, 2), seed=7)
+    bad[4, 1, 0, 0] = float("nan")  # (ghost 1)
+    with pytest.warns(NonFiniteStatisticsWarning, match="GhostBatchNorm2d"):
+        with _NoHostReads():
+            device(bad)
+    for key, value in before.items():
+        assert torch.equal(device.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 def test_ghost_renorm_reduces_to_ghost_bn_and_to_running_statistics(backend):
     limits = {"warmup_steps": 0, "rmax_ramp_end": 0, "dmax_ramp_end": 0}

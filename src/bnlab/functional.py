@@ -14,8 +14,7 @@ keyword-only extras are what a module needs to keep its state honest:
   untouched; ``"ignore"`` does what torch does (no check: one NaN batch poisons the running statistics for
   good) and costs nothing. The check costs a few small ops and, on a CPU, one host sync per layer call.
   On a GPU ``"skip"`` waits for nothing: the statistics are kept or restored on the device, and the
-  warning comes once the GPU has got there (a later call, or exit); ``"error"`` must sync to raise (and
-  ghost batch norm's closed-form update syncs either way).
+  warning comes once the GPU has got there (a later call, or exit); ``"error"`` must sync to raise.
   Under ``torch.compile`` or CUDA-graph capture the check runs without a sync and ``"skip"`` (and under
   compile ``"error"``) restore the statistics silently (a compiled graph cannot warn or raise on data).
 - ``backend``: a backend name for this call only (see ``bnlab.backends``).
@@ -523,22 +522,41 @@ def _update_sequentially(
     policy: str,
     name: str,
 ) -> None:
-    """Apply k running-statistics updates (rows of `means`/`variances`, unbiased) as one closed-form step."""
+    """Apply k running-statistics updates (rows of `means`/`variances`, unbiased) as one closed-form step.
+
+    Everything data-dependent stays on the statistics' device (the counter of momentum=None too); policy
+    "skip" on DEFERRED_CHECK_DEVICES keeps or drops the update with a select and reports later, as
+    `_update_guarded` does, so a GPU step waits for nothing; elsewhere the check is a host sync."""
     k = means.shape[0]
     with torch.no_grad():
-        if policy != "ignore" and not bool(torch.isfinite(variances).all() & torch.isfinite(means).all()):
+        deferred = policy == "skip" and running_var.device.type in DEFERRED_CHECK_DEVICES
+        finite = None if policy == "ignore" else torch.isfinite(variances).all() & torch.isfinite(means).all()
+        if finite is not None and not deferred and not bool(finite):
             _report_nonfinite(policy, name, not bool(torch.isfinite(running_var).all()), stacklevel=4)
             return
         if momentum is None:
             if num_batches_tracked is None:
                 raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
-            seen = float(num_batches_tracked)
-            keep, weights = seen / (seen + k), torch.full((k,), 1.0 / (seen + k), dtype=means.dtype)
+            seen = num_batches_tracked.to(torch.float64)  # (float64 0-dim on the device: exact, no sync)
+            keep = seen / (seen + k)
+            weights = (1.0 / (seen + k)).expand(k)
         else:
             keep = (1.0 - momentum) ** k
-            weights = torch.tensor([momentum * (1.0 - momentum) ** (k - 1 - j) for j in range(k)], dtype=means.dtype)
-        weights = weights.to(means.device)
-        running_mean.mul_(keep).add_((weights[:, None] * means).sum(0))
-        running_var.mul_(keep).add_((weights[:, None] * variances).sum(0))
+            # ghost j's weight momentum * (1 - momentum) ** (k - 1 - j), computed where the statistics are
+            # (a tensor built on the host would be a copy, and a sync, on every call)
+            powers = torch.arange(k - 1, -1, -1, dtype=torch.float64, device=means.device)
+            weights = momentum * torch.pow(1.0 - momentum, powers)
+        weights = weights.to(means.dtype)
+        new_mean = running_mean * keep + (weights[:, None] * means).sum(0)
+        new_var = running_var * keep + (weights[:, None] * variances).sum(0)
+        if not deferred:
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(k)
+            return
+        _LATE_REPORTS.add(finite, running_var, name)  # (its verdict on the old statistics: queued first)
+        torch.where(finite, new_mean, running_mean, out=running_mean)
+        torch.where(finite, new_var, running_var, out=running_var)
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(k)
+            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype) * k)
