@@ -107,6 +107,7 @@ SETS = {
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
             {"APPLY_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},  # more loads in flight still
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # the reductions as the elementwise passes
+            {"SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},  # the same on tensors within L2 only
         ),
     ),
     # The channels-last analogue of run 5's finding (reductions at fewer programs, elementwise passes at
@@ -139,6 +140,7 @@ PLAN_KNOBS = {
     "PLANES_MIN_RUN",
     "PLANES_MAX_RUN",
     "PROGRAMS_PER_SM",
+    "SMALL_PROGRAMS_PER_SM",
     "APPLY_PROGRAMS_PER_SM",
     "GRAD_STAGES_LONG",
     "LONG_LOOP_TILES",
@@ -176,6 +178,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
     K = kernels.load()
     names = (
         "PROGRAMS_PER_SM",
+        "SMALL_PROGRAMS_PER_SM",
         "APPLY_PROGRAMS_PER_SM",
         "STATS_STAGES",
         "GRAD_STAGES",

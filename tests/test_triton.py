@@ -677,6 +677,30 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, with_residual):
     assert described.count("(cut to one wave)") == 2
 
 
+def test_reductions_over_tensors_within_l2_take_their_own_programs_per_sm(monkeypatch):
+    """SMALL_PROGRAMS_PER_SM: a tensor of at most SMALL_TENSOR_L2 times L2 (50 MB here) plans its reductions
+    for that many programs a multiprocessor, a larger one for PROGRAMS_PER_SM; the elementwise passes keep
+    theirs; never in the interpreter (no L2)."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 9, 2048, 233472))
+    monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 4, K.ROWS: 8})
+    assert K._small(cuda, 256 * 512 * 196 * 2) and not K._small(cuda, 256 * 1024 * 196 * 2)  # 51.4, 102.8 MB
+    assert not K._small(torch.device("cpu"), 1)
+    assert K._target_programs(cuda, K.PLANES, small=True) == 4 * 132 and K._target_programs(cuda, K.PLANES) == 2 * 132
+    assert K._target_programs(cuda, K.ROWS, small=True) == 8 * 132
+    assert K._target_programs(cuda, K.PLANES, elementwise=True, small=True) == K.APPLY_PROGRAMS_PER_SM[K.PLANES] * 132
+    monkeypatch.setattr(K, "SMALL_TENSOR_L2", 0.25)
+    assert not K._small(cuda, 256 * 512 * 196 * 2)
+    asked, targets = [], []  # make_plan asks with the tensor's bytes, and plans for what it answers
+    monkeypatch.setattr(K, "_small", lambda device, nbytes: asked.append(nbytes) or nbytes < 5000)
+    monkeypatch.setattr(
+        K, "_target_programs", lambda device, layout, elementwise=False, small=False: targets.append(small) or 4
+    )
+    K.make_plan(torch.empty(2, 32, 4, 4), K.PLANES)
+    K.make_plan(torch.empty(8, 32, 4, 4), K.PLANES)
+    assert asked == [2 * 32 * 16 * 4, 8 * 32 * 16 * 4] and targets == [True, False]
+
+
 def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for():
     """ROWS_BLOCK_BYTES: 256x512x7x7 channels-last in blocks of 128 channels in bf16 (4 blocks x 131 slices
     for 528 programs), 64 in float32 (the default's 256 bytes a row), or 32 (16 blocks x 33 slices: a

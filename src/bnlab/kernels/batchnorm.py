@@ -275,10 +275,12 @@ def _elementwise_passes(plan: Plan, device: torch.device) -> Plan:
     return elementwise_plan(plan, _target_programs(device, plan.layout, elementwise=True))
 
 
-def _target_programs(device: torch.device, layout: str, elementwise: bool = False) -> int:
-    """Programs a split plan aims for: the reductions' (PROGRAMS_PER_SM) or the elementwise passes'."""
+def _target_programs(device: torch.device, layout: str, elementwise: bool = False, small: bool = False) -> int:
+    """Programs a split plan aims for: the reductions' (PROGRAMS_PER_SM; SMALL_PROGRAMS_PER_SM for a
+    `small` tensor, see `_small`) or the elementwise passes'."""
     if device.type == "cuda":
-        return (APPLY_PROGRAMS_PER_SM if elementwise else PROGRAMS_PER_SM)[layout] * _gpu(device)[0]
+        per_sm = APPLY_PROGRAMS_PER_SM if elementwise else SMALL_PROGRAMS_PER_SM if small else PROGRAMS_PER_SM
+        return per_sm[layout] * _gpu(device)[0]
     # Triton's CPU interpreter: a few programs, enough to exercise the split reductions; the elementwise
     # passes take slices of other lengths than the reductions' there too
     return 8 if elementwise else 4
@@ -396,6 +398,15 @@ SINGLE_WARPS = 16
 # 256x128x28x28 167 against 149, 65536x1024 386 against 317.
 PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
 APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
+# The reductions' programs per multiprocessor for a tensor of at most SMALL_TENSOR_L2 times the GPU's L2
+# (`_small`). On an H200 (run 7, bf16 NCHW, profile set `nchw`, graph-timed steps, one sample each) planes
+# reductions at 4 instead of 2 took 0.963-0.981 of the step on every layer of at most 51 MB (7x7 with 512
+# and 2048 channels, 14x14 with 256 and 512, 28x28 with 128; their reductions below one wave at 2: e.g.
+# 14x14 statistics 0.73 waves, gradient sums 0.55, benchmarks/kernel_sass.py), 0.99-1.03 on the larger
+# ones. As PROGRAMS_PER_SM (no effect) until a GPU session times it as a candidate of the whole sums
+# (SMALL_PROGRAMS_PER_SM={'planes':4,'rows':4}).
+SMALL_PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
+SMALL_TENSOR_L2 = 1.0
 # Channels-last split plans: bytes of each tile row (a block of ROWS_BLOCK_BYTES / itemsize channels, a
 # power of two: each row of a tile one contiguous piece of that many channels). Fewer channels a block, more
 # blocks, so fewer slices a block for the same programs: fewer partials to combine and longer loops. On an
@@ -492,10 +503,18 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     plans size their rounds by it; 0: none, e.g. inference)."""
     itemsize = x.element_size()
     resident, round_values = _persistent_limits(x.device, itemsize, streams) if streams else (0, 0)
+    small = _small(x.device, x.numel() * itemsize)
+    target = _target_programs(x.device, layout, small=True) if small else _target_programs(x.device, layout)
     return plan_for(
-        layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=_target_programs(x.device, layout),
+        layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=target,
         resident_programs=resident, round_values=round_values, **knob_args(layout, itemsize),
     )  # fmt: skip
+
+
+def _small(device: torch.device, nbytes: int) -> bool:
+    """Whether a tensor of `nbytes` on `device` takes the reductions' SMALL_PROGRAMS_PER_SM: on a GPU, at
+    most SMALL_TENSOR_L2 times its L2 (False in Triton's CPU interpreter, which has no L2)."""
+    return device.type == "cuda" and nbytes <= SMALL_TENSOR_L2 * _gpu(device)[1]
 
 
 def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
