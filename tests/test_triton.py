@@ -1041,19 +1041,21 @@ def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warn
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["renorm", "ghost", "ghost, cumulative"])
+@pytest.mark.parametrize("kind", ["renorm", "renorm, ghost", "ghost", "ghost, cumulative"])
 def test_variants_on_the_gpu_train_without_a_host_sync(kind):
-    """BatchRenorm2d through its warm-up and ramp (its limits from num_batches_tracked on the GPU; session
-    11: it was int(num_batches_tracked) on every training call) and GhostBatchNorm2d's closed-form update
-    of its ghosts (session 12: it checked the statistics, read the counter of momentum=None and copied its
-    weights to the GPU on every call), triton backend: a training call syncs with nothing (torch's sync
-    debug mode would raise)."""
+    """BatchRenorm2d through its warm-up and ramp, with and without ghost batches (its limits from
+    num_batches_tracked on the GPU; sessions 11, 12: it was int(num_batches_tracked) on every training
+    call) and GhostBatchNorm2d's closed-form update of its ghosts (session 12: it checked the statistics,
+    read the counter of momentum=None and copied its weights to the GPU on every call), triton backend: a
+    training call syncs with nothing (torch's sync debug mode would raise)."""
     import warnings
 
     from bnlab import nn as bnn
 
-    if kind == "renorm":
-        layer = bnn.BatchRenorm2d(8, backend="triton", warmup_steps=1, rmax_ramp_end=3, dmax_ramp_end=2)
+    if kind.startswith("renorm"):
+        ghost = 2 if kind == "renorm, ghost" else None
+        layer = bnn.BatchRenorm2d(8, backend="triton", warmup_steps=1, rmax_ramp_end=3, dmax_ramp_end=2,
+                                  ghost_batch_size=ghost)  # fmt: skip
     else:
         momentum = None if kind == "ghost, cumulative" else 0.1
         layer = bnn.GhostBatchNorm2d(8, ghost_batch_size=2, momentum=momentum, backend="triton")
@@ -1069,7 +1071,7 @@ def test_variants_on_the_gpu_train_without_a_host_sync(kind):
                 layer(x)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert int(layer.num_batches_tracked) == (5 if kind == "renorm" else 10)
+    assert int(layer.num_batches_tracked) == (5 if kind == "renorm" else 10)  # (ghosts count one each)
 
 
 @pytest.mark.gpu

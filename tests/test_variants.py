@@ -35,6 +35,23 @@ def _assert_runs_equal(a, b, inputs, grads):
         torch.testing.assert_close(a.state_dict()[key], value, **TOL)
 
 
+class _NoHostReads:
+    """Within it, any read of a tensor's value on the host (bool, int, float, item) raises: what a GPU
+    step would wait for. (`tolist` stays allowed: the late report's flags arrive that way.)"""
+
+    def __enter__(self):
+        def refuse(tensor, *args):
+            raise AssertionError("a tensor was read on the host")
+
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "__int__", "__float__", "item")}
+        for name in self.saved:
+            setattr(torch.Tensor, name, refuse)
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
 # ---- batch renorm ------------------------------------------------------------------------------------------
 
 
@@ -83,12 +100,15 @@ def test_renorm_limits_computed_on_the_device_are_the_hosts(schedule):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_renorm_on_a_deferred_device_never_reads_its_counter_on_the_host(monkeypatch, backend):
+@pytest.mark.parametrize("ghost", [None, 2], ids=["batch", "ghost"])
+def test_renorm_on_a_deferred_device_never_reads_its_counter_on_the_host(monkeypatch, backend, ghost):
     """Where statistics are checked without a host sync (DEFERRED_CHECK_DEVICES: CUDA; here the CPU stands
-    in), BatchRenorm passes its limits as device tensors and never calls `current_limits` (an int() of the
-    counter); through the warm-up (r = 1, d = 0 on the renorm path instead of plain batch norm) and the
-    ramp it gives the host path's outputs, gradients and state bit for bit."""
+    in), BatchRenorm (with ghost batches too) passes its limits as device tensors, never calls
+    `current_limits` (an int() of the counter) and reads nothing else on the host; through the warm-up
+    (r = 1, d = 0 on the renorm path instead of plain batch norm) and the ramp it gives the host path's
+    outputs, gradients and state bit for bit."""
     schedule = {"warmup_steps": 2, "rmax_ramp_end": 4, "dmax_ramp_end": 3, "momentum": 0.1, "backend": backend}
+    schedule["ghost_batch_size"] = ghost
     host, device = _same_params(bnlab.nn.BatchRenorm2d(3, **schedule), bnlab.nn.BatchRenorm2d(3, **schedule))
     inputs = [make_input((4, 3, 5, 5), seed=s, offset=0.3 * s) for s in range(6)]
     grads = [make_input((4, 3, 5, 5), seed=10 + s, offset=0.0) for s in range(6)]
@@ -99,7 +119,8 @@ def test_renorm_on_a_deferred_device_never_reads_its_counter_on_the_host(monkeyp
         raise AssertionError("the counter was read on the host")
 
     monkeypatch.setattr(device, "current_limits", read_on_host)
-    got = train_steps(device, inputs, grads)
+    with _NoHostReads():
+        got = train_steps(device, inputs, grads)
     for ours, ref in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
         assert torch.equal(ours, ref)
     for key, value in host.state_dict().items():
@@ -238,6 +259,10 @@ def test_ghost_refuses_uneven_batches_and_bad_sizes():
     with pytest.raises(ValueError, match=r"more than one value per channel.*\(ghost batches of 1\)"):
         bnlab.nn.GhostBatchNorm1d(3, ghost_batch_size=1)(torch.randn(4, 3))
     assert "ghost_batch_size=4" in repr(layer)
+    x, stats = torch.randn(8, 3), (torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"stem: need rmax >= 1 and dmax >= 0, got rmax=0.5, dmax=0"):
+        BF.ghost_batch_norm(x, *stats, training=True, ghost_batch_size=4, rmax=0.5, dmax=0, layer="stem")
+    assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
 
 
 def test_ghost_nonfinite_statistics_leave_running_statistics_alone():
@@ -250,23 +275,6 @@ def test_ghost_nonfinite_statistics_leave_running_statistics_alone():
         layer(x)
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key])
-
-
-class _NoHostReads:
-    """Within it, any read of a tensor's value on the host (bool, int, float, item) raises: what a GPU
-    step would wait for. (`tolist` stays allowed: the late report's flags arrive that way.)"""
-
-    def __enter__(self):
-        def refuse(tensor, *args):
-            raise AssertionError("a tensor was read on the host")
-
-        self.saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "__int__", "__float__", "item")}
-        for name in self.saved:
-            setattr(torch.Tensor, name, refuse)
-
-    def __exit__(self, *exc):
-        for name, method in self.saved.items():
-            setattr(torch.Tensor, name, method)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -421,8 +421,8 @@ def ghost_batch_norm(
     eps: float = 1e-5,
     *,
     ghost_batch_size: int,
-    rmax: float | None = None,
-    dmax: float | None = None,
+    rmax: float | torch.Tensor | None = None,
+    dmax: float | torch.Tensor | None = None,
     num_batches_tracked: torch.Tensor | None = None,
     small_batch: str = "error",
     nonfinite: str = "skip",
@@ -443,14 +443,18 @@ def ghost_batch_norm(
     DataLoader); a batch no larger than one ghost is plain batch norm. Inference is plain batch norm.
 
     With `rmax` and `dmax`, each ghost batch is batch-renormalized (see `batch_renorm`) against the running
-    statistics: per-device batch renorm, as in the batch renorm paper's micro-batch experiment.
+    statistics: per-device batch renorm, as in the batch renorm paper's micro-batch experiment. As there,
+    they may be 0-dim tensors on the input's device (not checked; rmax = 1, dmax = 0 takes the renorm path).
     """
     name = layer or "ghost_batch_norm"
     if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
         raise ValueError(f"{name}: ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
     common = dict(small_batch=small_batch, nonfinite=nonfinite, backend=backend, layer=layer)
     batch = input.shape[0] if input.dim() >= 2 else 0
-    renorm = rmax is not None and dmax is not None and not (rmax == 1.0 and dmax == 0.0)
+    limits_on_host = not (isinstance(rmax, torch.Tensor) or isinstance(dmax, torch.Tensor))
+    renorm = rmax is not None and dmax is not None and not (limits_on_host and rmax == 1.0 and dmax == 0.0)
+    if renorm and limits_on_host and not (rmax >= 1.0 and dmax >= 0.0):
+        raise ValueError(f"{name}: need rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
     if not training or batch <= ghost_batch_size:
         plain = batch_renorm if renorm else batch_norm
         extra = {"rmax": rmax, "dmax": dmax} if renorm else {}

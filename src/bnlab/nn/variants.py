@@ -103,15 +103,13 @@ class _RenormMixin(_BatchNormMixin):
     def _variant_options(self) -> dict[str, Any]:
         if not self.training:
             return {} if self.ghost_batch_size is None else {"ghost_batch_size": self.ghost_batch_size}
-        if self.ghost_batch_size is not None:  # (its closed-form update reads its statistics on the host anyway)
-            rmax, dmax = self.current_limits()
-            return {"rmax": rmax, "dmax": dmax, "ghost_batch_size": self.ghost_batch_size}
         counter = self.num_batches_tracked
         if counter is not None and counter.device.type in F.DEFERRED_CHECK_DEVICES:
             rmax, dmax = self._limits_on_device()
         else:
             rmax, dmax = self.current_limits()
-        return {"rmax": rmax, "dmax": dmax}
+        ghost = {} if self.ghost_batch_size is None else {"ghost_batch_size": self.ghost_batch_size}
+        return {"rmax": rmax, "dmax": dmax, **ghost}
 
     def extra_repr(self) -> str:
         return (
