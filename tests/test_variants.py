@@ -52,6 +52,20 @@ class _NoHostReads:
             setattr(torch.Tensor, name, method)
 
 
+def _assert_deferred_runs_equal(monkeypatch, host, device, inputs, grads):
+    """`device` trained where statistics are checked without a host sync (DEFERRED_CHECK_DEVICES: CUDA;
+    the CPU stands in), reading nothing on the host, gives `host`'s outputs, gradients and state (trained
+    as a CPU trains) bit for bit."""
+    want = train_steps(host, inputs, grads)
+    monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu"}))
+    with _NoHostReads():
+        got = train_steps(device, inputs, grads)
+    for ours, ref in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
+        assert torch.equal(ours, ref)
+    for key, value in host.state_dict().items():
+        assert torch.equal(device.state_dict()[key], value), key
+
+
 # ---- batch renorm ------------------------------------------------------------------------------------------
 
 
@@ -112,19 +126,12 @@ def test_renorm_on_a_deferred_device_never_reads_its_counter_on_the_host(monkeyp
     host, device = _same_params(bnlab.nn.BatchRenorm2d(3, **schedule), bnlab.nn.BatchRenorm2d(3, **schedule))
     inputs = [make_input((4, 3, 5, 5), seed=s, offset=0.3 * s) for s in range(6)]
     grads = [make_input((4, 3, 5, 5), seed=10 + s, offset=0.0) for s in range(6)]
-    want = train_steps(host, inputs, grads)
-    monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu"}))
 
     def read_on_host():
         raise AssertionError("the counter was read on the host")
 
     monkeypatch.setattr(device, "current_limits", read_on_host)
-    with _NoHostReads():
-        got = train_steps(device, inputs, grads)
-    for ours, ref in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
-        assert torch.equal(ours, ref)
-    for key, value in host.state_dict().items():
-        assert torch.equal(device.state_dict()[key], value), key
+    _assert_deferred_runs_equal(monkeypatch, host, device, inputs, grads)
 
 
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
@@ -289,14 +296,7 @@ def test_ghost_on_a_deferred_device_updates_without_reading_anything_on_the_host
     host, device = _same_params(bnlab.nn.GhostBatchNorm2d(2, **ghost), bnlab.nn.GhostBatchNorm2d(2, **ghost))
     inputs = [make_input((12, 2, 3, 2), seed=s, offset=0.2 * s) for s in range(3)]
     grads = [make_input((12, 2, 3, 2), seed=10 + s, offset=0.0) for s in range(3)]
-    want = train_steps(host, inputs, grads)
-    monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu"}))
-    with _NoHostReads():
-        got = train_steps(device, inputs, grads)
-    for ours, ref in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
-        assert torch.equal(ours, ref)
-    for key, value in host.state_dict().items():
-        assert torch.equal(device.state_dict()[key], value), key
+    _assert_deferred_runs_equal(monkeypatch, host, device, inputs, grads)
     assert int(device.num_batches_tracked) == 3 * 4
     before = copy.deepcopy(device.state_dict())
     bad = make_input((12, 2, 3, 2), seed=7)
