@@ -74,6 +74,11 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
+            # the reductions of tensors within L2 at 4 programs an SM, or at a full wave (8 asks for more
+            # than fits: ONE_WAVE cuts it to what the compiled kernel holds, 3-4 an SM at 7x7/14x14); at the
+            # defaults 288 programs of the 14x14x256 statistics share 132 SMs unevenly (2 or 3 each)
+            {"SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},
+            {"SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
