@@ -180,8 +180,9 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
     for name, layout, N, C, S in SHAPES:
         # The module's knobs, as make_plan passes them, with an H100/H200's 132 multiprocessors (make_plan asks
         # the device); no single-tile plans (batch 256: none would be taken).
-        knobs = {**K.knob_args(layout, itemsize), "single_tile_max": 0}
         small = N * C * S * itemsize <= K.SMALL_TENSOR_L2 * 50 * 2**20  # (make_plan's `_small` at a 50 MB L2)
+        packed = small and K.SMALL_PACKED and layout == K.PLANES and S % 16 != 0  # (as make_plan decides)
+        knobs = {**K.knob_args(layout, itemsize, small_packed=packed), "single_tile_max": 0}
         target = (K.SMALL_PROGRAMS_PER_SM if small else K.PROGRAMS_PER_SM)[layout] * MULTIPROCESSORS
         split = K.plan_for(layout, N, C, S, target_programs=target, **knobs)
         # 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.

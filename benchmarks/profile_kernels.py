@@ -79,11 +79,9 @@ SETS = {
             # defaults 288 programs of the 14x14x256 statistics share 132 SMs unevenly (2 or 3 each)
             {"SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},
             {"SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
-            # inductor's way at 14x14 (run 5's dump: 1024 one-channel reduction programs): one channel a
-            # program (packed planes, no groups), 1024-lane tiles, a full wave; kernel_sass (Triton 3.6,
-            # sm_90): 63-64 registers in the reductions, 8 programs an SM, 13-18 instructions per busy value
-            # against grouped's 10-11 (budget 15.5 statistics, 31 gradient sums)
-            {"GROUP_SPAN_MAX": 0, "TILE_BYTES": 2048, "SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
+            # inductor's way at 7x7/14x14 (batchnorm.SMALL_PACKED): one channel a program in 1024-lane packed
+            # tiles, at a full wave
+            {"SMALL_PACKED": True, "SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
@@ -158,7 +156,8 @@ PLAN_KNOBS = {
     "TILE_BYTES",
     "COMBINE_VALUES",
     "ROWS_BLOCK_BYTES",
-    "GROUP_SPAN_MAX",
+    "SMALL_PACKED",
+    "SMALL_PACKED_TILE",
 }
 
 
@@ -209,7 +208,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "REDUCTION_WARPS",
         "ONE_WAVE",
         "ROWS_BLOCK_BYTES",
-        "GROUP_SPAN_MAX",
+        "SMALL_PACKED",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")

@@ -407,6 +407,16 @@ APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 # (SMALL_PROGRAMS_PER_SM={'planes':4,'rows':4}).
 SMALL_PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
 SMALL_TENSOR_L2 = 1.0
+# Small NCHW tensors whose runs are not 16-aligned (7x7, 14x14) in one channel a program, as inductor plans
+# them (run 5's dump at 14x14: 1024 one-channel reduction programs), instead of groups of 8-16 channels:
+# packed planes (no groups) in tiles of SMALL_PACKED_TILE values (whatever the dtype: at 512 float32 values
+# the statistics took 29-37 instructions a busy value, over their budget). kernel_sass.py (Triton 3.6,
+# sm_90, bf16, 1024-lane tiles): 63-64 registers in the reductions (8 programs an SM, against grouped's
+# 151-168 and 3), at 13.1 / 17.9 instructions per busy value in the statistics / gradient sums (grouped:
+# 10.2 / 11.1; budgets 15.5 / 31). Off: untimed (session 12); a candidate with SMALL_PROGRAMS_PER_SM planes
+# 8 (a full wave: ONE_WAVE cuts the grid to what fits).
+SMALL_PACKED = False
+SMALL_PACKED_TILE = 1024
 # Channels-last split plans: bytes of each tile row (a block of ROWS_BLOCK_BYTES / itemsize channels, a
 # power of two: each row of a tile one contiguous piece of that many channels). Fewer channels a block, more
 # blocks, so fewer slices a block for the same programs: fewer partials to combine and longer loops. On an
@@ -505,9 +515,11 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     resident, round_values = _persistent_limits(x.device, itemsize, streams) if streams else (0, 0)
     small = _small(x.device, x.numel() * itemsize)
     target = _target_programs(x.device, layout, small=True) if small else _target_programs(x.device, layout)
+    S = math.prod(x.shape[2:])
+    packed = small and SMALL_PACKED and layout == PLANES and S % 16 != 0
     return plan_for(
-        layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), target_programs=target,
-        resident_programs=resident, round_values=round_values, **knob_args(layout, itemsize),
+        layout, x.shape[0], x.shape[1], S, target_programs=target,
+        resident_programs=resident, round_values=round_values, **knob_args(layout, itemsize, small_packed=packed),
     )  # fmt: skip
 
 
@@ -517,16 +529,17 @@ def _small(device: torch.device, nbytes: int) -> bool:
     return device.type == "cuda" and nbytes <= SMALL_TENSOR_L2 * _gpu(device)[1]
 
 
-def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
+def knob_args(layout: str, itemsize: int = 2, small_packed: bool = False) -> dict[str, int]:
     """`plan_for`'s keyword arguments that the module's knobs set for values of `itemsize` bytes, all but
     the device's (target programs, resident programs, round size): `make_plan` adds those;
-    benchmarks/kernel_sass.py, planning for a GPU it does not have, its own."""
-    tile = min(TILE, TILE_BYTES // itemsize)
+    benchmarks/kernel_sass.py, planning for a GPU it does not have, its own. `small_packed`: a small NCHW
+    tensor's one-channel plan (SMALL_PACKED): no groups, tiles of SMALL_PACKED_TILE values."""
+    tile = SMALL_PACKED_TILE if small_packed else min(TILE, TILE_BYTES // itemsize)
     return dict(
         tile=tile, num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout], single_tile_max=SINGLE_TILE_MAX,
         single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, tile), persistent_warps=PERSISTENT_WARPS,
-        min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=GROUP_SPAN_MAX, min_run=PLANES_MIN_RUN,
-        max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS,
+        min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=0 if small_packed else GROUP_SPAN_MAX,
+        min_run=PLANES_MIN_RUN, max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS,
         block_channels=max(1, ROWS_BLOCK_BYTES // itemsize),
     )  # fmt: skip
 
