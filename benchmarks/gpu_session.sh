@@ -32,6 +32,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
 LAST_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-144914.csv  # (run 8: the last H200 run at the defaults)
+DEFAULT_CANDIDATES="SMALL_PROGRAMS_PER_SM={'planes':4,'rows':4};SMALL_PACKED=True SMALL_PROGRAMS_PER_SM={'planes':8,'rows':4};STATS_STAGES={'planes':3,'rows':2}"
 JOBS=$(nproc)
 mkdir -p "$OUT"
 steps=("$@")
@@ -92,7 +93,7 @@ for step in "${steps[@]}"; do
       base=$(ls "$OUT"/gpu-*.csv 2>/dev/null | head -1)
       base=${base:-${QUICK_AGAINST-$LAST_CSV}}
       c=${CANDIDATE_S:-100}
-      IFS=';' read -ra settings <<< "${CANDIDATES:-TILE_BYTES=16384;STATS_STAGES={'planes':3,'rows':2}}"
+      IFS=';' read -ra settings <<< "${CANDIDATES:-$DEFAULT_CANDIDATES}"  # (a literal default would end at its first })
       for setting in "${settings[@]}"; do
         knobs=()
         for knob in $setting; do knobs+=(--knob "$knob"); done

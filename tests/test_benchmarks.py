@@ -142,3 +142,26 @@ def test_the_inductor_code_dump_prints_the_generated_modules():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "# ==== generated module 1 of 2 ====" in done.stdout  # the forward's and the backward's
     assert done.stdout.rstrip().endswith("4,3,5,5 float32 NCHW: 2 generated modules")
+
+
+def test_the_gpu_session_script_parses_and_its_default_candidates_are_knobs():
+    """benchmarks/gpu_session.sh is valid bash, and every knob of its default candidates (and of every
+    profile set's settings) is a knob of the kernels with a value of the right type: a removed or renamed
+    knob there would fail on borrowed device time."""
+    import profile_kernels
+
+    from bnlab import gpubench
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    defaults = subprocess.run(
+        ["bash", "-c", f'eval "$(grep "^DEFAULT_CANDIDATES=" {script})"; printf %s "$DEFAULT_CANDIDATES"'],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    settings = defaults.split(";")
+    assert len(settings) >= 2 and all(setting for setting in settings)
+    for setting in settings:
+        assert gpubench.parse_knobs(setting.split())
+    for _, _, variants in profile_kernels.SETS.values():
+        for knobs in variants:
+            gpubench.parse_knobs([f"{name}={value!r}" for name, value in knobs.items()])
