@@ -524,8 +524,9 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
 
 
 def _small(device: torch.device, nbytes: int) -> bool:
-    """Whether a tensor of `nbytes` on `device` takes the reductions' SMALL_PROGRAMS_PER_SM: on a GPU, at
-    most SMALL_TENSOR_L2 times its L2 (False in Triton's CPU interpreter, which has no L2)."""
+    """Whether a tensor of `nbytes` on `device` is small, so that its reductions take SMALL_PROGRAMS_PER_SM
+    (and, NCHW at 7x7/14x14 with SMALL_PACKED, one channel a program): on a GPU, at most SMALL_TENSOR_L2
+    times its L2 (False in Triton's CPU interpreter, which has no L2)."""
     return device.type == "cuda" and nbytes <= SMALL_TENSOR_L2 * _gpu(device)[1]
 
 
