@@ -410,7 +410,7 @@ SMALL_TENSOR_L2 = 1.0
 # Small NCHW tensors whose runs are not 16-aligned (7x7, 14x14) in one channel a program, as inductor plans
 # them (run 5's dump at 14x14: 1024 one-channel reduction programs), instead of groups of 8-16 channels:
 # packed planes (no groups) in tiles of SMALL_PACKED_TILE values (whatever the dtype: at 512 float32 values
-# the statistics took 29-37 instructions a busy value, over their budget). kernel_sass.py (Triton 3.6,
+# the statistics took 29.3-36.6 instructions a busy value against a budget of 31). kernel_sass.py (Triton 3.6,
 # sm_90, bf16, 1024-lane tiles): 63-64 registers in the reductions (8 programs an SM, against grouped's
 # 151-168 and 3), at 13.1 / 17.9 instructions per busy value in the statistics / gradient sums (grouped:
 # 10.2 / 11.1; budgets 15.5 / 31). Off: untimed (session 12); a candidate with SMALL_PROGRAMS_PER_SM planes
