@@ -918,11 +918,16 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("plans", ["default", "persistent"])
+@pytest.mark.parametrize("plans", ["default", "persistent", "small"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
+    """`small`: the small-tensor candidates (SMALL_PACKED: 256x512x7x7 NCHW in one channel a program;
+    the reductions of every tensor within L2 at a full wave)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
     monkeypatch.setattr(K, "PERSISTENT", plans == "persistent")
+    if plans == "small":
+        monkeypatch.setattr(K, "SMALL_PACKED", True)
+        monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(shape, generator=gen, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
