@@ -34,3 +34,20 @@ def train_steps(layer, inputs, grads):
         for p in params:
             p.grad = None
     return outs, grad_list
+
+
+class NoHostReads:
+    """Within it, any read of a tensor's value on the host (bool, int, float, item) raises: what a GPU
+    step would wait for. (`tolist` stays allowed: the late report's flags arrive that way.)"""
+
+    def __enter__(self):
+        def refuse(tensor, *args):
+            raise AssertionError("a tensor was read on the host")
+
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "__int__", "__float__", "item")}
+        for name in self.saved:
+            setattr(torch.Tensor, name, refuse)
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)

@@ -1,5 +1,6 @@
 """bnlab.nn modules: drop-in parity with torch, checkpoints both ways, conversion, and every bad-input case."""
 
+import contextlib
 import copy
 import io
 import pickle
@@ -12,7 +13,7 @@ from torch import nn
 import bnlab
 from bnlab.functional import NonFiniteStatisticsWarning
 from conftest import BACKENDS
-from helpers import make_input
+from helpers import NoHostReads, make_input
 
 PAIRS = [
     (nn.BatchNorm1d, bnlab.nn.BatchNorm1d),
@@ -92,14 +93,23 @@ def test_deepcopy_and_pickle_keep_the_options():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cumulative_average_with_momentum_none(backend):
+def test_cumulative_average_with_momentum_none(backend, skip_check):
+    """On the device (DEFERRED_CHECK_DEVICES: CUDA; the CPU stands in) the cumulative average reads nothing
+    on the host (not even the counter; torch's BatchNorm reads it every call), and a NaN batch is dropped
+    there (statistics and counter as they were) with the late warning."""
     layer = bnlab.nn.BatchNorm1d(2, momentum=None, backend=backend)
     batches = [make_input((5, 2), seed=s, dtype=torch.float32) for s in range(4)]
-    for x in batches:
-        layer(x)
+    with NoHostReads() if skip_check == "on the device" else contextlib.nullcontext():
+        for x in batches:
+            layer(x)
     torch.testing.assert_close(layer.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
     torch.testing.assert_close(layer.running_var, torch.stack([x.var(0) for x in batches]).mean(0))
     assert layer.num_batches_tracked.item() == 4
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.warns(NonFiniteStatisticsWarning, match="non-finite batch statistics"):
+        layer(_poison("nan", shape=(6, 2)))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1082,13 +1082,14 @@ def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warn
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["renorm", "renorm, ghost", "ghost", "ghost, cumulative"])
+@pytest.mark.parametrize("kind", ["renorm", "renorm, ghost", "ghost", "ghost, cumulative", "cumulative"])
 def test_variants_on_the_gpu_train_without_a_host_sync(kind):
     """BatchRenorm2d through its warm-up and ramp, with and without ghost batches (its limits from
     num_batches_tracked on the GPU; sessions 11, 12: it was int(num_batches_tracked) on every training
-    call) and GhostBatchNorm2d's closed-form update of its ghosts (session 12: it checked the statistics,
-    read the counter of momentum=None and copied its weights to the GPU on every call), triton backend: a
-    training call syncs with nothing (torch's sync debug mode would raise)."""
+    call), GhostBatchNorm2d's closed-form update of its ghosts (session 12: it checked the statistics,
+    read the counter of momentum=None and copied its weights to the GPU on every call) and BatchNorm2d's
+    cumulative average (session 12: it read the counter), triton backend: a training call syncs with
+    nothing (torch's sync debug mode would raise)."""
     import warnings
 
     from bnlab import nn as bnn
@@ -1097,6 +1098,8 @@ def test_variants_on_the_gpu_train_without_a_host_sync(kind):
         ghost = 2 if kind == "renorm, ghost" else None
         layer = bnn.BatchRenorm2d(8, backend="triton", warmup_steps=1, rmax_ramp_end=3, dmax_ramp_end=2,
                                   ghost_batch_size=ghost)  # fmt: skip
+    elif kind == "cumulative":  # (plain batch norm, momentum=None: torch's reads the counter every call)
+        layer = bnn.BatchNorm2d(8, momentum=None, backend="triton")
     else:
         momentum = None if kind == "ghost, cumulative" else 0.1
         layer = bnn.GhostBatchNorm2d(8, ghost_batch_size=2, momentum=momentum, backend="triton")
@@ -1112,7 +1115,7 @@ def test_variants_on_the_gpu_train_without_a_host_sync(kind):
                 layer(x)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert int(layer.num_batches_tracked) == (5 if kind == "renorm" else 10)  # (ghosts count one each)
+    assert int(layer.num_batches_tracked) == (5 if kind in ("renorm", "cumulative") else 10)  # (ghosts: one each)
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import bnlab
 from bnlab import functional as BF
 from bnlab.functional import NonFiniteStatisticsWarning
 from conftest import BACKENDS, FLOAT64_BACKENDS
-from helpers import make_input, train_steps
+from helpers import NoHostReads, make_input, train_steps
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -35,30 +35,13 @@ def _assert_runs_equal(a, b, inputs, grads):
         torch.testing.assert_close(a.state_dict()[key], value, **TOL)
 
 
-class _NoHostReads:
-    """Within it, any read of a tensor's value on the host (bool, int, float, item) raises: what a GPU
-    step would wait for. (`tolist` stays allowed: the late report's flags arrive that way.)"""
-
-    def __enter__(self):
-        def refuse(tensor, *args):
-            raise AssertionError("a tensor was read on the host")
-
-        self.saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "__int__", "__float__", "item")}
-        for name in self.saved:
-            setattr(torch.Tensor, name, refuse)
-
-    def __exit__(self, *exc):
-        for name, method in self.saved.items():
-            setattr(torch.Tensor, name, method)
-
-
 def _assert_deferred_runs_equal(monkeypatch, host, device, inputs, grads):
     """`device` trained where statistics are checked without a host sync (DEFERRED_CHECK_DEVICES: CUDA;
     the CPU stands in), reading nothing on the host, gives `host`'s outputs, gradients and state (trained
     as a CPU trains) bit for bit."""
     want = train_steps(host, inputs, grads)
     monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu"}))
-    with _NoHostReads():
+    with NoHostReads():
         got = train_steps(device, inputs, grads)
     for ours, ref in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
         assert torch.equal(ours, ref)
@@ -302,7 +285,7 @@ def test_ghost_on_a_deferred_device_updates_without_reading_anything_on_the_host
     bad = make_input((12, 2, 3, 2), seed=7)
     bad[4, 1, 0, 0] = float("nan")  # (ghost 1)
     with pytest.warns(NonFiniteStatisticsWarning, match="GhostBatchNorm2d"):
-        with _NoHostReads():
+        with NoHostReads():
             device(bad)
     for key, value in before.items():
         assert torch.equal(device.state_dict()[key], value), key

@@ -4,7 +4,8 @@
 keyword-only extras are what a module needs to keep its state honest:
 
 - ``num_batches_tracked``: the layer's counter. It is incremented only when the running statistics
-  were actually updated, and it is what ``momentum=None`` (a cumulative average) divides by.
+  were actually updated, and it is what ``momentum=None`` (a cumulative average) divides by (on a GPU
+  read there, not on the host, unless ``nonfinite="error"``).
 - ``small_batch``: what to do when training sees one value per channel, where no variance exists.
   ``"error"`` (default) raises a ``ValueError`` that names the layer and the options;
   ``"use_running_stats"`` normalizes such a batch with the running statistics and leaves them as they are.
@@ -137,6 +138,17 @@ def batch_norm(
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+        if _deferred(running_var, nonfinite):
+            # The cumulative average without reading the counter on the host (a sync per call, as torch's
+            # BatchNorm makes): the batch's statistics into fresh buffers (momentum 1 writes them there),
+            # then the update on the device, as one ghost batch's.
+            batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+            output = impl(input, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+            _update_sequentially(
+                running_mean, running_var, batch_mean[None], batch_var[None], None, num_batches_tracked, nonfinite,
+                name,
+            )  # fmt: skip
+            return output
         factor = 1.0 / (float(num_batches_tracked) + 1.0)
     else:
         factor = momentum
@@ -180,6 +192,13 @@ def _with_epilogue(
 # reports later (`_LateReports`), since a host sync per layer call would stall every layer of a training
 # step (and cannot happen while a CUDA graph is being captured). Tests add "cpu" to run that path.
 DEFERRED_CHECK_DEVICES = frozenset({"cuda"})
+
+
+def _deferred(running_var: torch.Tensor, policy: str) -> bool:
+    """Whether a training call's running-statistics update is checked (policy "skip") or left unchecked
+    ("ignore") without a host sync: on DEFERRED_CHECK_DEVICES, outside torch.compile (which has its own
+    path, `_update_guarded`). Policy "error" must sync to raise."""
+    return policy != "error" and running_var.device.type in DEFERRED_CHECK_DEVICES and not torch.compiler.is_compiling()
 
 
 class _LateReports:
