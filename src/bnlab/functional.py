@@ -552,7 +552,7 @@ def _update_sequentially(
     `_update_guarded` does, so a GPU step waits for nothing; elsewhere the check is a host sync."""
     k = means.shape[0]
     with torch.no_grad():
-        deferred = policy == "skip" and running_var.device.type in DEFERRED_CHECK_DEVICES
+        deferred = policy == "skip" and _deferred(running_var, policy)
         finite = None if policy == "ignore" else torch.isfinite(variances).all() & torch.isfinite(means).all()
         if finite is not None and not deferred and not bool(finite):
             _report_nonfinite(policy, name, not bool(torch.isfinite(running_var).all()), stacklevel=4)
