@@ -180,10 +180,9 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
     for name, layout, N, C, S in SHAPES:
         # The module's knobs, as make_plan passes them, with an H100/H200's 132 multiprocessors (make_plan asks
         # the device); no single-tile plans (batch 256: none would be taken).
-        small = N * C * S * itemsize <= K.SMALL_TENSOR_L2 * 50 * 2**20  # (make_plan's `_small` at a 50 MB L2)
-        packed = small and K.SMALL_PACKED and layout == K.PLANES and S % 16 != 0  # (as make_plan decides)
-        knobs = {**K.knob_args(layout, itemsize, small_packed=packed), "single_tile_max": 0}
-        target = (K.SMALL_PROGRAMS_PER_SM if small else K.PROGRAMS_PER_SM)[layout] * MULTIPROCESSORS
+        small = K.within_l2(N * C * S * itemsize, 50 * 2**20)  # (make_plan's choices at a 50 MB L2)
+        knobs = {**K.knob_args(layout, itemsize, small_packed=K.small_packed(layout, S, small)), "single_tile_max": 0}
+        target = K.programs_per_sm(layout, small=small) * MULTIPROCESSORS
         split = K.plan_for(layout, N, C, S, target_programs=target, **knobs)
         # 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.
         persistent = K.plan_for(
@@ -206,7 +205,7 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}{' grouped' if plan.group else ''}"
             resident = K.resident_programs(registers, shared, warps)
             if kname in ELEMENTWISE:  # the same tiles in more slices (the machine code does not change)
-                plan = K.elementwise_plan(plan, K.APPLY_PROGRAMS_PER_SM[layout] * MULTIPROCESSORS)
+                plan = K.elementwise_plan(plan, K.programs_per_sm(layout, elementwise=True) * MULTIPROCESSORS)
             if K.ONE_WAVE:  # as launched: cut to what the GPU holds at once
                 plan = K.within(plan, resident * MULTIPROCESSORS)
             waves = plan.grid[0] * plan.grid[1] / (resident * MULTIPROCESSORS)

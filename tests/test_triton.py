@@ -50,7 +50,9 @@ def tiling(request, monkeypatch):
     if request.param in ("many-slices", "packed", "persistent"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         # (the elementwise passes in slices of other lengths than the reductions', as on a GPU)
-        monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 64)
+        monkeypatch.setattr(
+            K, "_target_programs", lambda device, layout, elementwise=False, small=False: 24 if elementwise else 64
+        )
         monkeypatch.setattr(K, "COMBINE_VALUES", 4)
     if request.param == "persistent":
         monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200))
@@ -176,7 +178,7 @@ def test_half_precision_parameters_and_running_statistics_are_accepted():
 def test_split_reductions_are_deterministic(monkeypatch, layout):
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 64)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 64)
     x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
     first = _run("triton", x, z, dy, w, b, training=True, activation="relu")
     again = _run("triton", x, z, dy, w, b, training=True, activation="relu")
@@ -193,7 +195,7 @@ def test_split_reductions_leave_their_counters_at_zero(monkeypatch, plans):
     persistent = plans == "persistent"
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 64)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 64)
     # persistent: channel blocks of 105 (planes) or 7 * 15 * 4 values (rows): 1 round, many programs
     limits = (8, 420) if persistent else (0, 0)  # (0, 0): off, also on a GPU
     monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: limits)
@@ -656,7 +658,9 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, with_residual):
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 64)
     monkeypatch.setattr(K, "COMBINE_VALUES", 4)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 16)
+    monkeypatch.setattr(
+        K, "_target_programs", lambda device, layout, elementwise=False, small=False: 24 if elementwise else 16
+    )
     monkeypatch.setattr(K, "_one_wave_on", lambda device: True)
     monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 9, 2048, 233472))
     monkeypatch.setattr(K, "_resident", lambda kernel, args, options, device: 2)
@@ -791,7 +795,7 @@ def test_channels_last_blocks_too_large_for_a_round_can_be_narrowed():
 
 def test_plans_are_described_for_benchmark_rows(monkeypatch):
     # the interpreter's count of programs, on a GPU too
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 4)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 4)
     x = torch.empty(4, 3, 5, 5, device=DEVICE)
     assert K.describe_plans(x) == "forward single tile; backward single tile"
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
@@ -810,7 +814,9 @@ def test_plans_are_described_for_benchmark_rows(monkeypatch):
     assert K.describe_plans(x).endswith(" slices (gradient sums 3 deep) (packed tiles of 2 samples)")
     assert K.describe_plans(x).count("gradient sums") == 1  # the backward's, not the forward's
     monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False: 24 if elementwise else 3)
+    monkeypatch.setattr(
+        K, "_target_programs", lambda device, layout, elementwise=False, small=False: 24 if elementwise else 3
+    )
     assert K.describe_plans(x) == (
         "forward split over 1 slices (normalize over 8); "
         "backward split over 1 slices (dx over 8) (gradient sums 3 deep)"

@@ -275,12 +275,16 @@ def _elementwise_passes(plan: Plan, device: torch.device) -> Plan:
     return elementwise_plan(plan, _target_programs(device, plan.layout, elementwise=True))
 
 
+def programs_per_sm(layout: str, elementwise: bool = False, small: bool = False) -> int:
+    """Programs per multiprocessor a split pass aims for: the reductions' (PROGRAMS_PER_SM;
+    SMALL_PROGRAMS_PER_SM for a `small` tensor, see `_small`) or the elementwise passes'."""
+    return (APPLY_PROGRAMS_PER_SM if elementwise else SMALL_PROGRAMS_PER_SM if small else PROGRAMS_PER_SM)[layout]
+
+
 def _target_programs(device: torch.device, layout: str, elementwise: bool = False, small: bool = False) -> int:
-    """Programs a split plan aims for: the reductions' (PROGRAMS_PER_SM; SMALL_PROGRAMS_PER_SM for a
-    `small` tensor, see `_small`) or the elementwise passes'."""
+    """Programs a split plan aims for on `device` (`programs_per_sm` on each multiprocessor)."""
     if device.type == "cuda":
-        per_sm = APPLY_PROGRAMS_PER_SM if elementwise else SMALL_PROGRAMS_PER_SM if small else PROGRAMS_PER_SM
-        return per_sm[layout] * _gpu(device)[0]
+        return programs_per_sm(layout, elementwise, small) * _gpu(device)[0]
     # Triton's CPU interpreter: a few programs, enough to exercise the split reductions; the elementwise
     # passes take slices of other lengths than the reductions' there too
     return 8 if elementwise else 4
@@ -514,20 +518,31 @@ def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
     itemsize = x.element_size()
     resident, round_values = _persistent_limits(x.device, itemsize, streams) if streams else (0, 0)
     small = _small(x.device, x.numel() * itemsize)
-    target = _target_programs(x.device, layout, small=True) if small else _target_programs(x.device, layout)
     S = math.prod(x.shape[2:])
-    packed = small and SMALL_PACKED and layout == PLANES and S % 16 != 0
     return plan_for(
-        layout, x.shape[0], x.shape[1], S, target_programs=target,
-        resident_programs=resident, round_values=round_values, **knob_args(layout, itemsize, small_packed=packed),
+        layout, x.shape[0], x.shape[1], S, target_programs=_target_programs(x.device, layout, small=small),
+        resident_programs=resident, round_values=round_values,
+        **knob_args(layout, itemsize, small_packed=small_packed(layout, S, small)),
     )  # fmt: skip
 
 
 def _small(device: torch.device, nbytes: int) -> bool:
-    """Whether a tensor of `nbytes` on `device` is small, so that its reductions take SMALL_PROGRAMS_PER_SM
-    (and, NCHW at 7x7/14x14 with SMALL_PACKED, one channel a program): on a GPU, at most SMALL_TENSOR_L2
-    times its L2 (False in Triton's CPU interpreter, which has no L2)."""
-    return device.type == "cuda" and nbytes <= SMALL_TENSOR_L2 * _gpu(device)[1]
+    """Whether a tensor of `nbytes` on `device` is small (`within_l2` of the GPU's L2; False in Triton's CPU
+    interpreter, which has no L2)."""
+    return device.type == "cuda" and within_l2(nbytes, _gpu(device)[1])
+
+
+def within_l2(nbytes: int, l2_bytes: int) -> bool:
+    """Whether a tensor of `nbytes` is small for a GPU of `l2_bytes` of L2 (at most SMALL_TENSOR_L2 times
+    it), so that its reductions take SMALL_PROGRAMS_PER_SM (and maybe `small_packed` tiles): pure, for
+    planners without the GPU (benchmarks/kernel_sass.py)."""
+    return nbytes <= SMALL_TENSOR_L2 * l2_bytes
+
+
+def small_packed(layout: str, S: int, small: bool) -> bool:
+    """Whether a tensor takes SMALL_PACKED's one-channel plan: small, NCHW, runs of S values that are not
+    16-aligned (7x7, 14x14: where channel groups would be planned)."""
+    return small and SMALL_PACKED and layout == PLANES and S % 16 != 0
 
 
 def knob_args(layout: str, itemsize: int = 2, small_packed: bool = False) -> dict[str, int]:
