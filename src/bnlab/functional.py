@@ -288,7 +288,7 @@ def _update_guarded(
         (running_mean.view(-1), running_var.view(-1)) if running_mean.dim() != 1 else (running_mean, running_var)
     )
     output = impl(input, running_mean, running_var, weight, bias, True, factor, eps)
-    if policy == "skip" and running_var.device.type in DEFERRED_CHECK_DEVICES:
+    if policy == "skip" and _deferred(running_var, policy):
         # No host sync either: the update kept or undone on the device by a select, the warning later.
         finite = torch.isfinite(running_var).all()
         # Written through .data, as the restore below: the kernel's autograd node may have saved them.
@@ -369,9 +369,7 @@ def batch_renorm(
     whose r = 1 and d = 0 give batch norm's results.
     """
     name = layer or "batch_renorm"
-    limits_on_host = not (isinstance(rmax, torch.Tensor) or isinstance(dmax, torch.Tensor))
-    if limits_on_host and not (rmax >= 1.0 and dmax >= 0.0):
-        raise ValueError(f"{name}: need rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+    limits_on_host = _checked_limits(rmax, dmax, name)
     common = dict(
         num_batches_tracked=num_batches_tracked,
         small_batch=small_batch,
@@ -394,6 +392,15 @@ def batch_renorm(
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, **common)
     eff_weight, eff_bias = _renorm_affine(input, running_mean, running_var, weight, bias, eps, rmax, dmax)
     return batch_norm(input, running_mean, running_var, eff_weight, eff_bias, True, momentum, eps, **common)
+
+
+def _checked_limits(rmax: float | torch.Tensor, dmax: float | torch.Tensor, name: str) -> bool:
+    """Whether batch renorm's limits are host numbers, which are checked (rmax >= 1, dmax >= 0); 0-dim
+    tensors on the device (BatchRenorm's schedule on a GPU) are not: reading them would be a sync."""
+    on_host = not (isinstance(rmax, torch.Tensor) or isinstance(dmax, torch.Tensor))
+    if on_host and not (rmax >= 1.0 and dmax >= 0.0):
+        raise ValueError(f"{name}: need rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+    return on_host
 
 
 def _renorm_affine(
@@ -470,10 +477,9 @@ def ghost_batch_norm(
         raise ValueError(f"{name}: ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
     common = dict(small_batch=small_batch, nonfinite=nonfinite, backend=backend, layer=layer)
     batch = input.shape[0] if input.dim() >= 2 else 0
-    limits_on_host = not (isinstance(rmax, torch.Tensor) or isinstance(dmax, torch.Tensor))
-    renorm = rmax is not None and dmax is not None and not (limits_on_host and rmax == 1.0 and dmax == 0.0)
-    if renorm and limits_on_host and not (rmax >= 1.0 and dmax >= 0.0):
-        raise ValueError(f"{name}: need rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+    renorm = rmax is not None and dmax is not None
+    if renorm and _checked_limits(rmax, dmax, name) and rmax == 1.0 and dmax == 0.0:
+        renorm = False  # (exactly batch norm)
     if not training or batch <= ghost_batch_size:
         plain = batch_renorm if renorm else batch_norm
         extra = {"rmax": rmax, "dmax": dmax} if renorm else {}
