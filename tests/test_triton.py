@@ -760,7 +760,9 @@ CONCURRENCY = [False, True] if DEVICE == "cpu" else [False]  # (threads per prog
 
 
 def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
-    """float32 tiles take half the values of 16-bit ones (TILE_BYTES); TILE still caps both."""
+    """At TILE_BYTES of 8192 float32 tiles take half the values of 16-bit ones; TILE still caps both."""
+    monkeypatch.setattr(K, "TILE", 4096)
+    monkeypatch.setattr(K, "TILE_BYTES", 8192)
     assert (K.knob_args(K.PLANES, 2)["tile"], K.knob_args(K.PLANES, 4)["tile"]) == (4096, 2048)
     bf16, fp32 = (torch.empty(256, 256, 14, 14, dtype=dtype) for dtype in (torch.bfloat16, torch.float32))
     assert (K.make_plan(bf16, K.PLANES).block_a, K.make_plan(fp32, K.PLANES).block_a) == (2, 1)  # x 2048 lanes
@@ -1202,3 +1204,12 @@ def test_batch_renorm_and_ghost_renorm_run_on_the_kernels(ghost):
         results[backend] = (y, *torch.autograd.grad(y, (xl, w, b), dy), mean, var)
     for name, ours, ref in zip(("y", "dx", "dw", "db", "mean", "var"), *results.values(), strict=True):
         _close(ours, ref, torch.float32, name)
+
+
+def test_float32_statistics_take_their_own_pipeline_depth(monkeypatch):
+    """STATS_STAGES_FLOAT32 for 4-byte values, STATS_STAGES for 16-bit ones (session 13: channels-last
+    statistics 2 deep won in float32 and lost in bf16 on an H200)."""
+    monkeypatch.setattr(K, "STATS_STAGES", {K.PLANES: 3, K.ROWS: 1})
+    monkeypatch.setattr(K, "STATS_STAGES_FLOAT32", {K.PLANES: 5, K.ROWS: 2})
+    plan = K.make_plan(torch.empty(8, 64, 4, 4).to(memory_format=torch.channels_last), K.ROWS)
+    assert (K._stats_stages(plan, 2), K._stats_stages(plan, 4)) == (1, 2)

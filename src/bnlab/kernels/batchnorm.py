@@ -362,8 +362,10 @@ NUM_WARPS = 4
 # (2 programs a multiprocessor: 8 warps an SM), 138 in the gradient sums (3; the 56x56 ones at 256-512
 # channels then over one wave, 1.29); at 2048, 121 (4) and 64-122 (4-6), no spills, 10 instructions a
 # value against a budget of 31. The H200's fp32 NCHW 14x14 layers ran at 0.78-0.95x torch.compile (run
-# 6). Untimed at 2048 (session 8): the quick bench's fp32 rows against run 6 show it.
-TILE_BYTES = 8192
+# 6). At 16384 bytes (4096 float32 values, the same as bf16's; session 13, H200, whole sums of the quick
+# bench with the two knobs below, against run 9 at 8192): float32 channels-last forward+backward 0.954,
+# forward 0.890, NCHW 0.991 / 0.975, fused BN+add+ReLU 0.961-0.990; bf16 unchanged (a control: 0.997).
+TILE_BYTES = 16384
 # Warps per program of the split reductions (statistics, gradient sums), per layout. At 4 warps and 2
 # programs per multiprocessor an SM runs 8 warps of them: too few to hide the loops' instruction latencies?
 # On an H200 (run 6, bf16 NCHW) they moved 1.1-1.7 TB/s at 14x14 against 4.3 for normalize and dx there;
@@ -407,9 +409,10 @@ APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 # reductions at 4 instead of 2 took 0.963-0.981 of the step on every layer of at most 51 MB (7x7 with 512
 # and 2048 channels, 14x14 with 256 and 512, 28x28 with 128; their reductions below one wave at 2: e.g.
 # 14x14 statistics 0.73 waves, gradient sums 0.55, benchmarks/kernel_sass.py), 0.99-1.03 on the larger
-# ones. As PROGRAMS_PER_SM (no effect) until a GPU session times it as a candidate of the whole sums
-# (SMALL_PROGRAMS_PER_SM={'planes':4,'rows':4}).
-SMALL_PROGRAMS_PER_SM = {PLANES: 2, ROWS: 4}
+# ones. As a candidate of the whole sums (session 13, runs 9-10, H200, against the defaults of the day):
+# bf16 NCHW forward+backward 0.996, float32 NCHW 0.995 (noise on unchanged rows: 0.994-1.004), never
+# slower; taken with the float32 knobs below and above (run 11).
+SMALL_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 SMALL_TENSOR_L2 = 1.0
 # Small NCHW tensors whose runs are not 16-aligned (7x7, 14x14) in one channel a program, as inductor plans
 # them (run 5's dump at 14x14: 1024 one-channel reduction programs), instead of groups of 8-16 channels:
@@ -440,6 +443,11 @@ COMBINE_VALUES = 2048
 # statistics 117 us unpipelined, 134 at 3 (and the rows layout spills a register at 3 with Triton 3.9);
 # gradient sums 219, 196 at 2 or 3.
 STATS_STAGES = {PLANES: 3, ROWS: 1}
+# ... for float32 inputs (4-byte values: a tile of TILE_BYTES is half as many values). Session 13 (H200,
+# whole sums of the quick bench against its run at the defaults): channels-last statistics 2 deep took
+# float32 channels-last forward to 0.921 (both directions 0.965) but bf16 to 1.042 (1.017); run 10's
+# bf16 profile (set `cl`) has it 1.00-1.06 a step on all 12 channels-last shapes.
+STATS_STAGES_FLOAT32 = {PLANES: 3, ROWS: 2}
 GRAD_STAGES = {PLANES: 2, ROWS: 2}
 # The gradient sums of programs that loop over at least LONG_LOOP_TILES tiles take GRAD_STAGES_LONG: the
 # two NCHW numbers above are 66 tiles a program (3 stages better by 15%) and 13 (2 better by 16%). The
@@ -449,6 +457,11 @@ LONG_LOOP_TILES = 32
 # The same for the elementwise passes (normalize, dx), per layout; 1: not pipelined. On an H200 (run 4,
 # bf16 NCHW 256x256x56x56) 2 changed nothing: 911 us a step against 915.
 APPLY_STAGES = {PLANES: 1, ROWS: 1}
+
+
+def _stats_stages(plan: Plan, itemsize: int) -> int:
+    """The statistics' pipeline depth for `plan` over values of `itemsize` bytes."""
+    return (STATS_STAGES_FLOAT32 if itemsize == 4 else STATS_STAGES)[plan.layout]
 
 
 def _grad_stages(plan: Plan) -> int:
@@ -916,7 +929,7 @@ def forward(
             _stats_kernel, plan, x.device,
             lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                           STAGES=STATS_STAGES[p.layout], **_block_args(p, reduction=True), **launch),
+                           STAGES=_stats_stages(p, x.element_size()), **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
     _launch(
         _apply_kernel, apply, x.device,
