@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Everything a session with a GPU runs, in one command of under 10 minutes (the device tool's limit; the
 # machine is given back 30 s after a call, so each call must stand alone):
-#   tests  a 60 s smoke test of the persistent kernels (off by default; their programs spin-wait on each
-#          other: if they hang, the tests that turn them on would too, and smoke.log says so), then the
-#          Triton kernels' tests natively (not the interpreter);
+#   tests  the Triton kernels' tests natively (not the interpreter);
 #   quick  `bnlab bench --gpu --quick` (batch 256, bf16 + fp32, forward+backward, with the acceptance check);
 #          QUICK_KNOBS="PDL=True ..." sets the Triton kernels' knobs for it (recorded in the CSV);
 #   candidates  bnlab's rows of the quick bench only, once per knob setting in CANDIDATES (';' between
@@ -25,7 +23,7 @@
 # Usage, from the repository root, on the GPU machine (python3 there has torch and triton):
 #   bash benchmarks/gpu_session.sh [tests|quick|candidates|tune|full|profile|host|inductor|caches]...
 #   (default: tests quick tune)
-# Step time limits can be set in the environment: SMOKE_S, TESTS_S, QUICK_S (its timing budget is
+# Step time limits can be set in the environment: TESTS_S, QUICK_S (its timing budget is
 # QUICK_S minus 100 s of compiling and reporting), TUNE_S, FULL_S, PROFILE_S, HOST_S, INDUCTOR_S.
 set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -54,26 +52,12 @@ for step in "${steps[@]}"; do
   echo "=== $step ($(date -u +%T))"
   case "$step" in
     tests)
-      timeout "${SMOKE_S:-60}" python3 -m pytest -q -x -p no:cacheprovider tests/test_triton.py \
-        -k "real_shapes and float32 and 32x64x56x56 and persistent" 2>&1 | tee "$OUT/smoke.log" | tail -5
-      rc=${PIPESTATUS[0]}
-      if [ "$rc" != 0 ]; then  # 124: timed out (a hang), else a failure
-        if [ "$rc" = 124 ] && grep -q " passed" "$OUT/smoke.log" && ! grep -q "failed" "$OUT/smoke.log"; then
-          # (session 7: at SMOKE_S=20 the two tests passed in 8 s, the process took ~17 s in all)
-          echo "smoke test passed but its process outlived SMOKE_S=${SMOKE_S:-60} s (startup, exit): raise it;" \
-            "the persistent kernels' tests are left out all the same" | tee -a "$OUT/smoke.log"
-        else
-          echo "PERSISTENT KERNELS FAILED (smoke test exit $rc, 124 = hung): their tests are left out" \
-            | tee -a "$OUT/smoke.log"
-        fi
-        skip_persistent=" and not persistent"
-      fi
       # Not the CPU-only checks (ahead-of-time compile, machine-code reading): CI does them.
       # -v: each result on its own line as it comes (xdist names failures only at the end, which a step
       # cut short by its limit never reaches: session 5's runs lost the name of one failing test so)
       timeout "${TESTS_S:-100}" python3 -m pytest -v -p no:cacheprovider -n "$JOBS" --durations=5 \
         tests/test_triton.py tests/test_gpubench.py \
-        -k "not compiles_for_nvidia and not instruction_budget and not flags_slow_loops${skip_persistent:-}" 2>&1 \
+        -k "not compiles_for_nvidia and not instruction_budget and not flags_slow_loops" 2>&1 \
         | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -15 ;;
     quick)
       # (the warm-up compiles every group's kernels in $JOBS processes first: ~70 groups of torch.compile

@@ -17,10 +17,10 @@ value a thread holds, and the spills (LDL/STL); then the registers per thread, t
 multiprocessor holds at once with them, and the waves the plan's grid takes on 132 multiprocessors (a
 grid of 1.2 waves runs its last 0.2 after the first programs finish, nearly alone).
 
-Each shape is compiled with the tiles its plan gets (the split kernels at TILE / TILE_BYTES, the persistent ones at
-PERSISTENT_TILE), specialized as Triton's launcher specializes them (16-divisible integers, S_BLOCKS of
-1). Per busy value: per value over the share of lanes that hold values (NCHW runs of 49 in 64 lanes:
-77%; packed tiles hold several samples' runs side by side: 98%).
+Each shape is compiled with the tiles its plan gets (TILE / TILE_BYTES), specialized as Triton's launcher
+specializes them (16-divisible integers, S_BLOCKS of 1). Per busy value: per value over the share of lanes
+that hold values (NCHW runs of 49 in 64 lanes: 77%; packed tiles hold several samples' runs side by side:
+98%).
 """
 
 from __future__ import annotations
@@ -51,36 +51,11 @@ SHAPES = [
 EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU": False}
 ELEMENTWISE = ("normalize", "dx")  # the passes that run `elementwise_plan`'s slices
 REDUCTIONS = ("stats", "grad sums")  # the passes that run REDUCTION_WARPS warps a program
-KERNELS = {  # name: (kernel, its other constexprs, register cap)
-    "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}, None),
-    "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}, None),
-    "grad sums": (
-        K._grad_kernel,
-        {"SPLIT": True, "SPLIT_BLOCK": 16, "WRITE_DZ": False, "STAGES": K._grad_stages},
-        None,
-    ),
-    "dx": (
-        K._input_grad_kernel,
-        {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES},
-        None,
-    ),
-    "persistent fwd": (
-        K._persistent_forward_kernel,
-        {"SPLIT_BLOCK": 16, "PHASE": 0, "PIPELINE": True, "HAS_RUNNING": True, "STAGES": K.PERSISTENT_STAGES},
-        128,
-    ),
-    "persistent bwd": (
-        K._persistent_backward_kernel,
-        {
-            "SPLIT_BLOCK": 16,
-            "PHASE": 0,
-            "PIPELINE": True,
-            "WRITE_DX": True,
-            "WRITE_DZ": False,
-            "STAGES": K.PERSISTENT_STAGES,
-        },
-        128,
-    ),
+KERNELS = {  # name: (kernel, its other constexprs)
+    "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}),
+    "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}),
+    "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "WRITE_DZ": False, "STAGES": K._grad_stages}),
+    "dx": (K._input_grad_kernel, {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES}),
 }
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(?:\s+(0x[0-9a-f]+))?")
 
@@ -89,9 +64,7 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def machine_code(
-    fn, dtype: str, plan: K.Plan, extra: dict, arch: int, maxnreg: int | None, reduction: bool = False
-) -> tuple[str, int, int]:
+def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, reduction: bool = False) -> tuple[str, int, int]:
     """(SASS, registers per thread, shared memory bytes) of the kernel variant that `plan` launches
     (`reduction`: one of its split reductions), specialized as Triton's launcher would: pointers 16-byte
     aligned, integers that are multiples of 16 marked so, S_BLOCKS == 1 a constant."""
@@ -109,7 +82,7 @@ def machine_code(
     divisible += [a for a, v in ints.items() if v % 16 == 0 and a not in constexprs]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature=triton_aot.signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": warps, "enable_fp_fusion": fusion, **({"maxnreg": maxnreg} if maxnreg else {})}
+    options = {"num_warps": warps, "enable_fp_fusion": fusion}
     if constexprs.get("PDL"):
         options["launch_pdl"] = True
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -148,7 +121,7 @@ def loops_and_ops(sass: str) -> tuple[list[int], collections.Counter]:
     return loops, ops
 
 
-# Memory traffic of a split pass per value, in element sizes (persistent kernels: see the module doc).
+# Memory traffic of a split pass per value, in element sizes.
 TRAFFIC = {"stats": 1, "normalize": 2, "grad sums": 2, "dx": 3}
 BYTES_PER_CYCLE = 16.5  # an H200 copying at ~4.3 TB/s over 132 SMs at 1.98 GHz, per SM
 ISSUE_PER_CYCLE = 4 * 32  # thread-instructions an SM issues per cycle at most
@@ -184,21 +157,14 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
         knobs = {**K.knob_args(layout, itemsize, small_packed=K.small_packed(layout, S, small)), "single_tile_max": 0}
         target = K.programs_per_sm(layout, small=small) * MULTIPROCESSORS
         split = K.plan_for(layout, N, C, S, target_programs=target, **knobs)
-        # 2 resident programs on each of 132 SMs, a round a quarter of a 50 MB L2.
-        persistent = K.plan_for(
-            layout, N, C, S, target_programs=target, resident_programs=264,
-            round_values=50 * 2**20 // 4 // itemsize, **knobs,
-        )  # fmt: skip
-        for kname, (fn, extra, maxnreg) in KERNELS.items():
-            plan = persistent if maxnreg else split
-            if maxnreg and not plan.persistent:
-                continue
+        for kname, (fn, extra) in KERNELS.items():
+            plan = split
             # per layout (a dict), or per plan (a function)
             extra = {
                 k: v[plan.layout] if isinstance(v, dict) else v(plan) if callable(v) else v for k, v in extra.items()
             }
             reduction = kname in REDUCTIONS
-            sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, maxnreg, reduction)
+            sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, reduction)
             loops, ops = loops_and_ops(sass)
             warps = K._block_args(plan, reduction)["num_warps"]
             per_value = loops[0] / (plan.block_a * plan.block_b / (warps * 32)) if loops else float("nan")
@@ -219,7 +185,7 @@ def over_budget(results: list[Loop], itemsize: int, fraction: float) -> list[str
     value, or any spill."""
     failures = [f"{r.shape} {r.kernel}: spills {r.spills}" for r in results if r.spills]
     for r in results:
-        if r.kernel in TRAFFIC and r.per_busy_value > fraction * budget(r.kernel, itemsize):
+        if r.per_busy_value > fraction * budget(r.kernel, itemsize):
             failures.append(f"{r.shape} {r.kernel}: {r.per_busy_value:.1f} instructions per busy value > "
                             f"{fraction} x {budget(r.kernel, itemsize):.1f}")  # fmt: skip
     return failures
@@ -237,10 +203,9 @@ def main() -> int:
     itemsize = 4 if args.dtype == "fp32" else 2
     results = measure(args.dtype, args.arch)
     for r in results:
-        limit = f" (budget {budget(r.kernel, itemsize):.1f})" if r.kernel in TRAFFIC else ""
         print(f"{r.shape:>11} {r.kernel:>15} {r.tile:>12}: loops {list(r.loops)}, {r.per_value:5.1f} per value, "
-              f"{r.per_busy_value:5.1f} per busy value{limit}; spills {r.spills}; {r.registers} registers, "
-              f"{r.programs_per_sm} programs/SM, {r.waves:.2f} waves")  # fmt: skip
+              f"{r.per_busy_value:5.1f} per busy value (budget {budget(r.kernel, itemsize):.1f}); spills {r.spills}; "
+              f"{r.registers} registers, {r.programs_per_sm} programs/SM, {r.waves:.2f} waves")  # fmt: skip
     if args.check is None:
         return 0
     failures = over_budget(results, itemsize, args.check)

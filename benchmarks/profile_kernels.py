@@ -3,12 +3,12 @@
 Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/profile_kernels.py [--dtype bfloat16] [--set large]
 For each shape and layout: the plans (`describe_plans`), then every kernel's mean GPU time over 20 training
 steps (torch.profiler, CUDA activity), its share of the step, and the minimal-traffic floor of the step at
-the device's copy bandwidth: which pass (statistics, normalize, gradient sums, dx, persistent) to work on;
+the device's copy bandwidth: which pass (statistics, normalize, gradient sums, dx) to work on;
 and the step as the bench times it (replayed from a CUDA graph), whose excess over the kernels' sum is
 the time between them. Every set also times programmatic dependent launch (`PDL`), second.
 Sets: `large` (default) profiles ResNet-50's shapes at the defaults, then a few under other knobs;
 `small` profiles the 7x7 and 14x14 layers (28 of the 53, the furthest from the floor after session 5)
-under the knobs that change their fixed costs (launches, slices, combine, one persistent round); `nchw`
+under the knobs that change their fixed costs (launches, slices, combine); `nchw`
 every NCHW layer shape at the defaults and under the settings they replaced (session 7); `cl` every
 channels-last layer shape under narrower channel blocks, deeper statistics, fewer reduction programs /
 more elementwise ones.
@@ -87,16 +87,6 @@ SETS = {
             # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
             # Triton 3.6; at 7x7 the same 256 programs, at 14x14 cut to one wave: 8 slices instead of 9)
             {"REDUCTION_WARPS": {"planes": 8, "rows": 8}},
-            # One launch a direction, the second read from L2: only where one round holds the whole tensor
-            # (7x7 both ways, 14x14 forward; the others split), then rounds as planned (pipelined: a round
-            # may take half the budget).
-            {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1},
-            # The same with the loops pipelined (run 4: 28.6 us for the 7x7x512 forward, 6 us of traffic)
-            {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1,
-             "PERSISTENT_STAGES": {"planes": 3, "rows": 2}},
-            {"PERSISTENT": True, "PIPELINE_ROUNDS": False, "PERSISTENT_MAX_ROUNDS": 1,
-             "PERSISTENT_STAGES": {"planes": 2, "rows": 2}},
-            {"PERSISTENT": True},
             {"PROGRAMS_PER_SM": {"planes": 4, "rows": 2}},  # planes: the old default; rows: fewer slices
             {"TILE": 8192, "TILE_BYTES": 16384},  # fewer, larger tiles
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
@@ -198,12 +188,8 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "TILE",
         "TILE_BYTES",
         "COMBINE_VALUES",
-        "PERSISTENT",
-        "PIPELINE_ROUNDS",
-        "PERSISTENT_MAX_ROUNDS",
         "PLANES_MIN_RUN",
         "PLANES_MAX_RUN",
-        "PERSISTENT_STAGES",
         "PDL",
         "REDUCTION_WARPS",
         "ONE_WAVE",
@@ -261,7 +247,7 @@ def _was_cut(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
     """Whether a launch at the defaults cut one of this shape's passes to one wave (K._FITTED, filled by the
     launches so far)."""
     x = _planning_tensor(shape, layout, dtype, device)
-    plan = K.make_plan(x, K.layout_of(x), streams=2)
+    plan = K.make_plan(x, K.layout_of(x))
     apply = K._elementwise_passes(plan, x.device)
     return any(planned in (plan, apply) for _, planned in K._FITTED)
 
@@ -273,13 +259,13 @@ def _plan_knobs(knobs: dict) -> dict:
 
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:
-    """Whether `knobs` change the backward's plans (the reductions', the elementwise passes'), the gradient
+    """Whether `knobs` change the plans (the reductions', the elementwise passes'), the gradient
     sums' depth or the combine's step on this shape (planning asks the GPU's multiprocessor count: an
     uninitialised tensor on the device)."""
     x = _planning_tensor(shape, layout, dtype, device)
 
     def plan() -> tuple:
-        p = K.make_plan(x, K.layout_of(x), streams=2)
+        p = K.make_plan(x, K.layout_of(x))
         return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p)
 
     before = plan()

@@ -6,12 +6,10 @@ each plan: many values per channel (split reductions), few (7x7), channels-last,
 same timer as `bnlab bench --gpu` (CUDA events, L2 flushed). Prints one line per (shape, knobs) with the
 fraction of the measured copy bandwidth on the minimal traffic, and the best knobs per shape; the
 defaults in bnlab/kernels/batchnorm.py (TILE, NUM_WARPS, SINGLE_TILE_MAX, PROGRAMS_PER_SM) come from here.
-Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WARPS x SINGLE_TILE_MAX), with
-the persistent kernels off, then at the best of those PROGRAMS_PER_SM (how many slices the split
-reductions use), the persistent kernels on (at two L2_FRACTION, rounds pipelined or not; channels-last
-blocks narrowed to 16 channels where that makes them persistent), COMBINE_VALUES (partials
-combined per step), APPLY_STAGES 2 (the elementwise passes pipelined) and, where it changes the tiles,
-PLANES_MIN_RUN 64 (NCHW runs in the short pieces that the default of 1024 replaced).
+Two stages per shape: the knobs that change the compiled kernels (TILE x NUM_WARPS x SINGLE_TILE_MAX),
+then at the best of those PROGRAMS_PER_SM (how many slices the split reductions use), COMBINE_VALUES
+(partials combined per step), APPLY_STAGES 2 (the elementwise passes pipelined) and, where it changes
+the tiles, PLANES_MIN_RUN 64 (NCHW runs in the short pieces that the default of 1024 replaced).
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ SHAPES = [  # batch 256 first (the acceptance bar's shapes): a run cut short kee
     ((256, 64, 56, 56), "NCHW"),
     ((256, 64, 56, 56), "channels_last"),
     ((256, 2048, 7, 7), "NCHW"),
-    ((256, 128, 28, 28), "channels_last"),  # split, or persistent in blocks of 16 channels
+    ((256, 128, 28, 28), "channels_last"),
     ((256, 1024, 14, 14), "NCHW"),  # grouped planes
     ((32, 1024, 14, 14), "NCHW"),
     ((32, 2048, 7, 7), "NCHW"),
@@ -57,9 +55,9 @@ COMBINE_VALUES = (2048, 8192)  # the first one during the first stage
 
 
 def _plan_with(K, x: torch.Tensor, knobs: dict[str, int]):
-    """The backward's plan for `x` under `knobs`."""
+    """The plan for `x` under `knobs`."""
     with knobs_set(K, knobs):
-        return K.make_plan(x, K.layout_of(x), streams=2)
+        return K.make_plan(x, K.layout_of(x))
 
 
 def stage_one(K, x: torch.Tensor) -> list[dict]:
@@ -68,7 +66,7 @@ def stage_one(K, x: torch.Tensor) -> list[dict]:
     # Where no threshold makes the plan single-pass, sweeping it would time the same kernels again.
     grid = {**KNOBS, "SINGLE_TILE_MAX": KNOBS["SINGLE_TILE_MAX"] if could_be_single else (0,)}
     # (TILE_BYTES lifted: TILE alone sets the tiles here, in values, whatever the dtype)
-    fixed = {"PROGRAMS_PER_SM": dict(K.PROGRAMS_PER_SM), "COMBINE_VALUES": COMBINE_VALUES[0], "PERSISTENT": False,
+    fixed = {"PROGRAMS_PER_SM": dict(K.PROGRAMS_PER_SM), "COMBINE_VALUES": COMBINE_VALUES[0],
              "TILE_BYTES": 4 * max(KNOBS["TILE"])}  # fmt: skip
     return [{**dict(zip(grid, values, strict=True)), **fixed} for values in itertools.product(*grid.values())]
 
@@ -89,7 +87,7 @@ def sweep_shape(
     def measure(knobs: dict[str, int]) -> None:
         nonlocal best
         with knobs_set(K, knobs):
-            plan = K.make_plan(x, K.layout_of(x), streams=2)
+            plan = K.make_plan(x, K.layout_of(x))
             try:
                 seconds = timer(step)
                 frac = nbytes / seconds / 1e9 / copy
@@ -98,8 +96,7 @@ def sweep_shape(
                 seconds, frac, err = float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:200]
         row = {"shape": "x".join(map(str, shape)), "layout": layout, **knobs, "us": seconds * 1e6,
                "frac_of_copy": frac, "plan": f"{plan.layout} blocks={plan.block_a}x{plan.block_b} "
-               f"splits={plan.splits} single={plan.single} per_round={plan.units_per_round} "
-               f"packed={plan.packed}", "error": err}  # fmt: skip
+               f"splits={plan.splits} single={plan.single} packed={plan.packed}", "error": err}  # fmt: skip
         rows.append(row)
         print(f"{row['shape']:>16} {layout:>13} {knobs} {row['us']:9.1f} us {frac:6.3f} {row['plan']} {err}",
               flush=True)  # fmt: skip
@@ -120,16 +117,6 @@ def sweep_shape(
         short_runs = {**first, "PLANES_MIN_RUN": 64}
         if plan_with(short_runs) != plan_with(first):  # NCHW 28x28, 56x56: 64x64 tiles instead of 4x1024
             measure(short_runs)
-        persistent = {**first, "PERSISTENT": True, "L2_FRACTION": 0.5, "PIPELINE_ROUNDS": True}
-        measure(persistent)
-        if plan_with(persistent).persistent:
-            measure({**persistent, "COMBINE_VALUES": COMBINE_VALUES[-1]})
-            # H100's L2 is two halves: if a round's data does not stay in it, smaller rounds will show it.
-            measure({**persistent, "L2_FRACTION": 0.25})
-            measure({**persistent, "PIPELINE_ROUNDS": False})
-        narrowed = {**persistent, "PERSISTENT_MIN_CHANNELS": 16}
-        if plan_with(narrowed).persistent and plan_with(narrowed) != plan_with(persistent):
-            measure(narrowed)  # channels-last too large for a round: blocks of 16 channels (32-byte sectors)
         print(f"BEST {shape} {layout}: {best[1]} {best[0] * 1e6:.1f} us, {best[2]:.3f} of copy", flush=True)
     return rows
 

@@ -28,10 +28,8 @@ K = kernels.load()
 )
 def test_the_knob_sweep_runs_every_stage_without_errors(monkeypatch, capsys, shape, layout):
     monkeypatch.setattr(tune_triton, "KNOBS", {"TILE": (32,), "NUM_WARPS": (4, 8), "SINGLE_TILE_MAX": (0, 8192)})
-    # Persistent plans as on a GPU (the interpreter runs them in two phases) in rounds of 200 values: the
-    # channels-last block (12 rows x 32 channels: 384 values) fits only narrowed to 16 channels (192).
-    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200) if K.PERSISTENT else (0, 0))
-    knobs = ("TILE", "NUM_WARPS", "SINGLE_TILE_MAX", "PERSISTENT", "PERSISTENT_MIN_CHANNELS", "L2_FRACTION")
+    # (every knob the sweep sets)
+    knobs = (*tune_triton.KNOBS, "TILE_BYTES", "PROGRAMS_PER_SM", "COMBINE_VALUES", "APPLY_STAGES", "PLANES_MIN_RUN")
     defaults = {name: getattr(K, name) for name in knobs}
     calls = []
 
@@ -44,11 +42,6 @@ def test_the_knob_sweep_runs_every_stage_without_errors(monkeypatch, capsys, sha
     assert len(calls) == len(rows)
     assert f"BEST {shape} {layout}" in capsys.readouterr().out
     assert {name: getattr(K, name) for name in knobs} == defaults  # every measurement put the knobs back
-    plans = {row["plan"] for row in rows}
-    assert any("per_round=0" in p for p in plans) and any("per_round=0" not in p for p in plans)  # both kinds
-    narrowed = [row for row in rows if row.get("PERSISTENT_MIN_CHANNELS")]
-    assert bool(narrowed) == (layout == "channels_last")
-    assert all("blocks=2x16" in row["plan"] for row in narrowed)  # tiles of 2 rows x 16 channels
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU session runs the warm-up for real")
@@ -89,7 +82,7 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     monkeypatch.setattr(
         profile_kernels,
         "profile_shape",
-        lambda shape, layout, dtype, copy, timer: seen.append((shape, K.TILE, K.PERSISTENT, K.PDL)),
+        lambda shape, layout, dtype, copy, timer: seen.append((shape, K.TILE, K.PDL)),
     )
     names = {name for knobs in profile_kernels.SETS[which][2] for name in knobs}
     assert names and all(hasattr(K, name) for name in names)
@@ -99,7 +92,7 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     shapes, variant_shapes, variants = profile_kernels.SETS[which]
     assert len(seen) == len(shapes) + len(variant_shapes) * len(variants)
     if which == "small":  # the variants were in force while their shapes were profiled
-        assert sum(tile == 8192 for _, tile, *_ in seen) == 4 and sum(persistent for *_, persistent, _ in seen) == 16
+        assert sum(tile == 8192 for _, tile, _ in seen) == 4
     assert profile_kernels.DEPENDENT_LAUNCH in variants  # every set times dependent launches on their own
     assert sum(pdl for *_, pdl in seen) == len(variant_shapes) * sum(bool(v.get("PDL")) for v in variants)
     assert {name: getattr(K, name) for name in names} == before
@@ -109,7 +102,7 @@ def test_the_kernel_profile_times_uncut_grids_only_where_a_launch_was_cut(monkey
     import profile_kernels
 
     x = torch.empty(8, 4, 14, 14)
-    plan = K.make_plan(x, K.PLANES, streams=2)
+    plan = K.make_plan(x, K.PLANES)
     monkeypatch.setattr(K, "_FITTED", {})
     assert not profile_kernels._was_cut(K, (8, 4, 14, 14), "NCHW", torch.float32, device="cpu")
     K._FITTED[(K._stats_kernel, plan)] = K.within(plan, 1)

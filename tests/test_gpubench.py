@@ -509,12 +509,12 @@ def test_cli_gpu_refuses_bad_input(argv, message, capsys):
 
 
 def test_knobs_are_parsed_and_checked_against_the_kernels_defaults():
-    texts = ["PDL=True", "L2_FRACTION=0.25", "TILE_BYTES = 16384", "PROGRAMS_PER_SM={'planes': 4, 'rows': 4}"]
+    texts = ["PDL=True", "SMALL_TENSOR_L2=0.25", "TILE_BYTES = 16384", "PROGRAMS_PER_SM={'planes': 4, 'rows': 4}"]
     assert g.parse_knobs(texts) == (
-        ("PDL", True), ("L2_FRACTION", 0.25), ("TILE_BYTES", 16384),
+        ("PDL", True), ("SMALL_TENSOR_L2", 0.25), ("TILE_BYTES", 16384),
         ("PROGRAMS_PER_SM", {"planes": 4, "rows": 4}),
     )  # fmt: skip
-    assert g.parse_knobs(["L2_FRACTION=1"]) == (("L2_FRACTION", 1),)  # (an int where a float goes)
+    assert g.parse_knobs(["SMALL_TENSOR_L2=1"]) == (("SMALL_TENSOR_L2", 1),)  # (an int where a float goes)
     for text, message in [
         ("PDL", "expected NAME=VALUE"),
         ("NO_SUCH=1", "not a knob of bnlab.kernels.batchnorm"),
@@ -522,7 +522,7 @@ def test_knobs_are_parsed_and_checked_against_the_kernels_defaults():
         ("PDL=maybe", "not a Python literal"),
         ("PDL=1", "is a int, expected a bool"),
         ("TILE=True", "is a bool, expected a int"),
-        ("L2_FRACTION='a'", "is a str, expected a float"),
+        ("SMALL_TENSOR_L2='a'", "is a str, expected a float"),
         ("PROGRAMS_PER_SM={'planes': 4}", "keys ['planes'], expected ['planes', 'rows']"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):

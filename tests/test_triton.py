@@ -8,7 +8,6 @@ cross many of them), the fused residual + ReLU, its determinism and its compiled
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
@@ -24,11 +23,6 @@ from bnlab import kernels
 from helpers import make_input
 
 pytest.importorskip("triton")
-import triton
-import triton.language as tl
-from triton.runtime.errors import InterpreterError
-
-from concurrent_interpreter import concurrent_programs
 
 K = kernels.load()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,25 +31,21 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 STEP_RESULTS = ("output", "dx", "dweight", "dbias", "dresidual", "running mean", "running var")
 
 
-@pytest.fixture(params=["default", "two-pass", "many-slices", "packed", "persistent"])
+@pytest.fixture(params=["default", "two-pass", "many-slices", "packed"])
 def tiling(request, monkeypatch):
     """The default plans (single-pass kernels for small planes-layout inputs), the two-pass kernels with
     default tiles (planes with 16 channels: grouped tiles), tiny tiles and many programs (split
-    reductions, combined by the last program of each channel block a few partials at a time), 64-lane
-    tiles (planes: several samples' short runs packed in each, several tiles and slices per channel), or
-    the persistent kernels with tiny tiles, several programs per channel block and several rounds (the
-    interpreter runs them as two phases; grouped tiles: see the rounds test)."""
+    reductions, combined by the last program of each channel block a few partials at a time), or 64-lane
+    tiles (planes: several samples' short runs packed in each, several tiles and slices per channel)."""
     if request.param != "default":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    if request.param in ("many-slices", "packed", "persistent"):
+    if request.param in ("many-slices", "packed"):
         monkeypatch.setattr(K, "TILE", 64 if request.param == "packed" else 8)
         # (the elementwise passes in slices of other lengths than the reductions', as on a GPU)
         monkeypatch.setattr(
             K, "_target_programs", lambda device, layout, elementwise=False, small=False: 24 if elementwise else 64
         )
         monkeypatch.setattr(K, "COMBINE_VALUES", 4)
-    if request.param == "persistent":
-        monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200))
     return request.param
 
 
@@ -105,7 +95,7 @@ def test_every_split_launch_asks_for_a_power_of_two_of_warps(monkeypatch, traini
 
     monkeypatch.setattr(K, "_launch", recorded)
     x, z, dy, w, b = _operands((6, 3, 5, 5), "contiguous", torch.float32)
-    assert K.make_plan(x, K.layout_of(x), streams=2).single  # (the case that reached the GPU with 0 warps)
+    assert K.make_plan(x, K.layout_of(x)).single  # (the case that reached the GPU with 0 warps)
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     _run("triton", x, z, dy, w, b, training=training, activation="relu", rm=rm, rv=rv)
     assert training or asked, "inference's backward launched no split pass"
@@ -124,8 +114,6 @@ def test_every_split_launch_asks_for_a_power_of_two_of_warps(monkeypatch, traini
 )
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_epilogue_matches_the_composed_reference(tiling, shape, layout, activation, with_residual, training):
-    if tiling == "persistent" and not training:
-        pytest.skip(f"inference plans are never {tiling}: the same kernels and tiles as 'many-slices'")
     x, z, dy, w, b = _operands(shape, layout, torch.float32)
     rm, rv = torch.linspace(-0.5, 0.5, shape[1], device=DEVICE), torch.linspace(0.5, 2.0, shape[1], device=DEVICE)
     stats = {}
@@ -186,26 +174,19 @@ def test_split_reductions_are_deterministic(monkeypatch, layout):
     assert all(torch.equal(a, b) for a, b in zip(first[1], again[1], strict=True))
 
 
-@pytest.mark.parametrize("plans", ["split", "persistent"])
-def test_split_reductions_leave_their_counters_at_zero(monkeypatch, plans):
+def test_split_reductions_leave_their_counters_at_zero(monkeypatch):
     """The last program of each channel block zeroes its counters again, so that one buffer serves every
     launch on a stream (on a GPU the cached per-stream buffer; here a shared one put in its place): a
-    counter left at k would make a later launch finalize too early, from partials not yet written (and
-    a ready flag left up would let a persistent kernel read statistics not yet written)."""
-    persistent = plans == "persistent"
+    counter left at k would make a later launch finalize too early, from partials not yet written."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 64)
-    # persistent: channel blocks of 105 (planes) or 7 * 15 * 4 values (rows): 1 round, many programs
-    limits = (8, 420) if persistent else (0, 0)  # (0, 0): off, also on a GPU
-    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: limits)
     shared = torch.zeros(1024, dtype=torch.int32, device=DEVICE)
     if DEVICE == "cpu":
         monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
     for layout in ("contiguous", "channels_last"):
         x, z, dy, w, b = _operands((7, 3, 5, 3), layout, torch.float32)
-        plan = K.make_plan(x, K.layout_of(x), streams=2)
-        assert plan.splits > 1 and plan.persistent == persistent
+        assert K.make_plan(x, K.layout_of(x)).splits > 1
         expected = _run("reference", x, z, dy, w, b, training=True, activation="relu")
         for _ in range(2):  # the second run starts from the counters that the first one left
             y, grads = _run("triton", x, z, dy, w, b, training=True, activation="relu")
@@ -258,90 +239,6 @@ def test_counters_of_a_captured_reduction_come_from_the_reserve(monkeypatch):
     monkeypatch.setattr(K, "_raw_stream", lambda index: 7)
     monkeypatch.setitem(K._SEMAPHORES, (0, 7), stream_buffer := torch.zeros(1024, dtype=torch.int32))
     assert K._semaphores(gpu, 30) is stream_buffer and topped == [gpu]
-
-
-# (shape, layout, values per round, tile): two channel blocks (of 8 channels in rows, 1 in planes, 16 in
-# grouped planes) per round.
-ROUNDS = [
-    ((6, 20), "contiguous", 96, 8),
-    ((4, 20, 3), "contiguous", 24, 8),
-    ((3, 20, 2, 2), "channels_last", 192, 8),
-    ((9, 48, 5), "contiguous", 1440, 128),  # grouped planes: 16 channels' runs of 5 in 128 lanes
-]
-
-
-# How the persistent kernels run: "phases" is how the interpreter runs them (two launches, no spin-waits);
-# "one launch" is the GPU's launch with its spin-waits, here run by the interpreter with every program in
-# its own thread, all at once (tests/concurrent_interpreter.py); on a GPU both are the GPU's launch.
-PERSISTENT_LAUNCHES = ["phases", "one launch"] if DEVICE == "cpu" else ["phases"]
-
-
-@pytest.mark.parametrize("launch", PERSISTENT_LAUNCHES)
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "round-by-round-staged-loops"])
-@pytest.mark.parametrize(("shape", "layout", "round_values", "tile"), ROUNDS)
-def test_persistent_kernels_run_rounds_of_channel_blocks(
-    monkeypatch, shape, layout, round_values, tile, pipeline, launch
-):
-    """Many channel blocks, a few per round, several programs per block: every round's statistics and
-    gradients match the reference (a block finalized from another round's partials would not), whether
-    a program finishes each round before the next or publishes the next one first; a second run gives
-    the same bits (whichever program ends up combining), and every counter, ready flag and departure
-    count is back at zero afterwards."""
-    monkeypatch.setattr(K, "PIPELINE_ROUNDS", pipeline)
-    # rounds one by one: with the loops software-pipelined too (PERSISTENT_STAGES; on a GPU, compiled so)
-    monkeypatch.setattr(K, "PERSISTENT_STAGES", {K.PLANES: 1 if pipeline else 3, K.ROWS: 1 if pipeline else 2})
-    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "TILE", tile)
-    monkeypatch.setattr(K, "COMBINE_VALUES", 8)
-    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, round_values))
-    if DEVICE == "cpu":
-        shared = torch.zeros(1024, dtype=torch.int32)
-        monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
-    concurrent = launch == "one launch"
-    monkeypatch.setattr(K, "SEQUENTIAL_INTERPRETER", not concurrent)
-    x, z, dy, w, b = _operands(shape, layout, torch.float32)
-    plan = K.make_plan(x, K.layout_of(x), streams=2)
-    units = plan.channel_programs
-    assert plan.persistent and plan.splits > 1 and units > plan.units_per_round > 1  # several rounds
-    C = shape[1]
-    results = {}
-    for run in ("triton", "triton again", "reference"):
-        rm, rv = torch.linspace(-1, 1, C, device=DEVICE), torch.linspace(0.5, 2, C, device=DEVICE)
-        with concurrent_programs() if concurrent and run != "reference" else contextlib.nullcontext():
-            y, grads = _run(run.split()[0], x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
-        results[run] = (y, *grads, rm, rv)
-    names = STEP_RESULTS
-    for name, ours, again, ref in zip(names, *results.values(), strict=True):
-        _close(ours, ref, torch.float32, name)
-        assert torch.equal(ours, again), f"{name} differs between two runs"
-    buffers = [shared] if DEVICE == "cpu" else list(K._SEMAPHORES.values())
-    assert buffers and all(int(buf.count_nonzero()) == 0 for buf in buffers)
-
-
-@triton.jit
-def _grid_barrier_kernel(count_ptr, out_ptr):
-    """Every program arrives, then waits for all: ends only if all programs run at once."""
-    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    total = tl.num_programs(0) * tl.num_programs(1)
-    tl.atomic_add(count_ptr, 1, sem="acq_rel")
-    while tl.atomic_add(count_ptr, 0, sem="acquire") < total:
-        pass
-    tl.store(out_ptr + pid, pid + 1)
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="tests the interpreter's concurrent mode (tests/concurrent_interpreter.py)")
-def test_concurrent_interpreter_runs_a_grid_barrier_and_reports_a_deadlock():
-    """The harness that the rounds test's "one launch" relies on: with it, programs that wait for each
-    other finish (the sequential interpreter would spin forever); a program that waits for what never
-    comes fails the launch with ProgramsDeadlocked instead of hanging the test run."""
-    count = torch.zeros(1, dtype=torch.int32)
-    out = torch.zeros(8, dtype=torch.int32)
-    with concurrent_programs(timeout_s=30):
-        _grid_barrier_kernel[(4, 2)](count, out)
-    assert out.tolist() == list(range(1, 9)) and int(count) == 8
-    # The interpreter wraps a launch's exception in its own InterpreterError, with the original's repr.
-    with concurrent_programs(timeout_s=1), pytest.raises(InterpreterError, match=r"ProgramsDeadlocked.*still running"):
-        _grid_barrier_kernel[(4, 2)](count.fill_(-100), out)  # waits for 108 arrivals of 8 programs
 
 
 def test_large_offset_statistics_do_not_cancel(tiling):
@@ -544,25 +441,6 @@ def test_plans_cover_every_value_once(layout, N, C, S, target):
     assert plan.channel_programs * plan.splits >= min(target, plan.channel_programs * plan.tiles) // 2
 
 
-@pytest.mark.parametrize(
-    ("layout", "N", "C", "S"),
-    [(K.PLANES, 256, 64, 12544), (K.PLANES, 256, 2048, 49), (K.ROWS, 256, 1024, 196), (K.ROWS, 32, 64, 3136),
-     (K.ROWS, 8192, 256, 1), (K.PLANES, 3, 5, 7)],
-)  # fmt: skip
-def test_persistent_plans_fit_the_resident_programs_and_the_round_budget(layout, N, C, S):
-    resident, round_values = 264, 6_553_600  # an H100: 2 programs on each of 132 SMs, bf16, a quarter of L2
-    plan = K.plan_for(layout, N, C, S, target_programs=528, resident_programs=resident, round_values=round_values)
-    assert plan.persistent
-    per_unit = N * S * (plan.block_b if layout == K.ROWS else plan.group or 1)
-    assert plan.grid[0] * plan.grid[1] <= resident  # all resident at once: the spin waits end
-    assert plan.units_per_round * per_unit <= round_values  # a round's data stays in L2
-    assert (plan.splits - 1) * plan.per_split < plan.tiles <= plan.splits * plan.per_split  # no empty slice
-    assert plan.block_a * plan.block_b <= 2048  # the persistent tile (registers capped)
-    # A channel block over the budget gets the split plan.
-    assert not K.plan_for(layout, N, C, S, target_programs=528, resident_programs=resident,
-                          round_values=per_unit - 1).persistent  # fmt: skip
-
-
 def test_gradient_sums_pipeline_deeper_over_long_loops():
     """NCHW 256x256x56x56 (66 tiles a program) takes GRAD_STAGES_LONG, 256x2048x7x7 (13) GRAD_STAGES; rows
     take 2 either way."""
@@ -677,7 +555,7 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, with_residual):
         _close(ours, ref, torch.float32, f"result {i}")
     launched = [cut.grid for cut in K._FITTED.values()]
     assert len(launched) == 4 and all(math.prod(grid) <= 4 for grid in launched)  # all four passes were cut
-    described = K.describe_plans(x.detach(), residual=with_residual)
+    described = K.describe_plans(x.detach())
     assert described.count("(cut to one wave)") == 2
 
 
@@ -756,9 +634,6 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for():
     assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
 
 
-CONCURRENCY = [False, True] if DEVICE == "cpu" else [False]  # (threads per program: the interpreter's only)
-
-
 def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
     """At TILE_BYTES of 8192 float32 tiles take half the values of 16-bit ones; TILE still caps both."""
     monkeypatch.setattr(K, "TILE", 4096)
@@ -770,31 +645,6 @@ def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
     assert K.knob_args(K.PLANES, 4)["tile"] == 64
 
 
-def test_persistent_plans_can_be_limited_to_a_number_of_rounds():
-    """PERSISTENT_MAX_ROUNDS: NCHW 512 x 7x7 at batch 256 (6.4M values) in rounds of 3.2M values takes two
-    rounds; limited to one round it gets the split plan, and with the whole budget (6.5M) one round."""
-    limits = dict(target_programs=528, resident_programs=264)
-    two = K.plan_for(K.PLANES, 256, 512, 49, **limits, round_values=3_276_800)
-    assert two.persistent and -(-two.channel_programs // two.units_per_round) == 2
-    assert K.plan_for(K.PLANES, 256, 512, 49, **limits, round_values=3_276_800, max_rounds=2) == two
-    assert not K.plan_for(K.PLANES, 256, 512, 49, **limits, round_values=3_276_800, max_rounds=1).persistent
-    one = K.plan_for(K.PLANES, 256, 512, 49, **limits, round_values=6_553_600, max_rounds=1)
-    assert one.persistent and one.units_per_round == one.channel_programs
-
-
-def test_channels_last_blocks_too_large_for_a_round_can_be_narrowed():
-    """Channels-last 128 x 28x28 at batch 256 (bf16, H100-like): a block of 128 channels is 25.7M values,
-    over a round's 6.5M; allowed down to 16 channels, it is narrowed to the widest block that fits (32
-    channels: 6.4M)."""
-    limits = dict(target_programs=528, resident_programs=264, round_values=6_553_600)
-    assert not K.plan_for(K.ROWS, 256, 128, 784, **limits).persistent
-    plan = K.plan_for(K.ROWS, 256, 128, 784, **limits, min_block_channels=16)
-    assert plan.persistent and plan.block_b == 32 and plan.channel_programs == 4
-    assert plan.units_per_round * 256 * 784 * 32 <= limits["round_values"]
-    # Never narrower than asked: 64 x 56x56 at 16 channels is still too large (12.8M), so it stays split.
-    assert not K.plan_for(K.ROWS, 256, 64, 3136, **limits, min_block_channels=16).persistent
-
-
 def test_plans_are_described_for_benchmark_rows(monkeypatch):
     # the interpreter's count of programs, on a GPU too
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 4)
@@ -802,15 +652,9 @@ def test_plans_are_described_for_benchmark_rows(monkeypatch):
     assert K.describe_plans(x) == "forward single tile; backward single tile"
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 8)
-    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (0, 0))  # (on a GPU too)
-    assert K.describe_plans(x).startswith("forward split over ")
-    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (8, 200 // streams))
-    # 100 values a channel: 2 channels a round forward, 1 backward (2 tensors read), 1 with the residual.
-    assert K.describe_plans(x) == "forward persistent 2x4 in 2 rounds; backward persistent 1x8 in 3 rounds"
-    assert K.describe_plans(x, residual=True).endswith("backward split over 2 slices")  # 4 programs here
+    assert K.describe_plans(x) == "forward split over 2 slices; backward split over 2 slices"  # 4 programs here
     monkeypatch.setattr(K, "TILE", 64)  # runs of 25 values: two samples' side by side in 64 lanes
     assert K.describe_plans(x).endswith("(packed tiles of 2 samples)")
-    monkeypatch.setattr(K, "_persistent_limits", lambda device, itemsize, streams: (0, 0))
     assert "gradient sums" not in K.describe_plans(x)
     monkeypatch.setattr(K, "LONG_LOOP_TILES", 1)  # every split plan's loops count as long
     assert K.describe_plans(x).endswith(" slices (gradient sums 3 deep) (packed tiles of 2 samples)")
@@ -895,7 +739,7 @@ def test_the_instruction_budget_check_flags_slow_loops_and_spills():
 
     budget = kernel_sass.budget("stats", 2)  # a bf16 statistics pass: 2 bytes of traffic per value
     assert budget == pytest.approx(128 * 2 / 16.5)
-    assert kernel_sass.over_budget([loop("stats", 0.79 * budget), loop("persistent fwd", 99.0)], 2, 0.8) == []
+    assert kernel_sass.over_budget([loop("stats", 0.79 * budget)], 2, 0.8) == []
     failures = kernel_sass.over_budget([loop("stats", 0.81 * budget), loop("dx", 1.0, spills=8)], 2, 0.8)
     assert len(failures) == 2 and "spills 8" in failures[0] and "stats" in failures[1]
 
@@ -910,14 +754,13 @@ def test_small_planes_channels_get_the_single_pass_plan():
 
 # ---- on a GPU: real shapes, every plan, against the reference -------------------------------------------
 
-# The persistent plans on an H100 or H200 (residual fused: 2 tensors read forward, 3 backward; fp32 /
-# bf16); by default (persistent kernels off) all but the single-tile ones are split plans:
+# The plans on an H100 or H200 (fp32 / bf16): all but the single-tile ones are split plans.
 GPU_SHAPES = [
-    (32, 64, 56, 56),  # NCHW: persistent, 4-10 programs per channel; channels-last: split / persistent
-    (32, 2048, 7, 7),  # NCHW: single tile per channel; channels-last: persistent, 10-16 blocks a round
-    (256, 512, 7, 7),  # NCHW: persistent, one program per channel, 2-3 rounds
-    (256, 64, 56, 56),  # NCHW: persistent, 8-32 rounds; channels-last: split (one block over L2 budget)
-    (8192, 256),  # BatchNorm1d, rows layout: persistent, 2 blocks of 128 channels
+    (32, 64, 56, 56),  # NCHW: tiles of 4 x 1024 positions; channels-last: one block of 64 channels
+    (32, 2048, 7, 7),  # NCHW: single tile per channel; channels-last: blocks of 64 / 128 channels
+    (256, 512, 7, 7),  # NCHW: grouped tiles, 16 channels a program
+    (256, 64, 56, 56),  # NCHW: tiles of 4 x 1024 positions, more of them a program
+    (8192, 256),  # BatchNorm1d, rows layout: blocks of 64 / 128 channels
 ]
 
 
@@ -926,13 +769,12 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("plans", ["default", "persistent", "small"])
+@pytest.mark.parametrize("plans", ["default", "small"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     """`small`: the small-tensor candidates (SMALL_PACKED: 256x512x7x7 NCHW in one channel a program;
     the reductions of every tensor within L2 at a full wave)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
-    monkeypatch.setattr(K, "PERSISTENT", plans == "persistent")
     if plans == "small":
         monkeypatch.setattr(K, "SMALL_PACKED", True)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
@@ -1135,7 +977,7 @@ def test_captured_graphs_take_their_counters_from_the_reserve_and_replay_in_any_
     monkeypatch.setattr(K, "_GRAPH_COUNTERS", K.GraphCounters(slab=1 << 16, limit=1 << 17))
     # (64x14x14 a channel: over SINGLE_TILE_MAX; 32x14x14 was a single-tile plan on the H200, session 11)
     x, z, dy, w, b = _operands((64, 64, 14, 14), "contiguous", torch.bfloat16)
-    assert K.make_plan(x, K.layout_of(x), streams=2).splits > 1  # (a split plan: it has counters)
+    assert K.make_plan(x, K.layout_of(x)).splits > 1  # (a split plan: it has counters)
     step = _training_step(x, z, dy, w, b)
     want = step()
     left = K._GRAPH_COUNTERS.left(x.device)

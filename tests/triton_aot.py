@@ -53,16 +53,9 @@ def compile_cases():
             stages = K.STATS_STAGES[layout] if split else 1
             yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split, "STAGES": stages}
         # The planes variants (packed, grouped) differ in tiling, not in the epilogue: two epilogues cover
-        # them. Two also cover the persistent kernels (off by default, and the slowest to compile: 108 of
-        # 236 s cold on the 2-core VM when they took all six epilogues).
+        # them.
         ends = (epilogues[0], epilogues[-1])
         for ep in epilogues if blocks["PLANES"] <= 1 else ends:
-            if ep in ends:  # (the second one with pipelined loops: a knob a GPU session may turn)
-                stages = K.PERSISTENT_STAGES[layout] if ep == ends[0] else 3
-                persistent = {**blocks, **split_block, **ep, "PHASE": 0, "PIPELINE": ep["RELU"], "STAGES": stages}
-                yield K._persistent_forward_kernel, {**persistent, "HAS_RUNNING": ep["HAS_WEIGHT"]}
-                flags = {"WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
-                yield K._persistent_backward_kernel, {**persistent, **flags}
             # (the elementwise passes pipelined 2 deep too, once an epilogue: a knob a GPU session may turn)
             apply_stages = (K.APPLY_STAGES[layout], 2) if ep == epilogues[0] else (K.APPLY_STAGES[layout],)
             for stages in dict.fromkeys(apply_stages):
@@ -106,8 +99,6 @@ def main(arch: int) -> int:
         for dtype in dtypes:
             src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
             options = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": K.FP_FUSION, **launch}
-            if "PHASE" in constexprs:  # the persistent kernels launch with capped registers
-                options["maxnreg"] = 65536 // (K.PERSISTENT_PROGRAMS_PER_SM * K.NUM_WARPS * 32) // 8 * 8
             try:
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                 assert "cubin" in compiled.asm

@@ -683,7 +683,7 @@ def _measure_provider(
         if provider == COMPILE:
             note = f"compile time excluded (first call {time.perf_counter() - start:.1f} s)"
         elif provider == BNLAB and settings.backend == "triton":
-            plans = kernels.load().describe_plans(inp.x, residual=inp.residual is not None)
+            plans = kernels.load().describe_plans(inp.x)
             note = f"{note}; {plans}" if note else plans
         if flips:
             flipped = f"{flips} ReLU mask flips left out of max_abs_diff"

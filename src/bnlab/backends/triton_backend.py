@@ -3,8 +3,7 @@
 What it adds to the contract: ``residual=`` and ``activation="relu"`` fuse ``relu(bn(x) + residual)``
 into the batch norm's own kernels (the other backends compose those ops; see
 ``bnlab.functional.batch_norm``). The running-statistics update is fused in as well. How each call runs
-(split, single-tile or persistent kernels) is `bnlab.kernels.batchnorm`'s plan;
-``BNLAB_TRITON_PERSISTENT=1`` turns the persistent kernels on (off by default: slower on an H200).
+(split or single-tile kernels) is `bnlab.kernels.batchnorm`'s plan.
 
 Where it runs: CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for
 tests: slow). Input dtypes float32, float16, bfloat16, with float32 statistics and accumulation; the

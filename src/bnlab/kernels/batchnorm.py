@@ -1,7 +1,7 @@
 """Launch planning and launchers for the batch-norm Triton kernels (device code: `bnlab.kernels.device`).
 
 A call's plan (`plan_for`, pure arithmetic) picks the tiles, how many programs share a channel, and
-which of the three ways of the device module's doc runs a training direction. Module constants are the
+which of the two ways of the device module's doc runs a training direction. Module constants are the
 knobs a GPU session tunes (benchmarks/tune_triton.py); the tests shrink them to cross many tiles.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -21,8 +20,6 @@ from bnlab.kernels.device import (
     _apply_kernel,
     _grad_kernel,
     _input_grad_kernel,
-    _persistent_backward_kernel,
-    _persistent_forward_kernel,
     _single_tile_backward_kernel,
     _single_tile_forward_kernel,
     _stats_kernel,
@@ -53,9 +50,7 @@ class Plan:
 
     rows:   tiles of [block_a rows, block_b channels]; a program owns block_b channels.
     planes: tiles of [block_a samples, block_b spatial positions] of one channel per program.
-    Each program (channel block, slice) covers `per_split` consecutive tiles of its channels. A
-    persistent plan (`units_per_round` > 0) runs `units_per_round` channel blocks at a time, each over
-    `splits` programs that are all resident on the GPU together.
+    Each program (channel block, slice) covers `per_split` consecutive tiles of its channels.
     """
 
     layout: str
@@ -68,7 +63,6 @@ class Plan:
     splits: int
     num_warps: int
     single: bool = False  # planes, one tile per channel: the single-pass kernels (training)
-    units_per_round: int = 0  # > 0: the persistent kernels (training)
     packed: bool = False  # planes: block_a == 1, a tile holds block_b // S samples' runs side by side
     group: int = 0  # planes: > 0, a program takes this many channels, one contiguous span per sample
     reduce_warps: int = 0  # split plans: warps per program of the reductions (others: 0, unused)
@@ -80,12 +74,8 @@ class Plan:
         return self.C // self.group if self.group else self.C
 
     @property
-    def persistent(self) -> bool:
-        return self.units_per_round > 0
-
-    @property
     def grid(self) -> tuple[int, int]:
-        return (self.units_per_round or self.channel_programs, self.splits)
+        return (self.channel_programs, self.splits)
 
     @property
     def s_blocks(self) -> int:
@@ -134,15 +124,9 @@ def plan_for(
     reduce_warps: int = 0,
     single_tile_max: int = 0,
     single_warps: int = 16,
-    resident_programs: int = 0,
-    round_values: int = 0,
-    persistent_tile: int = 2048,
-    persistent_warps: int = 8,
-    min_block_channels: int = 0,
     group_span: int = 2048,
     min_run: int = 64,
     max_run: int = 1024,
-    max_rounds: int = 0,
     block_channels: int = 128,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run, of
@@ -151,16 +135,9 @@ def plan_for(
     Slices make the reduction parallel when there are few channels for many values; each slice is at
     least one tile. The elementwise passes take the same tiles in slices of their own (`elementwise_plan`).
     A planes-layout channel that fits in one tile of at most `single_tile_max` values gets the single-pass
-    plan instead. With
-    `resident_programs` (how many programs the GPU holds at once; 0: none) and `round_values` (how many
-    values a round may touch and still find them in L2 for the second read), a channel block that fits a
-    round gets the persistent plan: as many blocks per round as fit, the resident programs split evenly
-    among them, tiles of `persistent_tile` values and `persistent_warps` warps (their registers are capped). Rows: with
-    `min_block_channels` (0: off), a channel block too large for a round is narrowed, down to that many
-    channels, until it fits (each row then reads a shorter run: whole 32-byte sectors at 16 bf16 channels).
+    plan instead.
     Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes; other
-    planes tiles are `min_run` to `max_run` positions wide where S allows (`_spatial_block`). With `max_rounds`
-    (0: any), a persistent plan of more rounds than that is not taken (the split plan is).
+    planes tiles are `min_run` to `max_run` positions wide where S allows (`_spatial_block`).
     Rows split plans take blocks of at most `block_channels` channels (a power of two).
     """
     if layout not in (ROWS, PLANES):
@@ -172,19 +149,8 @@ def plan_for(
     if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max and _offsets_fit(_pow2(N), C * S, _pow2(S)):
         bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
-    widths = [128]  # channels per block (rows layout), widest first
-    while layout == ROWS and min_block_channels and widths[-1] > min_block_channels:
-        widths.append(widths[-1] // 2)
-    for width in widths if resident_programs > 0 else ():
-        blocks = _blocks(layout, N, C, S, persistent_tile, group_span, (min_run, max_run), width)
-        block_a, block_b, tiles, units, unit_values, packing = blocks
-        per_round = min(units, round_values // max(unit_values, 1), resident_programs)
-        if unit_values <= round_values and (not max_rounds or _cdiv(units, per_round) <= max_rounds):
-            per_split = _cdiv(tiles, max(1, min(tiles, resident_programs // per_round)))
-            return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), persistent_warps,
-                        units_per_round=per_round, **packing)  # fmt: skip
     blocks = _blocks(layout, N, C, S, tile, group_span, (min_run, max_run), block_channels)
-    block_a, block_b, tiles, units, _, packing = blocks
+    block_a, block_b, tiles, units, packing = blocks
     per_split = _per_split(tiles, units, target_programs)
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
                 reduce_warps=reduce_warps or num_warps, **packing)  # fmt: skip
@@ -200,8 +166,8 @@ def elementwise_plan(plan: Plan, target_programs: int) -> Plan:
     """`plan` with its tiles regrouped into slices for the elementwise passes (normalize, dx) so that about
     `target_programs` programs run (APPLY_PROGRAMS_PER_SM per multiprocessor): the reductions do best with
     fewer programs (one wave; fewer partials), these with more (more loads in flight). Same tiles;
-    single-tile and persistent plans, one kernel a direction, are returned as they are."""
-    if plan.single or plan.persistent:
+    single-tile plans, one kernel a direction, are returned as they are."""
+    if plan.single:
         return plan
     return _resliced(plan, _per_split(plan.tiles, plan.channel_programs, target_programs))
 
@@ -241,32 +207,31 @@ def _packed_block(N: int, C: int, S: int, tile: int) -> int:
 
 def _blocks(
     layout: str, N: int, C: int, S: int, tile: int, group_span: int, runs: tuple[int, int], width: int = 128
-) -> tuple[int, int, int, int, int, dict]:
-    """(block_a, block_b, tiles per channel block, channel blocks, values per channel block, the Plan's
-    packing fields: {}, packed or group); rows: blocks of at most `width` channels; grouped planes: spans
-    of at most `group_span` lanes; other planes: blocks of `runs` = (min_run, max_run) positions
-    (`_spatial_block`)."""
+) -> tuple[int, int, int, int, dict]:
+    """(block_a, block_b, tiles per channel block, channel blocks, the Plan's packing fields: {}, packed
+    or group); rows: blocks of at most `width` channels; grouped planes: spans of at most `group_span`
+    lanes; other planes: blocks of `runs` = (min_run, max_run) positions (`_spatial_block`)."""
     if layout == ROWS:
         block_b = min(_pow2(C), width, tile)
         block_a = max(1, min(tile // block_b, _pow2(N * S)))
         while not _offsets_fit(block_a, C, block_b):  # only for millions of channels
             block_a //= 2
-        return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), N * S * block_b, {}
+        return block_a, block_b, _cdiv(N * S, block_a), _cdiv(C, block_b), {}
     group = _group_size(C, S, tile, group_span)
     if group:
         block_b = _pow2(group * S)
         block_a = max(1, min(tile // block_b, _pow2(N)))
         while not _offsets_fit(block_a, C * S, block_b):
             block_a //= 2
-        return block_a, block_b, _cdiv(N, block_a), C // group, N * S * group, {"group": group}
+        return block_a, block_b, _cdiv(N, block_a), C // group, {"group": group}
     packed = _packed_block(N, C, S, tile)
     if packed:
-        return 1, packed, _cdiv(N, packed // S), C, N * S, {"packed": True}
+        return 1, packed, _cdiv(N, packed // S), C, {"packed": True}
     block_b = _spatial_block(S, tile, *runs)
     block_a = max(1, min(tile // block_b, _pow2(N)))
     while not _offsets_fit(block_a, C * S, block_b):  # samples of 2**31 / block_a values or more
         block_a //= 2
-    return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, N * S, {}
+    return block_a, block_b, _cdiv(N, block_a) * _cdiv(S, block_b), C, {}
 
 
 def _elementwise_passes(plan: Plan, device: torch.device) -> Plan:
@@ -288,24 +253,6 @@ def _target_programs(device: torch.device, layout: str, elementwise: bool = Fals
     # Triton's CPU interpreter: a few programs, enough to exercise the split reductions; the elementwise
     # passes take slices of other lengths than the reductions' there too
     return 8 if elementwise else 4
-
-
-def _persistent_limits(device: torch.device, itemsize: int, streams: int) -> tuple[int, int]:
-    """(programs resident at once, values per round) for the persistent plans; (0, 0) turns them off.
-
-    A round re-reads `streams` tensors of `itemsize` bytes (x, and dy / the residual): it may touch
-    L2_FRACTION of the L2 cache (half that when rounds are pipelined: two in L2 at once). Residency is
-    guaranteed by capping registers (`_persistent_launch`). Off in Triton's CPU interpreter (the tests
-    turn it on there with small limits).
-    """
-    if not PERSISTENT or device.type != "cuda":
-        return 0, 0
-    multiprocessors, l2_bytes, *_ = _gpu(device)
-    rounds_in_l2 = 2 if PIPELINE_ROUNDS else 1
-    return (
-        PERSISTENT_PROGRAMS_PER_SM * multiprocessors,
-        int(l2_bytes * L2_FRACTION) // (itemsize * streams * rounds_in_l2),
-    )
 
 
 @functools.cache
@@ -485,36 +432,6 @@ def _launch_options(device: torch.device) -> dict[str, bool]:
     return {"PDL": on, "launch_pdl": on}
 
 
-# Persistent kernels (see bnlab.kernels.device): on or off, programs resident per multiprocessor (their
-# registers are capped so that this many fit), and the share of L2 one round of channel blocks may use.
-# Off unless BNLAB_TRITON_PERSISTENT=1: on an H200 they were slower than the split plans on every shape
-# timed (bf16 NCHW 256x64x56x56: 393-515 us against 264; 256x1024x14x14: 473-813 against 347; 256x2048x7x7:
-# 271-371 against 161; benchmarks/NOTES.md). Likely cause, not yet isolated: each round ends in a wait on
-# its slowest program, and a layer takes up to 64 rounds a direction.
-PERSISTENT = os.environ.get("BNLAB_TRITON_PERSISTENT", "0").strip() == "1"
-PERSISTENT_PROGRAMS_PER_SM = 2
-# Persistent plans of at most this many rounds a direction (0: any). 1 with PIPELINE_ROUNDS off: only the
-# tensors that fit L2's budget whole get one launch a direction (ResNet-50's 7x7 layers with 512 channels;
-# 14x14 with 256 forward), the rest the split plans. Untimed (session 6): profile_kernels.py --set small.
-PERSISTENT_MAX_ROUNDS = 0
-L2_FRACTION = 0.5
-# Publish a round's partials before waiting for the previous round's result (see bnlab.kernels.device).
-PIPELINE_ROUNDS = True
-# Values per tile and warps of the persistent kernels: at 2048 and 8 warps, capped at 128 registers (2
-# programs per multiprocessor), the sm_90 build does not spill (at 4096 values, or 4 warps, it spills
-# 32-88 bytes; cuobjdump).
-PERSISTENT_TILE = 2048
-PERSISTENT_WARPS = 8
-# Tiles in flight in the persistent kernels' loops (both phases), per layout; 1: not pipelined, as timed
-# so far. Run 4 (H200, bf16 256x512x7x7 NCHW, one round a direction) took 28.6 us forward for 25.6 MB of
-# traffic (6 us at copy speed): each program walks its 16 tiles one load at a time, at 2 programs per
-# multiprocessor. Untimed at more than 1 (session 7): profile_kernels.py --set small times 3 and 2.
-PERSISTENT_STAGES = {PLANES: 1, ROWS: 1}
-# Channels-last: narrow a channel block down to this many channels so that it fits a persistent round
-# (0: off, such tensors get the split plan). Untimed: benchmarks/tune_triton.py tries 16.
-PERSISTENT_MIN_CHANNELS = 0
-
-
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on the current stream of `device`."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -525,16 +442,13 @@ def _split_block(plan: Plan) -> int:
     return max(1, min(_pow2(plan.splits), COMBINE_VALUES // channels))
 
 
-def make_plan(x: torch.Tensor, layout: str, streams: int = 1) -> Plan:
-    """The plan for `x` laid out as `layout`; `streams`: tensors a training direction reads (persistent
-    plans size their rounds by it; 0: none, e.g. inference)."""
+def make_plan(x: torch.Tensor, layout: str) -> Plan:
+    """The plan for `x` laid out as `layout`."""
     itemsize = x.element_size()
-    resident, round_values = _persistent_limits(x.device, itemsize, streams) if streams else (0, 0)
     small = _small(x.device, x.numel() * itemsize)
     S = math.prod(x.shape[2:])
     return plan_for(
         layout, x.shape[0], x.shape[1], S, target_programs=_target_programs(x.device, layout, small=small),
-        resident_programs=resident, round_values=round_values,
         **knob_args(layout, itemsize, small_packed=small_packed(layout, S, small)),
     )  # fmt: skip
 
@@ -560,38 +474,27 @@ def small_packed(layout: str, S: int, small: bool) -> bool:
 
 def knob_args(layout: str, itemsize: int = 2, small_packed: bool = False) -> dict[str, int]:
     """`plan_for`'s keyword arguments that the module's knobs set for values of `itemsize` bytes, all but
-    the device's (target programs, resident programs, round size): `make_plan` adds those;
+    the device's (target programs): `make_plan` adds it;
     benchmarks/kernel_sass.py, planning for a GPU it does not have, its own. `small_packed`: a small NCHW
     tensor's one-channel plan (SMALL_PACKED): no groups, tiles of SMALL_PACKED_TILE values."""
     tile = SMALL_PACKED_TILE if small_packed else min(TILE, TILE_BYTES // itemsize)
     return dict(
         tile=tile, num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout], single_tile_max=SINGLE_TILE_MAX,
-        single_warps=SINGLE_WARPS, persistent_tile=min(PERSISTENT_TILE, tile), persistent_warps=PERSISTENT_WARPS,
-        min_block_channels=PERSISTENT_MIN_CHANNELS, group_span=0 if small_packed else GROUP_SPAN_MAX,
-        min_run=PLANES_MIN_RUN, max_run=PLANES_MAX_RUN, max_rounds=PERSISTENT_MAX_ROUNDS,
-        block_channels=max(1, ROWS_BLOCK_BYTES // itemsize),
+        single_warps=SINGLE_WARPS, group_span=0 if small_packed else GROUP_SPAN_MAX,
+        min_run=PLANES_MIN_RUN, max_run=PLANES_MAX_RUN, block_channels=max(1, ROWS_BLOCK_BYTES // itemsize),
     )  # fmt: skip
 
 
-def _streams(backward: bool, residual: bool) -> int:
-    """Tensors a training direction reads (the persistent plans size their rounds by it): x, dy in
-    backward, the residual when it is fused."""
-    return 1 + int(backward) + int(residual)
-
-
-def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
-    """How a training step on `x` (as laid out) runs, e.g. "forward persistent 4x66 in 16 rounds; backward
-    split over 131 slices" (with ", packed tiles of K samples" for packed planes): for benchmark rows, so
-    that each number names the kernels behind it."""
+def describe_plans(x: torch.Tensor) -> str:
+    """How a training step on `x` (as laid out) runs, e.g. "forward split over 131 slices; backward split
+    over 131 slices" (with ", packed tiles of K samples" for packed planes): for benchmark rows, so that
+    each number names the kernels behind it."""
     layout = layout_of(x) or PLANES
+    plan = make_plan(x, layout)
     parts = []
     for direction in ("forward", "backward"):
-        plan = make_plan(x, layout, _streams(direction == "backward", residual))
         if plan.single:
             how = "single tile"
-        elif plan.persistent:
-            rounds = _cdiv(plan.channel_programs, plan.units_per_round)
-            how = f"persistent {plan.units_per_round}x{plan.splits} in {rounds} rounds"
         else:
             # (as launched: `_launch` may have cut a pass to one wave)
             kernels = _SPLIT_KERNELS[direction == "backward"]
@@ -616,25 +519,6 @@ def describe_plans(x: torch.Tensor, residual: bool = False) -> str:
     if _launch_options(x.device)["PDL"]:
         parts.append("dependent launches (PDL)")
     return "; ".join(parts)
-
-
-# Triton's CPU interpreter runs a grid's programs one after another, where a spin-wait would never end:
-# there the persistent kernels run as two launches (PHASE 1, PHASE 2). Tests that make the interpreter
-# run every program at once (tests/concurrent_interpreter.py) set this to False to run the GPU's launch.
-SEQUENTIAL_INTERPRETER = True
-
-
-def _persistent_launch(kernel, plan: Plan, device: torch.device, *args, **constexprs) -> None:
-    """Launch a persistent kernel: on a GPU once, with registers capped so that
-    PERSISTENT_PROGRAMS_PER_SM programs fit on each multiprocessor (every program resident: the spin
-    waits end); in the interpreter, which runs programs one by one, as PHASE 1 then PHASE 2."""
-    if device.type == "cuda":
-        threads = PERSISTENT_PROGRAMS_PER_SM * plan.num_warps * 32
-        maxnreg = min(255, 65536 // threads // 8 * 8)  # registers are allocated 8 per thread at a time
-        kernel[plan.grid](*args, PHASE=0, PIPELINE=PIPELINE_ROUNDS, maxnreg=maxnreg, **constexprs)
-        return
-    for phase in (1, 2) if SEQUENTIAL_INTERPRETER else (0,):
-        kernel[plan.grid](*args, PHASE=phase, PIPELINE=PIPELINE_ROUNDS, **constexprs)
 
 
 def _planes_code(plan: Plan) -> int:
@@ -664,20 +548,15 @@ def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
 
 def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor]:
     """`count` float32 workspaces of one partial result per (slice, channel) plus one per group of
-    slices, and the int32 counters of `bnlab.kernels.device`'s combining section (persistent plans also
-    their ready flags and departures); placeholders when one slice covers a channel in a split plan."""
-    if plan.splits == 1 and not plan.persistent:
+    slices, and the int32 counters of `bnlab.kernels.device`'s combining section; placeholders when one
+    slice covers a channel."""
+    if plan.splits == 1:
         placeholder = torch.empty(0, device=device, dtype=torch.float32)
         return [placeholder] * (count + 1)
     groups = _cdiv(plan.splits, _split_block(plan))
     rows = plan.splits + (groups if groups > 1 else 0)
     parts = list(torch.empty((count, rows, plan.C), device=device, dtype=torch.float32).unbind(0))  # one allocation
-    units = plan.channel_programs
-    counters = units * (1 + groups)
-    if not plan.persistent:
-        return [*parts, _semaphores(device, counters)]
-    buffer = _semaphores(device, counters + 2 * units)
-    return [*parts, buffer[:counters], buffer[counters:]]
+    return [*parts, _semaphores(device, plan.channel_programs * (1 + groups))]
 
 
 # ---- one wave -------------------------------------------------------------------------------------------
@@ -709,9 +588,9 @@ def resident_programs(
 
 def within(plan: Plan, programs: int) -> Plan:
     """`plan` cut to at most `programs` programs by taking fewer slices per channel block, as far as one
-    slice a block allows (pure; single-tile and persistent plans as they are)."""
+    slice a block allows (pure; single-tile plans as they are)."""
     units = plan.channel_programs
-    if plan.single or plan.persistent or units * plan.splits <= programs:
+    if plan.single or units * plan.splits <= programs:
         return plan
     return _resliced(plan, _cdiv(plan.tiles, max(1, programs // units)))
 
@@ -884,7 +763,7 @@ def forward(
     """
     layout = layout or layout_of(x)
     if plan is None:
-        plan = make_plan(x, layout, _streams(False, residual is not None) if training else 0)
+        plan = make_plan(x, layout)
     C = plan.C
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -902,15 +781,6 @@ def forward(
             x, z, y, mean, invstd, *running, *params, plan.N, C, plan.S, eps, momentum,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
             enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue,
-        )  # fmt: skip
-        return y, mean, invstd
-    if training and plan.persistent:
-        _persistent_launch(
-            _persistent_forward_kernel, plan, x.device,
-            x, z, y, *_partials(plan, x.device, 3), mean, invstd, *running, *params,
-            *_shape_args(plan), plan.channel_programs, eps, momentum,
-            SPLIT_BLOCK=_split_block(plan), HAS_RUNNING=has_running, STAGES=PERSISTENT_STAGES[plan.layout],
-            **epilogue, **_block_args(plan),
         )  # fmt: skip
         return y, mean, invstd
     launch = _launch_options(x.device)
@@ -964,7 +834,7 @@ def backward(
     """
     layout = layout or layout_of(x)
     if plan is None:
-        plan = make_plan(x, layout, _streams(True, residual is not None) if training else 0)
+        plan = make_plan(x, layout)
     C = plan.C
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
@@ -976,9 +846,9 @@ def backward(
     dz = torch.empty_like(x) if need_residual and residual is not None else None
     outputs = (dx if dx is not None else dy, dz if dz is not None else dy)
     writes = dict(WRITE_DX=dx is not None, WRITE_DZ=dz is not None)
-    # One kernel does it all (single tile, persistent) when training needs any gradient; the split plan
-    # needs the sums for the parameters, or (training) for dx.
-    fused = training and (plan.single or plan.persistent) and (need_input or need_params or need_residual)
+    # One kernel does it all (single tile) when training needs any gradient; the split plan needs the sums
+    # for the parameters, or (training) for dx.
+    fused = training and plan.single and (need_input or need_params or need_residual)
     launch = _launch_options(x.device)
     dweight = dbias = None
     coef = dummy
@@ -986,19 +856,11 @@ def backward(
         dweight = torch.empty(C, device=x.device, dtype=torch.float32)
         dbias = torch.empty(C, device=x.device, dtype=torch.float32)
         coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
-    if fused and plan.single:
+    if fused:
         _single_tile_backward_kernel[(C,)](
             dy, x, tensors[1], *outputs, *tensors[2:], dweight, dbias, plan.N, C, plan.S,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, enable_fp_fusion=FP_FUSION,
             **launch, **writes, **flags,
-        )  # fmt: skip
-    elif fused:
-        _persistent_launch(
-            _persistent_backward_kernel, plan, x.device,
-            dy, x, tensors[1], *outputs, *tensors[2:], *_partials(plan, x.device, 2), dweight, dbias, coef,
-            *_shape_args(plan), plan.channel_programs,
-            SPLIT_BLOCK=_split_block(plan), STAGES=PERSISTENT_STAGES[plan.layout], **writes, **flags,
-            **_block_args(plan),
         )  # fmt: skip
     else:
         # With the residual's gradient wanted, the sums pass writes it (dz = g, exact in dy's dtype), and dx

@@ -27,22 +27,14 @@ program's sums are shifted by the mean of its first tile (the pivot), so that a 
 relative to the channel's first value (digits kept near a large offset), are combined with Chan et
 al.'s pairwise update, which has no E[x^2] - E[x]^2 cancellation.
 
-Three ways to run a training direction (the planner in `batchnorm` picks one per call):
+Two ways to run a training direction (the planner in `batchnorm` picks one per call):
 - split (two launches): a reduction kernel (statistics, or the gradient sums) whose last program per
   channel block finalizes (see "combining" below), then an elementwise kernel (normalize, or dx). Reads
   the input twice. When the residual's gradient is wanted, the gradient sums write it (dz = g) and dx
   reads g (as dy, with no residual and no ReLU) instead of dy, the residual and the recomputed mask.
 - single tile (one launch, planes only): a channel fits one program's registers; read once.
-- persistent (one launch): a grid no larger than the GPU holds at once loops over rounds of channel
-  blocks. In a round, every block is split over K programs; each writes its partial, the one that
-  combines them last finalizes and raises the block's ready flag, the others spin on it, then all K
-  apply the result to their own slice, which they read moments ago: a round's data is sized to stay in
-  L2, so the second read comes from L2, not from memory. Spinning is safe only because every program
-  of the grid is resident at once (the planner caps the grid and the registers: `maxnreg`). Triton's
-  CPU interpreter runs programs one after another, where a spin would never end: there the same
-  kernel runs as two launches, PHASE 1 (partials, finalize) and PHASE 2 (apply), with no spin between.
-  (The tests also run PHASE 0 in the interpreter, every program in its own thread, all at once:
-  tests/concurrent_interpreter.py. That checks the protocol, not the GPU's memory ordering.)
+(A third way, persistent kernels that kept a round of channel blocks in L2 for the second read, was
+removed in session 13: slower than the split plans on every shape timed on an H200, benchmarks/NOTES.md.)
 
 Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in one of two ways:
 - "rows": channels contiguous, value (r, c) at r * C + c with r in [0, N * S): channels-last 2-D/3-D
@@ -73,13 +65,12 @@ import triton.language as tl
 
 @triton.jit
 def _after_previous_kernel(PDL: tl.constexpr):
-    """First statement of every non-persistent kernel. With programmatic dependent launch (PDL, sm_90+;
+    """First statement of every kernel. With programmatic dependent launch (PDL, sm_90+;
     the planner's `PDL` knob) the kernel may start while the previous kernel on its stream still runs:
     wait for that one to end, its writes visible, before touching memory; then let the next kernel
     launch, whose programs take the free slots and wait here in turn. What it saves is the launch and
     ramp-up between dependent kernels. The signal fires once every program of this grid has started,
-    so waiting programs of the next kernel never keep this one's from being scheduled. Not in the
-    persistent kernels: their residency argument counts only their own programs."""
+    so waiting programs of the next kernel never keep this one's from being scheduled."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -267,8 +258,8 @@ def _slice(pid_s, TILES, tiles_per_split):
 # to arrive combines the group's rows into row K + g, and the last group to finish combines the G group
 # rows: two short steps on the critical path instead of one long loop over K partials. Every combine
 # runs in row order, so the result does not depend on who finishes when (deterministic).
-# sem_ptr holds int32 counters, zero whenever no kernel runs: [0, U) per channel block, then G per
-# block for the groups, then (persistent kernels) U ready flags and U departures (U = channel blocks).
+# sem_ptr holds int32 counters, zero whenever no kernel runs: [0, U) per channel block (U = channel
+# blocks), then G per block for the groups.
 
 
 @triton.jit
@@ -333,29 +324,6 @@ def _gather(p0, p1, p2, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK
                 a, b, c = _reduce_rows(p0, p1, p2, splits, splits + groups, cols, cmask, C, SPLIT_BLOCK, CHAN)
                 done = split >= 0
     return done, a, b, c
-
-
-@triton.jit
-def _signal(flag_ptr):
-    """Raise a ready flag after this program's (finalizer's) stores; `_wait` acquires it."""
-    tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr, 1, sem="release")
-
-
-@triton.jit
-def _wait(flag_ptr):
-    """Spin until the flag is raised. Only where every program of the grid is resident (see module doc)."""
-    while tl.atomic_add(flag_ptr, 0, sem="acquire") == 0:
-        pass
-
-
-@triton.jit
-def _leave(flags_ptr, unit, UNITS):
-    """After a program's last read of the block's results: the last to leave lowers the block's ready
-    flag (flags_ptr[unit]) and zeroes its departures (flags_ptr[UNITS + unit]); everyone has seen it up."""
-    if tl.atomic_add(flags_ptr + UNITS + unit, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-        tl.atomic_xchg(flags_ptr + unit, 0)
-        tl.atomic_xchg(flags_ptr + UNITS + unit, 0)
 
 
 # ---- statistics -----------------------------------------------------------------------------------------
@@ -431,7 +399,8 @@ def _finalize_stats(
 def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constexpr):
     """Per-channel mean and invstd: saved batch statistics, or running mean and variance (inference).
 
-    .cg loads: in a persistent kernel another program of the same launch wrote them.
+    .cg loads (L2, not L1): from the persistent kernels (removed in session 13), where another program of
+    the same launch wrote them; kept, so that the split kernels' machine code stays as measured.
     """
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg").to(tl.float32)
     if FROM_RUNNING:
@@ -567,7 +536,7 @@ def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd, dw_ptr, db_ptr, coef_
 
 @triton.jit
 def _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
-    """(k1, k2) of `_finalize_grads`, shaped for the tiles (.cg: maybe written by this launch)."""
+    """(k1, k2) of `_finalize_grads`, shaped for the tiles (.cg loads: see `_load_stats`)."""
     k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
     k2 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
     return _spread(k1, S, BLOCK_B, PLANES), _spread(k2, S, BLOCK_B, PLANES)
@@ -717,159 +686,6 @@ def _input_grad_kernel(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
         BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES,
     )  # fmt: skip
-
-
-# ---- persistent kernels: grid (channel blocks per round, slices), all resident at once ------------------
-# A program publishes its share of a channel block (partial sums; maybe the block's final result and its
-# ready flag), then finishes it (waits for the flag, applies, leaves). With PIPELINE it publishes the next
-# round's block before finishing the current one, so that the wait overlaps reading the next round (two
-# rounds in L2 at once: the planner halves their size). No wait comes before a publish that another
-# program's wait needs, so neither order can deadlock while every program is resident.
-
-
-@triton.jit
-def _publish_stats(
-    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-    unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS, eps, momentum,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-    HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-    anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
-    n, rel_mean, m2 = _slice_stats(
-        x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, STAGES
-    )
-    _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
-    done, n_c, mean_c, m2_c = _gather(
-        pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, True
-    )
-    if done:
-        _finalize_stats(n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
-                        mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)  # fmt: skip
-        _signal(flags_ptr + unit)
-
-
-@triton.jit
-def _finish_forward(
-    x_ptr, z_ptr, y_ptr, flags_ptr, mean_out, invstd_out, w_ptr, b_ptr, unit, t_start, t_end, UNITS,
-    N, C, S, S_BLOCKS, eps, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    WAIT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-    if WAIT:
-        _wait(flags_ptr + unit)
-    _, mean, scale, shift = _normalizer(
-        mean_out, invstd_out, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
-    )
-    _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES)  # fmt: skip
-    _leave(flags_ptr, unit, UNITS)
-
-
-@triton.jit
-def _persistent_forward_kernel(
-    x_ptr, z_ptr, y_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr,
-    rvar_ptr, w_ptr, b_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS, eps, momentum,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-    PHASE: tl.constexpr, PIPELINE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    first = tl.program_id(0)
-    step = tl.num_programs(0)
-    split = tl.program_id(1)
-    t_start, t_end = _slice(split, TILES, tiles_per_split)
-    lag = step if PIPELINE else 0  # pipelined: finish the previous round's block, one round more at the end
-    for unit in range(first, UNITS + lag, step):  # one channel block per round
-        if PHASE != 2 and unit < UNITS:
-            _publish_stats(
-                x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, flags_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
-                unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS, eps, momentum,
-                BLOCK_A, BLOCK_B, PLANES, SPLIT_BLOCK, HAS_RUNNING, STAGES,
-            )  # fmt: skip
-        if PHASE != 1 and unit - lag >= first:
-            _finish_forward(
-                x_ptr, z_ptr, y_ptr, flags_ptr, mean_out, invstd_out, w_ptr, b_ptr, unit - lag, t_start, t_end,
-                UNITS, N, C, S, S_BLOCKS, eps, BLOCK_A, BLOCK_B, PLANES, PHASE == 0, HAS_WEIGHT, HAS_BIAS,
-                HAS_RESIDUAL, RELU, STAGES,
-            )  # fmt: skip
-
-
-@triton.jit
-def _publish_grads(
-    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, flags_ptr,
-    dw_ptr, db_ptr, coef_ptr, unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-    invstd, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
-    )
-    sum_g, sum_gc = _slice_grad_sums(
-        dy_ptr, x_ptr, z_ptr, dy_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-        BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, False, STAGES,
-    )  # fmt: skip
-    tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
-    tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
-    done, all_g, all_gc, _ = _gather(
-        psum_ptr, psumc_ptr, psumc_ptr, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK, False
-    )
-    if done:
-        _finalize_grads(all_g, all_gc, (N * S).to(tl.float32), cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
-        _signal(flags_ptr + unit)
-
-
-@triton.jit
-def _finish_backward(
-    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, flags_ptr, coef_ptr,
-    unit, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, WAIT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-    if WAIT:
-        _wait(flags_ptr + unit)
-    _, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
-    )
-    k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
-    _input_grad_slice(
-        dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2,
-        N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, True, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES,
-    )  # fmt: skip
-    _leave(flags_ptr, unit, UNITS)
-
-
-@triton.jit
-def _persistent_backward_kernel(
-    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr,
-    flags_ptr, dw_ptr, db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, UNITS,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-    PHASE: tl.constexpr, PIPELINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    first = tl.program_id(0)
-    step = tl.num_programs(0)
-    split = tl.program_id(1)
-    t_start, t_end = _slice(split, TILES, tiles_per_split)
-    lag = step if PIPELINE else 0  # pipelined: finish the previous round's block, one round more at the end
-    for unit in range(first, UNITS + lag, step):  # one channel block per round
-        if PHASE != 2 and unit < UNITS:
-            _publish_grads(
-                dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, psumc_ptr, sem_ptr, flags_ptr,
-                dw_ptr, db_ptr, coef_ptr, unit, split, t_start, t_end, UNITS, N, C, S, S_BLOCKS,
-                BLOCK_A, BLOCK_B, PLANES, SPLIT_BLOCK, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU, STAGES,
-            )  # fmt: skip
-        if PHASE != 1 and unit - lag >= first:
-            _finish_backward(
-                dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, flags_ptr, coef_ptr,
-                unit - lag, t_start, t_end, UNITS, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, PHASE == 0,
-                HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES,
-            )  # fmt: skip
 
 
 # ---- one tile per channel: a single pass over memory -----------------------------------------------
