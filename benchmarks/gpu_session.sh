@@ -30,7 +30,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
 LAST_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-172052.csv  # (run 11: the last H200 run at the defaults, session 13's)
-DEFAULT_CANDIDATES="SMALL_PROGRAMS_PER_SM={'planes':4,'rows':4};SMALL_PACKED=True SMALL_PROGRAMS_PER_SM={'planes':8,'rows':4};STATS_STAGES={'planes':3,'rows':2}"
+DEFAULT_CANDIDATES="TILE=8192;REDUCTION_WARPS={'planes':8,'rows':4}"
 JOBS=$(nproc)
 mkdir -p "$OUT"
 steps=("$@")

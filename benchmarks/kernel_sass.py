@@ -154,7 +154,7 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
         # The module's knobs, as make_plan passes them, with an H100/H200's 132 multiprocessors (make_plan asks
         # the device); no single-tile plans (batch 256: none would be taken).
         small = K.within_l2(N * C * S * itemsize, 50 * 2**20)  # (make_plan's choices at a 50 MB L2)
-        knobs = {**K.knob_args(layout, itemsize, small_packed=K.small_packed(layout, S, small)), "single_tile_max": 0}
+        knobs = {**K.knob_args(layout, itemsize), "single_tile_max": 0}
         target = K.programs_per_sm(layout, small=small) * MULTIPROCESSORS
         split = K.plan_for(layout, N, C, S, target_programs=target, **knobs)
         for kname, (fn, extra) in KERNELS.items():

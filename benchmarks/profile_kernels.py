@@ -79,9 +79,6 @@ SETS = {
             # defaults 288 programs of the 14x14x256 statistics share 132 SMs unevenly (2 or 3 each)
             {"SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},
             {"SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
-            # inductor's way at 7x7/14x14 (batchnorm.SMALL_PACKED): one channel a program in 1024-lane packed
-            # tiles, at a full wave
-            {"SMALL_PACKED": True, "SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
@@ -146,8 +143,6 @@ PLAN_KNOBS = {
     "TILE_BYTES",
     "COMBINE_VALUES",
     "ROWS_BLOCK_BYTES",
-    "SMALL_PACKED",
-    "SMALL_PACKED_TILE",
 }
 
 
@@ -194,7 +189,6 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "REDUCTION_WARPS",
         "ONE_WAVE",
         "ROWS_BLOCK_BYTES",
-        "SMALL_PACKED",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")

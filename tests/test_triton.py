@@ -583,42 +583,6 @@ def test_reductions_over_tensors_within_l2_take_their_own_programs_per_sm(monkey
     assert asked == [2 * 32 * 16 * 4, 8 * 32 * 16 * 4] and targets == [True, False]
 
 
-def test_small_nchw_tensors_can_take_one_channel_a_program_in_packed_tiles(monkeypatch):
-    """SMALL_PACKED: a small NCHW tensor whose runs are not 16-aligned plans one channel a program (packed
-    planes, no groups) in tiles of SMALL_PACKED_TILE; 16-aligned runs, channels-last and tensors
-    over the size keep their plans; the kernels then match the reference."""
-
-    def planned(*shape, dtype=torch.bfloat16, layout=torch.contiguous_format):  # (planning only: no memory)
-        return K.make_plan(torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=layout),
-                           K.ROWS if layout == torch.channels_last else K.PLANES)  # fmt: skip
-
-    grouped = planned(256, 256, 14, 14)
-    assert grouped.group == 8 and not grouped.packed
-    monkeypatch.setattr(K, "SMALL_PACKED", True)
-    assert planned(256, 256, 14, 14) == grouped  # (not small: the interpreter has no L2)
-    monkeypatch.setattr(K, "_small", lambda device, nbytes: nbytes <= 50 * 2**20)
-    plan = planned(256, 256, 14, 14)
-    assert plan.packed and not plan.group and plan.block_b == 1024 and plan.channel_programs == 256
-    assert planned(256, 64, 14, 14, dtype=torch.float32).block_b == 1024  # (values, whatever the dtype)
-    for shape, dtype in (((256, 128, 28, 28), torch.bfloat16), ((256, 1024, 14, 14), torch.bfloat16)):
-        monkeypatch.setattr(K, "SMALL_PACKED", False)
-        before = planned(*shape, dtype=dtype)
-        monkeypatch.setattr(K, "SMALL_PACKED", True)
-        assert planned(*shape, dtype=dtype) == before  # 16-aligned runs; over 50 MB
-    assert planned(256, 256, 14, 14, layout=torch.channels_last).block_b == 128
-    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "SMALL_PACKED_TILE", 64)  # (a few tiles a channel)
-    x, z, dy, w, b = _operands((6, 16, 3, 5), "contiguous", torch.float32)
-    assert K.make_plan(x, K.PLANES).packed
-    results = {}
-    for backend in ("triton", "reference"):
-        rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
-        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
-        results[backend] = (y, *grads, rm, rv)
-    for name, ours, ref in zip(STEP_RESULTS, results["triton"], results["reference"], strict=True):
-        _close(ours, ref, torch.float32, name)
-
-
 def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for():
     """ROWS_BLOCK_BYTES: 256x512x7x7 channels-last in blocks of 128 channels in bf16 (4 blocks x 131 slices
     for 528 programs), 64 in float32 (the default's 256 bytes a row), or 32 (16 blocks x 33 slices: a
@@ -771,12 +735,11 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("plans", ["default", "small"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
-    """`small`: the small-tensor candidates (SMALL_PACKED: 256x512x7x7 NCHW in one channel a program;
-    the reductions of every tensor within L2 at a full wave)."""
+    """`small`: the reductions of every tensor within L2 at a full wave (SMALL_PROGRAMS_PER_SM 8: ONE_WAVE
+    cuts the grid to what fits)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
     if plans == "small":
-        monkeypatch.setattr(K, "SMALL_PACKED", True)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

@@ -361,16 +361,6 @@ APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 # slower; taken with the float32 knobs below and above (run 11).
 SMALL_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 SMALL_TENSOR_L2 = 1.0
-# Small NCHW tensors whose runs are not 16-aligned (7x7, 14x14) in one channel a program, as inductor plans
-# them (run 5's dump at 14x14: 1024 one-channel reduction programs), instead of groups of 8-16 channels:
-# packed planes (no groups) in tiles of SMALL_PACKED_TILE values (whatever the dtype: at 512 float32 values
-# the statistics took 29.3-36.6 instructions a busy value against a budget of 31). kernel_sass.py (Triton 3.6,
-# sm_90, bf16, 1024-lane tiles): 63-64 registers in the reductions (8 programs an SM, against grouped's
-# 151-168 and 3), at 13.1 / 17.9 instructions per busy value in the statistics / gradient sums (grouped:
-# 10.2 / 11.1; budgets 15.5 / 31). Off: untimed (session 12); a candidate with SMALL_PROGRAMS_PER_SM planes
-# 8 (a full wave: ONE_WAVE cuts the grid to what fits).
-SMALL_PACKED = False
-SMALL_PACKED_TILE = 1024
 # Channels-last split plans: bytes of each tile row (a block of ROWS_BLOCK_BYTES / itemsize channels, a
 # power of two: each row of a tile one contiguous piece of that many channels). Fewer channels a block, more
 # blocks, so fewer slices a block for the same programs: fewer partials to combine and longer loops. On an
@@ -449,7 +439,7 @@ def make_plan(x: torch.Tensor, layout: str) -> Plan:
     S = math.prod(x.shape[2:])
     return plan_for(
         layout, x.shape[0], x.shape[1], S, target_programs=_target_programs(x.device, layout, small=small),
-        **knob_args(layout, itemsize, small_packed=small_packed(layout, S, small)),
+        **knob_args(layout, itemsize),
     )  # fmt: skip
 
 
@@ -461,26 +451,18 @@ def _small(device: torch.device, nbytes: int) -> bool:
 
 def within_l2(nbytes: int, l2_bytes: int) -> bool:
     """Whether a tensor of `nbytes` is small for a GPU of `l2_bytes` of L2 (at most SMALL_TENSOR_L2 times
-    it), so that its reductions take SMALL_PROGRAMS_PER_SM (and maybe `small_packed` tiles): pure, for
-    planners without the GPU (benchmarks/kernel_sass.py)."""
+    it), so that its reductions take SMALL_PROGRAMS_PER_SM: pure, for planners without the GPU
+    (benchmarks/kernel_sass.py)."""
     return nbytes <= SMALL_TENSOR_L2 * l2_bytes
 
 
-def small_packed(layout: str, S: int, small: bool) -> bool:
-    """Whether a tensor takes SMALL_PACKED's one-channel plan: small, NCHW, runs of S values that are not
-    16-aligned (7x7, 14x14: where channel groups would be planned)."""
-    return small and SMALL_PACKED and layout == PLANES and S % 16 != 0
-
-
-def knob_args(layout: str, itemsize: int = 2, small_packed: bool = False) -> dict[str, int]:
+def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
     """`plan_for`'s keyword arguments that the module's knobs set for values of `itemsize` bytes, all but
-    the device's (target programs): `make_plan` adds it;
-    benchmarks/kernel_sass.py, planning for a GPU it does not have, its own. `small_packed`: a small NCHW
-    tensor's one-channel plan (SMALL_PACKED): no groups, tiles of SMALL_PACKED_TILE values."""
-    tile = SMALL_PACKED_TILE if small_packed else min(TILE, TILE_BYTES // itemsize)
+    the device's (target programs): `make_plan` adds it; benchmarks/kernel_sass.py, planning for a GPU it
+    does not have, its own."""
     return dict(
-        tile=tile, num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout], single_tile_max=SINGLE_TILE_MAX,
-        single_warps=SINGLE_WARPS, group_span=0 if small_packed else GROUP_SPAN_MAX,
+        tile=min(TILE, TILE_BYTES // itemsize), num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout],
+        single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS, group_span=GROUP_SPAN_MAX,
         min_run=PLANES_MIN_RUN, max_run=PLANES_MAX_RUN, block_channels=max(1, ROWS_BLOCK_BYTES // itemsize),
     )  # fmt: skip
 
