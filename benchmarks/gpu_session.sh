@@ -30,7 +30,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
 LAST_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-172052.csv  # (run 11: the last H200 run at the defaults, session 13's)
-DEFAULT_CANDIDATES="TILE=8192;REDUCTION_WARPS={'planes':8,'rows':4}"
+DEFAULT_CANDIDATES="SMALL_ROWS_BLOCK_BYTES=128;SMALL_ROWS_BLOCK_BYTES=64;TILE=8192;TILE=8192 SMALL_ROWS_BLOCK_BYTES=128"
 JOBS=$(nproc)
 mkdir -p "$OUT"
 steps=("$@")
@@ -46,6 +46,7 @@ fi
   git rev-parse --short HEAD 2>/dev/null || true  # (stale there in session 7: the tree's digest below is not)
   echo "source $(find src benchmarks tests -name '*.py' -o -name '*.sh' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
   echo "cpus $JOBS"
+  for tool in ncu nsys; do echo "$tool: $(command -v $tool || echo none)"; done  # (hardware counters: NOTES' open question)
 } | tee "$OUT/machine.txt"
 
 for step in "${steps[@]}"; do

@@ -52,9 +52,12 @@ EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU":
 ELEMENTWISE = ("normalize", "dx")  # the passes that run `elementwise_plan`'s slices
 REDUCTIONS = ("stats", "grad sums")  # the passes that run REDUCTION_WARPS warps a program
 KERNELS = {  # name: (kernel, its other constexprs)
-    "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K.STATS_STAGES}),
+    "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K._stats_stages}),
     "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}),
-    "grad sums": (K._grad_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "WRITE_DZ": False, "STAGES": K._grad_stages}),
+    "grad sums": (
+        K._grad_kernel,
+        {"SPLIT": True, "SPLIT_BLOCK": 16, "WRITE_DZ": False, "STAGES": lambda plan, _: K._grad_stages(plan)},
+    ),
     "dx": (K._input_grad_kernel, {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES}),
 }
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(?:\s+(0x[0-9a-f]+))?")
@@ -154,14 +157,15 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
         # The module's knobs, as make_plan passes them, with an H100/H200's 132 multiprocessors (make_plan asks
         # the device); no single-tile plans (batch 256: none would be taken).
         small = K.within_l2(N * C * S * itemsize, 50 * 2**20)  # (make_plan's choices at a 50 MB L2)
-        knobs = {**K.knob_args(layout, itemsize), "single_tile_max": 0}
+        knobs = {**K.knob_args(layout, itemsize, small=small), "single_tile_max": 0}
         target = K.programs_per_sm(layout, small=small) * MULTIPROCESSORS
         split = K.plan_for(layout, N, C, S, target_programs=target, **knobs)
         for kname, (fn, extra) in KERNELS.items():
             plan = split
-            # per layout (a dict), or per plan (a function)
+            # per layout (a dict), or per plan and value size (a function)
             extra = {
-                k: v[plan.layout] if isinstance(v, dict) else v(plan) if callable(v) else v for k, v in extra.items()
+                k: v[plan.layout] if isinstance(v, dict) else v(plan, itemsize) if callable(v) else v
+                for k, v in extra.items()
             }
             reduction = kname in REDUCTIONS
             sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, reduction)

@@ -74,18 +74,19 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
-            # the reductions of tensors within L2 at 4 programs an SM, or at a full wave (8 asks for more
-            # than fits: ONE_WAVE cuts it to what the compiled kernel holds, 3-4 an SM at 7x7/14x14); at the
-            # defaults 288 programs of the 14x14x256 statistics share 132 SMs unevenly (2 or 3 each)
-            {"SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 4}},
+            # channels-last blocks of 64 or 32 bf16 channels on tensors within L2 (run 10, `cl`: 0.87-0.93
+            # of the step at 64 on the five shapes of at most 51 MB; 0.74 at 32 on 512x7x7)
+            {"SMALL_ROWS_BLOCK_BYTES": 128},
+            {"SMALL_ROWS_BLOCK_BYTES": 64},
+            {"TILE": 8192},  # bf16 tiles of 8192 values (run 11: 0.90-0.98 of the step on these four)
+            {"TILE": 8192, "SMALL_ROWS_BLOCK_BYTES": 128},
+            # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
+            # Triton 3.6); run 11 (rows 8 too): NCHW 14x14 0.95 of the step, 7x7 1.15, channels-last 1.21-1.29
+            {"REDUCTION_WARPS": {"planes": 8, "rows": 4}},
+            # the reductions of tensors within L2 at a full wave (8 asks for more than fits: ONE_WAVE cuts it
+            # to what the compiled kernel holds, 3-4 an SM at 7x7/14x14; run 11: as 4)
             {"SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
             DEPENDENT_LAUNCH,
-            NO_WAVE_CUT,
-            # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
-            # Triton 3.6; at 7x7 the same 256 programs, at 14x14 cut to one wave: 8 slices instead of 9)
-            {"REDUCTION_WARPS": {"planes": 8, "rows": 8}},
-            {"PROGRAMS_PER_SM": {"planes": 4, "rows": 2}},  # planes: the old default; rows: fewer slices
-            {"TILE": 8192, "TILE_BYTES": 16384},  # fewer, larger tiles
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
         ),
     ),
@@ -143,6 +144,7 @@ PLAN_KNOBS = {
     "TILE_BYTES",
     "COMBINE_VALUES",
     "ROWS_BLOCK_BYTES",
+    "SMALL_ROWS_BLOCK_BYTES",
 }
 
 
@@ -176,6 +178,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "SMALL_PROGRAMS_PER_SM",
         "APPLY_PROGRAMS_PER_SM",
         "STATS_STAGES",
+        "STATS_STAGES_FLOAT32",
         "GRAD_STAGES",
         "GRAD_STAGES_LONG",
         "LONG_LOOP_TILES",
@@ -189,6 +192,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "REDUCTION_WARPS",
         "ONE_WAVE",
         "ROWS_BLOCK_BYTES",
+        "SMALL_ROWS_BLOCK_BYTES",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")

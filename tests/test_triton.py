@@ -583,15 +583,23 @@ def test_reductions_over_tensors_within_l2_take_their_own_programs_per_sm(monkey
     assert asked == [2 * 32 * 16 * 4, 8 * 32 * 16 * 4] and targets == [True, False]
 
 
-def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for():
+def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeypatch):
     """ROWS_BLOCK_BYTES: 256x512x7x7 channels-last in blocks of 128 channels in bf16 (4 blocks x 131 slices
     for 528 programs), 64 in float32 (the default's 256 bytes a row), or 32 (16 blocks x 33 slices: a
-    quarter of the partials, loops 4x as long)."""
+    quarter of the partials, loops 4x as long); SMALL_ROWS_BLOCK_BYTES for tensors within L2."""
     wide = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **K.knob_args(K.ROWS, 2))
     narrow = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **{**K.knob_args(K.ROWS, 2), "block_channels": 32})
     assert (wide.block_b, wide.block_a, wide.grid) == (128, 32, (4, 131))
     assert (narrow.block_b, narrow.block_a, narrow.grid) == (32, 128, (16, 33))
     assert K.knob_args(K.ROWS, 4)["block_channels"] == 64 and K.knob_args(K.ROWS, 2)["block_channels"] == 128
+    monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 256)
+    monkeypatch.setattr(K, "SMALL_ROWS_BLOCK_BYTES", 64)  # a small tensor's blocks (`within_l2`)
+    assert (
+        K.knob_args(K.ROWS, 2, small=True)["block_channels"] == 32 and K.knob_args(K.ROWS, 2)["block_channels"] == 128
+    )
+    monkeypatch.setattr(K, "_small", lambda device, nbytes: nbytes < 5000)  # make_plan asks with the tensor's bytes
+    small, large = (torch.empty(n, 64, 4, 4, dtype=torch.bfloat16) for n in (2, 8))  # 4 KB, 16 KB
+    assert (K.make_plan(small, K.ROWS).block_b, K.make_plan(large, K.ROWS).block_b) == (32, 64)
     with pytest.raises(ValueError, match=r"ROWS_BLOCK_BYTES / itemsize\) must be a power of two, got 48"):
         K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, block_channels=48)
     planes = K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264)

@@ -370,6 +370,14 @@ SMALL_TENSOR_L2 = 1.0
 # instead of 128 faster on all 10 channels-last shapes with more than 64 channels (0.91-0.98 of the time),
 # 32 slower on the large ones: 256 bytes a row, which keeps bf16's 128 channels (untimed there at 64).
 ROWS_BLOCK_BYTES = 256
+# ... and for a tensor within L2 (`within_l2`). Run 10 (H200, bf16, profile set `cl`, graph-timed steps):
+# blocks of 64 channels (128 bytes) instead of 128 took 0.87-0.93 of the step on all five channels-last
+# shapes of at most 51 MB (256x512x7x7 52.9 us against 61.0, 256x256x14x14 79.7 / 88.7), 0.96 at 103 MB
+# (256x1024x14x14), 1.00-1.05 above; 32 channels (64 bytes) 0.74 at 256x512x7x7 but 1.29x slower on
+# the large ones. Fewer channels a block, more blocks: fewer slices each for the same programs, so fewer
+# partials to combine behind each channel. As ROWS_BLOCK_BYTES (no effect) until a GPU session times it
+# on the whole sums (SMALL_ROWS_BLOCK_BYTES=128, =64).
+SMALL_ROWS_BLOCK_BYTES = 256
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
@@ -439,7 +447,7 @@ def make_plan(x: torch.Tensor, layout: str) -> Plan:
     S = math.prod(x.shape[2:])
     return plan_for(
         layout, x.shape[0], x.shape[1], S, target_programs=_target_programs(x.device, layout, small=small),
-        **knob_args(layout, itemsize),
+        **knob_args(layout, itemsize, small=small),
     )  # fmt: skip
 
 
@@ -451,19 +459,20 @@ def _small(device: torch.device, nbytes: int) -> bool:
 
 def within_l2(nbytes: int, l2_bytes: int) -> bool:
     """Whether a tensor of `nbytes` is small for a GPU of `l2_bytes` of L2 (at most SMALL_TENSOR_L2 times
-    it), so that its reductions take SMALL_PROGRAMS_PER_SM: pure, for planners without the GPU
-    (benchmarks/kernel_sass.py)."""
+    it), so that its reductions take SMALL_PROGRAMS_PER_SM and its channel blocks SMALL_ROWS_BLOCK_BYTES:
+    pure, for planners without the GPU (benchmarks/kernel_sass.py)."""
     return nbytes <= SMALL_TENSOR_L2 * l2_bytes
 
 
-def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
-    """`plan_for`'s keyword arguments that the module's knobs set for values of `itemsize` bytes, all but
-    the device's (target programs): `make_plan` adds it; benchmarks/kernel_sass.py, planning for a GPU it
-    does not have, its own."""
+def knob_args(layout: str, itemsize: int = 2, small: bool = False) -> dict[str, int]:
+    """`plan_for`'s keyword arguments that the module's knobs set for values of `itemsize` bytes in a
+    tensor that is `small` (`within_l2`) or not, all but the device's (target programs): `make_plan` adds
+    it; benchmarks/kernel_sass.py, planning for a GPU it does not have, its own."""
+    row_bytes = SMALL_ROWS_BLOCK_BYTES if small else ROWS_BLOCK_BYTES
     return dict(
         tile=min(TILE, TILE_BYTES // itemsize), num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout],
         single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS, group_span=GROUP_SPAN_MAX,
-        min_run=PLANES_MIN_RUN, max_run=PLANES_MAX_RUN, block_channels=max(1, ROWS_BLOCK_BYTES // itemsize),
+        min_run=PLANES_MIN_RUN, max_run=PLANES_MAX_RUN, block_channels=max(1, row_bytes // itemsize),
     )  # fmt: skip
 
 
