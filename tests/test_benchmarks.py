@@ -158,3 +158,31 @@ def test_the_gpu_session_script_parses_and_its_default_candidates_are_knobs():
     for _, _, variants in profile_kernels.SETS.values():
         for knobs in variants:
             gpubench.parse_knobs([f"{name}={value!r}" for name, value in knobs.items()])
+
+
+def test_the_two_read_gap_sums_layers_against_copy_speed_and_compile(tmp_path, capsys):
+    """benchmarks/two_read_gap.py: per layer, bnlab's time against size_copy_us / 0.625 (a split plan's
+    8 tensor passes at the speed of a copy of the 5 minimal ones), weighted by the layer count, and the
+    sum 1.2x torch.compile needs; other cases, dtypes, directions and batches are left out."""
+    import two_read_gap
+
+    header = "case,shape,dtype,layout,direction,provider,median_us,layers,size_copy_us,error"
+    lines = [
+        "resnet50,256x8x4x4,bfloat16,NCHW,both,bnlab-triton,100.0,3,50.0,",  # ideal 80 us
+        "resnet50,256x8x4x4,bfloat16,NCHW,both,torch-compile,120.0,3,,",
+        "resnet50,256x8x2x2,bfloat16,NCHW,both,bnlab-triton,40.0,1,20.0,",  # ideal 32 us
+        "resnet50,256x8x2x2,bfloat16,NCHW,both,torch-compile,60.0,1,,",
+        "resnet50,256x8x2x2,float32,NCHW,both,bnlab-triton,1.0,1,1.0,",
+        "resnet50,256x8x2x2,bfloat16,NCHW,forward,bnlab-triton,1.0,1,1.0,",
+        "resnet50,32x8x2x2,bfloat16,NCHW,both,bnlab-triton,1.0,1,1.0,",
+        "resnet50-bn-add-relu,256x8x2x2,bfloat16,NCHW,both,bnlab-triton,1.0,1,1.0,",
+    ]
+    path = tmp_path / "run.csv"
+    path.write_text("\n".join([header, *lines]) + "\n")
+    assert two_read_gap.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.80   0.06" in out and "0.80   0.01" in out  # ideal / bnlab, (100 - 80) x 3 and (40 - 32) x 1
+    assert "sum: bnlab 0.34 ms, two-read ideal 0.27 (compile / ideal 1.54x), torch.compile 0.42;" in out
+    assert "1.2x compile needs 0.35 ms" in out
+    with pytest.raises(SystemExit):
+        two_read_gap.main([str(path), "--dtype", "float16"])

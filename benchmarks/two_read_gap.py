@@ -1,0 +1,78 @@
+"""Where a bench run's ResNet-50 sums lose time against a two-read design running at copy speed.
+
+Usage: python benchmarks/two_read_gap.py RUN.csv [--dtype bfloat16] [--batch 256]   (any machine)
+
+A split BN moves 8 tensor-sizes a training step where the minimal traffic is 5 (x read twice each way,
+dy twice), so its best is the minimal-traffic time over 0.625. "At copy speed" takes the CSV's
+`size_copy_us` (an elementwise copy of the minimal traffic at that size, timed in the same run): small
+tensors do not reach the device copy's bandwidth either. Prints, per layer shape and layout, bnlab's
+forward+backward time, that ideal, their ratio and the excess times the layer count; then each layout's
+sums beside torch.compile's and the sum 1.2x compile would need (issue 6's bar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+TWO_READS = 5 / 8  # minimal traffic over a split plan's traffic
+
+
+def gaps(rows: list[dict], dtype: str = "bfloat16", batch: int = 256) -> dict[str, list[tuple]]:
+    """Per layout, (shape, layers, bnlab us, ideal us, compile us) for the resnet50 rows of `dtype`,
+    forward+backward, at `batch` (pure, on the CSV's rows as csv.DictReader gives them)."""
+    found: dict[tuple[str, str], dict] = defaultdict(dict)
+    for row in rows:
+        if (row["case"], row["direction"], row["dtype"]) != ("resnet50", "both", dtype):
+            continue
+        if not row["shape"].startswith(f"{batch}x") or row["error"]:
+            continue
+        found[row["layout"], row["shape"]][row["provider"]] = row
+    out: dict[str, list[tuple]] = defaultdict(list)
+    for (layout, shape), by in found.items():
+        ours, compiled = by.get("bnlab-triton"), by.get("torch-compile")
+        if ours is None or not ours["size_copy_us"]:
+            continue
+        ideal = float(ours["size_copy_us"]) / TWO_READS
+        compile_us = float(compiled["median_us"]) if compiled else float("nan")
+        out[layout].append((shape, int(ours["layers"]), float(ours["median_us"]), ideal, compile_us))
+    return dict(out)
+
+
+def report(table: dict[str, list[tuple]]) -> str:
+    lines = []
+    for layout, entries in table.items():
+        lines.append(f"{layout}: shape, layers, bnlab us, two-read ideal us, ideal/bnlab, excess x layers (ms)")
+        for shape, n, ours, ideal, _ in entries:
+            lines.append(
+                f"  {shape:16s} x{n:<3d} {ours:8.1f} {ideal:8.1f}  {ideal / ours:4.2f}  {n * (ours - ideal) / 1e3:5.2f}"
+            )
+        ours_ms = sum(n * t for _, n, t, _, _ in entries) / 1e3
+        ideal_ms = sum(n * i for _, n, _, i, _ in entries) / 1e3
+        compile_ms = sum(n * c for _, n, _, _, c in entries) / 1e3
+        lines.append(
+            f"  sum: bnlab {ours_ms:.2f} ms, two-read ideal {ideal_ms:.2f} (compile / ideal"
+            f" {compile_ms / ideal_ms:.2f}x), torch.compile {compile_ms:.2f};"
+            f" 1.2x compile needs {compile_ms / 1.2:.2f} ms"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", type=Path)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args(argv)
+    with args.csv.open(newline="") as f:
+        table = gaps(list(csv.DictReader(f)), args.dtype, args.batch)
+    if not table:
+        parser.error(f"{args.csv}: no resnet50 forward+backward rows of {args.dtype} at batch {args.batch}")
+    print(report(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
