@@ -2,6 +2,7 @@
 
 Usage (no GPU needed; Triton's bundled ptxas and cuobjdump do the work):
     TRITON_INTERPRET=0 PYTHONPATH=src python benchmarks/kernel_sass.py [--dtype bf16] [--arch 90] [--check 0.8]
+        [--knob NAME=VALUE ...]
 (--check: exit 1 if a split pass spends more than that fraction of its budget, or anything spills; CI
 runs it, tests/test_triton.py).
 To read what the GPU machines run, put Triton 3.6 first on the path (see the README's compile check).
@@ -39,6 +40,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import triton_aot  # the signatures of the ahead-of-time compile test
+from bnlab.gpubench import knobs_set, parse_knobs
 from bnlab.kernels import batchnorm as K
 
 # (name, layout, N, C, S): ResNet-50 layer shapes at batch 256 that get different tiles.
@@ -157,11 +159,10 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
         # The module's knobs, as make_plan passes them, with an H100/H200's 132 multiprocessors (make_plan asks
         # the device); no single-tile plans (batch 256: none would be taken).
         small = K.within_l2(N * C * S * itemsize, 50 * 2**20)  # (make_plan's choices at a 50 MB L2)
-        knobs = {**K.knob_args(layout, itemsize, small=small), "single_tile_max": 0}
         target = K.programs_per_sm(layout, small=small) * MULTIPROCESSORS
-        split = K.plan_for(layout, N, C, S, target_programs=target, **knobs)
+        split = K.planned(layout, N, C, S, itemsize, small, target, single_tile_max=0)
         for kname, (fn, extra) in KERNELS.items():
-            plan = split
+            plan = (split.apply or split) if kname in ELEMENTWISE else split  # (PACKED_REDUCTIONS: two tilings)
             # per layout (a dict), or per plan and value size (a function)
             extra = {
                 k: v[plan.layout] if isinstance(v, dict) else v(plan, itemsize) if callable(v) else v
@@ -201,7 +202,18 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--check", type=float, default=None, metavar="FRACTION",
                         help="exit 1 if a split pass exceeds FRACTION of its budget or any kernel spills")  # fmt: skip
+    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                        help="a kernel knob for this reading, e.g. PACKED_REDUCTIONS=True (repeatable)")  # fmt: skip
     args = parser.parse_args()
+    try:
+        knobs = dict(parse_knobs(args.knob))
+    except ValueError as exc:
+        parser.error(str(exc))
+    with knobs_set(K, knobs):
+        return _report(args)
+
+
+def _report(args: argparse.Namespace) -> int:
     print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}; SASS instructions per loop iteration, and "
           f"of the first loop (the per-tile loop) per value a thread holds and per busy value")  # fmt: skip
     itemsize = 4 if args.dtype == "fp32" else 2

@@ -80,6 +80,11 @@ SETS = {
             {"SMALL_ROWS_BLOCK_BYTES": 64},
             {"TILE": 8192},  # bf16 tiles of 8192 values (run 11: 0.90-0.98 of the step on these four)
             {"TILE": 8192, "SMALL_ROWS_BLOCK_BYTES": 128},
+            # NCHW reductions one channel a program in packed tiles, elementwise passes in channel groups
+            # (run 11, all passes packed: statistics / gradient sums 0.80-0.92 of grouped's, normalize / dx
+            # 1.5-2.0x), at a full wave (64 registers: 8 programs an SM) and at the default 4
+            {"PACKED_REDUCTIONS": True, "SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},
+            {"PACKED_REDUCTIONS": True},
             # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
             # Triton 3.6); run 11 (rows 8 too): NCHW 14x14 0.95 of the step, 7x7 1.15, channels-last 1.21-1.29
             {"REDUCTION_WARPS": {"planes": 8, "rows": 4}},
@@ -145,6 +150,8 @@ PLAN_KNOBS = {
     "COMBINE_VALUES",
     "ROWS_BLOCK_BYTES",
     "SMALL_ROWS_BLOCK_BYTES",
+    "PACKED_REDUCTIONS",
+    "PACKED_REDUCTION_TILE",
 }
 
 
@@ -193,6 +200,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "ONE_WAVE",
         "ROWS_BLOCK_BYTES",
         "SMALL_ROWS_BLOCK_BYTES",
+        "PACKED_REDUCTIONS",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")

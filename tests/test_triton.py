@@ -606,6 +606,50 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeyp
     assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
 
 
+def test_small_nchw_tensors_can_reduce_in_packed_tiles_and_normalize_in_groups(monkeypatch):
+    """PACKED_REDUCTIONS: a small NCHW tensor whose runs are not 16-aligned reduces one channel a program in
+    packed tiles of PACKED_REDUCTION_TILE values while its elementwise passes keep the channel groups
+    (`Plan.apply`); 16-aligned runs, channels-last and larger tensors keep one plan; the kernels then
+    match the reference, with a residual and ReLU, forward and backward."""
+
+    def planned(*shape, dtype=torch.bfloat16, layout=torch.contiguous_format):  # (planning only: no memory)
+        return K.make_plan(torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=layout),
+                           K.ROWS if layout == torch.channels_last else K.PLANES)  # fmt: skip
+
+    grouped = planned(256, 256, 14, 14)
+    assert grouped.group == 8 and grouped.apply is None
+    monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
+    assert planned(256, 256, 14, 14) == grouped  # (not small: the interpreter has no L2)
+    monkeypatch.setattr(K, "_small", lambda device, nbytes: nbytes <= 50 * 2**20)
+    plan = planned(256, 256, 14, 14)
+    assert plan.packed and plan.block_b == 1024 and plan.channel_programs == 256 and plan.apply == grouped
+    assert K._elementwise_passes(plan, torch.device("cpu")).group == 8  # normalize and dx in the groups
+    assert planned(256, 64, 14, 14, dtype=torch.float32).block_b == 1024  # (values, whatever the dtype)
+    for shape in ((256, 128, 28, 28), (256, 1024, 14, 14)):  # 16-aligned runs; over 50 MB
+        monkeypatch.setattr(K, "PACKED_REDUCTIONS", False)
+        before = planned(*shape)
+        monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
+        assert planned(*shape) == before and before.apply is None
+    assert planned(256, 256, 14, 14, layout=torch.channels_last).apply is None
+    x = torch.empty(256, 256, 14, 14, dtype=torch.bfloat16, device="meta")
+    assert K.describe_plans(x).endswith("(packed tiles of 5 samples) (dx in grouped tiles of 8 channels)")
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "PACKED_REDUCTION_TILE", 64)  # (a few tiles a channel)
+    monkeypatch.setattr(  # (reductions over several programs a channel, combined)
+        K, "_target_programs", lambda device, layout, elementwise=False, small=False: 8 if elementwise else 64
+    )
+    x, z, dy, w, b = _operands((18, 16, 3, 5), "contiguous", torch.float32)
+    plan = K.make_plan(x, K.PLANES)
+    assert plan.packed and plan.splits > 1 and plan.apply is not None and plan.apply.group == 16
+    results = {}
+    for backend in ("triton", "reference"):
+        rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
+        results[backend] = (y, *grads, rm, rv)
+    for name, ours, ref in zip(STEP_RESULTS, results["triton"], results["reference"], strict=True):
+        _close(ours, ref, torch.float32, name)
+
+
 def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
     """At TILE_BYTES of 8192 float32 tiles take half the values of 16-bit ones; TILE still caps both."""
     monkeypatch.setattr(K, "TILE", 4096)
@@ -744,10 +788,13 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("plans", ["default", "small"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     """`small`: the reductions of every tensor within L2 at a full wave (SMALL_PROGRAMS_PER_SM 8: ONE_WAVE
-    cuts the grid to what fits)."""
+    cuts the grid to what fits), NCHW 7x7/14x14 ones in packed tiles (PACKED_REDUCTIONS), channels-last
+    ones in blocks of 32 bf16 channels (SMALL_ROWS_BLOCK_BYTES 64)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
     if plans == "small":
+        monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
+        monkeypatch.setattr(K, "SMALL_ROWS_BLOCK_BYTES", 64)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

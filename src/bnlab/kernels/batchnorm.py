@@ -66,6 +66,7 @@ class Plan:
     packed: bool = False  # planes: block_a == 1, a tile holds block_b // S samples' runs side by side
     group: int = 0  # planes: > 0, a program takes this many channels, one contiguous span per sample
     reduce_warps: int = 0  # split plans: warps per program of the reductions (others: 0, unused)
+    apply: Plan | None = None  # the elementwise passes' tiles where they differ (PACKED_REDUCTIONS)
 
     @property
     def channel_programs(self) -> int:
@@ -235,9 +236,9 @@ def _blocks(
 
 
 def _elementwise_passes(plan: Plan, device: torch.device) -> Plan:
-    """How normalize and dx run over `plan`: `elementwise_plan` at the elementwise passes' target of
-    programs."""
-    return elementwise_plan(plan, _target_programs(device, plan.layout, elementwise=True))
+    """How normalize and dx run over `plan` (over `plan.apply`'s tiles where it has them): `elementwise_plan`
+    at the elementwise passes' target of programs."""
+    return elementwise_plan(plan.apply or plan, _target_programs(device, plan.layout, elementwise=True))
 
 
 def programs_per_sm(layout: str, elementwise: bool = False, small: bool = False) -> int:
@@ -361,6 +362,19 @@ APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 # slower; taken with the float32 knobs below and above (run 11).
 SMALL_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 SMALL_TENSOR_L2 = 1.0
+# Small NCHW tensors whose runs are not 16-aligned (7x7, 14x14): the reductions in one channel a program
+# (packed planes, tiles of PACKED_REDUCTION_TILE values whatever the dtype), the elementwise passes in
+# the channel groups they would otherwise take (the passes share only per-channel results, so their tiles
+# may differ). Run 11 (H200, bf16, profile set `small`, session 12's SMALL_PACKED, which packed every
+# pass, at up to a full wave): statistics / gradient sums 20.3 / 25.1 us against grouped's 23.4 / 29.5 at
+# NCHW 256x256x14x14 and 10.7 / 12.9 against 12.8 / 14.5 at 256x512x7x7, but normalize / dx 18.4 / 34.3
+# against 12.5 / 17.7 and 11.6 / 15.0 against 5.6 / 10.4 (one value a load): packed reductions with
+# grouped elementwise passes would take those steps from ~83 to ~76 us and ~43 to ~40 (kernels' sums).
+# sm_90 (Triton 3.6, bf16, 1024 lanes): 63-64 registers (8 programs an SM), 13.1 / 17.9 instructions a busy
+# value (budgets 15.5 / 31). Off until a GPU session times it (PACKED_REDUCTIONS=True, with
+# SMALL_PROGRAMS_PER_SM planes 8: a full wave).
+PACKED_REDUCTIONS = False
+PACKED_REDUCTION_TILE = 1024
 # Channels-last split plans: bytes of each tile row (a block of ROWS_BLOCK_BYTES / itemsize channels, a
 # power of two: each row of a tile one contiguous piece of that many channels). Fewer channels a block, more
 # blocks, so fewer slices a block for the same programs: fewer partials to combine and longer loops. On an
@@ -444,11 +458,24 @@ def make_plan(x: torch.Tensor, layout: str) -> Plan:
     """The plan for `x` laid out as `layout`."""
     itemsize = x.element_size()
     small = _small(x.device, x.numel() * itemsize)
-    S = math.prod(x.shape[2:])
-    return plan_for(
-        layout, x.shape[0], x.shape[1], S, target_programs=_target_programs(x.device, layout, small=small),
-        **knob_args(layout, itemsize, small=small),
-    )  # fmt: skip
+    target = _target_programs(x.device, layout, small=small)
+    return planned(layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), itemsize, small, target)
+
+
+def planned(
+    layout: str, N: int, C: int, S: int, itemsize: int, small: bool, target_programs: int, **overrides: int
+) -> Plan:
+    """`plan_for` with the module's knobs (`knob_args`, then `overrides`), the reductions of a small NCHW
+    tensor in packed planes where PACKED_REDUCTIONS asks (the elementwise passes keep the other plan's
+    tiles, as `Plan.apply`): pure, for planners without the GPU too (benchmarks/kernel_sass.py)."""
+    knobs = {**knob_args(layout, itemsize, small=small), **overrides}
+    plan = plan_for(layout, N, C, S, target_programs=target_programs, **knobs)
+    if not (PACKED_REDUCTIONS and small and layout == PLANES and S % 16 and not plan.single):
+        return plan
+    packed = plan_for(
+        layout, N, C, S, target_programs=target_programs, **{**knobs, "group_span": 0, "tile": PACKED_REDUCTION_TILE}
+    )
+    return replace(packed, apply=plan) if packed.packed and packed != plan else plan
 
 
 def _small(device: torch.device, nbytes: int) -> bool:
@@ -484,6 +511,7 @@ def describe_plans(x: torch.Tensor) -> str:
     plan = make_plan(x, layout)
     parts = []
     for direction in ("forward", "backward"):
+        elementwise = "normalize" if direction == "forward" else "dx"
         if plan.single:
             how = "single tile"
         else:
@@ -494,7 +522,6 @@ def describe_plans(x: torch.Tensor) -> str:
             apply = _elementwise_passes(plan, x.device)
             cut = reduce != plan or (kernels[1], apply) in _FITTED
             apply = _FITTED.get((kernels[1], apply), apply)
-            elementwise = "normalize" if direction == "forward" else "dx"
             if apply.splits != reduce.splits:
                 how += f" ({elementwise} over {apply.splits})"
             stages = _grad_stages(reduce)
@@ -502,14 +529,21 @@ def describe_plans(x: torch.Tensor) -> str:
                 how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
             if cut:
                 how += " (cut to one wave)"
-        if plan.packed:
-            how += f" (packed tiles of {plan.samples_per_tile} samples)"
-        if plan.group:
-            how += f" (grouped tiles of {plan.group} channels)"
+        if tiles := _tiling(plan):
+            how += f" ({tiles})"
+        if plan.apply is not None:  # (PACKED_REDUCTIONS)
+            how += f" ({elementwise} in {_tiling(plan.apply) or 'plain tiles'})"
         parts.append(f"{direction} {how}")
     if _launch_options(x.device)["PDL"]:
         parts.append("dependent launches (PDL)")
     return "; ".join(parts)
+
+
+def _tiling(plan: Plan) -> str:
+    """How `plan` packs its tiles, for describe_plans: packed samples, grouped channels, or "" (plain)."""
+    if plan.packed:
+        return f"packed tiles of {plan.samples_per_tile} samples"
+    return f"grouped tiles of {plan.group} channels" if plan.group else ""
 
 
 def _planes_code(plan: Plan) -> int:
