@@ -31,6 +31,7 @@ import collections
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,10 +92,13 @@ def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, reduction
     if constexprs.get("PDL"):
         options["launch_pdl"] = True
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    path = Path("/tmp") / f"bnlab-{fn.__name__}.cubin"
-    path.write_bytes(compiled.asm["cubin"])
-    sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
-    usage = subprocess.run([_cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory(prefix="bnlab-sass-") as tmp:  # (one per call: runs side by side, e.g.
+        path = Path(tmp) / f"{fn.__name__}.cubin"  # the tests' and a hand run, once read each other's cubins)
+        path.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
     return sass, int(re.search(r"REG:(\d+)", usage).group(1)), compiled.metadata.shared
 
 

@@ -74,12 +74,13 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
-            # channels-last blocks of 64 or 32 bf16 channels on tensors within L2 (run 10, `cl`: 0.87-0.93
-            # of the step at 64 on the five shapes of at most 51 MB; 0.74 at 32 on 512x7x7)
-            {"SMALL_ROWS_BLOCK_BYTES": 128},
-            {"SMALL_ROWS_BLOCK_BYTES": 64},
+            # channels-last reductions in blocks of 64 or 32 bf16 channels, the elementwise passes at 128 (run
+            # 10, `cl`, every pass at 64: 0.87-0.93 of the step on the five shapes of at most 51 MB, the
+            # reductions faster, the elementwise passes slower)
+            {"REDUCTION_ROWS_BLOCK_BYTES": 128},
+            {"REDUCTION_ROWS_BLOCK_BYTES": 64},
             {"TILE": 8192},  # bf16 tiles of 8192 values (run 11: 0.90-0.98 of the step on these four)
-            {"TILE": 8192, "SMALL_ROWS_BLOCK_BYTES": 128},
+            {"TILE": 8192, "REDUCTION_ROWS_BLOCK_BYTES": 128},
             # NCHW reductions one channel a program in packed tiles, elementwise passes in channel groups
             # (run 11, all passes packed: statistics / gradient sums 0.80-0.92 of grouped's, normalize / dx
             # 1.5-2.0x), at a full wave (64 registers: 8 programs an SM) and at the default 4
@@ -121,6 +122,8 @@ SETS = {
             DEPENDENT_LAUNCH,
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
+            {"REDUCTION_ROWS_BLOCK_BYTES": 128},  # the reductions' alone (run 10: all passes, below)
+            {"REDUCTION_ROWS_BLOCK_BYTES": 64},
             {"ROWS_BLOCK_BYTES": 128},  # (64 channels a block in bf16, 32 in float32)
             {"ROWS_BLOCK_BYTES": 64},
             # statistics loads 2 deep (run 4's 14x14 statistics: 25.7 us for 25.7 MB, a dozen tiles a
@@ -149,7 +152,7 @@ PLAN_KNOBS = {
     "TILE_BYTES",
     "COMBINE_VALUES",
     "ROWS_BLOCK_BYTES",
-    "SMALL_ROWS_BLOCK_BYTES",
+    "REDUCTION_ROWS_BLOCK_BYTES",
     "PACKED_REDUCTIONS",
     "PACKED_REDUCTION_TILE",
 }
@@ -199,7 +202,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "REDUCTION_WARPS",
         "ONE_WAVE",
         "ROWS_BLOCK_BYTES",
-        "SMALL_ROWS_BLOCK_BYTES",
+        "REDUCTION_ROWS_BLOCK_BYTES",
         "PACKED_REDUCTIONS",
     )
     knobs = {name: getattr(K, name) for name in names}

@@ -71,6 +71,20 @@ def _run(backend, x, z, dy, w, b, *, training, activation, rm=None, rv=None, wit
     return y, grads
 
 
+def _training_step_matches_reference(x, z, dy, w, b, with_residual=True):
+    """A float32 training step through the triton backend (ReLU, the residual if `with_residual`): output,
+    every gradient and the running statistics within tolerance of the reference backend's."""
+    results = {}
+    for backend in ("triton", "reference"):
+        rm, rv = torch.zeros(x.shape[1], device=DEVICE), torch.ones(x.shape[1], device=DEVICE)
+        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv,
+                        with_residual=with_residual)  # fmt: skip
+        results[backend] = (y, *grads, rm, rv)
+    names = [name for name in STEP_RESULTS if with_residual or name != "dresidual"]
+    for name, ours, ref in zip(names, results["triton"], results["reference"], strict=True):
+        _close(ours, ref, torch.float32, name)
+
+
 def _close(ours, ref, dtype, what):
     tol = TOL[dtype]
     scale = ref.double().abs().max().item() + 1.0
@@ -545,14 +559,7 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, with_residual):
     monkeypatch.setattr(K, "_FITTED", {})
     shape = (12, 2, 4, 8)
     x, z, dy, w, b = _operands(shape, "contiguous", torch.float32)
-    results = {}
-    for backend in ("triton", "reference"):
-        rm, rv = torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE)
-        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv,
-                        with_residual=with_residual)  # fmt: skip
-        results[backend] = (y, *grads, rm, rv)
-    for i, (ours, ref) in enumerate(zip(results["triton"], results["reference"], strict=True)):
-        _close(ours, ref, torch.float32, f"result {i}")
+    _training_step_matches_reference(x, z, dy, w, b, with_residual=with_residual)
     launched = [cut.grid for cut in K._FITTED.values()]
     assert len(launched) == 4 and all(math.prod(grid) <= 4 for grid in launched)  # all four passes were cut
     described = K.describe_plans(x.detach())
@@ -586,20 +593,27 @@ def test_reductions_over_tensors_within_l2_take_their_own_programs_per_sm(monkey
 def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeypatch):
     """ROWS_BLOCK_BYTES: 256x512x7x7 channels-last in blocks of 128 channels in bf16 (4 blocks x 131 slices
     for 528 programs), 64 in float32 (the default's 256 bytes a row), or 32 (16 blocks x 33 slices: a
-    quarter of the partials, loops 4x as long); SMALL_ROWS_BLOCK_BYTES for tensors within L2."""
+    quarter of the partials, loops 4x as long); REDUCTION_ROWS_BLOCK_BYTES for the reductions alone."""
     wide = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **K.knob_args(K.ROWS, 2))
     narrow = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **{**K.knob_args(K.ROWS, 2), "block_channels": 32})
     assert (wide.block_b, wide.block_a, wide.grid) == (128, 32, (4, 131))
     assert (narrow.block_b, narrow.block_a, narrow.grid) == (32, 128, (16, 33))
     assert K.knob_args(K.ROWS, 4)["block_channels"] == 64 and K.knob_args(K.ROWS, 2)["block_channels"] == 128
     monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 256)
-    monkeypatch.setattr(K, "SMALL_ROWS_BLOCK_BYTES", 64)  # a small tensor's blocks (`within_l2`)
-    assert (
-        K.knob_args(K.ROWS, 2, small=True)["block_channels"] == 32 and K.knob_args(K.ROWS, 2)["block_channels"] == 128
-    )
-    monkeypatch.setattr(K, "_small", lambda device, nbytes: nbytes < 5000)  # make_plan asks with the tensor's bytes
-    small, large = (torch.empty(n, 64, 4, 4, dtype=torch.bfloat16) for n in (2, 8))  # 4 KB, 16 KB
-    assert (K.make_plan(small, K.ROWS).block_b, K.make_plan(large, K.ROWS).block_b) == (32, 64)
+    assert K.make_plan(torch.empty(8, 512, 7, 7, dtype=torch.bfloat16, device="meta"), K.ROWS).apply is None
+    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_BYTES", 64)  # the reductions' blocks: 32 bf16 channels
+    plan = K.make_plan(torch.empty(8, 512, 7, 7, dtype=torch.bfloat16, device="meta"), K.ROWS)
+    assert (plan.block_b, plan.apply.block_b, plan.apply.apply) == (32, 128, None)
+    assert K._elementwise_passes(plan, torch.device("cpu")).block_b == 128  # normalize and dx: 128 channels
+    x = torch.empty(8, 512, 7, 7, dtype=torch.bfloat16, device="meta").contiguous(memory_format=torch.channels_last)
+    assert K.describe_plans(x).endswith("(blocks of 32 channels, dx in blocks of 128)")
+    assert K.make_plan(torch.empty(8, 32, dtype=torch.bfloat16), K.ROWS).apply is None  # (32 channels: one block)
+    monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 128)  # (the interpreter: float32 blocks of 32 and 8 channels)
+    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_BYTES", 32)
+    x, z, dy, w, b = _operands((6, 48, 3, 3), "channels_last", torch.float32)
+    plan = K.make_plan(x, K.ROWS)
+    assert (plan.block_b, plan.channel_programs, plan.apply.block_b, plan.apply.channel_programs) == (8, 6, 32, 2)
+    _training_step_matches_reference(x, z, dy, w, b)
     with pytest.raises(ValueError, match=r"ROWS_BLOCK_BYTES / itemsize\) must be a power of two, got 48"):
         K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, block_channels=48)
     planes = K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264)
@@ -641,13 +655,7 @@ def test_small_nchw_tensors_can_reduce_in_packed_tiles_and_normalize_in_groups(m
     x, z, dy, w, b = _operands((18, 16, 3, 5), "contiguous", torch.float32)
     plan = K.make_plan(x, K.PLANES)
     assert plan.packed and plan.splits > 1 and plan.apply is not None and plan.apply.group == 16
-    results = {}
-    for backend in ("triton", "reference"):
-        rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
-        y, grads = _run(backend, x, z, dy, w, b, training=True, activation="relu", rm=rm, rv=rv)
-        results[backend] = (y, *grads, rm, rv)
-    for name, ours, ref in zip(STEP_RESULTS, results["triton"], results["reference"], strict=True):
-        _close(ours, ref, torch.float32, name)
+    _training_step_matches_reference(x, z, dy, w, b)
 
 
 def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
@@ -788,13 +796,13 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("plans", ["default", "small"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     """`small`: the reductions of every tensor within L2 at a full wave (SMALL_PROGRAMS_PER_SM 8: ONE_WAVE
-    cuts the grid to what fits), NCHW 7x7/14x14 ones in packed tiles (PACKED_REDUCTIONS), channels-last
-    ones in blocks of 32 bf16 channels (SMALL_ROWS_BLOCK_BYTES 64)."""
+    cuts the grid to what fits), NCHW 7x7/14x14 ones in packed tiles (PACKED_REDUCTIONS), and the rows
+    layout's reductions in blocks of 32 bf16 channels (REDUCTION_ROWS_BLOCK_BYTES 64)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
     if plans == "small":
         monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
-        monkeypatch.setattr(K, "SMALL_ROWS_BLOCK_BYTES", 64)
+        monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_BYTES", 64)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

@@ -66,7 +66,7 @@ class Plan:
     packed: bool = False  # planes: block_a == 1, a tile holds block_b // S samples' runs side by side
     group: int = 0  # planes: > 0, a program takes this many channels, one contiguous span per sample
     reduce_warps: int = 0  # split plans: warps per program of the reductions (others: 0, unused)
-    apply: Plan | None = None  # the elementwise passes' tiles where they differ (PACKED_REDUCTIONS)
+    apply: Plan | None = None  # the elementwise passes' tiles where the reductions' differ (`planned`)
 
     @property
     def channel_programs(self) -> int:
@@ -384,14 +384,17 @@ PACKED_REDUCTION_TILE = 1024
 # instead of 128 faster on all 10 channels-last shapes with more than 64 channels (0.91-0.98 of the time),
 # 32 slower on the large ones: 256 bytes a row, which keeps bf16's 128 channels (untimed there at 64).
 ROWS_BLOCK_BYTES = 256
-# ... and for a tensor within L2 (`within_l2`). Run 10 (H200, bf16, profile set `cl`, graph-timed steps):
-# blocks of 64 channels (128 bytes) instead of 128 took 0.87-0.93 of the step on all five channels-last
-# shapes of at most 51 MB (256x512x7x7 52.9 us against 61.0, 256x256x14x14 79.7 / 88.7), 0.96 at 103 MB
-# (256x1024x14x14), 1.00-1.05 above; 32 channels (64 bytes) 0.74 at 256x512x7x7 but 1.29x slower on
-# the large ones. Fewer channels a block, more blocks: fewer slices each for the same programs, so fewer
-# partials to combine behind each channel. As ROWS_BLOCK_BYTES (no effect) until a GPU session times it
-# on the whole sums (SMALL_ROWS_BLOCK_BYTES=128, =64).
-SMALL_ROWS_BLOCK_BYTES = 256
+# ... and for the reductions alone (statistics, gradient sums; the elementwise passes keep ROWS_BLOCK_BYTES:
+# the passes share only per-channel results, so their tiles may differ, `Plan.apply`). Run 10 (H200, bf16,
+# profile set `cl`, per kernel, blocks of 64 / 32 channels against 128): the statistics faster on every
+# channels-last shape with more than 64 channels (256x256x14x14 26.1 -> 19.3 / 17.2 us, 256x1024x14x14
+# 51.4 -> 41.3 / 37.7, 256x256x56x56 117.0 -> 112.6 / 118.3), the gradient sums on most at 64 channels
+# (27.4 -> 23.2, 63.7 -> 60.9, 196.1 -> 192.6), while normalize and dx got slower on nearly all (e.g.
+# 256x256x56x56 dx 294.0 -> 322.1 / 417.6): whole steps at 64 channels 0.87-0.93 on the five shapes of at
+# most 51 MB, 1.00-1.05 on the large ones. Reductions at 64 channels with the elementwise passes at 128,
+# summed from those kernels: ~0.5 ms off the bf16 channels-last sum (13.12 ms in run 11). As
+# ROWS_BLOCK_BYTES (no effect) until a GPU session times it (REDUCTION_ROWS_BLOCK_BYTES=128, =64).
+REDUCTION_ROWS_BLOCK_BYTES = 256
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
@@ -465,17 +468,22 @@ def make_plan(x: torch.Tensor, layout: str) -> Plan:
 def planned(
     layout: str, N: int, C: int, S: int, itemsize: int, small: bool, target_programs: int, **overrides: int
 ) -> Plan:
-    """`plan_for` with the module's knobs (`knob_args`, then `overrides`), the reductions of a small NCHW
-    tensor in packed planes where PACKED_REDUCTIONS asks (the elementwise passes keep the other plan's
-    tiles, as `Plan.apply`): pure, for planners without the GPU too (benchmarks/kernel_sass.py)."""
-    knobs = {**knob_args(layout, itemsize, small=small), **overrides}
+    """`plan_for` with the module's knobs (`knob_args`, then `overrides`), and the reductions in tiles of
+    their own where the knobs ask (REDUCTION_ROWS_BLOCK_BYTES; PACKED_REDUCTIONS for a `small` NCHW tensor):
+    the returned plan is then the reductions', with the elementwise passes' as its `apply`. Pure, for
+    planners without the GPU too (benchmarks/kernel_sass.py)."""
+    knobs = {**knob_args(layout, itemsize), **overrides}
     plan = plan_for(layout, N, C, S, target_programs=target_programs, **knobs)
-    if not (PACKED_REDUCTIONS and small and layout == PLANES and S % 16 and not plan.single):
+    if layout == ROWS:
+        own = {"block_channels": max(1, REDUCTION_ROWS_BLOCK_BYTES // itemsize)}
+    elif PACKED_REDUCTIONS and small and S % 16 and not plan.single:
+        own = {"group_span": 0, "tile": PACKED_REDUCTION_TILE}  # (taken only if it packs: see below)
+    else:
         return plan
-    packed = plan_for(
-        layout, N, C, S, target_programs=target_programs, **{**knobs, "group_span": 0, "tile": PACKED_REDUCTION_TILE}
-    )
-    return replace(packed, apply=plan) if packed.packed and packed != plan else plan
+    reduce = plan_for(layout, N, C, S, target_programs=target_programs, **{**knobs, **own})
+    if reduce == plan or (layout == PLANES and not reduce.packed):
+        return plan
+    return replace(reduce, apply=plan)
 
 
 def _small(device: torch.device, nbytes: int) -> bool:
@@ -486,20 +494,18 @@ def _small(device: torch.device, nbytes: int) -> bool:
 
 def within_l2(nbytes: int, l2_bytes: int) -> bool:
     """Whether a tensor of `nbytes` is small for a GPU of `l2_bytes` of L2 (at most SMALL_TENSOR_L2 times
-    it), so that its reductions take SMALL_PROGRAMS_PER_SM and its channel blocks SMALL_ROWS_BLOCK_BYTES:
-    pure, for planners without the GPU (benchmarks/kernel_sass.py)."""
+    it), so that its reductions take SMALL_PROGRAMS_PER_SM (and PACKED_REDUCTIONS' tiles): pure, for
+    planners without the GPU (benchmarks/kernel_sass.py)."""
     return nbytes <= SMALL_TENSOR_L2 * l2_bytes
 
 
-def knob_args(layout: str, itemsize: int = 2, small: bool = False) -> dict[str, int]:
-    """`plan_for`'s keyword arguments that the module's knobs set for values of `itemsize` bytes in a
-    tensor that is `small` (`within_l2`) or not, all but the device's (target programs): `make_plan` adds
-    it; benchmarks/kernel_sass.py, planning for a GPU it does not have, its own."""
-    row_bytes = SMALL_ROWS_BLOCK_BYTES if small else ROWS_BLOCK_BYTES
+def knob_args(layout: str, itemsize: int = 2) -> dict[str, int]:
+    """`plan_for`'s keyword arguments that the module's knobs set for values of `itemsize` bytes, all but
+    the device's (target programs): `planned` adds it."""
     return dict(
         tile=min(TILE, TILE_BYTES // itemsize), num_warps=NUM_WARPS, reduce_warps=REDUCTION_WARPS[layout],
         single_tile_max=SINGLE_TILE_MAX, single_warps=SINGLE_WARPS, group_span=GROUP_SPAN_MAX,
-        min_run=PLANES_MIN_RUN, max_run=PLANES_MAX_RUN, block_channels=max(1, row_bytes // itemsize),
+        min_run=PLANES_MIN_RUN, max_run=PLANES_MAX_RUN, block_channels=max(1, ROWS_BLOCK_BYTES // itemsize),
     )  # fmt: skip
 
 
@@ -531,8 +537,10 @@ def describe_plans(x: torch.Tensor) -> str:
                 how += " (cut to one wave)"
         if tiles := _tiling(plan):
             how += f" ({tiles})"
-        if plan.apply is not None:  # (PACKED_REDUCTIONS)
-            how += f" ({elementwise} in {_tiling(plan.apply) or 'plain tiles'})"
+        if plan.apply is not None and plan.layout == ROWS:  # (`planned`: the reductions' blocks of their own)
+            how += f" (blocks of {plan.block_b} channels, {elementwise} in blocks of {plan.apply.block_b})"
+        elif plan.apply is not None:
+            how += f" ({elementwise} in {_tiling(plan.apply)})"
         parts.append(f"{direction} {how}")
     if _launch_options(x.device)["PDL"]:
         parts.append("dependent launches (PDL)")
