@@ -119,11 +119,11 @@ SETS = {
         [(shape, "channels_last") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
-            DEPENDENT_LAUNCH,
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             {"REDUCTION_ROWS_BLOCK_BYTES": 128},  # the reductions' alone (run 10: all passes, below)
             {"REDUCTION_ROWS_BLOCK_BYTES": 64},
+            DEPENDENT_LAUNCH,
             {"ROWS_BLOCK_BYTES": 128},  # (64 channels a block in bf16, 32 in float32)
             {"ROWS_BLOCK_BYTES": 64},
             # statistics loads 2 deep (run 4's 14x14 statistics: 25.7 us for 25.7 MB, a dozen tiles a
