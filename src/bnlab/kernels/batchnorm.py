@@ -888,6 +888,7 @@ def backward(
     if fused or need_params or (training and need_input):
         dweight = torch.empty(C, device=x.device, dtype=torch.float32)
         dbias = torch.empty(C, device=x.device, dtype=torch.float32)
+    if not fused and dweight is not None:  # (dx's two coefficients a channel, from the gradient sums)
         coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
     if fused:
         _single_tile_backward_kernel[(C,)](
