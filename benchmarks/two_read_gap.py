@@ -13,31 +13,32 @@ sums beside torch.compile's and the sum 1.2x compile would need (issue 6's bar).
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
+
+from bnlab.gpubench import BNLAB, COMPILE, GpuRow, read_rows
 
 TWO_READS = 5 / 8  # minimal traffic over a split plan's traffic
 
 
-def gaps(rows: list[dict], dtype: str = "bfloat16", batch: int = 256) -> dict[str, list[tuple]]:
+def gaps(rows: Iterable[GpuRow], dtype: str = "bfloat16", batch: int = 256) -> dict[str, list[tuple]]:
     """Per layout, (shape, layers, bnlab us, ideal us, compile us) for the resnet50 rows of `dtype`,
-    forward+backward, at `batch` (pure, on the CSV's rows as csv.DictReader gives them)."""
-    found: dict[tuple[str, str], dict] = defaultdict(dict)
+    forward+backward, at `batch` (pure, on the bench's rows as `read_rows` gives them)."""
+    found: dict[tuple[str, str], dict[str, GpuRow]] = defaultdict(dict)
     for row in rows:
-        if (row["case"], row["direction"], row["dtype"]) != ("resnet50", "both", dtype):
+        if (row.case, row.direction, row.dtype) != ("resnet50", "both", dtype):
             continue
-        if not row["shape"].startswith(f"{batch}x") or row["error"]:
+        if not row.shape.startswith(f"{batch}x") or row.error or not row.median_us:
             continue
-        found[row["layout"], row["shape"]][row["provider"]] = row
+        found[row.layout, row.shape][row.provider] = row
     out: dict[str, list[tuple]] = defaultdict(list)
     for (layout, shape), by in found.items():
-        ours, compiled = by.get("bnlab-triton"), by.get("torch-compile")
-        if ours is None or not ours["size_copy_us"]:
+        ours, compiled = by.get(BNLAB), by.get(COMPILE)
+        if ours is None or not ours.size_copy_us:
             continue
-        ideal = float(ours["size_copy_us"]) / TWO_READS
-        compile_us = float(compiled["median_us"]) if compiled else float("nan")
-        out[layout].append((shape, int(ours["layers"]), float(ours["median_us"]), ideal, compile_us))
+        compile_us = compiled.median_us if compiled else float("nan")
+        out[layout].append((shape, ours.layers, ours.median_us, ours.size_copy_us / TWO_READS, compile_us))
     return dict(out)
 
 
@@ -66,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args(argv)
-    with args.csv.open(newline="") as f:
-        table = gaps(list(csv.DictReader(f)), args.dtype, args.batch)
+    table = gaps(read_rows(args.csv), args.dtype, args.batch)
     if not table:
         parser.error(f"{args.csv}: no resnet50 forward+backward rows of {args.dtype} at batch {args.batch}")
     print(report(table))

@@ -166,19 +166,27 @@ def test_the_two_read_gap_sums_layers_against_copy_speed_and_compile(tmp_path, c
     sum 1.2x torch.compile needs; other cases, dtypes, directions and batches are left out."""
     import two_read_gap
 
-    header = "case,shape,dtype,layout,direction,provider,median_us,layers,size_copy_us,error"
-    lines = [
-        "resnet50,256x8x4x4,bfloat16,NCHW,both,bnlab-triton,100.0,3,50.0,",  # ideal 80 us
-        "resnet50,256x8x4x4,bfloat16,NCHW,both,torch-compile,120.0,3,,",
-        "resnet50,256x8x2x2,bfloat16,NCHW,both,bnlab-triton,40.0,1,20.0,",  # ideal 32 us
-        "resnet50,256x8x2x2,bfloat16,NCHW,both,torch-compile,60.0,1,,",
-        "resnet50,256x8x2x2,float32,NCHW,both,bnlab-triton,1.0,1,1.0,",
-        "resnet50,256x8x2x2,bfloat16,NCHW,forward,bnlab-triton,1.0,1,1.0,",
-        "resnet50,32x8x2x2,bfloat16,NCHW,both,bnlab-triton,1.0,1,1.0,",
-        "resnet50-bn-add-relu,256x8x2x2,bfloat16,NCHW,both,bnlab-triton,1.0,1,1.0,",
+    from bnlab.bench import write_csv
+    from bnlab.gpubench import GpuRow
+
+    def row(case, shape, dtype, direction, provider, us, layers, copy):  # (the bench's CSV, as it writes it)
+        return GpuRow(
+            case=case, shape=shape, dtype=dtype, layout="NCHW", direction=direction, provider=provider,
+            median_us=us, gbps=None, frac_of_copy=None, speedup_vs_eager=None, speedup_vs_best_torch=None,
+            error="", layers=layers, layer_names="", bytes=0, max_abs_diff=None, note="", size_copy_us=copy,
+        )  # fmt: skip
+
+    rows = [
+        row("resnet50", "256x8x4x4", "bfloat16", "both", "bnlab-triton", 100.0, 3, 50.0),  # ideal 80 us
+        row("resnet50", "256x8x4x4", "bfloat16", "both", "torch-compile", 120.0, 3, None),
+        row("resnet50", "256x8x2x2", "bfloat16", "both", "bnlab-triton", 40.0, 1, 20.0),  # ideal 32 us
+        row("resnet50", "256x8x2x2", "bfloat16", "both", "torch-compile", 60.0, 1, None),
+        row("resnet50", "256x8x2x2", "float32", "both", "bnlab-triton", 1.0, 1, 1.0),
+        row("resnet50", "256x8x2x2", "bfloat16", "forward", "bnlab-triton", 1.0, 1, 1.0),
+        row("resnet50", "32x8x2x2", "bfloat16", "both", "bnlab-triton", 1.0, 1, 1.0),
+        row("resnet50-bn-add-relu", "256x8x2x2", "bfloat16", "both", "bnlab-triton", 1.0, 1, 1.0),
     ]
-    path = tmp_path / "run.csv"
-    path.write_text("\n".join([header, *lines]) + "\n")
+    path = write_csv(rows, tmp_path / "run.csv", {"gpu": "stub"})
     assert two_read_gap.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "0.80   0.06" in out and "0.80   0.01" in out  # ideal / bnlab, (100 - 80) x 3 and (40 - 32) x 1
