@@ -16,6 +16,7 @@
 #   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s;
 #   inductor the kernels torch.compile generates for one BN training step (benchmarks/inductor_code.py,
 #          INDUCTOR_SHAPE, default 256,256,14,14 NCHW bf16), ~20-40 s;
+#   ncu    Nsight Compute's counters on one shape's reductions (benchmarks/ncu_step.py), NCU_S (default 90);
 #   caches pack the compile caches (Triton's, inductor's) into $OUT/caches.tar.xz.part* (15 MB each, two
 #          of the 8 files that come back): copied to .gpucache/ (git-ignored) and carried in the next call
 #          (carry [".gpucache"]), they are restored first and spare its compiles.
@@ -29,8 +30,8 @@ set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
-LAST_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-172052.csv  # (run 11: the last H200 run at the defaults, session 13's)
-DEFAULT_CANDIDATES="REDUCTION_ROWS_BLOCK_BYTES=128;REDUCTION_ROWS_BLOCK_BYTES=64;PACKED_REDUCTIONS=True SMALL_PROGRAMS_PER_SM={'planes':8,'rows':4};TILE=8192;TILE=8192 REDUCTION_ROWS_BLOCK_BYTES=128;PACKED_REDUCTIONS=True SMALL_PROGRAMS_PER_SM={'planes':8,'rows':4} SMALL_TENSOR_L2=2.0"
+LAST_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-192343.csv  # (run 14: the last H200 run at the defaults, session 14's)
+DEFAULT_CANDIDATES="GATHER_GROUPED_SUMS=True;TILE=8192 GATHER_GROUPED_SUMS=True"
 JOBS=$(nproc)
 mkdir -p "$OUT"
 steps=("$@")
@@ -110,7 +111,15 @@ for step in "${steps[@]}"; do
     caches)  # in parts of 15 MB: the device tool brings back files of at most 16 MiB (session 7's was 24 MB)
       XZ_OPT="-T0 -6" tar -C / -cJ tmp/bnlab-cache 2>/dev/null | split -b 15M - "$OUT/caches.tar.xz.part"
       ls -l "$OUT"/caches.tar.xz.part* ;;
-    *) echo "unknown step $step (tests, quick, candidates, tune, full, profile, host, inductor, caches)"; exit 2 ;;
+    ncu)
+      # Nsight Compute's counters on one shape's reductions (benchmarks/ncu_step.py; NCU_SHAPE, NCU_LAYOUT,
+      # NCU_KERNELS: a regex of kernel names; the second step's, after the first compiled)
+      timeout "${NCU_S:-90}" ncu --kernel-name "regex:${NCU_KERNELS:-_stats_kernel|_grad_kernel}" --launch-skip 2 \
+        --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        python3 benchmarks/ncu_step.py --shape "${NCU_SHAPE:-256,256,14,14}" --layout "${NCU_LAYOUT:-NCHW}" 2>&1 \
+        | tee -a "$OUT/ncu.log" | grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|rror" ;;
+    *) echo "unknown step $step (tests, quick, candidates, tune, full, profile, host, inductor, caches, ncu)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date -u +%T)); files in $OUT"

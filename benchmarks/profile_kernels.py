@@ -74,13 +74,13 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
-            # channels-last reductions in blocks of 64 or 32 bf16 channels, the elementwise passes at 128 (run
-            # 10, `cl`, every pass at 64: 0.87-0.93 of the step on the five shapes of at most 51 MB, the
-            # reductions faster, the elementwise passes slower)
-            {"REDUCTION_ROWS_BLOCK_BYTES": 128},
-            {"REDUCTION_ROWS_BLOCK_BYTES": 64},
+            # NCHW grouped reductions' per-channel sums through a gather instead of segmented scans (session
+            # 14: the statistics issue-bound at 14x14, the scans half their instructions outside the loop)
+            {"GATHER_GROUPED_SUMS": True},
+            # channels-last reductions in blocks of 32 bf16 channels (the default 64 since run 13; 128 before)
+            {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
+            {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"TILE": 8192},  # bf16 tiles of 8192 values (run 11: 0.90-0.98 of the step on these four)
-            {"TILE": 8192, "REDUCTION_ROWS_BLOCK_BYTES": 128},
             # NCHW reductions one channel a program in packed tiles, elementwise passes in channel groups
             # (run 11, all passes packed: statistics / gradient sums 0.80-0.92 of grouped's, normalize / dx
             # 1.5-2.0x), at a full wave (64 registers: 8 programs an SM) and at the default 4
@@ -104,6 +104,7 @@ SETS = {
         [(shape, "NCHW") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
+            {"GATHER_GROUPED_SUMS": True},  # (grouped shapes: 7x7, 14x14)
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
@@ -121,8 +122,9 @@ SETS = {
             {},
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
-            {"REDUCTION_ROWS_BLOCK_BYTES": 128},  # the reductions' alone (run 10: all passes, below)
-            {"REDUCTION_ROWS_BLOCK_BYTES": 64},
+            # the reductions' alone (default 64 channels since run 13; run 10: all passes, below)
+            {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
+            {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             DEPENDENT_LAUNCH,
             {"ROWS_BLOCK_BYTES": 128},  # (64 channels a block in bf16, 32 in float32)
             {"ROWS_BLOCK_BYTES": 64},
@@ -138,8 +140,8 @@ SETS = {
         ),
     ),
 }  # fmt: skip
-# Knobs that act only through the plan and the gradient sums' depth: a setting of these alone that leaves
-# both as they are would time the same kernels again.
+# Knobs that act only through the plan, the gradient sums' depth and the reductions' constexprs: a setting
+# of these alone that leaves them as they are would time the same kernels again.
 PLAN_KNOBS = {
     "PLANES_MIN_RUN",
     "PLANES_MAX_RUN",
@@ -152,9 +154,10 @@ PLAN_KNOBS = {
     "TILE_BYTES",
     "COMBINE_VALUES",
     "ROWS_BLOCK_BYTES",
-    "REDUCTION_ROWS_BLOCK_BYTES",
+    "REDUCTION_ROWS_BLOCK_CHANNELS",
     "PACKED_REDUCTIONS",
     "PACKED_REDUCTION_TILE",
+    "GATHER_GROUPED_SUMS",
 }
 
 
@@ -202,8 +205,9 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "REDUCTION_WARPS",
         "ONE_WAVE",
         "ROWS_BLOCK_BYTES",
-        "REDUCTION_ROWS_BLOCK_BYTES",
+        "REDUCTION_ROWS_BLOCK_CHANNELS",
         "PACKED_REDUCTIONS",
+        "GATHER_GROUPED_SUMS",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
@@ -269,13 +273,13 @@ def _plan_knobs(knobs: dict) -> dict:
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:
     """Whether `knobs` change the plans (the reductions', the elementwise passes'), the gradient
-    sums' depth or the combine's step on this shape (planning asks the GPU's multiprocessor count: an
-    uninitialised tensor on the device)."""
+    sums' depth, the combine's step or the reductions' constexprs (GATHER_SUMS) on this shape (planning
+    asks the GPU's multiprocessor count: an uninitialised tensor on the device)."""
     x = _planning_tensor(shape, layout, dtype, device)
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x))
-        return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p)
+        return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p), K._block_args(p, True)
 
     before = plan()
     with knobs_set(K, knobs):

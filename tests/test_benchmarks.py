@@ -121,6 +121,8 @@ def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():
     assert changes((8, 4, 56, 56), {"LONG_LOOP_TILES": 1})  # the gradient sums' depth, same plan
     assert not changes((8, 4, 56, 56), {"LONG_LOOP_TILES": 10_000})
     assert changes((64, 1, 56, 56), {"COMBINE_VALUES": 1})  # the combine's step (split_block), same plan
+    assert changes((256, 16, 7, 7), {"GATHER_GROUPED_SUMS": True})  # the reductions' constexprs, same plan
+    assert not changes((8, 16, 56, 56), {"GATHER_GROUPED_SUMS": True})  # (not grouped: one compiled variant)
     # a setting's other knobs (PDL) do not make it count as a plan change
     assert profile_kernels._plan_knobs({"TILE": 8192, "PDL": True}) == {"TILE": 8192}
     assert profile_kernels._plan_knobs(profile_kernels.DEPENDENT_LAUNCH) == {}
@@ -194,3 +196,26 @@ def test_the_two_read_gap_sums_layers_against_copy_speed_and_compile(tmp_path, c
     assert "1.2x compile needs 0.35 ms" in out
     with pytest.raises(SystemExit):
         two_read_gap.main([str(path), "--dtype", "float16"])
+
+
+def test_the_gpu_sessions_default_candidates_are_knobs_the_kernels_have():
+    """benchmarks/gpu_session.sh's DEFAULT_CANDIDATES parse as the bench's --knob settings (a renamed knob
+    left in them would fail on borrowed device time, after the tests and the quick bench)."""
+    from bnlab.gpubench import parse_knobs
+
+    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh").read_text()
+    line = next(line for line in script.splitlines() if line.startswith("DEFAULT_CANDIDATES="))
+    settings = line.partition("=")[2].strip('"').split(";")
+    assert settings and all(parse_knobs(setting.split()) for setting in settings)
+    with pytest.raises(ValueError, match="REDUCTION_ROWS_BLOCK_BYTES"):
+        parse_knobs(["REDUCTION_ROWS_BLOCK_BYTES=128"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU session runs it under ncu")
+def test_the_ncu_driver_runs_training_steps_and_names_the_plans():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ncu_step.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parent.parent / "src")}
+    argv = ["--device", "cpu", "--shape", "4,16,3,3", "--dtype", "float32", "--steps", "2"]
+    done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("4,16,3,3 NCHW float32: forward ")

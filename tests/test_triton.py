@@ -268,6 +268,25 @@ def test_large_offset_statistics_do_not_cancel_in_single_tile_and_grouped_plans(
     _check_large_offset(channels=16)
 
 
+@pytest.mark.parametrize("shape", [(20, 16, 3, 3), (9, 24, 5, 5)], ids=["16-channel-groups", "8-channel-groups"])
+def test_grouped_sums_by_gather_match_the_reference(monkeypatch, shape):
+    """GATHER_GROUPED_SUMS: the reductions of grouped planes sum their lanes per channel through a gather
+    into [channels, W] rows instead of a segmented scan; a training step (several tiles a slice, several
+    slices) matches the reference either way, and the large-offset statistics keep their digits."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 512)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 6)
+    x, z, dy, w, b = _operands(shape, "contiguous", torch.float32)
+    plan = K.make_plan(x, K.PLANES)
+    assert plan.group == (16 if shape[1] == 16 else 8) and plan.splits > 1 and plan.per_split > 1
+    for gather in (False, True):
+        monkeypatch.setattr(K, "GATHER_GROUPED_SUMS", gather)
+        assert K._block_args(plan, reduction=True)["GATHER_SUMS"] is gather
+        _training_step_matches_reference(x, z, dy, w, b)
+    assert K._block_args(K.plan_for(K.ROWS, 8, 64, 9, target_programs=4), reduction=True)["GATHER_SUMS"] is False
+    _check_large_offset(channels=16)
+
+
 def _check_large_offset(channels):
     # 1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 would lose every digit of the variance; Chan's update keeps them.
     gen = torch.Generator().manual_seed(0)
@@ -589,15 +608,19 @@ def test_reductions_over_tensors_within_l2_take_their_own_programs_per_sm(monkey
 def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeypatch):
     """ROWS_BLOCK_BYTES: 256x512x7x7 channels-last in blocks of 128 channels in bf16 (4 blocks x 131 slices
     for 528 programs), 64 in float32 (the default's 256 bytes a row), or 32 (16 blocks x 33 slices: a
-    quarter of the partials, loops 4x as long); REDUCTION_ROWS_BLOCK_BYTES for the reductions alone."""
+    quarter of the partials, loops 4x as long); REDUCTION_ROWS_BLOCK_CHANNELS for the reductions alone."""
     wide = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **K.knob_args(K.ROWS, 2))
     narrow = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **{**K.knob_args(K.ROWS, 2), "block_channels": 32})
     assert (wide.block_b, wide.block_a, wide.grid) == (128, 32, (4, 131))
     assert (narrow.block_b, narrow.block_a, narrow.grid) == (32, 128, (16, 33))
     assert K.knob_args(K.ROWS, 4)["block_channels"] == 64 and K.knob_args(K.ROWS, 2)["block_channels"] == 128
     monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 256)
+    default = K.make_plan(torch.empty(8, 512, 7, 7, dtype=torch.bfloat16, device="meta"), K.ROWS)
+    assert (default.block_b, default.apply.block_b) == (64, 128)  # (the defaults: reductions at 64 channels)
+    assert K.make_plan(torch.empty(8, 512, 7, 7, device="meta"), K.ROWS).apply is None  # (float32: 64 for all)
+    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 128)
     assert K.make_plan(torch.empty(8, 512, 7, 7, dtype=torch.bfloat16, device="meta"), K.ROWS).apply is None
-    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_BYTES", 64)  # the reductions' blocks: 32 bf16 channels
+    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 32)  # the reductions' blocks
     plan = K.make_plan(torch.empty(8, 512, 7, 7, dtype=torch.bfloat16, device="meta"), K.ROWS)
     assert (plan.block_b, plan.apply.block_b, plan.apply.apply) == (32, 128, None)
     assert K._elementwise_passes(plan, torch.device("cpu")).block_b == 128  # normalize and dx: 128 channels
@@ -605,7 +628,7 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeyp
     assert K.describe_plans(x).endswith("(blocks of 32 channels, dx in blocks of 128)")
     assert K.make_plan(torch.empty(8, 32, dtype=torch.bfloat16), K.ROWS).apply is None  # (32 channels: one block)
     monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 128)  # (the interpreter: float32 blocks of 32 and 8 channels)
-    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_BYTES", 32)
+    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 8)
     x, z, dy, w, b = _operands((6, 48, 3, 3), "channels_last", torch.float32)
     plan = K.make_plan(x, K.ROWS)
     assert (plan.block_b, plan.channel_programs, plan.apply.block_b, plan.apply.channel_programs) == (8, 6, 32, 2)
@@ -640,7 +663,8 @@ def test_small_nchw_tensors_can_reduce_in_packed_tiles_and_normalize_in_groups(m
         before = planned(*shape)
         monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
         assert planned(*shape) == before and before.apply is None
-    assert planned(256, 256, 14, 14, layout=torch.channels_last).apply is None
+    rows = planned(256, 256, 14, 14, layout=torch.channels_last)
+    assert not rows.packed and not rows.apply.packed  # (channels-last: never packed)
     x = torch.empty(256, 256, 14, 14, dtype=torch.bfloat16, device="meta")
     assert K.describe_plans(x).endswith("(packed tiles of 5 samples) (dx in grouped tiles of 8 channels)")
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
@@ -793,12 +817,12 @@ GPU_SHAPES = [
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     """`small`: the reductions of every tensor within L2 at a full wave (SMALL_PROGRAMS_PER_SM 8: ONE_WAVE
     cuts the grid to what fits), NCHW 7x7/14x14 ones in packed tiles (PACKED_REDUCTIONS), and the rows
-    layout's reductions in blocks of 32 bf16 channels (REDUCTION_ROWS_BLOCK_BYTES 64)."""
+    layout's reductions in blocks of 32 bf16 channels (REDUCTION_ROWS_BLOCK_CHANNELS 32)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
     if plans == "small":
         monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
-        monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_BYTES", 64)
+        monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 32)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

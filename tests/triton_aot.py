@@ -48,10 +48,14 @@ def compile_cases():
     ]
     for blocks in layouts:
         split_block = {"SPLIT_BLOCK": 16 if blocks["PLANES"] else 4}
+        # (the reductions' per-channel sums of grouped planes: a segmented scan, or gathered rows, a knob)
+        gathers = (False, True) if blocks["PLANES"] >= 3 else (False,)
         layout = K.PLANES if blocks["PLANES"] else K.ROWS
         for split in (True, False):  # (pipelined as configured, and not: a knob a GPU session may turn)
             stages = K.STATS_STAGES[layout] if split else 1
-            yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split, "STAGES": stages}
+            for gather in gathers:
+                yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split,
+                                        "STAGES": stages, "GATHER_SUMS": gather}  # fmt: skip
         # The planes variants (packed, grouped) differ in tiling, not in the epilogue: two epilogues cover
         # them.
         ends = (epilogues[0], epilogues[-1])
@@ -61,8 +65,11 @@ def compile_cases():
             for stages in dict.fromkeys(apply_stages):
                 yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"], "STAGES": stages}
             stages = K.GRAD_STAGES[layout] if ep["HAS_WEIGHT"] else 1
-            grad = {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "WRITE_DZ": ep["HAS_RESIDUAL"]}
+            grad = {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "WRITE_DZ": ep["HAS_RESIDUAL"],
+                    "GATHER_SUMS": False}  # fmt: skip
             yield K._grad_kernel, {**grad, "STAGES": stages}
+            if ep in ends and len(gathers) > 1:
+                yield K._grad_kernel, {**grad, "STAGES": stages, "GATHER_SUMS": True}
             if ep in ends and K.GRAD_STAGES_LONG[layout] != K.GRAD_STAGES[layout]:  # long loops' depth
                 long = {"SPLIT": True, "STAGES": K.GRAD_STAGES_LONG[layout]}
                 yield K._grad_kernel, {**grad, **long}

@@ -385,16 +385,25 @@ PACKED_REDUCTION_TILE = 1024
 # 32 slower on the large ones: 256 bytes a row, which keeps bf16's 128 channels (untimed there at 64).
 ROWS_BLOCK_BYTES = 256
 # ... and for the reductions alone (statistics, gradient sums; the elementwise passes keep ROWS_BLOCK_BYTES:
-# the passes share only per-channel results, so their tiles may differ, `Plan.apply`). Run 10 (H200, bf16,
-# profile set `cl`, per kernel, blocks of 64 / 32 channels against 128): the statistics faster on every
-# channels-last shape with more than 64 channels (256x256x14x14 26.1 -> 19.3 / 17.2 us, 256x1024x14x14
-# 51.4 -> 41.3 / 37.7, 256x256x56x56 117.0 -> 112.6 / 118.3), the gradient sums on most at 64 channels
-# (27.4 -> 23.2, 63.7 -> 60.9, 196.1 -> 192.6), while normalize and dx got slower on nearly all (e.g.
-# 256x256x56x56 dx 294.0 -> 322.1 / 417.6): whole steps at 64 channels 0.87-0.93 on the five shapes of at
-# most 51 MB, 1.00-1.05 on the large ones. Reductions at 64 channels with the elementwise passes at 128,
-# summed from those kernels: ~0.5 ms off the bf16 channels-last sum (13.12 ms in run 11). As
-# ROWS_BLOCK_BYTES (no effect) until a GPU session times it (REDUCTION_ROWS_BLOCK_BYTES=128, =64).
-REDUCTION_ROWS_BLOCK_BYTES = 256
+# the passes share only per-channel results, so their tiles may differ, `Plan.apply`): at most this many
+# channels a block. Run 10 (H200, bf16, profile set `cl`, per kernel, blocks of 64 / 32 channels against
+# 128): the statistics faster on every channels-last shape with more than 64 channels (256x256x14x14
+# 26.1 -> 19.3 / 17.2 us, 256x1024x14x14 51.4 -> 41.3 / 37.7, 256x256x56x56 117.0 -> 112.6 / 118.3), the
+# gradient sums on most at 64 channels (27.4 -> 23.2, 63.7 -> 60.9, 196.1 -> 192.6), while normalize and
+# dx got slower on nearly all (e.g. 256x256x56x56 dx 294.0 -> 322.1 / 417.6). Run 13 (session 14, H200,
+# whole sums of the quick bench against its run at 128 bf16 channels): reductions at 64 bf16 channels took
+# the bf16 channels-last sum to 0.963 (forward 0.940, fused op 0.982); at 32 to 1.004 (forward 0.938);
+# float32 at 32 channels (below its elementwise 64) 1.002 (fused 1.012). So 64 channels in every dtype:
+# bf16/fp16 reductions narrower than their passes, float32's as its passes.
+REDUCTION_ROWS_BLOCK_CHANNELS = 64
+# Grouped planes (NCHW 7x7, 14x14): the reductions' per-channel sums over a tile's lanes by regathering
+# the lanes as [channels, W] and summing rows, instead of a segmented scan (`device._channel_sum`).
+# Session 14 (H200, ncu, run 15): NCHW 256x256x14x14 bf16 statistics issue-bound, not memory-bound (DRAM
+# 18% of peak, an issue slot busy 57% of cycles, 3 programs an SM by 168 registers), ~7300 instructions
+# a warp of which the per-tile loop (~250 an iteration, ~11 iterations) is ~2750; the kernel's
+# straight-line code, read from its sm_90 machine code, ~3500 instructions, most of them the three
+# segmented scans (394 shuffles). Untimed: off until a GPU session times it (candidate).
+GATHER_GROUPED_SUMS = False
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
@@ -469,13 +478,13 @@ def planned(
     layout: str, N: int, C: int, S: int, itemsize: int, small: bool, target_programs: int, **overrides: int
 ) -> Plan:
     """`plan_for` with the module's knobs (`knob_args`, then `overrides`), and the reductions in tiles of
-    their own where the knobs ask (REDUCTION_ROWS_BLOCK_BYTES; PACKED_REDUCTIONS for a `small` NCHW tensor):
+    their own where the knobs ask (REDUCTION_ROWS_BLOCK_CHANNELS; PACKED_REDUCTIONS for a `small` NCHW tensor):
     the returned plan is then the reductions', with the elementwise passes' as its `apply`. Pure, for
     planners without the GPU too (benchmarks/kernel_sass.py)."""
     knobs = {**knob_args(layout, itemsize), **overrides}
     plan = plan_for(layout, N, C, S, target_programs=target_programs, **knobs)
     if layout == ROWS:
-        own = {"block_channels": max(1, REDUCTION_ROWS_BLOCK_BYTES // itemsize)}
+        own = {"block_channels": min(knobs["block_channels"], REDUCTION_ROWS_BLOCK_CHANNELS)}
     elif PACKED_REDUCTIONS and small and S % 16 and not plan.single:
         own = {"group_span": 0, "tile": PACKED_REDUCTION_TILE}  # (taken only if it packs: see below)
     else:
@@ -568,8 +577,9 @@ def _shape_args(plan: Plan) -> tuple[int, ...]:
 
 
 def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
-    """The tile constexprs and launch options of `plan`'s kernels (`reduction`: of its split reductions)."""
-    return {
+    """The tile constexprs and launch options of `plan`'s kernels (`reduction`: of its split reductions,
+    which also take GATHER_SUMS: grouped planes' per-channel sums by GATHER_GROUPED_SUMS)."""
+    args = {
         "BLOCK_A": plan.block_a,
         "BLOCK_B": plan.block_b,
         "PLANES": _planes_code(plan),
@@ -577,6 +587,9 @@ def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
         "num_warps": (plan.reduce_warps or plan.num_warps) if reduction else plan.num_warps,
         "enable_fp_fusion": FP_FUSION,
     }
+    if reduction:
+        args["GATHER_SUMS"] = GATHER_GROUPED_SUMS and bool(plan.group)  # (one compiled variant elsewhere)
+    return args
 
 
 def _partials(plan: Plan, device: torch.device, count: int) -> list[torch.Tensor]:

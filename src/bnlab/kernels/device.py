@@ -232,14 +232,27 @@ def _segment_add(a, start_a, b, start_b):
 
 
 @triton.jit
-def _channel_sum(t, S, PLANES: tl.constexpr):
+def _channel_sum(t, S, PLANES: tl.constexpr, GATHER_SUMS: tl.constexpr):
     """Sum a tile per channel: over both axes (planes: one channel), over rows (rows), or over rows and
-    then over each channel's run of S lanes (grouped planes: a segmented scan, read at the runs' ends)."""
+    then over each channel's run of S lanes (grouped planes). Grouped, two ways: a segmented scan over
+    the lanes read at the runs' ends; or (GATHER_SUMS) the lanes regathered as [channels, W] (W =
+    BLOCK_B / channels >= S: channel c's run in row c, padded) and summed along the rows. The scan is
+    log2(BLOCK_B) rounds of shuffles of (value, flag) pairs; the gather is one trip through shared memory
+    and a plain reduction (sm_90, Triton 3.6: the statistics kernel of NCHW 14x14 had ~3500 instructions
+    outside its loop, three such sums among them, against ~250 a loop iteration: see benchmarks/NOTES.md)."""
     if PLANES == 1 or PLANES == 2:
         return tl.sum(tl.sum(t, axis=1), axis=0)
     elif PLANES >= 3:
+        lanes = tl.sum(t, axis=0)
+        if GATHER_SUMS:
+            G: tl.constexpr = _group_width(PLANES)
+            W: tl.constexpr = t.shape[1] // G
+            j = tl.arange(0, W)[None, :]
+            at = tl.minimum(tl.arange(0, G)[:, None] * S + j, t.shape[1] - 1)  # (lanes past a run: masked)
+            rows = tl.reshape(tl.gather(lanes, tl.reshape(at, [G * W]), 0), [G, W])
+            return tl.sum(tl.where(j < S, rows, 0.0), axis=1)
         lane = tl.arange(0, t.shape[1])
-        runs, _ = tl.associative_scan((tl.sum(t, axis=0), lane % S == 0), 0, _segment_add)
+        runs, _ = tl.associative_scan((lanes, lane % S == 0), 0, _segment_add)
         ends = tl.arange(0, _group_width(PLANES)) * S + S - 1
         return tl.gather(runs, tl.minimum(ends, t.shape[1] - 1), 0)
     else:
@@ -340,6 +353,7 @@ def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
 def _slice_stats(
     x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, STAGES: tl.constexpr,
+    GATHER_SUMS: tl.constexpr,
 ):  # fmt: skip
     """(count, mean relative to `anchor`, M2) per channel over the unit's tiles [t_start, t_end), t_start < t_end.
 
@@ -350,7 +364,7 @@ def _slice_stats(
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     count = _tile_count(t_start, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     # (planes: the scalar sum, shaped like the anchor to broadcast over the tiles)
-    pivot = _channel_sum(x, S, PLANES) / count.to(tl.float32) + tl.zeros_like(anchor)
+    pivot = _channel_sum(x, S, PLANES, GATHER_SUMS) / count.to(tl.float32) + tl.zeros_like(anchor)
     shift = _spread(pivot, S, BLOCK_B, PLANES)
     d = tl.where(mask, x - shift, 0.0)
     s1 = d
@@ -363,9 +377,9 @@ def _slice_stats(
         s1 += d
         s2 += d * d
     n = count.to(tl.float32) + tl.zeros_like(anchor)
-    total = _channel_sum(s1, S, PLANES)
+    total = _channel_sum(s1, S, PLANES, GATHER_SUMS)
     shifted_mean = total / tl.maximum(n, 1.0)
-    m2 = _channel_sum(s2, S, PLANES) - shifted_mean * total
+    m2 = _channel_sum(s2, S, PLANES, GATHER_SUMS) - shifted_mean * total
     m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding can go below 0; a NaN (bad input) must stay NaN
     # Relative to the channel's first value, so that partial means near a large offset keep their digits.
     return n, (pivot - anchor) + shifted_mean, m2
@@ -505,6 +519,7 @@ def _slice_grad_sums(
     dy_ptr, x_ptr, z_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
+    GATHER_SUMS: tl.constexpr,
 ):  # fmt: skip
     """(sum g, sum g * (x - mean)) per channel over the unit's tiles [t_start, t_end): per lane, then across;
     the loop's loads software-pipelined over STAGES tiles (see `_slice_stats`). WRITE_DZ: also stores
@@ -521,7 +536,7 @@ def _slice_grad_sums(
             tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
         sum_g += g
         sum_gc += g * (x - mean)
-    return _channel_sum(sum_g, S, PLANES), _channel_sum(sum_gc, S, PLANES)
+    return _channel_sum(sum_g, S, PLANES, GATHER_SUMS), _channel_sum(sum_gc, S, PLANES, GATHER_SUMS)
 
 
 @triton.jit
@@ -589,6 +604,7 @@ def _stats_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    GATHER_SUMS: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
@@ -596,7 +612,7 @@ def _stats_kernel(
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
     n, rel_mean, m2 = _slice_stats(
-        x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, STAGES
+        x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, STAGES, GATHER_SUMS
     )
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
@@ -638,6 +654,7 @@ def _grad_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    GATHER_SUMS: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
@@ -648,7 +665,7 @@ def _grad_kernel(
     )
     sum_g, sum_gc = _slice_grad_sums(dy_ptr, x_ptr, z_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift,
                                      N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
-                                     WRITE_DZ, STAGES)  # fmt: skip
+                                     WRITE_DZ, STAGES, GATHER_SUMS)  # fmt: skip
     count = (N * S).to(tl.float32)
     if SPLIT:
         tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
