@@ -55,7 +55,16 @@ EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU":
 ELEMENTWISE = ("normalize", "dx")  # the passes that run `elementwise_plan`'s slices
 REDUCTIONS = ("stats", "grad sums")  # the passes that run REDUCTION_WARPS warps a program
 KERNELS = {  # name: (kernel, its other constexprs)
-    "stats": (K._stats_kernel, {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "STAGES": K._stats_stages}),
+    "stats": (
+        K._stats_kernel,
+        {
+            "SPLIT": True,
+            "SPLIT_BLOCK": 16,
+            "HAS_RUNNING": True,
+            "STAGES": K._stats_stages,
+            "ROW_SUMS": lambda plan, _: K._stats_row_sums(plan),
+        },
+    ),
     "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}),
     "grad sums": (
         K._grad_kernel,

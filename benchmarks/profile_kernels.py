@@ -77,6 +77,7 @@ SETS = {
             # NCHW grouped reductions' per-channel sums through a gather instead of segmented scans (session
             # 14: the statistics issue-bound at 14x14, the scans half their instructions outside the loop)
             {"GATHER_GROUPED_SUMS": True},
+            {"GATHER_GROUPED_SUMS": True, "GROUPED_STATS_ROW_SUMS": True},  # (+ 4 statistics programs an SM)
             # channels-last reductions in blocks of 32 bf16 channels (the default 64 since run 13; 128 before)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
@@ -105,6 +106,7 @@ SETS = {
         (
             {},
             {"GATHER_GROUPED_SUMS": True},  # (grouped shapes: 7x7, 14x14)
+            {"GATHER_GROUPED_SUMS": True, "GROUPED_STATS_ROW_SUMS": True},
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
@@ -158,6 +160,7 @@ PLAN_KNOBS = {
     "PACKED_REDUCTIONS",
     "PACKED_REDUCTION_TILE",
     "GATHER_GROUPED_SUMS",
+    "GROUPED_STATS_ROW_SUMS",
 }
 
 
@@ -208,6 +211,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "REDUCTION_ROWS_BLOCK_CHANNELS",
         "PACKED_REDUCTIONS",
         "GATHER_GROUPED_SUMS",
+        "GROUPED_STATS_ROW_SUMS",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
@@ -273,13 +277,14 @@ def _plan_knobs(knobs: dict) -> dict:
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:
     """Whether `knobs` change the plans (the reductions', the elementwise passes'), the gradient
-    sums' depth, the combine's step or the reductions' constexprs (GATHER_SUMS) on this shape (planning
+    sums' depth, the combine's step or the reductions' constexprs (GATHER_SUMS, ROW_SUMS) on this shape (planning
     asks the GPU's multiprocessor count: an uninitialised tensor on the device)."""
     x = _planning_tensor(shape, layout, dtype, device)
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x))
-        return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p), K._block_args(p, True)
+        kernel_args = (K._block_args(p, True), K._stats_row_sums(p))
+        return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p), kernel_args
 
     before = plan()
     with knobs_set(K, knobs):

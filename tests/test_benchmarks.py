@@ -123,6 +123,7 @@ def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():
     assert changes((64, 1, 56, 56), {"COMBINE_VALUES": 1})  # the combine's step (split_block), same plan
     assert changes((256, 16, 7, 7), {"GATHER_GROUPED_SUMS": True})  # the reductions' constexprs, same plan
     assert not changes((8, 16, 56, 56), {"GATHER_GROUPED_SUMS": True})  # (not grouped: one compiled variant)
+    assert changes((256, 16, 7, 7), {"GROUPED_STATS_ROW_SUMS": True})
     # a setting's other knobs (PDL) do not make it count as a plan change
     assert profile_kernels._plan_knobs({"TILE": 8192, "PDL": True}) == {"TILE": 8192}
     assert profile_kernels._plan_knobs(profile_kernels.DEPENDENT_LAUNCH) == {}

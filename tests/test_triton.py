@@ -271,19 +271,22 @@ def test_large_offset_statistics_do_not_cancel_in_single_tile_and_grouped_plans(
 @pytest.mark.parametrize("shape", [(20, 16, 3, 3), (9, 24, 5, 5)], ids=["16-channel-groups", "8-channel-groups"])
 def test_grouped_sums_by_gather_match_the_reference(monkeypatch, shape):
     """GATHER_GROUPED_SUMS: the reductions of grouped planes sum their lanes per channel through a gather
-    into [channels, W] rows instead of a segmented scan; a training step (several tiles a slice, several
-    slices) matches the reference either way, and the large-offset statistics keep their digits."""
+    into [channels, W] rows instead of a segmented scan; GROUPED_STATS_ROW_SUMS: the statistics sum each
+    lane over a tile's rows in the loop. A training step (several tiles a slice, several slices) matches
+    the reference every way, and the large-offset statistics keep their digits."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 512)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 6)
     x, z, dy, w, b = _operands(shape, "contiguous", torch.float32)
     plan = K.make_plan(x, K.PLANES)
     assert plan.group == (16 if shape[1] == 16 else 8) and plan.splits > 1 and plan.per_split > 1
-    for gather in (False, True):
+    for gather, row_sums in ((False, False), (True, False), (True, True), (False, True)):
         monkeypatch.setattr(K, "GATHER_GROUPED_SUMS", gather)
-        assert K._block_args(plan, reduction=True)["GATHER_SUMS"] is gather
+        monkeypatch.setattr(K, "GROUPED_STATS_ROW_SUMS", row_sums)
+        assert K._block_args(plan, reduction=True)["GATHER_SUMS"] is gather and K._stats_row_sums(plan) is row_sums
         _training_step_matches_reference(x, z, dy, w, b)
-    assert K._block_args(K.plan_for(K.ROWS, 8, 64, 9, target_programs=4), reduction=True)["GATHER_SUMS"] is False
+    rows = K.plan_for(K.ROWS, 8, 64, 9, target_programs=4)
+    assert K._block_args(rows, reduction=True)["GATHER_SUMS"] is False and K._stats_row_sums(rows) is False
     _check_large_offset(channels=16)
 
 

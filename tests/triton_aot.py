@@ -54,8 +54,9 @@ def compile_cases():
         for split in (True, False):  # (pipelined as configured, and not: a knob a GPU session may turn)
             stages = K.STATS_STAGES[layout] if split else 1
             for gather in gathers:
-                yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split,
-                                        "STAGES": stages, "GATHER_SUMS": gather}  # fmt: skip
+                for row_sums in dict.fromkeys((False, gather)):  # (grouped statistics' row sums: a knob)
+                    yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split,
+                                            "STAGES": stages, "GATHER_SUMS": gather, "ROW_SUMS": row_sums}  # fmt: skip
         # The planes variants (packed, grouped) differ in tiling, not in the epilogue: two epilogues cover
         # them.
         ends = (epilogues[0], epilogues[-1])

@@ -404,6 +404,12 @@ REDUCTION_ROWS_BLOCK_CHANNELS = 64
 # straight-line code, read from its sm_90 machine code, ~3500 instructions, most of them the three
 # segmented scans (394 shuffles). Untimed: off until a GPU session times it (candidate).
 GATHER_GROUPED_SUMS = False
+# Grouped planes' statistics: accumulate each lane over the tile's rows in the loop (one pair of
+# accumulators a lane, not one a value of the tile). Session 14 (kernel_sass, sm_90, Triton 3.6, with
+# GATHER_GROUPED_SUMS): NCHW 14x14 bf16 statistics 152 -> 118 registers (3 -> 4 programs an SM, the
+# SMALL_PROGRAMS_PER_SM target, uncut), 7x7 128 -> 106, float32 7x7 146 -> 124 (3 -> 4); the loop 261 ->
+# 277 instructions an iteration. More warps to hide latency, a few more instructions: untimed, off.
+GROUPED_STATS_ROW_SUMS = False
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
@@ -433,6 +439,11 @@ APPLY_STAGES = {PLANES: 1, ROWS: 1}
 def _stats_stages(plan: Plan, itemsize: int) -> int:
     """The statistics' pipeline depth for `plan` over values of `itemsize` bytes."""
     return (STATS_STAGES_FLOAT32 if itemsize == 4 else STATS_STAGES)[plan.layout]
+
+
+def _stats_row_sums(plan: Plan) -> bool:
+    """Whether `plan`'s statistics accumulate over the tiles' rows in their loop (GROUPED_STATS_ROW_SUMS)."""
+    return GROUPED_STATS_ROW_SUMS and bool(plan.group)
 
 
 def _grad_stages(plan: Plan) -> int:
@@ -845,7 +856,8 @@ def forward(
             _stats_kernel, plan, x.device,
             lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                           STAGES=_stats_stages(p, x.element_size()), **_block_args(p, reduction=True), **launch),
+                           STAGES=_stats_stages(p, x.element_size()), ROW_SUMS=_stats_row_sums(p),
+                           **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
     _launch(
         _apply_kernel, apply, x.device,

@@ -353,12 +353,14 @@ def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
 def _slice_stats(
     x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, STAGES: tl.constexpr,
-    GATHER_SUMS: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr,
 ):  # fmt: skip
     """(count, mean relative to `anchor`, M2) per channel over the unit's tiles [t_start, t_end), t_start < t_end.
 
     Sums per lane, shifted by the first tile's mean (the pivot); one reduction across lanes at the end.
     STAGES > 1: the loop's loads are software-pipelined through shared memory (`tl.range`'s num_stages).
+    ROW_SUMS: each lane's values summed over the tile's rows as they come (fewer registers: the grouped
+    planes' few rows, in one thread each).
     """
     base, offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -367,15 +369,23 @@ def _slice_stats(
     pivot = _channel_sum(x, S, PLANES, GATHER_SUMS) / count.to(tl.float32) + tl.zeros_like(anchor)
     shift = _spread(pivot, S, BLOCK_B, PLANES)
     d = tl.where(mask, x - shift, 0.0)
-    s1 = d
-    s2 = d * d
+    if ROW_SUMS:
+        s1 = tl.sum(d, axis=0, keep_dims=True)
+        s2 = tl.sum(d * d, axis=0, keep_dims=True)
+    else:
+        s1 = d
+        s2 = d * d
     for t in tl.range(t_start + 1, t_end, num_stages=STAGES):
         base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift, 0.0)
         count += _tile_count(t, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        s1 += d
-        s2 += d * d
+        if ROW_SUMS:
+            s1 += tl.sum(d, axis=0, keep_dims=True)
+            s2 += tl.sum(d * d, axis=0, keep_dims=True)
+        else:
+            s1 += d
+            s2 += d * d
     n = count.to(tl.float32) + tl.zeros_like(anchor)
     total = _channel_sum(s1, S, PLANES, GATHER_SUMS)
     shifted_mean = total / tl.maximum(n, 1.0)
@@ -604,16 +614,15 @@ def _stats_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-    GATHER_SUMS: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
-    n, rel_mean, m2 = _slice_stats(
-        x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, STAGES, GATHER_SUMS
-    )
+    n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES,
+                                   STAGES, GATHER_SUMS, ROW_SUMS)  # fmt: skip
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
         done, n_c, mean_c, m2_c = _gather(
