@@ -113,8 +113,9 @@ for step in "${steps[@]}"; do
       ls -l "$OUT"/caches.tar.xz.part* ;;
     ncu)
       # Nsight Compute's counters on one shape's reductions (benchmarks/ncu_step.py; NCU_SHAPE, NCU_LAYOUT,
-      # NCU_KERNELS: a regex of kernel names; the second step's, after the first compiled)
-      timeout "${NCU_S:-90}" ncu --kernel-name "regex:${NCU_KERNELS:-_stats_kernel|_grad_kernel}" --launch-skip 2 \
+      # NCU_KERNELS: a regex of kernel names, two a step; the second step's, after the first compiled. Anchored:
+      # session 14's unanchored "_grad_kernel" also matched _input_grad_kernel, so it read step 1's dx)
+      timeout "${NCU_S:-90}" ncu --kernel-name "regex:${NCU_KERNELS:-^(_stats_kernel|_grad_kernel)\$}" --launch-skip 2 \
         --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python3 benchmarks/ncu_step.py --shape "${NCU_SHAPE:-256,256,14,14}" --layout "${NCU_LAYOUT:-NCHW}" 2>&1 \

@@ -1,7 +1,7 @@
 """Training steps of bnlab's Triton batch norm on one shape, for Nsight Compute's hardware counters.
 
 Usage (on a GPU machine with `ncu`; gpu_session.sh's `ncu` step):
-  ncu --kernel-name regex:'_stats_kernel|_grad_kernel' --launch-skip 2 --launch-count 2 --section ... \\
+  ncu --kernel-name 'regex:^(_stats_kernel|_grad_kernel)$' --launch-skip 2 --launch-count 2 --section ... \\
       python3 benchmarks/ncu_step.py --shape 256,256,14,14 --layout NCHW --dtype bfloat16
 It runs --steps training steps (forward+backward) of `bnlab.gpubench.training_step` after printing the
 plans; ncu profiles the kernels its filters pick (by default ncu flushes the caches before each profiled
