@@ -49,7 +49,8 @@ Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in 
   C % 16 == 0 (16 x 49 values at 7x7): tiles of [samples, span padded to a power of two] load 8 bf16
   values per instruction (77% of lanes busy, yet about half the instructions per value of packed
   tiles). Per-channel vectors have the group's 16 (or 8) entries; `_spread` gathers them to the lanes,
-  `_channel_sum` is a segmented scan over the lanes read at the runs' ends.
+  `_channel_sum` is a segmented scan over the lanes read at the runs' ends (or, the reductions' GATHER_SUMS,
+  the lanes gathered into one padded row a channel and summed along the rows).
 The kernels' PLANES constexpr says which: 0 rows, 1 planes, 2 packed planes, 3 and 4 grouped planes
 (16 and 8 channels a group); all but 0 are truthy.
 Other strides are made contiguous first (a copy, documented in the backend).
