@@ -280,7 +280,7 @@ def test_grouped_sums_by_gather_match_the_reference(monkeypatch, shape):
     x, z, dy, w, b = _operands(shape, "contiguous", torch.float32)
     plan = K.make_plan(x, K.PLANES)
     assert plan.group == (16 if shape[1] == 16 else 8) and plan.splits > 1 and plan.per_split > 1
-    for gather, row_sums in ((False, False), (True, False), (True, True), (False, True)):
+    for gather, row_sums in ((True, False), (True, True), (False, True)):  # (neither: every other test)
         monkeypatch.setattr(K, "GATHER_GROUPED_SUMS", gather)
         monkeypatch.setattr(K, "GROUPED_STATS_ROW_SUMS", row_sums)
         assert K._block_args(plan, reduction=True)["GATHER_SUMS"] is gather and K._stats_row_sums(plan) is row_sums
