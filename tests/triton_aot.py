@@ -48,12 +48,13 @@ def compile_cases():
     ]
     for blocks in layouts:
         split_block = {"SPLIT_BLOCK": 16 if blocks["PLANES"] else 4}
-        # (the reductions' per-channel sums of grouped planes: a segmented scan, or gathered rows, a knob)
+        # (the reductions' per-channel sums of grouped planes: a segmented scan, or gathered rows, a knob;
+        # compiled once a kernel, split and with the fullest epilogue, to keep the cold compile short)
         gathers = (False, True) if blocks["PLANES"] >= 3 else (False,)
         layout = K.PLANES if blocks["PLANES"] else K.ROWS
         for split in (True, False):  # (pipelined as configured, and not: a knob a GPU session may turn)
             stages = K.STATS_STAGES[layout] if split else 1
-            for gather in gathers:
+            for gather in gathers if split else (False,):
                 for row_sums in dict.fromkeys((False, gather)):  # (grouped statistics' row sums: a knob)
                     yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split,
                                             "STAGES": stages, "GATHER_SUMS": gather, "ROW_SUMS": row_sums}  # fmt: skip
@@ -69,7 +70,7 @@ def compile_cases():
             grad = {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "WRITE_DZ": ep["HAS_RESIDUAL"],
                     "GATHER_SUMS": False}  # fmt: skip
             yield K._grad_kernel, {**grad, "STAGES": stages}
-            if ep in ends and len(gathers) > 1:
+            if ep is ends[-1] and len(gathers) > 1:
                 yield K._grad_kernel, {**grad, "STAGES": stages, "GATHER_SUMS": True}
             if ep in ends and K.GRAD_STAGES_LONG[layout] != K.GRAD_STAGES[layout]:  # long loops' depth
                 long = {"SPLIT": True, "STAGES": K.GRAD_STAGES_LONG[layout]}
