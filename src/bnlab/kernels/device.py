@@ -351,6 +351,15 @@ def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
 
 
 @triton.jit
+def _lane_moments(d, ROW_SUMS: tl.constexpr):
+    """(d, d * d) of a tile, per lane; summed over the tile's rows where ROW_SUMS (see `_slice_stats`)."""
+    if ROW_SUMS:
+        return tl.sum(d, axis=0, keep_dims=True), tl.sum(d * d, axis=0, keep_dims=True)
+    else:
+        return d, d * d
+
+
+@triton.jit
 def _slice_stats(
     x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, STAGES: tl.constexpr,
@@ -370,23 +379,15 @@ def _slice_stats(
     pivot = _channel_sum(x, S, PLANES, GATHER_SUMS) / count.to(tl.float32) + tl.zeros_like(anchor)
     shift = _spread(pivot, S, BLOCK_B, PLANES)
     d = tl.where(mask, x - shift, 0.0)
-    if ROW_SUMS:
-        s1 = tl.sum(d, axis=0, keep_dims=True)
-        s2 = tl.sum(d * d, axis=0, keep_dims=True)
-    else:
-        s1 = d
-        s2 = d * d
+    s1, s2 = _lane_moments(d, ROW_SUMS)
     for t in tl.range(t_start + 1, t_end, num_stages=STAGES):
         base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift, 0.0)
         count += _tile_count(t, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        if ROW_SUMS:
-            s1 += tl.sum(d, axis=0, keep_dims=True)
-            s2 += tl.sum(d * d, axis=0, keep_dims=True)
-        else:
-            s1 += d
-            s2 += d * d
+        m1, m2 = _lane_moments(d, ROW_SUMS)
+        s1 += m1
+        s2 += m2
     n = count.to(tl.float32) + tl.zeros_like(anchor)
     total = _channel_sum(s1, S, PLANES, GATHER_SUMS)
     shifted_mean = total / tl.maximum(n, 1.0)
