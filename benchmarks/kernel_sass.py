@@ -13,10 +13,11 @@ cycle; at an H200's copy bandwidth (~4.3 TB/s over 132 SMs at 1.98 GHz: ~16.5 by
 pass that moves B bytes per value can afford about 4 * 32 * B / 16.5 instructions per value per thread
 (a bf16 statistics pass, 2 bytes: ~15.5; a bf16 normalize pass, 4 bytes: ~31) before issue, not memory,
 sets its speed; in practice well under that. Prints, per kernel and tile shape, the size of each loop
-(SASS instructions between a backward branch and its target), the first one (the per-tile loop) per
-value a thread holds, and the spills (LDL/STL); then the registers per thread, the programs a
-multiprocessor holds at once with them, and the waves the plan's grid takes on 132 multiprocessors (a
-grid of 1.2 waves runs its last 0.2 after the first programs finish, nearly alone).
+(SASS instructions between a backward branch and its target), the per-tile one (a reduction's first
+loop, an elementwise pass's last) per value a thread holds, and the spills (LDL/STL); then the
+registers per thread, the programs a multiprocessor holds at once with them, and the waves the plan's
+grid takes on 132 multiprocessors (a grid of 1.2 waves runs its last 0.2 after the first programs
+finish, nearly alone).
 
 Each shape is compiled with the tiles its plan gets (TILE / TILE_BYTES), specialized as Triton's launcher
 specializes them (16-divisible integers, S_BLOCKS of 1). Per busy value: per value over the share of lanes
@@ -54,6 +55,12 @@ SHAPES = [
 EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU": False}
 ELEMENTWISE = ("normalize", "dx")  # the passes that run `elementwise_plan`'s slices
 REDUCTIONS = ("stats", "grad sums")  # the passes that run REDUCTION_WARPS warps a program
+# LATE_COMBINE's constexprs (the elementwise passes combine 16 rows of partials, a ResNet-50 NCHW 14x14
+# layer's slices at batch 256), read when a reading runs: `--knob LATE_COMBINE=True` sets the knob then.
+LATE = {
+    "LATE": lambda *_: K.LATE_COMBINE,
+    "COMBINE_BLOCK": lambda plan, _: K._combine_block(plan, 16) if K.LATE_COMBINE else 1,
+}
 KERNELS = {  # name: (kernel, its other constexprs)
     "stats": (
         K._stats_kernel,
@@ -63,15 +70,23 @@ KERNELS = {  # name: (kernel, its other constexprs)
             "HAS_RUNNING": True,
             "STAGES": K._stats_stages,
             "ROW_SUMS": lambda plan, _: K._stats_row_sums(plan),
+            "LATE": lambda *_: K.LATE_COMBINE,
         },
     ),
-    "normalize": (K._apply_kernel, {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES}),
+    "normalize": (
+        K._apply_kernel,
+        {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES, **LATE, "HAS_RUNNING": LATE["LATE"]},
+    ),
     "grad sums": (
         K._grad_kernel,
-        {"SPLIT": True, "SPLIT_BLOCK": 16, "WRITE_DZ": False, "STAGES": lambda plan, _: K._grad_stages(plan)},
+        {"SPLIT": True, "SPLIT_BLOCK": 16, "WRITE_DZ": False, "STAGES": lambda plan, _: K._grad_stages(plan),
+         "LATE": LATE["LATE"]},
     ),
-    "dx": (K._input_grad_kernel, {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES}),
-}
+    "dx": (
+        K._input_grad_kernel,
+        {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES, **LATE},
+    ),
+}  # fmt: skip
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(?:\s+(0x[0-9a-f]+))?")
 
 
@@ -156,7 +171,7 @@ class Loop:
     kernel: str
     tile: str
     loops: tuple[int, ...]
-    per_value: float  # the first (per-tile) loop's instructions per value a thread holds
+    per_value: float  # the per-tile loop's instructions per value a thread holds
     per_busy_value: float  # ... per value that is not padding
     spills: int
     registers: int = 0
@@ -185,7 +200,10 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
             sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, reduction)
             loops, ops = loops_and_ops(sass)
             warps = K._block_args(plan, reduction)["num_warps"]
-            per_value = loops[0] / (plan.block_a * plan.block_b / (warps * 32)) if loops else float("nan")
+            # (the per-tile loop: a reduction's first, its combine's loops follow; an elementwise pass's last, a
+            # late combine's loop comes first)
+            per_tile = loops[-1 if kname in ELEMENTWISE else 0] if loops else float("nan")
+            per_value = per_tile / (plan.block_a * plan.block_b / (warps * 32))
             tile = f"{plan.block_a}x{plan.block_b}{' packed' if plan.packed else ''}{' grouped' if plan.group else ''}"
             resident = K.resident_programs(registers, shared, warps)
             if kname in ELEMENTWISE:  # the same tiles in more slices (the machine code does not change)
@@ -228,7 +246,7 @@ def main() -> int:
 
 def _report(args: argparse.Namespace) -> int:
     print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}; SASS instructions per loop iteration, and "
-          f"of the first loop (the per-tile loop) per value a thread holds and per busy value")  # fmt: skip
+          f"of the per-tile loop per value a thread holds and per busy value")  # fmt: skip
     itemsize = 4 if args.dtype == "fp32" else 2
     results = measure(args.dtype, args.arch)
     for r in results:

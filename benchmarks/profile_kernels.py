@@ -78,6 +78,9 @@ SETS = {
             # 14: the statistics issue-bound at 14x14, the scans half their instructions outside the loop)
             {"GATHER_GROUPED_SUMS": True},
             {"GATHER_GROUPED_SUMS": True, "GROUPED_STATS_ROW_SUMS": True},  # (+ 4 statistics programs an SM)
+            # the reductions' last combine level at the start of the elementwise passes' programs (session 15)
+            {"LATE_COMBINE": True},
+            {"LATE_COMBINE": True, "GATHER_GROUPED_SUMS": True},
             # channels-last reductions in blocks of 32 bf16 channels (the default 64 since run 13; 128 before)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
@@ -107,6 +110,7 @@ SETS = {
             {},
             {"GATHER_GROUPED_SUMS": True},  # (grouped shapes: 7x7, 14x14)
             {"GATHER_GROUPED_SUMS": True, "GROUPED_STATS_ROW_SUMS": True},
+            {"LATE_COMBINE": True},
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
@@ -125,6 +129,7 @@ SETS = {
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             # the reductions' alone (default 64 channels since run 13; run 10: all passes, below)
+            {"LATE_COMBINE": True},  # (session 15: the combine's last level off the reductions' critical path)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             DEPENDENT_LAUNCH,
@@ -212,6 +217,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "PACKED_REDUCTIONS",
         "GATHER_GROUPED_SUMS",
         "GROUPED_STATS_ROW_SUMS",
+        "LATE_COMBINE",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")

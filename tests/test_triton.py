@@ -290,6 +290,55 @@ def test_grouped_sums_by_gather_match_the_reference(monkeypatch, shape):
     _check_large_offset(channels=16)
 
 
+@pytest.mark.parametrize("case", ["nchw-one-group", "channels-last-groups"])
+def test_late_combine_matches_the_reference(monkeypatch, case):
+    """LATE_COMBINE: the reductions leave their last combine level to the elementwise passes, whose
+    programs each combine their channels' partial rows and whose slice 0 stores the statistics (with the
+    running ones) and the parameters' gradients. NCHW grouped planes whose slices are one group (the
+    reductions combine nothing, use no counter), and channels-last reductions in blocks narrower than the
+    elementwise passes' with several groups of slices (the groups' rows are combined late): a training
+    step with a residual and ReLU matches the reference, bit for bit again when repeated, the counters
+    are left at zero; a backward for the parameters alone (no elementwise pass) combines in the reduction."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "LATE_COMBINE", True)
+    targets = {"nchw-one-group": (6, 10), "channels-last-groups": (16, 7)}[case]
+    monkeypatch.setattr(
+        K, "_target_programs", lambda device, layout, elementwise=False, small=False: targets[elementwise]
+    )
+    if case == "nchw-one-group":
+        monkeypatch.setattr(K, "TILE", 512)
+        x, z, dy, w, b = _operands((9, 24, 5, 5), "contiguous", torch.float32)
+    else:
+        monkeypatch.setattr(K, "TILE", 32)
+        monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 64)  # (float32: elementwise blocks of 16 channels)
+        monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 4)
+        monkeypatch.setattr(K, "COMBINE_VALUES", 8)  # (groups of 2 slices)
+        x, z, dy, w, b = _operands((7, 12, 5, 3), "channels_last", torch.float32)
+    plan = K.make_plan(x, K.layout_of(x))
+    first, rows = K._late_rows(plan)
+    if case == "nchw-one-group":
+        assert plan.group == 8 and plan.splits > 1 and (first, rows) == (0, plan.splits)
+    else:
+        assert (plan.block_b, plan.apply.block_b) == (4, 16) and (first, rows) == (plan.splits, -(-plan.splits // 2))
+    assert "last combine in normalize" in K.describe_plans(x) and "last combine in dx" in K.describe_plans(x)
+    shared = torch.zeros(1024, dtype=torch.int32, device=DEVICE)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(K, "_semaphores", lambda device, count: shared)
+    _training_step_matches_reference(x, z, dy, w, b)
+    first_run = _run("triton", x, z, dy, w, b, training=True, activation="relu")
+    again = _run("triton", x, z, dy, w, b, training=True, activation="relu")
+    assert all(torch.equal(a, b) for a, b in zip((first_run[0], *first_run[1]), (again[0], *again[1]), strict=True))
+    if DEVICE == "cpu":
+        assert int(shared.count_nonzero()) == 0
+    params = {}
+    for backend in ("triton", "reference"):
+        wl, bl = (t.detach().clone().requires_grad_(True) for t in (w, b))
+        y = BF.batch_norm(x, None, None, wl, bl, True, 0.1, 1e-5, backend=backend, activation="relu")
+        params[backend] = torch.autograd.grad(y, (wl, bl), dy)
+    for name, ours, ref in zip(("dweight", "dbias"), params["triton"], params["reference"], strict=True):
+        _close(ours, ref, torch.float32, f"{name} (parameters alone)")
+
+
 def _check_large_offset(channels):
     # 1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 would lose every digit of the variance; Chan's update keeps them.
     gen = torch.Generator().manual_seed(0)

@@ -52,24 +52,39 @@ def compile_cases():
         # compiled once a kernel, split and with the fullest epilogue, to keep the cold compile short)
         gathers = (False, True) if blocks["PLANES"] >= 3 else (False,)
         layout = K.PLANES if blocks["PLANES"] else K.ROWS
+        # (LATE_COMBINE, a knob: the elementwise passes combine the reductions' partials; compiled for rows,
+        # plain and grouped planes, whose per-channel vectors differ in shape; packed planes' are plain
+        # planes', 16-channel groups' are 8-channel groups')
+        late_too = blocks["PLANES"] in (0, 1, 4)
         for split in (True, False):  # (pipelined as configured, and not: a knob a GPU session may turn)
             stages = K.STATS_STAGES[layout] if split else 1
             for gather in gathers if split else (False,):
                 for row_sums in dict.fromkeys((False, gather)):  # (grouped statistics' row sums: a knob)
                     yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split,
-                                            "STAGES": stages, "GATHER_SUMS": gather, "ROW_SUMS": row_sums}  # fmt: skip
+                                            "STAGES": stages, "GATHER_SUMS": gather, "ROW_SUMS": row_sums,
+                                            "LATE": False}  # fmt: skip
+            if split and late_too:
+                yield K._stats_kernel, {**blocks, **split_block, "SPLIT": True, "HAS_RUNNING": True, "STAGES": stages,
+                                        "GATHER_SUMS": False, "ROW_SUMS": False, "LATE": True}  # fmt: skip
         # The planes variants (packed, grouped) differ in tiling, not in the epilogue: two epilogues cover
         # them.
         ends = (epilogues[0], epilogues[-1])
         for ep in epilogues if blocks["PLANES"] <= 1 else ends:
             # (the elementwise passes pipelined 2 deep too, once an epilogue: a knob a GPU session may turn)
             apply_stages = (K.APPLY_STAGES[layout], 2) if ep == epilogues[0] else (K.APPLY_STAGES[layout],)
+            late = {"LATE": True, "COMBINE_BLOCK": 16, "HAS_RUNNING": True}
+            not_late = {"LATE": False, "COMBINE_BLOCK": 1, "HAS_RUNNING": False}
             for stages in dict.fromkeys(apply_stages):
-                yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"], "STAGES": stages}
+                yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"], "STAGES": stages,
+                                        **not_late}  # fmt: skip
+            if ep is ends[-1] and late_too:
+                yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": False, "STAGES": apply_stages[0], **late}
             stages = K.GRAD_STAGES[layout] if ep["HAS_WEIGHT"] else 1
             grad = {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "WRITE_DZ": ep["HAS_RESIDUAL"],
-                    "GATHER_SUMS": False}  # fmt: skip
+                    "GATHER_SUMS": False, "LATE": False}  # fmt: skip
             yield K._grad_kernel, {**grad, "STAGES": stages}
+            if ep is ends[-1] and late_too:
+                yield K._grad_kernel, {**grad, "STAGES": stages, "SPLIT": True, "LATE": True}
             if ep is ends[-1] and len(gathers) > 1:
                 yield K._grad_kernel, {**grad, "STAGES": stages, "GATHER_SUMS": True}
             if ep in ends and K.GRAD_STAGES_LONG[layout] != K.GRAD_STAGES[layout]:  # long loops' depth
@@ -78,7 +93,11 @@ def compile_cases():
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 for stages in dict.fromkeys(apply_stages if training else apply_stages[:1]):
-                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": stages}
+                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": stages, "LATE": False,
+                                                 "COMBINE_BLOCK": 1}  # fmt: skip
+                if training and ep is ends[-1] and late_too:
+                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": apply_stages[0], "LATE": True,
+                                                 "COMBINE_BLOCK": 16}  # fmt: skip
     single = {"BLOCK_N": 64, "BLOCK_S": 64}
     for ep in epilogues:
         yield K._single_tile_forward_kernel, {**single, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}

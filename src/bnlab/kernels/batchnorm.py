@@ -412,6 +412,17 @@ GATHER_GROUPED_SUMS = False
 GROUPED_STATS_ROW_SUMS = False
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
+# Split training directions: the reductions' last combine level (the whole combine where a channel block's
+# slices are one group of SPLIT_BLOCK, as at NCHW 7x7/14x14) done at the start of every elementwise
+# program of the channel block instead of by the reduction's last program (device `_gather`,
+# `_late_stats`, `_late_coefficients`): off the critical path between the two kernels go an arrival
+# (a fence and an atomic), the reload of the partials and the finalize's stores (and the running
+# statistics' read), ~2-3 round trips to L2; each elementwise program instead loads the rows (the
+# slices', or their groups': ~16 x its channels x 3 floats, in the round trip that loaded mean and invstd)
+# and combines them, and slice 0 stores the results. Session 15 (no GPU): built from NOTES' list of
+# levers (the small layers' reductions take ~4x their traffic time); untimed, off until a GPU session
+# times it (candidate).
+LATE_COMBINE = False
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
 # layout, software-pipelined through shared memory (1: not pipelined; shared memory per program: up to
 # STAGES - 1 tiles of each tensor read). On an H200 (bf16, per-kernel profile, benchmarks/NOTES.md), with
@@ -472,9 +483,32 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _program_channels(plan: Plan) -> int:
+    """Channels a program of `plan` takes (a partial row's span of them)."""
+    return plan.block_b if plan.layout == ROWS else plan.group or 1
+
+
 def _split_block(plan: Plan) -> int:
-    channels = plan.block_b if plan.layout == ROWS else plan.group or 1  # channels a partial row spans
-    return max(1, min(_pow2(plan.splits), COMBINE_VALUES // channels))
+    return max(1, min(_pow2(plan.splits), COMBINE_VALUES // _program_channels(plan)))
+
+
+def _late(plan: Plan) -> bool:
+    """Whether a reduction launched over `plan` leaves its last combine level to the elementwise pass
+    (LATE_COMBINE; one slice a channel block has nothing to combine)."""
+    return LATE_COMBINE and plan.splits > 1
+
+
+def _late_rows(plan: Plan) -> tuple[int, int]:
+    """(first row, rows) of the partials that the elementwise pass combines after a LATE reduction launched
+    over `plan`: the slices' own rows where they are one group, else the groups' rows (device `_gather`)."""
+    groups = _cdiv(plan.splits, _split_block(plan))
+    return (0, plan.splits) if groups == 1 else (plan.splits, groups)
+
+
+def _combine_block(plan: Plan, rows: int) -> int:
+    """Rows a step of an elementwise program's late combine of `rows` rows over `plan`'s channels (at
+    most COMBINE_VALUES values a step, as the reductions' `_split_block`; 1 where none: one variant)."""
+    return max(1, min(_pow2(rows), COMBINE_VALUES // _program_channels(plan)))
 
 
 def make_plan(x: torch.Tensor, layout: str) -> Plan:
@@ -553,6 +587,8 @@ def describe_plans(x: torch.Tensor) -> str:
             stages = _grad_stages(reduce)
             if direction == "backward" and stages != GRAD_STAGES[plan.layout]:
                 how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
+            if _late(reduce):
+                how += f" (last combine in {elementwise})"
             if cut:
                 how += " (cut to one wave)"
         if tiles := _tiling(plan):
@@ -683,10 +719,10 @@ def _one_wave_on(device: torch.device) -> bool:
     return ONE_WAVE and device.type == "cuda"
 
 
-def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of) -> None:
-    """Launch `kernel` over `plan`, first cut to one wave (ONE_WAVE) on a GPU. `args_of(plan)`,
-    `options_of(plan)`: its arguments and its constexprs and options (both may change with the slices,
-    e.g. the combine's step)."""
+def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of) -> Plan:
+    """Launch `kernel` over `plan`, first cut to one wave (ONE_WAVE) on a GPU; the plan launched.
+    `args_of(plan)`, `options_of(plan)`: its arguments and its constexprs and options (both may change with
+    the slices, e.g. the combine's step)."""
     args, options = args_of(plan), options_of(plan)
     if _one_wave_on(device):
         fitted = within(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
@@ -694,6 +730,7 @@ def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of) -> No
             _FITTED[(kernel, plan)] = plan = fitted
             args, options = args_of(plan), options_of(plan)
     kernel[plan.grid](*args, **options)
+    return plan
 
 
 # The plans `_launch` cut, by (kernel, planned): what a launch of that plan ran (for `describe_plans`).
@@ -851,19 +888,23 @@ def forward(
     stats = (running_mean, running_var) if from_running else (mean, invstd)
     apply = _elementwise_passes(plan, x.device)
 
+    late = None  # (first row, rows) of the partials that normalize combines (LATE_COMBINE)
     if training:
-        _launch(
+        reduced = _launch(
             _stats_kernel, plan, x.device,
             lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                           STAGES=_stats_stages(p, x.element_size()), ROW_SUMS=_stats_row_sums(p),
+                           STAGES=_stats_stages(p, x.element_size()), ROW_SUMS=_stats_row_sums(p), LATE=_late(p),
                            **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
+        late = _late_rows(reduced) if _late(reduced) else None
+    combined = (*partials[:3], *running) if late else (dummy,) * 5
     _launch(
         _apply_kernel, apply, x.device,
-        lambda p: (x, z, y, *stats, *params, *_shape_args(p), eps),
-        lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **epilogue, **_block_args(p),
-                       **launch),
+        lambda p: (x, z, y, *stats, *params, *combined, *_shape_args(p), eps, momentum, *(late or (0, 0))),
+        lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], LATE=late is not None,
+                       COMBINE_BLOCK=_combine_block(p, late[1]) if late else 1,
+                       HAS_RUNNING=has_running and late is not None, **epilogue, **_block_args(p), **launch),
     )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
 
@@ -937,18 +978,26 @@ def backward(
         elementwise = dx is not None or (dz is not None and not dz_early)
         apply = _elementwise_passes(plan, x.device) if elementwise else plan
 
+        # (dx combines the sums' partials only in training, where it needs them; coef stays allocated: a
+        # launch cut to one slice finalizes into it)
+        late_ok = training and elementwise
+        late = None  # (first row, rows) of the partials that dx combines (LATE_COMBINE)
         if reduce:
-            _launch(
+            reduced = _launch(
                 _grad_kernel, plan, x.device,
                 lambda p: (*sums_args, *_shape_args(p)),
                 lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
-                               **sums_options, **_block_args(p, reduction=True), **launch),
+                               LATE=late_ok and _late(p), **sums_options, **_block_args(p, reduction=True), **launch),
             )  # fmt: skip
+            late = _late_rows(reduced) if late_ok and _late(reduced) else None
         if elementwise:
+            combined = (*partials[:2], dweight, dbias) if late else (dummy,) * 4
             _launch(
                 _input_grad_kernel, apply, x.device,
-                lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *_shape_args(p)),
-                lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **writes, **flags,
+                lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *combined, *_shape_args(p),
+                           *(late or (0, 0))),
+                lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], LATE=late is not None,
+                               COMBINE_BLOCK=_combine_block(p, late[1]) if late else 1, **writes, **flags,
                                **_block_args(p), **launch),
             )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz

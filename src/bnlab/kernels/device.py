@@ -21,7 +21,9 @@ and accumulates per lane (no cross-lane reduction inside its loop), reduces its 
 and writes one partial result per (slice, channel). The programs that finish last (integer atomic
 counters, the only atomics) combine the partials in slice order, in two levels (see the combining
 section), and finalize; no float atomics, so results are identical run to run, and no separate
-finalize launch. When one slice covers the whole channel the program finalizes directly. Each
+finalize launch (or, the planner's LATE_COMBINE, the last level is left to the elementwise kernel that
+follows, each of whose programs combines its channels' rows at its start: `_late_stats`,
+`_late_coefficients`). When one slice covers the whole channel the program finalizes directly. Each
 program's sums are shifted by the mean of its first tile (the pivot), so that a large common offset
 (1e4 + N(0, 1)) never enters a rounded sum of squares; the programs' (count, mean, M2), their means
 relative to the channel's first value (digits kept near a large offset), are combined with Chan et
@@ -271,7 +273,10 @@ def _slice(pid_s, TILES, tiles_per_split):
 # workspaces of K + G rows. They finish in groups of SPLIT_BLOCK (G groups): the last member of a group
 # to arrive combines the group's rows into row K + g, and the last group to finish combines the G group
 # rows: two short steps on the critical path instead of one long loop over K partials. Every combine
-# runs in row order, so the result does not depend on who finishes when (deterministic).
+# runs in row order, so the result does not depend on who finishes when (deterministic). With LATE the
+# reduction stops after the groups (or, with one group, before any combine) and the elementwise programs
+# combine the rows left (`_late_stats`, `_late_coefficients`), in row order too: the reduction ends with
+# its groups' rows written (with one group, with its partials), its finalize moved to the next kernel.
 # sem_ptr holds int32 counters, zero whenever no kernel runs: [0, U) per channel block (U = channel
 # blocks), then G per block for the groups.
 
@@ -312,9 +317,14 @@ def _reduce_rows(p0, p1, p2, start, end, cols, cmask, C, SPLIT_BLOCK: tl.constex
 
 
 @triton.jit
-def _gather(p0, p1, p2, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK: tl.constexpr, CHAN: tl.constexpr):
+def _gather(
+    p0, p1, p2, sem_ptr, unit, split, UNITS, cols, cmask, C,
+    SPLIT_BLOCK: tl.constexpr, CHAN: tl.constexpr, LATE: tl.constexpr,
+):  # fmt: skip
     """After this program stored its partial in row `split`: (done, a, b, c), done for the one program
-    that ends up holding the channel block's combined result (a, b, c); see the section comment."""
+    that ends up holding the channel block's combined result (a, b, c); see the section comment. LATE:
+    the last level is left to the elementwise pass (`_late_stats`, `_late_coefficients`): the groups'
+    rows are written and no program is done; with a single group nothing is combined here at all."""
     splits = tl.num_programs(1)
     groups = tl.cdiv(splits, SPLIT_BLOCK)
     group = split // SPLIT_BLOCK
@@ -324,19 +334,25 @@ def _gather(p0, p1, p2, sem_ptr, unit, split, UNITS, cols, cmask, C, SPLIT_BLOCK
     a = tl.zeros(cols.shape, tl.float32)
     b = tl.zeros(cols.shape, tl.float32)
     c = tl.zeros(cols.shape, tl.float32)
-    if _arrive(sem_ptr + UNITS + unit * groups + group, members):
-        a, b, c = _reduce_rows(p0, p1, p2, first, first + members, cols, cmask, C, SPLIT_BLOCK, CHAN)
-        if groups == 1:
-            done = split >= 0
-        else:
-            row = (splits + group) * C + cols
-            tl.store(p0 + row, a, mask=cmask)
-            tl.store(p1 + row, b, mask=cmask)
-            if CHAN:
-                tl.store(p2 + row, c, mask=cmask)
-            if _arrive(sem_ptr + unit, groups):
-                a, b, c = _reduce_rows(p0, p1, p2, splits, splits + groups, cols, cmask, C, SPLIT_BLOCK, CHAN)
+    if LATE:
+        grouped = groups > 1
+    else:
+        grouped = split >= 0  # (True)
+    if grouped:
+        if _arrive(sem_ptr + UNITS + unit * groups + group, members):
+            a, b, c = _reduce_rows(p0, p1, p2, first, first + members, cols, cmask, C, SPLIT_BLOCK, CHAN)
+            if groups == 1:
                 done = split >= 0
+            else:
+                row = (splits + group) * C + cols
+                tl.store(p0 + row, a, mask=cmask)
+                tl.store(p1 + row, b, mask=cmask)
+                if CHAN:
+                    tl.store(p2 + row, c, mask=cmask)
+                if not LATE:
+                    if _arrive(sem_ptr + unit, groups):
+                        a, b, c = _reduce_rows(p0, p1, p2, splits, splits + groups, cols, cmask, C, SPLIT_BLOCK, CHAN)
+                        done = split >= 0
     return done, a, b, c
 
 
@@ -405,14 +421,28 @@ def _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, 
 
 
 @triton.jit
+def _mean_invstd(n, rel_mean, m2, anchor, eps):
+    """A channel's (mean, invstd) from its combined (count, mean relative to `anchor`, M2)."""
+    var = m2 / tl.maximum(n, 1.0)  # n is 0 only in padding lanes past C, whose stores are masked
+    return anchor + rel_mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
 def _finalize_stats(
     n, rel_mean, m2, anchor, cols, cmask, eps, momentum,
     mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
-    mean = anchor + rel_mean
-    var = m2 / tl.maximum(n, 1.0)  # n is 0 only in padding lanes past C, whose stores are masked
+    mean, invstd = _mean_invstd(n, rel_mean, m2, anchor, eps)
+    _store_stats(mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)
+
+
+@triton.jit
+def _store_stats(
+    mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING: tl.constexpr
+):  # fmt: skip
+    """Store the batch statistics (for the backward) and update the running ones in place."""
     tl.store(mean_out + cols, mean, mask=cmask)
-    tl.store(invstd_out + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    tl.store(invstd_out + cols, invstd, mask=cmask)
     if HAS_RUNNING:
         rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -438,12 +468,41 @@ def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constex
 
 
 @triton.jit
+def _late_stats(
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, first_row, rows, split, cols, cmask, C, S, eps, momentum,
+    mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    PLANES: tl.constexpr, COMBINE_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    """LATE: (mean, invstd) of the program's channels from the statistics' partial rows [first_row, +rows)
+    (the slices' own, or their groups'), combined in row order, COMBINE_BLOCK rows a step: what the
+    statistics' last program would have done (see `_gather`). Every program of a channel computes the
+    same values; its slice 0 also stores them (for the backward) and updates the running statistics."""
+    anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
+    n, rel_mean, m2 = _reduce_rows(
+        pn_ptr, pmean_ptr, pm2_ptr, first_row, first_row + rows, cols, cmask, C, COMBINE_BLOCK, True
+    )
+    mean, invstd = _mean_invstd(n, rel_mean, m2, anchor, eps)
+    if split == 0:
+        _store_stats(mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)
+    return mean, invstd
+
+
+@triton.jit
 def _normalizer(
     mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B: tl.constexpr,
     PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """invstd per channel, and shaped for the tiles: mean, scale = invstd * weight, shift = bias."""
     mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
+    return _normalizer_of(mean, invstd, w_ptr, b_ptr, cols, cmask, S, BLOCK_B, PLANES, HAS_WEIGHT, HAS_BIAS)
+
+
+@triton.jit
+def _normalizer_of(
+    mean, invstd, w_ptr, b_ptr, cols, cmask, S, BLOCK_B: tl.constexpr,
+    PLANES: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """`_normalizer` for a mean and invstd at hand."""
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
     return (
         invstd,
@@ -552,13 +611,37 @@ def _slice_grad_sums(
 
 
 @triton.jit
-def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C):
+def _grad_coefficients(sum_g, sum_gc, n, invstd):
+    """(dweight, k1, k2) from a channel's gradient sums: dx = weight * invstd * (g - k1 - (x - mean) * k2),
+    k1 = mean of g, k2 = invstd * mean of g * x_hat."""
     dweight = sum_gc * invstd
+    return dweight, sum_g / n, dweight * invstd / n
+
+
+@triton.jit
+def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C):
+    dweight, k1, k2 = _grad_coefficients(sum_g, sum_gc, n, invstd)
     tl.store(dw_ptr + cols, dweight, mask=cmask)
     tl.store(db_ptr + cols, sum_g, mask=cmask)
-    # dx = weight * invstd * (g - k1 - (x - mean) * k2): k1 = mean of g, k2 = invstd * mean of g * x_hat.
-    tl.store(coef_ptr + cols, sum_g / n, mask=cmask)
-    tl.store(coef_ptr + C + cols, dweight * invstd / n, mask=cmask)
+    tl.store(coef_ptr + cols, k1, mask=cmask)
+    tl.store(coef_ptr + C + cols, k2, mask=cmask)
+
+
+@triton.jit
+def _late_coefficients(
+    psum_ptr, psumc_ptr, first_row, rows, split, cols, cmask, C, n, invstd, dw_ptr, db_ptr,
+    COMBINE_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """LATE: (k1, k2) of the program's channels from the gradient sums' partial rows [first_row, +rows)
+    (see `_late_stats`); slice 0 of each channel block also stores dweight and dbias."""
+    sum_g, sum_gc, _ = _reduce_rows(
+        psum_ptr, psumc_ptr, psumc_ptr, first_row, first_row + rows, cols, cmask, C, COMBINE_BLOCK, False
+    )
+    dweight, k1, k2 = _grad_coefficients(sum_g, sum_gc, n, invstd)
+    if split == 0:
+        tl.store(dw_ptr + cols, dweight, mask=cmask)
+        tl.store(db_ptr + cols, sum_g, mask=cmask)
+    return k1, k2
 
 
 @triton.jit
@@ -616,7 +699,7 @@ def _stats_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr, LATE: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
@@ -628,8 +711,9 @@ def _stats_kernel(
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
         done, n_c, mean_c, m2_c = _gather(
-            pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK, True
-        )
+            pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, unit, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK, True,
+            LATE,
+        )  # fmt: skip
         if done:
             _finalize_stats(n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
                             mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)  # fmt: skip
@@ -641,19 +725,28 @@ def _stats_kernel(
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps,
+    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, pn_ptr, pmean_ptr, pm2_ptr, rmean_ptr, rvar_ptr,
+    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum, first_row, rows,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    STAGES: tl.constexpr, PDL: tl.constexpr,
+    STAGES: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
+    HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
+    """LATE: the statistics are combined here from their partials (`_late_stats`; mean_ptr and invstd_ptr
+    are then outputs); otherwise read (saved, or running ones: FROM_RUNNING)."""
     _after_previous_kernel(PDL)
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-    _, mean, scale, shift = _normalizer(
-        mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, eps, S, BLOCK_B, PLANES, FROM_RUNNING, HAS_WEIGHT, HAS_BIAS
-    )
+    if LATE:
+        mean, invstd = _late_stats(
+            x_ptr, pn_ptr, pmean_ptr, pm2_ptr, first_row, rows, split, cols, cmask, C, S, eps, momentum,
+            mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, PLANES, COMBINE_BLOCK, HAS_RUNNING,
+        )  # fmt: skip
+    else:
+        mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
+    _, mean, scale, shift = _normalizer_of(mean, invstd, w_ptr, b_ptr, cols, cmask, S, BLOCK_B, PLANES, HAS_WEIGHT,
+                                           HAS_BIAS)  # fmt: skip
     _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
                  BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES)  # fmt: skip
 
@@ -665,7 +758,7 @@ def _grad_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-    GATHER_SUMS: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, LATE: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
@@ -683,7 +776,7 @@ def _grad_kernel(
         tl.store(psumc_ptr + split * C + cols, sum_gc, mask=cmask)
         done, all_g, all_gc, _ = _gather(
             psum_ptr, psumc_ptr, psumc_ptr, sem_ptr, unit, split, tl.num_programs(0), cols, cmask, C, SPLIT_BLOCK,
-            False,
+            False, LATE,
         )  # fmt: skip
         if done:
             _finalize_grads(all_g, all_gc, count, cols, cmask, invstd, dw_ptr, db_ptr, coef_ptr, C)
@@ -693,22 +786,32 @@ def _grad_kernel(
 
 @triton.jit
 def _input_grad_kernel(
-    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split,
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr, psum_ptr, psumc_ptr,
+    dw_ptr, db_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, first_row, rows,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """LATE (training): dx's coefficients combined here from the gradient sums' partials
+    (`_late_coefficients`, which also stores dweight and dbias); otherwise read from coef_ptr."""
     _after_previous_kernel(PDL)
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-    _, mean, scale, shift = _normalizer(
+    invstd, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     k1 = mean
     k2 = mean
-    if TRAINING:
+    if LATE:
+        count = (N * S).to(tl.float32)
+        k1, k2 = _late_coefficients(
+            psum_ptr, psumc_ptr, first_row, rows, split, cols, cmask, C, count, invstd, dw_ptr, db_ptr, COMBINE_BLOCK
+        )
+        k1 = _spread(k1, S, BLOCK_B, PLANES)
+        k2 = _spread(k2, S, BLOCK_B, PLANES)
+    elif TRAINING:
         k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
