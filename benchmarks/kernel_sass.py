@@ -71,6 +71,7 @@ KERNELS = {  # name: (kernel, its other constexprs)
             "STAGES": K._stats_stages,
             "ROW_SUMS": lambda plan, _: K._stats_row_sums(plan),
             "LATE": lambda *_: K.LATE_COMBINE,
+            "PREFETCH": lambda plan, _: K.STATS_PREFETCH[plan.layout],
         },
     ),
     "normalize": (

@@ -81,6 +81,8 @@ SETS = {
             # the reductions' last combine level at the start of the elementwise passes' programs (session 15)
             {"LATE_COMBINE": True},
             {"LATE_COMBINE": True, "GATHER_GROUPED_SUMS": True},
+            # channels-last statistics' next tile prefetched in registers (session 15: latency-bound, run 16)
+            {"STATS_PREFETCH": {"planes": False, "rows": True}},
             # channels-last reductions in blocks of 32 bf16 channels (the default 64 since run 13; 128 before)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
@@ -130,6 +132,7 @@ SETS = {
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             # the reductions' alone (default 64 channels since run 13; run 10: all passes, below)
             {"LATE_COMBINE": True},  # (session 15: the combine's last level off the reductions' critical path)
+            {"STATS_PREFETCH": {"planes": False, "rows": True}},  # (session 15: two tiles in flight a program)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             DEPENDENT_LAUNCH,
@@ -166,6 +169,7 @@ PLAN_KNOBS = {
     "PACKED_REDUCTION_TILE",
     "GATHER_GROUPED_SUMS",
     "GROUPED_STATS_ROW_SUMS",
+    "STATS_PREFETCH",
 }
 
 
@@ -218,6 +222,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "GATHER_GROUPED_SUMS",
         "GROUPED_STATS_ROW_SUMS",
         "LATE_COMBINE",
+        "STATS_PREFETCH",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
@@ -283,13 +288,13 @@ def _plan_knobs(knobs: dict) -> dict:
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:
     """Whether `knobs` change the plans (the reductions', the elementwise passes'), the gradient
-    sums' depth, the combine's step or the reductions' constexprs (GATHER_SUMS, ROW_SUMS) on this shape (planning
-    asks the GPU's multiprocessor count: an uninitialised tensor on the device)."""
+    sums' depth, the combine's step or the reductions' constexprs (GATHER_SUMS, ROW_SUMS, PREFETCH) on
+    this shape (planning asks the GPU's multiprocessor count: an uninitialised tensor on the device)."""
     x = _planning_tensor(shape, layout, dtype, device)
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x))
-        kernel_args = (K._block_args(p, True), K._stats_row_sums(p))
+        kernel_args = (K._block_args(p, True), K._stats_row_sums(p), K.STATS_PREFETCH[p.layout])
         return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p), kernel_args
 
     before = plan()

@@ -124,6 +124,9 @@ def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():
     assert changes((256, 16, 7, 7), {"GATHER_GROUPED_SUMS": True})  # the reductions' constexprs, same plan
     assert not changes((8, 16, 56, 56), {"GATHER_GROUPED_SUMS": True})  # (not grouped: one compiled variant)
     assert changes((256, 16, 7, 7), {"GROUPED_STATS_ROW_SUMS": True})
+    channels_last = {"STATS_PREFETCH": {"planes": False, "rows": True}}  # (the statistics' PREFETCH constexpr)
+    assert not changes((8, 16, 7, 7), channels_last)
+    assert profile_kernels._changes(K, (8, 16, 7, 7), "channels_last", torch.bfloat16, channels_last, device="cpu")
     # a setting's other knobs (PDL) do not make it count as a plan change
     assert profile_kernels._plan_knobs({"TILE": 8192, "PDL": True}) == {"TILE": 8192}
     assert profile_kernels._plan_knobs(profile_kernels.DEPENDENT_LAUNCH) == {}

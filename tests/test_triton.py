@@ -339,6 +339,28 @@ def test_late_combine_matches_the_reference(monkeypatch, case):
         _close(ours, ref, torch.float32, f"{name} (parameters alone)")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_statistics_prefetched_in_registers_match_the_reference(monkeypatch, layout):
+    """STATS_PREFETCH: the statistics' loop loads the next tile before the current tile's arithmetic (slices
+    of 1 to several tiles here, the last tile of a slice prefetching nothing); the batch statistics (the
+    output, the running ones) match the reference, and a large common offset keeps its digits."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 16)
+    monkeypatch.setattr(K, "STATS_PREFETCH", {K.PLANES: True, K.ROWS: True})
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 6)
+    x, *_ = _operands((7, 3, 5, 3), layout, torch.float32)
+    plan = K.make_plan(x, K.layout_of(x))
+    assert plan.per_split > 2 and plan.tiles % plan.per_split and K._stats_stages(plan, 4) == 1
+    outputs = {}
+    for backend in ("triton", "reference"):
+        rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        y = BF.batch_norm(x, rm, rv, None, None, True, 0.5, 1e-5, backend=backend)
+        outputs[backend] = (y, rm, rv)
+    for name, ours, ref in zip(("output", "running mean", "running var"), *outputs.values(), strict=True):
+        _close(ours, ref, torch.float32, name)
+    _check_large_offset(channels=3)
+
+
 def _check_large_offset(channels):
     # 1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 would lose every digit of the variance; Chan's update keeps them.
     gen = torch.Generator().manual_seed(0)

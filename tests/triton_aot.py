@@ -62,10 +62,12 @@ def compile_cases():
                 for row_sums in dict.fromkeys((False, gather)):  # (grouped statistics' row sums: a knob)
                     yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split,
                                             "STAGES": stages, "GATHER_SUMS": gather, "ROW_SUMS": row_sums,
-                                            "LATE": False}  # fmt: skip
-            if split and late_too:
-                yield K._stats_kernel, {**blocks, **split_block, "SPLIT": True, "HAS_RUNNING": True, "STAGES": stages,
-                                        "GATHER_SUMS": False, "ROW_SUMS": False, "LATE": True}  # fmt: skip
+                                            "LATE": False, "PREFETCH": False}  # fmt: skip
+            if split and late_too:  # (and prefetched in registers, STATS_PREFETCH: a knob)
+                knobs = {**blocks, **split_block, "SPLIT": True, "HAS_RUNNING": True, "GATHER_SUMS": False,
+                         "ROW_SUMS": False}  # fmt: skip
+                yield K._stats_kernel, {**knobs, "STAGES": stages, "LATE": True, "PREFETCH": False}
+                yield K._stats_kernel, {**knobs, "STAGES": 1, "LATE": False, "PREFETCH": True}
         # The planes variants (packed, grouped) differ in tiling, not in the epilogue: two epilogues cover
         # them.
         ends = (epilogues[0], epilogues[-1])

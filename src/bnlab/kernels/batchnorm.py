@@ -436,6 +436,14 @@ STATS_STAGES = {PLANES: 3, ROWS: 1}
 # float32 channels-last forward to 0.921 (both directions 0.965) but bf16 to 1.042 (1.017); run 10's
 # bf16 profile (set `cl`) has it 1.00-1.06 a step on all 12 channels-last shapes.
 STATS_STAGES_FLOAT32 = {PLANES: 3, ROWS: 2}
+# ... or, per layout, not pipelined through shared memory but prefetched in registers (device `_slice_stats`:
+# the next tile's load issued before the current tile's arithmetic, two tiles in flight a program; the
+# statistics then take 1 stage). For the channels-last statistics of the small layers: session 14's ncu
+# (run 16, bf16 256x256x14x14, 4 x 131 programs of ~6 tiles) found them latency-bound, 38% of issue slots
+# busy, DRAM 23% of peak, a third of the stalls on loads; each unpipelined tile waits for its load, and 2
+# stages through shared memory lost in bf16 (run 10: 1.00-1.06 a step). sm_90, Triton 3.6 (session 15):
+# see NOTES. Untimed: off until a GPU session times it (candidate).
+STATS_PREFETCH = {PLANES: False, ROWS: False}
 GRAD_STAGES = {PLANES: 2, ROWS: 2}
 # The gradient sums of programs that loop over at least LONG_LOOP_TILES tiles take GRAD_STAGES_LONG: the
 # two NCHW numbers above are 66 tiles a program (3 stages better by 15%) and 13 (2 better by 16%). The
@@ -448,7 +456,9 @@ APPLY_STAGES = {PLANES: 1, ROWS: 1}
 
 
 def _stats_stages(plan: Plan, itemsize: int) -> int:
-    """The statistics' pipeline depth for `plan` over values of `itemsize` bytes."""
+    """The statistics' pipeline depth for `plan` over values of `itemsize` bytes (1 where prefetched)."""
+    if STATS_PREFETCH[plan.layout]:
+        return 1
     return (STATS_STAGES_FLOAT32 if itemsize == 4 else STATS_STAGES)[plan.layout]
 
 
@@ -895,6 +905,7 @@ def forward(
             lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
                            STAGES=_stats_stages(p, x.element_size()), ROW_SUMS=_stats_row_sums(p), LATE=_late(p),
+                           PREFETCH=STATS_PREFETCH[p.layout],
                            **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
         late = _late_rows(reduced) if _late(reduced) else None

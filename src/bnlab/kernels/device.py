@@ -376,20 +376,35 @@ def _lane_moments(d, ROW_SUMS: tl.constexpr):
 
 
 @triton.jit
+def _tile_values(x_ptr, t, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                 PLANES: tl.constexpr):  # fmt: skip
+    """Tile t's values as stored (not converted), or zeros where t is past the slice (t_end): a
+    prefetch's load, which must not read the next slice's tile."""
+    base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    # (the bound broadcast first: Triton's interpreter refuses a scalar condition in a tensor mask)
+    return tl.load(x_ptr + base + offs, mask=mask & (tl.zeros(mask.shape, tl.int32) + t < t_end), other=0.0)
+
+
+@triton.jit
 def _slice_stats(
     x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, STAGES: tl.constexpr,
-    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """(count, mean relative to `anchor`, M2) per channel over the unit's tiles [t_start, t_end), t_start < t_end.
 
     Sums per lane, shifted by the first tile's mean (the pivot); one reduction across lanes at the end.
     STAGES > 1: the loop's loads are software-pipelined through shared memory (`tl.range`'s num_stages).
+    PREFETCH (with STAGES 1): the next tile's load is issued before the current tile's arithmetic, in
+    registers (double-buffered, as stored: bf16 costs half the registers of its float32 values), so that
+    two loads of a program are in flight, not one; the second tile's load also overlaps the pivot's sum.
     ROW_SUMS: each lane's values summed over the tile's rows as they come (fewer registers: the grouped
     planes' few rows, in one thread each).
     """
     base, offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if PREFETCH:
+        ahead = _tile_values(x_ptr, t_start + 1, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     count = _tile_count(t_start, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     # (planes: the scalar sum, shaped like the anchor to broadcast over the tiles)
     pivot = _channel_sum(x, S, PLANES, GATHER_SUMS) / count.to(tl.float32) + tl.zeros_like(anchor)
@@ -398,7 +413,11 @@ def _slice_stats(
     s1, s2 = _lane_moments(d, ROW_SUMS)
     for t in tl.range(t_start + 1, t_end, num_stages=STAGES):
         base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x = ahead.to(tl.float32)
+            ahead = _tile_values(x_ptr, t + 1, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        else:
+            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift, 0.0)
         count += _tile_count(t, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         m1, m2 = _lane_moments(d, ROW_SUMS)
@@ -699,7 +718,7 @@ def _stats_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr, LATE: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr, LATE: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
@@ -707,7 +726,7 @@ def _stats_kernel(
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
     n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES,
-                                   STAGES, GATHER_SUMS, ROW_SUMS)  # fmt: skip
+                                   STAGES, GATHER_SUMS, ROW_SUMS, PREFETCH)  # fmt: skip
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
         done, n_c, mean_c, m2_c = _gather(
