@@ -498,8 +498,15 @@ def _program_channels(plan: Plan) -> int:
     return plan.block_b if plan.layout == ROWS else plan.group or 1
 
 
+def _combine_block(plan: Plan, rows: int) -> int:
+    """Rows a step of a combine of `rows` partial rows over the channels of `plan`'s programs: at most
+    COMBINE_VALUES values a step."""
+    return max(1, min(_pow2(rows), COMBINE_VALUES // _program_channels(plan)))
+
+
 def _split_block(plan: Plan) -> int:
-    return max(1, min(_pow2(plan.splits), COMBINE_VALUES // _program_channels(plan)))
+    """The reductions' groups of slices (device `_gather`): a combine step over all of `plan`'s slices."""
+    return _combine_block(plan, plan.splits)
 
 
 def _late(plan: Plan) -> bool:
@@ -508,17 +515,20 @@ def _late(plan: Plan) -> bool:
     return LATE_COMBINE and plan.splits > 1
 
 
-def _late_rows(plan: Plan) -> tuple[int, int]:
-    """(first row, rows) of the partials that the elementwise pass combines after a LATE reduction launched
-    over `plan`: the slices' own rows where they are one group, else the groups' rows (device `_gather`)."""
-    groups = _cdiv(plan.splits, _split_block(plan))
-    return (0, plan.splits) if groups == 1 else (plan.splits, groups)
+def _late_rows(reduced: Plan) -> tuple[int, int] | None:
+    """(first row, rows) of the partials that the elementwise pass combines after a reduction launched
+    over `reduced`: the slices' own rows where they are one group, else the groups' rows (device
+    `_gather`); None where the reduction finalized itself (not `_late`)."""
+    if not _late(reduced):
+        return None
+    groups = _cdiv(reduced.splits, _split_block(reduced))
+    return (0, reduced.splits) if groups == 1 else (reduced.splits, groups)
 
 
-def _combine_block(plan: Plan, rows: int) -> int:
-    """Rows a step of an elementwise program's late combine of `rows` rows over `plan`'s channels (at
-    most COMBINE_VALUES values a step, as the reductions' `_split_block`; 1 where none: one variant)."""
-    return max(1, min(_pow2(rows), COMBINE_VALUES // _program_channels(plan)))
+def _late_options(apply: Plan, late: tuple[int, int] | None) -> dict[str, int | bool]:
+    """The elementwise kernels' LATE constexprs over `apply` for `late` (`_late_rows`); one variant where
+    not late."""
+    return {"LATE": late is not None, "COMBINE_BLOCK": _combine_block(apply, late[1]) if late else 1}
 
 
 def make_plan(x: torch.Tensor, layout: str) -> Plan:
@@ -908,13 +918,12 @@ def forward(
                            PREFETCH=STATS_PREFETCH[p.layout],
                            **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
-        late = _late_rows(reduced) if _late(reduced) else None
+        late = _late_rows(reduced)
     combined = (*partials[:3], *running) if late else (dummy,) * 5
     _launch(
         _apply_kernel, apply, x.device,
         lambda p: (x, z, y, *stats, *params, *combined, *_shape_args(p), eps, momentum, *(late or (0, 0))),
-        lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], LATE=late is not None,
-                       COMBINE_BLOCK=_combine_block(p, late[1]) if late else 1,
+        lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late),
                        HAS_RUNNING=has_running and late is not None, **epilogue, **_block_args(p), **launch),
     )  # fmt: skip
     return (y, None, None) if from_running else (y, mean, invstd)
@@ -1000,15 +1009,14 @@ def backward(
                 lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
                                LATE=late_ok and _late(p), **sums_options, **_block_args(p, reduction=True), **launch),
             )  # fmt: skip
-            late = _late_rows(reduced) if late_ok and _late(reduced) else None
+            late = _late_rows(reduced) if late_ok else None
         if elementwise:
             combined = (*partials[:2], dweight, dbias) if late else (dummy,) * 4
             _launch(
                 _input_grad_kernel, apply, x.device,
                 lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *combined, *_shape_args(p),
                            *(late or (0, 0))),
-                lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], LATE=late is not None,
-                               COMBINE_BLOCK=_combine_block(p, late[1]) if late else 1, **writes, **flags,
-                               **_block_args(p), **launch),
+                lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late), **writes,
+                               **flags, **_block_args(p), **launch),
             )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz

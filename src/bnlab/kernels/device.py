@@ -648,11 +648,11 @@ def _finalize_grads(sum_g, sum_gc, n, cols, cmask, invstd, dw_ptr, db_ptr, coef_
 
 @triton.jit
 def _late_coefficients(
-    psum_ptr, psumc_ptr, first_row, rows, split, cols, cmask, C, n, invstd, dw_ptr, db_ptr,
-    COMBINE_BLOCK: tl.constexpr,
+    psum_ptr, psumc_ptr, first_row, rows, split, cols, cmask, C, S, n, invstd, dw_ptr, db_ptr,
+    BLOCK_B: tl.constexpr, PLANES: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """LATE: (k1, k2) of the program's channels from the gradient sums' partial rows [first_row, +rows)
-    (see `_late_stats`); slice 0 of each channel block also stores dweight and dbias."""
+    """LATE: `_coefficients`' (k1, k2), shaped for the tiles, from the gradient sums' partial rows
+    [first_row, +rows) (see `_late_stats`); slice 0 of each channel block also stores dweight and dbias."""
     sum_g, sum_gc, _ = _reduce_rows(
         psum_ptr, psumc_ptr, psumc_ptr, first_row, first_row + rows, cols, cmask, C, COMBINE_BLOCK, False
     )
@@ -660,7 +660,7 @@ def _late_coefficients(
     if split == 0:
         tl.store(dw_ptr + cols, dweight, mask=cmask)
         tl.store(db_ptr + cols, sum_g, mask=cmask)
-    return k1, k2
+    return _spread(k1, S, BLOCK_B, PLANES), _spread(k2, S, BLOCK_B, PLANES)
 
 
 @triton.jit
@@ -826,10 +826,9 @@ def _input_grad_kernel(
     if LATE:
         count = (N * S).to(tl.float32)
         k1, k2 = _late_coefficients(
-            psum_ptr, psumc_ptr, first_row, rows, split, cols, cmask, C, count, invstd, dw_ptr, db_ptr, COMBINE_BLOCK
-        )
-        k1 = _spread(k1, S, BLOCK_B, PLANES)
-        k2 = _spread(k2, S, BLOCK_B, PLANES)
+            psum_ptr, psumc_ptr, first_row, rows, split, cols, cmask, C, S, count, invstd, dw_ptr, db_ptr,
+            BLOCK_B, PLANES, COMBINE_BLOCK,
+        )  # fmt: skip
     elif TRAINING:
         k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
