@@ -70,7 +70,7 @@ KERNELS = {  # name: (kernel, its other constexprs)
             "HAS_RUNNING": True,
             "STAGES": K._stats_stages,
             "ROW_SUMS": lambda plan, _: K._stats_row_sums(plan),
-            "LATE": lambda *_: K.LATE_COMBINE,
+            "LATE": LATE["LATE"],
             "PREFETCH": lambda plan, _: K.STATS_PREFETCH[plan.layout],
         },
     ),
