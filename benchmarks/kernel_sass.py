@@ -62,17 +62,10 @@ LATE = {
     "COMBINE_BLOCK": lambda plan, _: K._combine_block(plan, 16) if K.LATE_COMBINE else 1,
 }
 KERNELS = {  # name: (kernel, its other constexprs)
-    "stats": (
+    "stats": (  # (its loop's constexprs as the launcher computes them: a function of the plan and value size)
         K._stats_kernel,
-        {
-            "SPLIT": True,
-            "SPLIT_BLOCK": 16,
-            "HAS_RUNNING": True,
-            "STAGES": K._stats_stages,
-            "ROW_SUMS": lambda plan, _: K._stats_row_sums(plan),
-            "LATE": LATE["LATE"],
-            "PREFETCH": lambda plan, _: K.STATS_PREFETCH[plan.layout],
-        },
+        lambda plan, itemsize: {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "LATE": K.LATE_COMBINE,
+                                **K._stats_loop(plan, itemsize)},
     ),
     "normalize": (
         K._apply_kernel,
@@ -192,11 +185,11 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
         split = K.planned(layout, N, C, S, itemsize, small, target, single_tile_max=0)
         for kname, (fn, extra) in KERNELS.items():
             plan = (split.apply or split) if kname in ELEMENTWISE else split  # (PACKED_REDUCTIONS: two tilings)
-            # per layout (a dict), or per plan and value size (a function)
-            extra = {
+            # per layout (a dict), or per plan and value size (a function); or all of them a function
+            extra = extra(plan, itemsize) if callable(extra) else {
                 k: v[plan.layout] if isinstance(v, dict) else v(plan, itemsize) if callable(v) else v
                 for k, v in extra.items()
-            }
+            }  # fmt: skip
             reduction = kname in REDUCTIONS
             sass, registers, shared = machine_code(fn, dtype, plan, extra, arch, reduction)
             loops, ops = loops_and_ops(sass)

@@ -294,7 +294,7 @@ def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: 
 
     def plan() -> tuple:
         p = K.make_plan(x, K.layout_of(x))
-        kernel_args = (K._block_args(p, True), K._stats_row_sums(p), K.STATS_PREFETCH[p.layout])
+        kernel_args = (K._block_args(p, True), K._stats_loop(p, x.element_size()))
         return p, K._grad_stages(p), K._elementwise_passes(p, x.device), K._split_block(p), kernel_args
 
     before = plan()

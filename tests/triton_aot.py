@@ -34,6 +34,11 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
     return sig
 
 
+# The elementwise kernels' LATE_COMBINE constexprs (`batchnorm._late_options`): off, and on over 16 rows.
+NOT_LATE = {"LATE": False, "COMBINE_BLOCK": 1}
+LATE = {"LATE": True, "COMBINE_BLOCK": 16}
+
+
 def compile_cases():
     layouts = (
         {"BLOCK_A": 32, "BLOCK_B": 128, "PLANES": 0},
@@ -74,13 +79,12 @@ def compile_cases():
         for ep in epilogues if blocks["PLANES"] <= 1 else ends:
             # (the elementwise passes pipelined 2 deep too, once an epilogue: a knob a GPU session may turn)
             apply_stages = (K.APPLY_STAGES[layout], 2) if ep == epilogues[0] else (K.APPLY_STAGES[layout],)
-            late = {"LATE": True, "COMBINE_BLOCK": 16, "HAS_RUNNING": True}
-            not_late = {"LATE": False, "COMBINE_BLOCK": 1, "HAS_RUNNING": False}
             for stages in dict.fromkeys(apply_stages):
                 yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"], "STAGES": stages,
-                                        **not_late}  # fmt: skip
+                                        **NOT_LATE, "HAS_RUNNING": False}  # fmt: skip
             if ep is ends[-1] and late_too:
-                yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": False, "STAGES": apply_stages[0], **late}
+                yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": False, "STAGES": apply_stages[0], **LATE,
+                                        "HAS_RUNNING": True}  # fmt: skip
             stages = K.GRAD_STAGES[layout] if ep["HAS_WEIGHT"] else 1
             grad = {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "WRITE_DZ": ep["HAS_RESIDUAL"],
                     "GATHER_SUMS": False, "LATE": False}  # fmt: skip
@@ -95,11 +99,9 @@ def compile_cases():
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 for stages in dict.fromkeys(apply_stages if training else apply_stages[:1]):
-                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": stages, "LATE": False,
-                                                 "COMBINE_BLOCK": 1}  # fmt: skip
+                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": stages, **NOT_LATE}
                 if training and ep is ends[-1] and late_too:
-                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": apply_stages[0], "LATE": True,
-                                                 "COMBINE_BLOCK": 16}  # fmt: skip
+                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": apply_stages[0], **LATE}
     single = {"BLOCK_N": 64, "BLOCK_S": 64}
     for ep in epilogues:
         yield K._single_tile_forward_kernel, {**single, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}

@@ -467,6 +467,14 @@ def _stats_row_sums(plan: Plan) -> bool:
     return GROUPED_STATS_ROW_SUMS and bool(plan.group)
 
 
+def _stats_loop(plan: Plan, itemsize: int) -> dict[str, int | bool]:
+    """The statistics kernel's loop constexprs for `plan` over values of `itemsize` bytes, as the launcher
+    passes them (and benchmarks/kernel_sass.py and profile_kernels.py read them): pipeline depth, row sums,
+    prefetch."""
+    return {"STAGES": _stats_stages(plan, itemsize), "ROW_SUMS": _stats_row_sums(plan),
+            "PREFETCH": STATS_PREFETCH[plan.layout]}  # fmt: skip
+
+
 def _grad_stages(plan: Plan) -> int:
     """The gradient sums' pipeline depth for `plan` (GRAD_STAGES, or GRAD_STAGES_LONG for long loops)."""
     return (GRAD_STAGES_LONG if plan.per_split >= LONG_LOOP_TILES else GRAD_STAGES)[plan.layout]
@@ -913,10 +921,8 @@ def forward(
         reduced = _launch(
             _stats_kernel, plan, x.device,
             lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
-            lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                           STAGES=_stats_stages(p, x.element_size()), ROW_SUMS=_stats_row_sums(p), LATE=_late(p),
-                           PREFETCH=STATS_PREFETCH[p.layout],
-                           **_block_args(p, reduction=True), **launch),
+            lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running, LATE=_late(p),
+                           **_stats_loop(p, x.element_size()), **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
         late = _late_rows(reduced)
     combined = (*partials[:3], *running) if late else (dummy,) * 5
