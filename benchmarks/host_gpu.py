@@ -14,7 +14,9 @@ back to back, one synchronize at the end), so the differences between lines loca
   with the engine's multithreading off (backward on the calling thread: no hand-off at all);
 - one Triton launch of the forward's first kernel over an empty grid (Triton's own Python per launch),
   and the launchers with every kernel stubbed (bnlab's own Python);
-- eager torch and torch.compile for comparison (compile last: it starts worker processes and threads).
+- eager torch and torch.compile for comparison (compile last: it starts worker processes and threads),
+  and whole layers (bnlab's, torch's) compiled, also with mode="reduce-overhead" (CUDA graphs: the
+  kernels replayed without host time; bnlab's run as custom ops in the graph).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+import bnlab.nn
 from bnlab import functional as BF
 from bnlab import kernels
 
@@ -179,7 +182,21 @@ def main() -> int:
     both = timed(lambda: torch.autograd.grad(compiled_forward(), wrt, dy))
     print(f"  {both:8.1f}  torch.compile: forward + backward", flush=True)
     print(f"  {timed(rows[4][1]):8.1f}  bnlab: forward + backward, after torch.compile was used", flush=True)
+    # Whole layers compiled: bnlab's kernels run as custom ops inside the graph (no graph break), so
+    # mode="reduce-overhead" replays them from CUDA graphs with no host time per kernel.
+    for mode in ("default", "reduce-overhead"):
+        for label, layer in (("bnlab", bnlab.nn.BatchNorm2d(C, backend="triton")), ("torch", torch.nn.BatchNorm2d(C))):
+            step = _compiled_step(layer.to(device), mode, x, dy)
+            print(f"  {timed(step):8.1f}  {label} layer under torch.compile(mode={mode!r}): forward + backward",
+                  flush=True)  # fmt: skip
     return 0
+
+
+def _compiled_step(layer: torch.nn.Module, mode: str, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    """One training step of `layer` compiled in `mode`: forward, then the input's and parameters' gradients."""
+    compiled = torch.compile(layer, mode=mode)
+    wrt = (x, *layer.parameters())
+    return lambda: torch.autograd.grad(compiled(x), wrt, dy)
 
 
 if __name__ == "__main__":

@@ -1189,3 +1189,120 @@ def test_float32_statistics_take_their_own_pipeline_depth(monkeypatch):
     monkeypatch.setattr(K, "STATS_STAGES_FLOAT32", {K.PLANES: 5, K.ROWS: 2})
     plan = K.make_plan(torch.empty(8, 64, 4, 4).to(memory_format=torch.channels_last), K.ROWS)
     assert (K._stats_stages(plan, 2), K._stats_stages(plan, 4)) == (1, 2)
+
+
+# ---- torch.compile: the kernels as custom ops -------------------------------------------------------------
+
+
+def _recording_backend(graphs: dict[str, list[str]]):
+    """An aot_eager-like torch.compile backend that keeps the code of each forward and backward graph."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(kind: str):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm.code)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "single"),
+    [((6, 16, 5), "contiguous", False), ((4, 8, 3, 3), "channels_last", False), ((5, 3, 4), "contiguous", True)],
+    ids=["planes-split", "channels-last-split", "planes-single"],
+)
+def test_torch_compile_runs_the_kernels_as_custom_ops_in_one_graph(monkeypatch, shape, layout, single):
+    """A fused training step (residual, ReLU) under torch.compile(fullgraph=True): one graph whose forward
+    and backward call the kernels' custom ops (no graph break: the launchers are not traced), and the same
+    bits as the eager call: output, every gradient and the running statistics. Then inference."""
+    if not single:
+        monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    x, z, dy, w, b = _operands(shape, layout, torch.float32)
+
+    def step(x, z, w, b, rm, rv, training):
+        return BF.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, backend="triton", residual=z, activation="relu")
+
+    graphs: dict[str, list[str]] = {"forward": [], "backward": []}
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=_recording_backend(graphs), fullgraph=True)
+    results = {}
+    for how, fn in (("eager", step), ("compiled", compiled)):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, z, w, b)]
+        rm, rv = torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE)
+        y = fn(*leaves, rm, rv, True)
+        results[how] = (y, *torch.autograd.grad(y, leaves, dy), rm, rv, fn(x, z, w, b, rm, rv, False))
+    for name, ours, ref in zip(
+        ("y", "dx", "dresidual", "dweight", "dbias", "running mean", "running var", "inference y"),
+        results["compiled"], results["eager"], strict=True,
+    ):  # fmt: skip
+        assert torch.equal(ours, ref), f"{name}: compiled differs from eager"
+    assert graphs["forward"] and graphs["backward"], graphs
+    assert "bnlab.triton_forward" in graphs["forward"][0]
+    assert "bnlab.triton_backward" in graphs["backward"][0]
+
+
+def test_the_kernels_custom_ops_pass_torchs_op_checks():
+    """torch.library.opcheck: schema (the running statistics are the forward's only mutated inputs), the
+    fake (meta) implementations' shapes, strides and dtypes against the kernels' outputs, and AOT dispatch."""
+    from bnlab.backends import triton_backend  # noqa: F401  (registers the ops)
+
+    x, z, dy, w, b = _operands((4, 8, 3, 3), "channels_last", torch.bfloat16)
+    rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
+    forward, backward = torch.ops.bnlab.triton_forward, torch.ops.bnlab.triton_backward
+    torch.library.opcheck(forward, (x, w, b, z, rm, rv, True, 0.1, 1e-5, True, True, K.ROWS))
+    torch.library.opcheck(forward, (x, None, None, None, rm, rv, False, 0.0, 1e-5, False, False, K.ROWS))
+    _, mean, invstd = forward(x, w, b, z, rm, rv, True, 0.1, 1e-5, True, True, K.ROWS)
+    dyl = dy.contiguous(memory_format=torch.channels_last)
+    for needs in ((True, True, True), (False, True, False), (True, False, False)):
+        torch.library.opcheck(backward, (dyl, x, w, b, z, mean, invstd, True, True, *needs, K.ROWS))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_layers_compiled_with_cuda_graphs_train_as_eager_ones(layout):
+    """A small conv net with bnlab's layers (triton backend; the second one fused with a residual and ReLU by
+    the functional) under torch.compile(mode="reduce-overhead"): inductor around the kernels' custom ops,
+    replayed from CUDA graphs (none skipped), trains as the same net called eagerly for a few steps."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    import bnlab.nn
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 32, 3, padding=1, bias=False)
+            self.bn1 = bnlab.nn.BatchNorm2d(32, backend="triton")
+            self.bn2 = bnlab.nn.BatchNorm2d(32, backend="triton")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.bn1(self.conv(x)))
+            return BF.batch_norm(
+                h, self.bn2.running_mean, self.bn2.running_var, self.bn2.weight, self.bn2.bias, True, 0.1, 1e-5,
+                backend="triton", residual=h, activation="relu",
+            )  # fmt: skip
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    eager = Block().cuda().to(memory_format=fmt)
+    compiled_net = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(compiled_net, mode="reduce-overhead", fullgraph=True)
+    for net in (eager, compiled_net):
+        net.optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(6):
+        x = torch.randn(64, 8, 28, 28, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        x = x.contiguous(memory_format=fmt)
+        for net, fn in ((eager, eager), (compiled_net, compiled)):
+            net.optimizer.zero_grad()
+            fn(x).square().mean().backward()
+            net.optimizer.step()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    for (name, ours), ref in zip(compiled_net.state_dict().items(), eager.state_dict().values(), strict=True):
+        _close(ours.float(), ref.float(), torch.float32, name)

@@ -10,8 +10,11 @@ tests: slow). Input dtypes float32, float16, bfloat16, with float32 statistics a
 parameters and running statistics may be float32 or the input's dtype. Layouts: contiguous (NCHW) and
 channels-last are read in place; any other strides are copied to contiguous first.
 
+Under ``torch.compile`` the launchers run as two custom ops (``bnlab::triton_forward``,
+``bnlab::triton_backward``; see below), so a model with these layers compiles as one graph.
+
 Limits, by design: no double backward (the backward is a kernel, not differentiable ops: use the
-``reference`` backend for higher derivatives); under ``torch.compile`` the call is a graph break.
+``reference`` backend for higher derivatives).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from bnlab import kernels
 from bnlab.backends import native
+from bnlab.kernels import layout as kl
 
 __all__ = ["SUPPORTED_DTYPES", "batch_norm"]
 
@@ -31,12 +35,10 @@ MAX_VALUES_PER_CHANNEL = 2**31 - 1  # N x spatial: row and count arithmetic in t
 class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, layout):  # type: ignore[override]
-        k = kernels.load()
         needs_grad = any(ctx.needs_input_grad[:4])
-        y, mean, invstd = k.forward(
-            x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
-            residual=residual, relu=relu, save_stats=training or needs_grad, layout=layout,
-        )  # fmt: skip
+        launch = torch.ops.bnlab.triton_forward if torch.compiler.is_compiling() else _forward_kernels
+        y, mean, invstd = launch(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
+                                 training or needs_grad, layout)  # fmt: skip
         if needs_grad:
             ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
         ctx.training, ctx.relu, ctx.layout = training, relu, layout
@@ -46,29 +48,107 @@ class _FusedBatchNorm(torch.autograd.Function):
     def backward(ctx, dy):  # type: ignore[override]
         # Grad mode is on only under create_graph=True: then the gradients must refuse a second
         # differentiation (the kernels are not differentiable ops). once_differentiable does that, at a few
-        # microseconds per call, so the common case (grad mode off) skips it.
-        if torch.is_grad_enabled():
+        # microseconds per call, so the common case (grad mode off) skips it. (Traced by torch.compile, the
+        # backward calls the custom op, for which no derivative is registered.)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return _backward_once(ctx, dy)
         return _backward(ctx, dy)
 
 
 def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    k = kernels.load()
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
-    dx, dweight, dbias, dz = k.backward(
-        k.to_layout(dy, ctx.layout), x, weight, bias, mean, invstd, training=ctx.training, residual=residual,
-        relu=ctx.relu, need_input=need_x, need_params=need_w or need_b, need_residual=need_z, layout=ctx.layout,
+    launch = torch.ops.bnlab.triton_backward if torch.compiler.is_compiling() else _backward_kernels
+    dx, dweight, dbias, dz = launch(
+        kl.to_layout(dy, ctx.layout), x, weight, bias, residual, mean, invstd, ctx.training, ctx.relu, need_x,
+        need_w or need_b, need_z, ctx.layout,
     )  # fmt: skip
     # dweight and dbias are float32: cast (a copy) only for parameters kept in another dtype.
     if need_w and dweight.dtype != weight.dtype:
         dweight = dweight.to(weight.dtype)
     if need_b and dbias.dtype != bias.dtype:
         dbias = dbias.to(bias.dtype)
-    return dx, dweight if need_w else None, dbias if need_b else None, dz, *(None,) * 7
+    # (the custom ops return empty tensors, not None, for the gradients not asked for)
+    dz = dz if need_z and residual is not None else None
+    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None, dz, *(None,) * 7
 
 
 _backward_once = once_differentiable(_backward)
+
+
+# ---- the launchers, and the same as torch custom ops for torch.compile ---------------------------------------
+# Under torch.compile the launchers (plans, caches, Triton's own Python) are not traced: they run as two
+# opaque custom ops, so a model compiles as one graph (fullgraph=True works) and CUDA graphs (mode=
+# "reduce-overhead") replay the kernels with no host time at all. Called eagerly, an op's dispatch costs
+# ~100 us of host time (dev VM, torch 2.13), more than the launchers' own Python: eager calls them directly.
+
+
+def _forward_kernels(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
+    eps: float, relu: bool, save_stats: bool, layout: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """(y, mean, invstd); mean and invstd None in inference without `save_stats`. `x`, `residual` in a kernel
+    layout; the running statistics updated in place in training."""
+    return kernels.load().forward(
+        x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
+        residual=residual, relu=relu, save_stats=save_stats, layout=layout,
+    )  # fmt: skip
+
+
+def _backward_kernels(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor, training: bool, relu: bool,
+    need_input: bool, need_params: bool, need_residual: bool, layout: str,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """(dx, dweight, dbias, dresidual), None where not needed; `dy` in x's layout."""
+    return kernels.load().backward(
+        dy, x, weight, bias, mean, invstd, training=training, residual=residual, relu=relu, need_input=need_input,
+        need_params=need_params, need_residual=need_residual, layout=layout,
+    )  # fmt: skip
+
+
+def _filled(tensors: tuple[torch.Tensor | None, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A custom op returns tensors only: an empty float32 one (each its own: outputs must not alias) for None."""
+    return tuple(t if t is not None else like.new_empty(0, dtype=torch.float32) for t in tensors)
+
+
+@torch.library.custom_op("bnlab::triton_forward", mutates_args=("running_mean", "running_var"))
+def _forward_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
+    eps: float, relu: bool, save_stats: bool, layout: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    out = _forward_kernels(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
+                           save_stats, layout)  # fmt: skip
+    return _filled(out, x)  # type: ignore[return-value]
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, save_stats, layout):
+    channels = x.shape[1] if training or save_stats else 0
+    stats = [x.new_empty(channels, dtype=torch.float32) for _ in range(2)]
+    return torch.empty_like(x), *stats  # (x is in a kernel layout: y has its strides)
+
+
+@torch.library.custom_op("bnlab::triton_backward", mutates_args=())
+def _backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor, training: bool, relu: bool,
+    need_input: bool, need_params: bool, need_residual: bool, layout: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    out = _backward_kernels(dy, x, weight, bias, residual, mean, invstd, training, relu, need_input, need_params,
+                            need_residual, layout)  # fmt: skip
+    return _filled(out, x)  # type: ignore[return-value]
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, bias, residual, mean, invstd, training, relu, need_input, need_params, need_residual, layout):
+    def like_x(wanted: bool) -> torch.Tensor:
+        return torch.empty_like(x) if wanted else x.new_empty(0, dtype=torch.float32)
+
+    params = [x.new_empty(mean.shape[0] if need_params else 0, dtype=torch.float32) for _ in range(2)]
+    return like_x(need_input), *params, like_x(need_residual and residual is not None)
 
 
 def _check(input: torch.Tensor) -> None:
@@ -90,7 +170,6 @@ def _check(input: torch.Tensor) -> None:
         )
 
 
-@torch.compiler.disable
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -109,12 +188,13 @@ def batch_norm(
     if input.numel() == 0:  # nothing to launch: torch's op gives the empty result and its graph
         out = native.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return native.epilogue(out, residual, activation)
-    k = kernels.load()
-    layout = k.layout_of(input)
+    layout = kl.layout_of(input)
     if layout is None:
-        input, layout = input.contiguous(), k.PLANES
+        input, layout = input.contiguous(), kl.PLANES
     if residual is not None:
-        residual = k.to_layout(residual.to(input.dtype), layout)
+        residual = kl.to_layout(residual.to(input.dtype), layout)
+        if residual is input:  # relu(bn(x) + x): a view, as torch.compile refuses one tensor as two inputs
+            residual = residual.view_as(input)
     return _FusedBatchNorm.apply(
         input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation == "relu", layout
     )

@@ -16,9 +16,13 @@ from types import ModuleType
 __all__ = ["interpreting", "load", "triton_installed", "unavailable_reason"]
 
 
-@functools.cache  # asked on every layer call; a package search costs microseconds
+# Asked on every layer call, also while torch.compile traces one: looked up once, here (a package search
+# costs microseconds, and Dynamo warns about functools.cache).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:

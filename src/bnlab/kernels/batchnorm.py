@@ -24,11 +24,9 @@ from bnlab.kernels.device import (
     _single_tile_forward_kernel,
     _stats_kernel,
 )
+from bnlab.kernels.layout import PLANES, ROWS, layout_of, to_layout
 
-__all__ = ["Plan", "backward", "forward", "plan_for"]
-
-ROWS = "rows"
-PLANES = "planes"
+__all__ = ["PLANES", "ROWS", "Plan", "backward", "forward", "layout_of", "plan_for", "to_layout"]
 
 
 # ---- launch planning --------------------------------------------------------------------------------
@@ -277,23 +275,6 @@ def _gpu(device: torch.device) -> tuple[int, int, int, int, int]:
     """(multiprocessors, L2 bytes, compute capability's major, threads and shared memory bytes a
     multiprocessor holds), asked once per GPU (planning runs on every call)."""
     return _gpu_properties(_gpu_index(device))
-
-
-def layout_of(x: torch.Tensor) -> str | None:
-    """The kernel layout that addresses `x` as it is in memory, or None if it needs a copy first."""
-    S = math.prod(x.shape[2:])
-    if x.is_contiguous():
-        return ROWS if S == 1 else PLANES
-    if x.movedim(1, -1).is_contiguous():
-        return ROWS
-    return None
-
-
-def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """`t` laid out as `layout` (a copy only if it is not already)."""
-    if layout == PLANES or math.prod(t.shape[2:]) == 1:
-        return t.contiguous()
-    return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
 # Multiply-adds compiled as fused multiply-adds (the kernels' arithmetic is written for them, e.g. `_dx`, and
