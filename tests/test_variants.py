@@ -319,3 +319,53 @@ def test_ghost_renorm_reduces_to_ghost_bn_and_to_running_statistics(backend):
     )
     torch.testing.assert_close(y, (x - mean) / torch.sqrt(var + 1e-5))
     assert "ghost_batch_size=4" in repr(as_bn)
+
+
+VARIANTS_UNDER_COMPILE = {
+    "ghost": lambda backend: bnlab.nn.GhostBatchNorm2d(2, ghost_batch_size=4, backend=backend),
+    "ghost-cumulative": lambda backend: bnlab.nn.GhostBatchNorm2d(
+        2, ghost_batch_size=4, momentum=None, backend=backend
+    ),
+    "renorm": lambda backend: bnlab.nn.BatchRenorm2d(
+        2, backend=backend, warmup_steps=1, rmax_ramp_end=3, dmax_ramp_end=3
+    ),
+    "ghost-renorm": lambda backend: bnlab.nn.BatchRenorm2d(
+        2, ghost_batch_size=4, backend=backend, warmup_steps=1, rmax_ramp_end=9, dmax_ramp_end=9
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS_UNDER_COMPILE))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_variants_compile_to_one_graph_and_train_as_eager(backend, kind):
+    """torch.compile(fullgraph=True): no graph break (the ghosts' update and the renorm schedule stay on the
+    device, the check of the statistics is a select), the same training as eager; a NaN ghost leaves the
+    state alone, without a warning (a graph cannot report)."""
+    torch._dynamo.reset()
+    eager = VARIANTS_UNDER_COMPILE[kind](backend)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+    inputs = [make_input((12, 2, 3, 2), seed=s) for s in range(4)]
+    grads = [make_input((12, 2, 3, 2), seed=10 + s, offset=0.0) for s in range(4)]
+    want = train_steps(eager, inputs, grads)
+    got = train_steps(_CompiledView(compiled, compiled_layer), inputs, grads)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled_layer.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
+    before = copy.deepcopy(compiled_layer.state_dict())
+    bad = make_input((12, 2, 3, 2), seed=7)
+    bad[4, 1, 0, 0] = float("nan")  # (ghost 1)
+    compiled(bad)
+    for key, value in compiled_layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+class _CompiledView:
+    """A compiled module as `train_steps` takes a layer: called through the compiled wrapper, with the
+    layer's own parameters."""
+
+    def __init__(self, compiled, layer) -> None:
+        self.compiled, self.weight, self.bias = compiled, layer.weight, layer.bias
+
+    def __call__(self, x):
+        return self.compiled(x)

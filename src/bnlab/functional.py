@@ -138,10 +138,10 @@ def batch_norm(
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
-        if _deferred(running_var, nonfinite):
+        if _deferred(running_var, nonfinite) or torch.compiler.is_compiling():
             # The cumulative average without reading the counter on the host (a sync per call, as torch's
-            # BatchNorm makes): the batch's statistics into fresh buffers (momentum 1 writes them there),
-            # then the update on the device, as one ghost batch's.
+            # BatchNorm makes, and a graph break under torch.compile): the batch's statistics into fresh
+            # buffers (momentum 1 writes them there), then the update on the device, as one ghost batch's.
             batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
             output = impl(input, batch_mean, batch_var, weight, bias, True, 1.0, eps)
             _update_sequentially(
@@ -555,10 +555,12 @@ def _update_sequentially(
 
     Everything data-dependent stays on the statistics' device (the counter of momentum=None too); policy
     "skip" on DEFERRED_CHECK_DEVICES keeps or drops the update with a select and reports later, as
-    `_update_guarded` does, so a GPU step waits for nothing; elsewhere the check is a host sync."""
+    `_update_guarded` does, so a GPU step waits for nothing; under torch.compile (any policy but "ignore")
+    the select, without a report, as there; elsewhere the check is a host sync."""
     k = means.shape[0]
+    compiling = torch.compiler.is_compiling()
     with torch.no_grad():
-        deferred = policy == "skip" and _deferred(running_var, policy)
+        deferred = (policy == "skip" and _deferred(running_var, policy)) or (compiling and policy != "ignore")
         finite = None if policy == "ignore" else torch.isfinite(variances).all() & torch.isfinite(means).all()
         if finite is not None and not deferred and not bool(finite):
             _report_nonfinite(policy, name, not bool(torch.isfinite(running_var).all()), stacklevel=4)
@@ -586,7 +588,8 @@ def _update_sequentially(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(k)
             return
-        _LATE_REPORTS.add(finite, running_var, name)  # (its verdict on the old statistics: queued first)
+        if not compiling:
+            _LATE_REPORTS.add(finite, running_var, name)  # (its verdict on the old statistics: queued first)
         torch.where(finite, new_mean, running_mean, out=running_mean)
         torch.where(finite, new_var, running_var, out=running_var)
         if num_batches_tracked is not None:
