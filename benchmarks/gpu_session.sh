@@ -13,7 +13,8 @@
 #   profile every kernel's GPU time on a few shapes (benchmarks/profile_kernels.py, PROFILE_SET: large,
 #          small, nchw, cl or several, "small nchw cl"), PROFILE_DTYPE (default bfloat16; float32), the
 #          kernels compiled in $JOBS processes first;
-#   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s;
+#   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s, then compiled layers
+#          (default and reduce-overhead: four inductor compiles, ~1 min);
 #   inductor the kernels torch.compile generates for one BN training step (benchmarks/inductor_code.py,
 #          INDUCTOR_SHAPE, default 256,256,14,14 NCHW bf16), ~20-40 s;
 #   ncu    Nsight Compute's counters on one shape's reductions (benchmarks/ncu_step.py), NCU_S (default 90);
@@ -104,7 +105,7 @@ for step in "${steps[@]}"; do
           | tee -a "$OUT/profile.log" | tail -40
       done ;;
     host)
-      timeout "${HOST_S:-60}" python3 benchmarks/host_gpu.py 2>&1 | tee "$OUT/host.log" | tail -20 ;;
+      timeout "${HOST_S:-120}" python3 benchmarks/host_gpu.py 2>&1 | tee "$OUT/host.log" | tail -20 ;;
     inductor)
       timeout "${INDUCTOR_S:-60}" python3 benchmarks/inductor_code.py --shape "${INDUCTOR_SHAPE:-256,256,14,14}" 2>&1 \
         | tee "$OUT/inductor.log" | tail -5 ;;
