@@ -1239,13 +1239,15 @@ def test_torch_compile_runs_the_kernels_as_custom_ops_in_one_graph(monkeypatch, 
         results["compiled"], results["eager"], strict=True,
     ):  # fmt: skip
         assert torch.equal(ours, ref), f"{name}: compiled differs from eager"
-    assert graphs["forward"] and graphs["backward"], graphs
+    assert len(graphs["forward"]) == 2 and graphs["backward"], graphs
     assert "bnlab.triton_forward" in graphs["forward"][0]
     assert "bnlab.triton_backward" in graphs["backward"][0]
+    # Inference reads the running statistics: its op does not declare them mutated (no copies back).
+    assert "bnlab.triton_inference" in graphs["forward"][1] and "copy_" not in graphs["forward"][1]
 
 
 def test_the_kernels_custom_ops_pass_torchs_op_checks():
-    """torch.library.opcheck: schema (the running statistics are the forward's only mutated inputs), the
+    """torch.library.opcheck: schema (the running statistics are training's only mutated inputs), the
     fake (meta) implementations' shapes, strides and dtypes against the kernels' outputs, and AOT dispatch."""
     from bnlab.backends import triton_backend  # noqa: F401  (registers the ops)
 
@@ -1253,11 +1255,37 @@ def test_the_kernels_custom_ops_pass_torchs_op_checks():
     rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
     forward, backward = torch.ops.bnlab.triton_forward, torch.ops.bnlab.triton_backward
     torch.library.opcheck(forward, (x, w, b, z, rm, rv, True, 0.1, 1e-5, True, True, K.ROWS))
-    torch.library.opcheck(forward, (x, None, None, None, rm, rv, False, 0.0, 1e-5, False, False, K.ROWS))
+    inference = torch.ops.bnlab.triton_inference
+    for save_stats in (False, True):
+        torch.library.opcheck(inference, (x, None, None, None, rm, rv, False, 0.0, 1e-5, False, save_stats, K.ROWS))
     _, mean, invstd = forward(x, w, b, z, rm, rv, True, 0.1, 1e-5, True, True, K.ROWS)
     dyl = dy.contiguous(memory_format=torch.channels_last)
     for needs in ((True, True, True), (False, True, False), (True, False, False)):
         torch.library.opcheck(backward, (dyl, x, w, b, z, mean, invstd, True, True, *needs, K.ROWS))
+
+
+def test_inference_saves_no_statistics_without_grad_mode(monkeypatch):
+    """Under no_grad no backward can come, though autograd still says a weight that requires grad needs
+    one: inference then normalizes from the running statistics directly (save_stats off: no copies of
+    them, no invstd computed first), with grad mode on it keeps what its backward needs."""
+    from bnlab.backends import triton_backend
+
+    asked = []
+    launch = triton_backend._forward_kernels
+
+    def recorded(*args):
+        asked.append(args[10])  # (save_stats)
+        return launch(*args)
+
+    monkeypatch.setattr(triton_backend, "_forward_kernels", recorded)
+    x, _, _, w, b = _operands((4, 3, 5), "contiguous", torch.float32)
+    w.requires_grad_(True)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with torch.no_grad():
+        quiet = BF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, backend="triton")
+    loud = BF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, backend="triton")
+    assert asked == [False, True]
+    assert torch.equal(quiet, loud.detach())
 
 
 @pytest.mark.gpu

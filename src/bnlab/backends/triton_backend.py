@@ -34,9 +34,14 @@ MAX_VALUES_PER_CHANNEL = 2**31 - 1  # N x spatial: row and count arithmetic in t
 
 class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, layout):  # type: ignore[override]
-        needs_grad = any(ctx.needs_input_grad[:4])
-        launch = torch.ops.bnlab.triton_forward if torch.compiler.is_compiling() else _forward_kernels
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, layout,  # type: ignore[override]
+                grad_mode):  # fmt: skip
+        # (ctx.needs_input_grad says True for a weight that requires grad even under no_grad, where no
+        # backward can come: then inference need not save its statistics)
+        needs_grad = grad_mode and any(ctx.needs_input_grad[:4])
+        launch = _forward_kernels
+        if torch.compiler.is_compiling():
+            launch = torch.ops.bnlab.triton_forward if training else torch.ops.bnlab.triton_inference
         y, mean, invstd = launch(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
                                  training or needs_grad, layout)  # fmt: skip
         if needs_grad:
@@ -70,17 +75,18 @@ def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         dbias = dbias.to(bias.dtype)
     # (the custom ops return empty tensors, not None, for the gradients not asked for)
     dz = dz if need_z and residual is not None else None
-    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None, dz, *(None,) * 7
+    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None, dz, *(None,) * 8
 
 
 _backward_once = once_differentiable(_backward)
 
 
 # ---- the launchers, and the same as torch custom ops for torch.compile ---------------------------------------
-# Under torch.compile the launchers (plans, caches, Triton's own Python) are not traced: they run as two
-# opaque custom ops, so a model compiles as one graph (fullgraph=True works) and CUDA graphs (mode=
-# "reduce-overhead") replay the kernels with no host time at all. Called eagerly, an op's dispatch costs
-# ~100 us of host time (dev VM, torch 2.13), more than the launchers' own Python: eager calls them directly.
+# Under torch.compile the launchers (plans, caches, Triton's own Python) are not traced: they run as
+# opaque custom ops (training's forward, inference's, the backward), so a model compiles as one graph
+# (fullgraph=True works) and CUDA graphs (mode="reduce-overhead") replay the kernels with no host time at
+# all. Called eagerly, an op's dispatch costs ~100 us of host time (dev VM, torch 2.13), more than the
+# launchers' own Python: eager calls them directly.
 
 
 def _forward_kernels(
@@ -113,8 +119,7 @@ def _filled(tensors: tuple[torch.Tensor | None, ...], like: torch.Tensor) -> tup
     return tuple(t if t is not None else like.new_empty(0, dtype=torch.float32) for t in tensors)
 
 
-@torch.library.custom_op("bnlab::triton_forward", mutates_args=("running_mean", "running_var"))
-def _forward_op(
+def _forward_filled(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
     eps: float, relu: bool, save_stats: bool, layout: str,
@@ -124,11 +129,21 @@ def _forward_op(
     return _filled(out, x)  # type: ignore[return-value]
 
 
-@_forward_op.register_fake
-def _(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, save_stats, layout):
+def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, save_stats,
+                  layout):  # fmt: skip
     channels = x.shape[1] if training or save_stats else 0
     stats = [x.new_empty(channels, dtype=torch.float32) for _ in range(2)]
     return torch.empty_like(x), *stats  # (x is in a kernel layout: y has its strides)
+
+
+# Training updates the running statistics in place; inference only reads them, and an op that declared
+# them mutated would have the compiled graph copy them back after every call: two ops, one body.
+_training_op = torch.library.custom_op("bnlab::triton_forward", mutates_args=("running_mean", "running_var"))(
+    _forward_filled
+)
+_inference_op = torch.library.custom_op("bnlab::triton_inference", mutates_args=())(_forward_filled)
+for _op in (_training_op, _inference_op):
+    _op.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("bnlab::triton_backward", mutates_args=())
@@ -196,7 +211,18 @@ def batch_norm(
         if residual is input:  # relu(bn(x) + x): a view, as torch.compile refuses one tensor as two inputs
             residual = residual.view_as(input)
     return _FusedBatchNorm.apply(
-        input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation == "relu", layout
+        input,
+        weight,
+        bias,
+        residual,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation == "relu",
+        layout,
+        torch.is_grad_enabled(),
     )
 
 
