@@ -266,8 +266,9 @@ def test_nonfinite_ignore_policy_is_torchs_behaviour():
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, equal_nan=True)
 
 
-def test_nonfinite_statistics_from_an_already_broken_layer_are_reported_as_such(skip_check):
-    layer = _trained(bnlab.nn.BatchNorm1d)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_statistics_from_an_already_broken_layer_are_reported_as_such(backend, skip_check):
+    layer = _trained(bnlab.nn.BatchNorm1d, backend=backend)
     with torch.no_grad():
         layer.running_var[0] = float("nan")
     with pytest.warns(NonFiniteStatisticsWarning, match="already non-finite"):

@@ -1334,3 +1334,41 @@ def test_layers_compiled_with_cuda_graphs_train_as_eager_ones(layout):
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     for (name, ours), ref in zip(compiled_net.state_dict().items(), eager.state_dict().values(), strict=True):
         _close(ours.float(), ref.float(), torch.float32, name)
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["single-tile", "split"])
+def test_the_update_guard_runs_in_the_kernels(monkeypatch, single):
+    """Policy "skip" where it checks without a host sync (a GPU; the CPU stands in): the triton backend
+    writes the updated running statistics to scratch and commits them in one kernel of its own if all
+    are finite (no copy of the old ones, no ~15 small torch ops). A good batch gives the unguarded
+    update bit for bit and counts; a NaN batch leaves statistics and counter alone and warns."""
+    import bnlab.nn
+    from bnlab.functional import NonFiniteStatisticsWarning
+
+    monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+    if not single:
+        monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    guards = []
+    kernel = K._guard_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            guards.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(K, "_guard_kernel", Counted())
+    guarded = bnlab.nn.BatchNorm2d(5, backend="triton").to(DEVICE)
+    unguarded = bnlab.nn.BatchNorm2d(5, backend="triton", nonfinite="ignore").to(DEVICE)
+    x = make_input((6, 5, 3, 3), seed=3).to(DEVICE)
+    assert K.make_plan(x, K.PLANES).single == single
+    guarded(x), unguarded(x)
+    assert len(guards) == 1
+    for key, value in unguarded.state_dict().items():
+        assert torch.equal(guarded.state_dict()[key], value), key
+    before = {key: value.clone() for key, value in guarded.state_dict().items()}
+    x[4, 2, 1, 1] = float("nan")
+    with pytest.warns(NonFiniteStatisticsWarning, match="non-finite batch statistics"):
+        guarded(x)
+    assert len(guards) == 2
+    for key, value in guarded.state_dict().items():
+        assert torch.equal(value, before[key]), key

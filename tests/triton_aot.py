@@ -23,8 +23,10 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "sem_ptr":
+        elif name in ("sem_ptr", "verdict_ptr"):
             sig[name] = "*i32"
+        elif name == "count_ptr":  # (num_batches_tracked)
+            sig[name] = "*i64"
         elif name.endswith(("_ptr", "_out")):
             sig[name] = "*" + (dtype if name in DATA_POINTERS else "fp32")
         elif name in ("eps", "momentum", "count"):
@@ -107,6 +109,8 @@ def compile_cases():
         yield K._single_tile_forward_kernel, {**single, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}
         flags = {"WRITE_DX": ep["HAS_WEIGHT"], "WRITE_DZ": ep["HAS_RESIDUAL"]}
         yield K._single_tile_backward_kernel, {**single, **ep, **flags}
+    for has_count in (True, False):  # (the update's non-finite guard: once, with the data dtype's name unused)
+        yield K._guard_kernel, {"BLOCK": K.GUARD_BLOCK, "HAS_COUNT": has_count}
 
 
 def with_dependent_launch(cases, arch: int):

@@ -118,6 +118,7 @@ def batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{name}: give both running_mean and running_var, or neither")
     impl = backends.resolve(backend, input)
+    guards = backends.guards_update(impl)  # (asked before the epilogue wraps it)
     if residual is not None or activation is not None:
         impl = _with_epilogue(impl, input, residual, activation, name)
 
@@ -157,9 +158,10 @@ def batch_norm(
         output, updated = impl(input, running_mean, running_var, weight, bias, True, factor, eps), True
     else:
         output, updated = _update_guarded(
-            impl, input, running_mean, running_var, weight, bias, factor, eps, nonfinite, name
-        )
-    if num_batches_tracked is not None and updated is not False:
+            impl, input, running_mean, running_var, weight, bias, factor, eps, nonfinite, name,
+            guards, num_batches_tracked,
+        )  # fmt: skip
+    if num_batches_tracked is not None and updated is not False and updated is not None:
         num_batches_tracked.add_(1 if updated is True else updated)
     return output
 
@@ -217,9 +219,15 @@ class _LateReports:
         if finite.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # (a graph's replays cannot report: the statistics are still kept or restored)
         # (Both verdicts travel in one copy: reading `before` on the host later would be a sync of its own.)
-        verdicts = torch.stack((finite, torch.isfinite(before).all()))
+        self.add_verdicts(torch.stack((finite, torch.isfinite(before).all())), name)
+
+    def add_verdicts(self, verdicts: torch.Tensor, name: str) -> None:
+        """Queue the check of one batch as two verdicts on the device: (its statistics were finite, the
+        running statistics before it were)."""
+        if verdicts.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
         if verdicts.is_cuda:
-            flags, event = torch.empty(2, dtype=torch.bool, pin_memory=True), torch.cuda.Event()
+            flags, event = torch.empty(2, dtype=verdicts.dtype, pin_memory=True), torch.cuda.Event()
             flags.copy_(verdicts, non_blocking=True)  # (into pinned memory: no wait for the GPU)
             event.record()
         else:
@@ -265,11 +273,15 @@ def _update_guarded(
     eps: float,
     policy: str,
     name: str,
-) -> tuple[torch.Tensor, bool | torch.Tensor]:
+    guards: bool = False,
+    num_batches_tracked: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, bool | torch.Tensor | None]:
     """Run a training step and undo its running-statistics update if the batch statistics were not finite.
 
     Returns the output and whether the update was kept (a 0-dim bool tensor under torch.compile, and for
-    policy "skip" on DEFERRED_CHECK_DEVICES, whose warning `_LATE_REPORTS` issues once the GPU got there).
+    policy "skip" on DEFERRED_CHECK_DEVICES, whose warning `_LATE_REPORTS` issues once the GPU got there),
+    or None where the backend's own guard (`guards`: see `backends.guards_update`) kept or dropped the update
+    and counted it in `num_batches_tracked` itself.
     """
     if torch.compiler.is_compiling():
         # No host sync in a graph: update copies, then keep or drop the result with a select. The kernel's
@@ -281,6 +293,15 @@ def _update_guarded(
             running_mean.copy_(torch.where(finite, new_mean, running_mean))
             running_var.copy_(torch.where(finite, new_var, running_var))
         return output, finite
+
+    if policy == "skip" and guards and _deferred(running_var, policy):
+        # The check in the backend's kernels (one launch instead of ~15 small kernels; no copy of the old
+        # statistics: the update goes to scratch first). The verdict comes back for the late report.
+        verdict = torch.empty(2, dtype=torch.int32, device=running_var.device)
+        output = impl(input, running_mean, running_var, weight, bias, True, factor, eps, guard=verdict,
+                      num_batches_tracked=num_batches_tracked)  # fmt: skip
+        _LATE_REPORTS.add_verdicts(verdict, name)
+        return output, None
 
     channels = running_mean.numel()
     # Buffers are 1-D and need no grad: one small copy is the cheapest way to be able to undo the update.

@@ -23,7 +23,16 @@ import torch
 
 from bnlab.backends import native, reference, triton_backend
 
-__all__ = ["AUTO", "available_backends", "fuses_epilogue", "get_backend", "resolve", "set_backend", "use_backend"]
+__all__ = [
+    "AUTO",
+    "available_backends",
+    "fuses_epilogue",
+    "get_backend",
+    "guards_update",
+    "resolve",
+    "set_backend",
+    "use_backend",
+]
 
 BatchNormFn = Callable[..., torch.Tensor]
 
@@ -96,6 +105,12 @@ def _auto(input: torch.Tensor) -> BatchNormFn:
 def fuses_epilogue(fn: BatchNormFn) -> bool:
     """Whether a backend computes ``relu(bn(x) + residual)`` itself (``residual=``/``activation=`` keywords)."""
     return getattr(fn, "fuses_epilogue", False)
+
+
+def guards_update(fn: BatchNormFn) -> bool:
+    """Whether a backend checks a training call's running-statistics update on the device itself: keyword
+    ``guard=`` (an int32 tensor of 2 it fills: kept, old statistics finite) and ``num_batches_tracked=``."""
+    return getattr(fn, "guards_update", False)
 
 
 def resolve(name: str | None, input: torch.Tensor) -> BatchNormFn:

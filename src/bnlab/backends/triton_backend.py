@@ -35,15 +35,17 @@ MAX_VALUES_PER_CHANNEL = 2**31 - 1  # N x spatial: row and count arithmetic in t
 class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, layout,  # type: ignore[override]
-                grad_mode):  # fmt: skip
+                grad_mode, guard, num_batches_tracked):  # fmt: skip
         # (ctx.needs_input_grad says True for a weight that requires grad even under no_grad, where no
         # backward can come: then inference need not save its statistics)
         needs_grad = grad_mode and any(ctx.needs_input_grad[:4])
-        launch = _forward_kernels
-        if torch.compiler.is_compiling():
-            launch = torch.ops.bnlab.triton_forward if training else torch.ops.bnlab.triton_inference
-        y, mean, invstd = launch(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
-                                 training or needs_grad, layout)  # fmt: skip
+        args = (x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
+                training or needs_grad, layout)  # fmt: skip
+        if torch.compiler.is_compiling():  # (bnlab.functional guards the update with torch ops there)
+            op = torch.ops.bnlab.triton_forward if training else torch.ops.bnlab.triton_inference
+            y, mean, invstd = op(*args)
+        else:
+            y, mean, invstd = _forward_kernels(*args, guard, num_batches_tracked)
         if needs_grad:
             ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
         ctx.training, ctx.relu, ctx.layout = training, relu, layout
@@ -75,7 +77,7 @@ def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         dbias = dbias.to(bias.dtype)
     # (the custom ops return empty tensors, not None, for the gradients not asked for)
     dz = dz if need_z and residual is not None else None
-    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None, dz, *(None,) * 8
+    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None, dz, *(None,) * 10
 
 
 _backward_once = once_differentiable(_backward)
@@ -92,13 +94,15 @@ _backward_once = once_differentiable(_backward)
 def _forward_kernels(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
-    eps: float, relu: bool, save_stats: bool, layout: str,
+    eps: float, relu: bool, save_stats: bool, layout: str, guard: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """(y, mean, invstd); mean and invstd None in inference without `save_stats`. `x`, `residual` in a kernel
-    layout; the running statistics updated in place in training."""
+    layout; the running statistics updated in place in training (kept only if finite with `guard`)."""
     return kernels.load().forward(
         x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
-        residual=residual, relu=relu, save_stats=save_stats, layout=layout,
+        residual=residual, relu=relu, save_stats=save_stats, layout=layout, guard=guard,
+        num_batches_tracked=num_batches_tracked,
     )  # fmt: skip
 
 
@@ -197,8 +201,12 @@ def batch_norm(
     *,
     residual: torch.Tensor | None = None,
     activation: str | None = None,
+    guard: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """torch's batch_norm contract, optionally fused with ``+ residual`` and ReLU (see the module doc)."""
+    """torch's batch_norm contract, optionally fused with ``+ residual`` and ReLU (see the module doc), and
+    with the running-statistics update's non-finite check on the device (`guard`: see
+    `bnlab.backends.guards_update`; bnlab.functional's policy "skip" passes it on a GPU)."""
     _check(input)
     if input.numel() == 0:  # nothing to launch: torch's op gives the empty result and its graph
         out = native.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -223,7 +231,10 @@ def batch_norm(
         activation == "relu",
         layout,
         torch.is_grad_enabled(),
+        guard,
+        num_batches_tracked,
     )
 
 
 batch_norm.fuses_epilogue = True  # type: ignore[attr-defined]
+batch_norm.guards_update = True  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from bnlab.kernels.device import (
     GROUPS,
     _apply_kernel,
     _grad_kernel,
+    _guard_kernel,
     _input_grad_kernel,
     _single_tile_backward_kernel,
     _single_tile_forward_kernel,
@@ -855,6 +856,8 @@ def forward(
     save_stats: bool = True,
     layout: str | None = None,
     plan: Plan | None = None,
+    guard: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd): y in x's layout; mean and invstd float32 per channel, the ones y was computed with.
 
@@ -863,6 +866,10 @@ def forward(
     running statistics, when given, are updated in place (momentum already resolved by the caller). In
     inference, `save_stats=False` (no backward to come) lets the kernel read the running statistics
     directly and returns None for mean and invstd. `plan`: instead of `make_plan`'s (tests).
+
+    `guard` (training with running statistics; an int32 tensor of 2): the update is kept only if every
+    channel's updated statistics are finite, and then `num_batches_tracked` (if given) counts the batch;
+    guard[0] says whether it was kept, guard[1] whether the old statistics were finite (`_guard_kernel`).
     """
     layout = layout or layout_of(x)
     if plan is None:
@@ -878,13 +885,18 @@ def forward(
     params = (weight if weight is not None else dummy, bias if bias is not None else dummy)
     has_running = running_mean is not None
     running = (running_mean, running_var) if has_running else (dummy, dummy)
+    guarded = guard is not None and training and has_running
+    # (guarded: the kernels write the updated statistics into scratch, which the guard commits or drops)
+    updated = tuple(torch.empty_like(t) for t in running) if guarded else running
     z = residual if residual is not None else x
     if training and plan.single:
         _single_tile_forward_kernel[(C,)](
-            x, z, y, mean, invstd, *running, *params, plan.N, C, plan.S, eps, momentum,
+            x, z, y, mean, invstd, *running, *updated, *params, plan.N, C, plan.S, eps, momentum,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
             enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue,
         )  # fmt: skip
+        if guarded:
+            _guard(running, updated, guard, num_batches_tracked)
         return y, mean, invstd
     launch = _launch_options(x.device)
     if training:
@@ -901,19 +913,38 @@ def forward(
     if training:
         reduced = _launch(
             _stats_kernel, plan, x.device,
-            lambda p: (x, *partials, mean, invstd, *running, *_shape_args(p), eps, momentum),
+            lambda p: (x, *partials, mean, invstd, *running, *updated, *_shape_args(p), eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running, LATE=_late(p),
                            **_stats_loop(p, x.element_size()), **_block_args(p, reduction=True), **launch),
         )  # fmt: skip
         late = _late_rows(reduced)
-    combined = (*partials[:3], *running) if late else (dummy,) * 5
+    combined = (*partials[:3], *running, *updated) if late else (dummy,) * 7
     _launch(
         _apply_kernel, apply, x.device,
         lambda p: (x, z, y, *stats, *params, *combined, *_shape_args(p), eps, momentum, *(late or (0, 0))),
         lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late),
                        HAS_RUNNING=has_running and late is not None, **epilogue, **_block_args(p), **launch),
     )  # fmt: skip
+    if guarded:
+        _guard(running, updated, guard, num_batches_tracked)
     return (y, None, None) if from_running else (y, mean, invstd)
+
+
+GUARD_BLOCK = 1024  # channels a step of the guard's one program
+
+
+def _guard(
+    running: tuple[torch.Tensor, torch.Tensor],
+    updated: tuple[torch.Tensor, torch.Tensor],
+    verdict: torch.Tensor,
+    num_batches_tracked: torch.Tensor | None,
+) -> None:
+    """Commit the `updated` running statistics if all are finite (`_guard_kernel`)."""
+    count = num_batches_tracked if num_batches_tracked is not None else verdict
+    _guard_kernel[(1,)](
+        *running, *updated, verdict, count, running[0].numel(),
+        BLOCK=GUARD_BLOCK, HAS_COUNT=num_batches_tracked is not None, num_warps=4,
+    )  # fmt: skip
 
 
 def backward(

@@ -449,25 +449,28 @@ def _mean_invstd(n, rel_mean, m2, anchor, eps):
 @triton.jit
 def _finalize_stats(
     n, rel_mean, m2, anchor, cols, cmask, eps, momentum,
-    mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING: tl.constexpr,
+    mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out, HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
     mean, invstd = _mean_invstd(n, rel_mean, m2, anchor, eps)
-    _store_stats(mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)
+    _store_stats(mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out,
+                 rvar_out, HAS_RUNNING)  # fmt: skip
 
 
 @triton.jit
 def _store_stats(
-    mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING: tl.constexpr
+    mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out,
+    HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
-    """Store the batch statistics (for the backward) and update the running ones in place."""
+    """Store the batch statistics (for the backward) and the updated running ones: in place (rmean_out is
+    rmean_ptr), or into scratch that `_guard_kernel` commits if every channel's is finite."""
     tl.store(mean_out + cols, mean, mask=cmask)
     tl.store(invstd_out + cols, invstd, mask=cmask)
     if HAS_RUNNING:
         rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         unbiased = m2 / tl.maximum(n - 1.0, 1.0)
-        tl.store(rmean_ptr + cols, (rm + momentum * (mean - rm)).to(rmean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(rvar_ptr + cols, (rv + momentum * (unbiased - rv)).to(rvar_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rmean_out + cols, (rm + momentum * (mean - rm)).to(rmean_out.dtype.element_ty), mask=cmask)
+        tl.store(rvar_out + cols, (rv + momentum * (unbiased - rv)).to(rvar_out.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -489,7 +492,7 @@ def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constex
 @triton.jit
 def _late_stats(
     x_ptr, pn_ptr, pmean_ptr, pm2_ptr, first_row, rows, split, cols, cmask, C, S, eps, momentum,
-    mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out,
     PLANES: tl.constexpr, COMBINE_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
 ):  # fmt: skip
     """LATE: (mean, invstd) of the program's channels from the statistics' partial rows [first_row, +rows)
@@ -502,7 +505,8 @@ def _late_stats(
     )
     mean, invstd = _mean_invstd(n, rel_mean, m2, anchor, eps)
     if split == 0:
-        _store_stats(mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)
+        _store_stats(mean, invstd, n, m2, cols, cmask, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out,
+                     rvar_out, HAS_RUNNING)  # fmt: skip
     return mean, invstd
 
 
@@ -714,7 +718,7 @@ def _store_grads(
 
 @triton.jit
 def _stats_kernel(
-    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr,
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out,
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
@@ -735,17 +739,16 @@ def _stats_kernel(
         )  # fmt: skip
         if done:
             _finalize_stats(n_c, mean_c, m2_c, anchor, cols, cmask, eps, momentum,
-                            mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING)  # fmt: skip
+                            mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out, HAS_RUNNING)  # fmt: skip
     else:
-        _finalize_stats(
-            n, rel_mean, m2, anchor, cols, cmask, eps, momentum, mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING
-        )
+        _finalize_stats(n, rel_mean, m2, anchor, cols, cmask, eps, momentum,
+                        mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out, HAS_RUNNING)  # fmt: skip
 
 
 @triton.jit
 def _apply_kernel(
     x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, pn_ptr, pmean_ptr, pm2_ptr, rmean_ptr, rvar_ptr,
-    N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum, first_row, rows,
+    rmean_out, rvar_out, N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum, first_row, rows,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     STAGES: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
@@ -760,7 +763,7 @@ def _apply_kernel(
     if LATE:
         mean, invstd = _late_stats(
             x_ptr, pn_ptr, pmean_ptr, pm2_ptr, first_row, rows, split, cols, cmask, C, S, eps, momentum,
-            mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, PLANES, COMBINE_BLOCK, HAS_RUNNING,
+            mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, rmean_out, rvar_out, PLANES, COMBINE_BLOCK, HAS_RUNNING,
         )  # fmt: skip
     else:
         mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
@@ -845,7 +848,7 @@ def _input_grad_kernel(
 
 @triton.jit
 def _single_tile_forward_kernel(
-    x_ptr, z_ptr, y_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, w_ptr, b_ptr,
+    x_ptr, z_ptr, y_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out, w_ptr, b_ptr,
     N, C, S, eps, momentum,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, PDL: tl.constexpr,
@@ -867,7 +870,7 @@ def _single_tile_forward_kernel(
     zero = tl.zeros([1], tl.float32)
     _finalize_stats(
         zero + n, zero + rel_mean, zero + m2, anchor, cols, cmask, eps, momentum,
-        mean_out, invstd_out, rmean_ptr, rvar_ptr, HAS_RUNNING,
+        mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out, HAS_RUNNING,
     )  # fmt: skip
     invstd = 1.0 / tl.sqrt(m2 / n + eps)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
@@ -909,3 +912,39 @@ def _single_tile_backward_kernel(
         k2 = dweight * invstd / n
         dx = _dx(g, x, mean, scale, k1, k2[:, None], True)
         tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _all_finite(ptr, C, BLOCK: tl.constexpr):
+    """Whether all C values at `ptr` are finite (NaN fails x == x; +-inf fails |x| < inf)."""
+    ok = tl.full([BLOCK], 1, tl.int32)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        v = tl.load(ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        ok &= ((v == v) & (tl.abs(v) < float("inf"))).to(tl.int32)
+    return tl.min(ok, axis=0)
+
+
+@triton.jit
+def _guard_kernel(
+    rmean_ptr, rvar_ptr, new_mean_ptr, new_var_ptr, verdict_ptr, count_ptr, C,
+    BLOCK: tl.constexpr, HAS_COUNT: tl.constexpr,
+):  # fmt: skip
+    """The non-finite guard of a training call's running-statistics update, on the device (one program,
+    after the forward's kernels wrote the updated statistics into scratch): if every channel's updated
+    variance is finite (a non-finite batch mean always comes with a non-finite variance), commit the
+    scratch and count the batch in `count_ptr` (num_batches_tracked); else keep the old statistics.
+    verdict_ptr[0] says which, verdict_ptr[1] whether the old statistics were finite (the late report's
+    wording). No host sync, one launch, instead of ~15 small torch kernels."""
+    finite = _all_finite(new_var_ptr, C, BLOCK)
+    were_finite = _all_finite(rmean_ptr, C, BLOCK) & _all_finite(rvar_ptr, C, BLOCK)
+    if finite != 0:
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < C
+            tl.store(rmean_ptr + cols, tl.load(new_mean_ptr + cols, mask=mask), mask=mask)
+            tl.store(rvar_ptr + cols, tl.load(new_var_ptr + cols, mask=mask), mask=mask)
+        if HAS_COUNT:
+            tl.store(count_ptr, tl.load(count_ptr) + 1)
+    tl.store(verdict_ptr, finite)
+    tl.store(verdict_ptr + 1, were_finite)
