@@ -220,12 +220,15 @@ def _poison(kind, shape=(6, 4)):
     return x
 
 
-@pytest.fixture(params=["synced", "on the device"])
+@pytest.fixture(params=["synced", "on the device", "on the device, torch ops"])
 def skip_check(request, monkeypatch):
-    """Policy "skip" as a CPU runs it (a host sync) and as a GPU does (a select on the device, the warning
-    once the flag reaches the host: at once here, where nothing runs behind the host)."""
-    if request.param == "on the device":
+    """Policy "skip" as a CPU runs it (a host sync) and as a GPU does (the update kept or dropped on the
+    device, the warning once the flag reaches the host: at once here, where nothing runs behind the host),
+    by the guard kernel (where Triton runs: here its interpreter) or, without it, by torch ops."""
+    if request.param != "synced":
         monkeypatch.setattr(bnlab.functional, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+    if request.param == "on the device, torch ops":
+        monkeypatch.setattr(bnlab.functional, "GUARD_KERNEL", False)
     return request.param
 
 

@@ -1023,16 +1023,18 @@ def _check_eagerly_and_in_a_graph(step, want: tuple[torch.Tensor, ...], what: st
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warns_later():
-    """bnlab.nn.BatchNorm2d (triton backend) with the default nonfinite="skip": a training call syncs with
-    nothing (torch's sync debug mode would raise), a NaN batch leaves the running statistics and the
-    counter as they were, and the warning comes once its flag has reached the host; a training step
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warns_later(backend):
+    """bnlab.nn.BatchNorm2d with the default nonfinite="skip" (the check in the guard kernel: the triton
+    backend's kernels write the update to scratch, torch's native one updates a copy): a training call
+    syncs with nothing (torch's sync debug mode would raise), a NaN batch leaves the running statistics and
+    the counter as they were, and the warning comes once its flag has reached the host; a training step
     captured in a CUDA graph (where a sync would fail the capture) replays with the statistics updated."""
     import warnings
 
     from bnlab import nn as bnn
 
-    layer = bnn.BatchNorm2d(8, backend="triton").cuda()
+    layer = bnn.BatchNorm2d(8, backend=backend).cuda()
     good = torch.randn(4, 8, 5, 5, device="cuda")
     bad = good.clone()
     bad[0, 3, 0, 0] = float("nan")

@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from bnlab import backends
+from bnlab import backends, kernels
 from bnlab.backends import native
 
 __all__ = ["ACTIVATIONS", "NONFINITE_POLICIES", "SMALL_BATCH_POLICIES", "batch_norm"]
@@ -196,6 +196,11 @@ def _with_epilogue(
 DEFERRED_CHECK_DEVICES = frozenset({"cuda"})
 
 
+# Where Triton runs on the statistics' device, the deferred check of any backend is one Triton kernel
+# (`kernels.batchnorm.guard_update`) rather than torch ops; the tests turn it off to run those.
+GUARD_KERNEL = True
+
+
 def _deferred(running_var: torch.Tensor, policy: str) -> bool:
     """Whether a training call's running-statistics update is checked (policy "skip") or left unchecked
     ("ignore") without a host sync: on DEFERRED_CHECK_DEVICES, outside torch.compile (which has its own
@@ -280,8 +285,9 @@ def _update_guarded(
 
     Returns the output and whether the update was kept (a 0-dim bool tensor under torch.compile, and for
     policy "skip" on DEFERRED_CHECK_DEVICES, whose warning `_LATE_REPORTS` issues once the GPU got there),
-    or None where the backend's own guard (`guards`: see `backends.guards_update`) kept or dropped the update
-    and counted it in `num_batches_tracked` itself.
+    or None where the device's guard kernel kept or dropped the update and counted it in
+    `num_batches_tracked` itself (policy "skip" on DEFERRED_CHECK_DEVICES where Triton runs; `guards`: the
+    backend's kernels run it, see `backends.guards_update`).
     """
     if torch.compiler.is_compiling():
         # No host sync in a graph: update copies, then keep or drop the result with a select. The kernel's
@@ -294,23 +300,31 @@ def _update_guarded(
             running_var.copy_(torch.where(finite, new_var, running_var))
         return output, finite
 
-    if policy == "skip" and guards and _deferred(running_var, policy):
-        # The check in the backend's kernels (one launch instead of ~15 small kernels; no copy of the old
-        # statistics: the update goes to scratch first). The verdict comes back for the late report.
+    channels = running_mean.numel()
+    deferred = policy == "skip" and _deferred(running_var, policy)
+    if deferred and (guards or (GUARD_KERNEL and kernels.unavailable_reason(running_var.device.type) is None)):
+        # The check in one kernel (`guard_update`) instead of ~15 small torch kernels: the update goes to
+        # scratch first (the backend's own kernels write it there, or the backend updates a copy) and the
+        # guard commits it if finite and counts the batch. The verdict comes back for the late report.
         verdict = torch.empty(2, dtype=torch.int32, device=running_var.device)
-        output = impl(input, running_mean, running_var, weight, bias, True, factor, eps, guard=verdict,
-                      num_batches_tracked=num_batches_tracked)  # fmt: skip
+        if guards:
+            output = impl(input, running_mean, running_var, weight, bias, True, factor, eps, guard=verdict,
+                          num_batches_tracked=num_batches_tracked)  # fmt: skip
+        else:
+            scratch = torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
+            updated = scratch[:channels].view_as(running_mean), scratch[channels:].view_as(running_var)
+            output = impl(input, *updated, weight, bias, True, factor, eps)
+            kernels.load().guard_update((running_mean, running_var), updated, verdict, num_batches_tracked)
         _LATE_REPORTS.add_verdicts(verdict, name)
         return output, None
 
-    channels = running_mean.numel()
     # Buffers are 1-D and need no grad: one small copy is the cheapest way to be able to undo the update.
     before = torch.cat(
         (running_mean.view(-1), running_var.view(-1)) if running_mean.dim() != 1 else (running_mean, running_var)
     )
     output = impl(input, running_mean, running_var, weight, bias, True, factor, eps)
-    if policy == "skip" and _deferred(running_var, policy):
-        # No host sync either: the update kept or undone on the device by a select, the warning later.
+    if deferred:
+        # (Without Triton:) no host sync either: the update kept or undone on the device by selects.
         finite = torch.isfinite(running_var).all()
         # Written through .data, as the restore below: the kernel's autograd node may have saved them.
         for stat, old in ((running_mean, before[:channels]), (running_var, before[channels:])):

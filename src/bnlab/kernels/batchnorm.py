@@ -27,7 +27,7 @@ from bnlab.kernels.device import (
 )
 from bnlab.kernels.layout import PLANES, ROWS, layout_of, to_layout
 
-__all__ = ["PLANES", "ROWS", "Plan", "backward", "forward", "layout_of", "plan_for", "to_layout"]
+__all__ = ["PLANES", "ROWS", "Plan", "backward", "forward", "guard_update", "layout_of", "plan_for", "to_layout"]
 
 
 # ---- launch planning --------------------------------------------------------------------------------
@@ -896,7 +896,7 @@ def forward(
             enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue,
         )  # fmt: skip
         if guarded:
-            _guard(running, updated, guard, num_batches_tracked)
+            guard_update(running, updated, guard, num_batches_tracked)
         return y, mean, invstd
     launch = _launch_options(x.device)
     if training:
@@ -926,20 +926,22 @@ def forward(
                        HAS_RUNNING=has_running and late is not None, **epilogue, **_block_args(p), **launch),
     )  # fmt: skip
     if guarded:
-        _guard(running, updated, guard, num_batches_tracked)
+        guard_update(running, updated, guard, num_batches_tracked)
     return (y, None, None) if from_running else (y, mean, invstd)
 
 
 GUARD_BLOCK = 1024  # channels a step of the guard's one program
 
 
-def _guard(
+def guard_update(
     running: tuple[torch.Tensor, torch.Tensor],
     updated: tuple[torch.Tensor, torch.Tensor],
     verdict: torch.Tensor,
     num_batches_tracked: torch.Tensor | None,
 ) -> None:
-    """Commit the `updated` running statistics if all are finite (`_guard_kernel`)."""
+    """Copy the `updated` running statistics (mean, variance: contiguous, C each) into `running` if every
+    updated variance is finite, and then add 1 to `num_batches_tracked`; `verdict` (int32, 2) gets (kept,
+    the old statistics were finite). One launch of `_guard_kernel`, no host sync."""
     count = num_batches_tracked if num_batches_tracked is not None else verdict
     _guard_kernel[(1,)](
         *running, *updated, verdict, count, running[0].numel(),

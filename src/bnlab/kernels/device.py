@@ -920,7 +920,7 @@ def _all_finite(ptr, C, BLOCK: tl.constexpr):
     ok = tl.full([BLOCK], 1, tl.int32)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        v = tl.load(ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        v = tl.load(ptr + cols, mask=cols < C, other=0.0)  # (in its own dtype: float64's range is its own)
         ok &= ((v == v) & (tl.abs(v) < float("inf"))).to(tl.int32)
     return tl.min(ok, axis=0)
 
