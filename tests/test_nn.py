@@ -488,3 +488,33 @@ def test_convert_replaces_a_layer_used_in_two_places_once():
     model = nn.Sequential(shared, nn.ReLU(), shared)
     converted = bnlab.nn.convert(model)
     assert type(converted[0]) is bnlab.nn.BatchNorm1d and converted[0] is converted[2]
+
+
+def test_a_failing_guard_kernel_falls_back_to_torch_ops_with_one_warning(monkeypatch):
+    """Triton is installed with torch's CUDA wheels also on GPUs it cannot compile for: there the guard
+    kernel's failure must not break the default path. The check then takes torch ops, from then on, after
+    one RuntimeWarning; a NaN batch is still skipped and a good one counted."""
+    from bnlab import kernels
+
+    K = kernels.load()
+    monkeypatch.setattr(bnlab.functional, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(bnlab.functional, "GUARD_KERNEL", True)
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("no kernel for this architecture")
+
+    layer = _trained(bnlab.nn.BatchNorm1d, backend="native")
+    monkeypatch.setattr(K, "guard_update", broken)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.warns(RuntimeWarning, match="Triton kernel failed on cpu .*no kernel for this architecture"):
+        with pytest.warns(NonFiniteStatisticsWarning):
+            layer(_poison("nan"))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(make_input((6, 4)))
+    assert len(calls) == 1 and not bnlab.functional.GUARD_KERNEL
+    assert layer.num_batches_tracked.item() == before["num_batches_tracked"].item() + 1

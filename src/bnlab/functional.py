@@ -294,11 +294,7 @@ def _update_guarded(
         # autograd node saves the running statistics it was given, so those must not be written afterwards.
         new_mean, new_var = running_mean.clone(), running_var.clone()
         output = impl(input, new_mean, new_var, weight, bias, True, factor, eps)
-        finite = torch.isfinite(new_var).all()
-        with torch.no_grad():
-            running_mean.copy_(torch.where(finite, new_mean, running_mean))
-            running_var.copy_(torch.where(finite, new_var, running_var))
-        return output, finite
+        return output, _commit_if_finite(running_mean, running_var, new_mean, new_var)
 
     channels = running_mean.numel()
     deferred = policy == "skip" and _deferred(running_var, policy)
@@ -314,7 +310,11 @@ def _update_guarded(
             scratch = torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
             updated = scratch[:channels].view_as(running_mean), scratch[channels:].view_as(running_var)
             output = impl(input, *updated, weight, bias, True, factor, eps)
-            kernels.load().guard_update((running_mean, running_var), updated, verdict, num_batches_tracked)
+            if not _guard_update((running_mean, running_var), updated, verdict, num_batches_tracked):
+                old = torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
+                finite = _commit_if_finite(running_mean, running_var, *updated)
+                _LATE_REPORTS.add(finite, old, name)
+                return output, finite
         _LATE_REPORTS.add_verdicts(verdict, name)
         return output, None
 
@@ -343,6 +343,42 @@ def _update_guarded(
     already_bad = not bool(torch.isfinite(before).all())
     _report_nonfinite(policy, name, already_bad, stacklevel=5)
     return output, False
+
+
+def _commit_if_finite(
+    running_mean: torch.Tensor, running_var: torch.Tensor, new_mean: torch.Tensor, new_var: torch.Tensor
+) -> torch.Tensor:
+    """Copy updated statistics into the running ones if every updated variance is finite, with torch ops
+    and no host sync; returns that verdict (a 0-dim bool tensor)."""
+    finite = torch.isfinite(new_var).all()
+    with torch.no_grad():
+        running_mean.copy_(torch.where(finite, new_mean, running_mean))
+        running_var.copy_(torch.where(finite, new_var, running_var))
+    return finite
+
+
+def _guard_update(
+    running: tuple[torch.Tensor, torch.Tensor],
+    updated: tuple[torch.Tensor, torch.Tensor],
+    verdict: torch.Tensor,
+    num_batches_tracked: torch.Tensor | None,
+) -> bool:
+    """The guard kernel (`kernels.batchnorm.guard_update`); False if Triton fails on this device (an
+    architecture it does not support: torch's CUDA wheels install it everywhere), after which the check
+    takes torch ops, with one warning."""
+    global GUARD_KERNEL
+    try:
+        kernels.load().guard_update(running, updated, verdict, num_batches_tracked)
+        return True
+    except Exception as exc:  # (an optional accelerator of a default path: never let it break training)
+        GUARD_KERNEL = False
+        warnings.warn(
+            f"bnlab: the non-finite check's Triton kernel failed on {running[0].device} ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); checking with torch ops from now on",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+        return False
 
 
 def _report_nonfinite(policy: str, name: str, already_bad: bool, stacklevel: int, late: bool = False) -> None:
