@@ -1338,18 +1338,27 @@ def test_layers_compiled_with_cuda_graphs_train_as_eager_ones(layout):
         _close(ours.float(), ref.float(), torch.float32, name)
 
 
-@pytest.mark.parametrize("single", [True, False], ids=["single-tile", "split"])
-def test_the_update_guard_runs_in_the_kernels(monkeypatch, single):
+@pytest.mark.parametrize("plan", ["single-tile", "split", "late"])
+def test_the_update_guard_runs_in_the_kernels(monkeypatch, plan):
     """Policy "skip" where it checks without a host sync (a GPU; the CPU stands in): the triton backend
-    writes the updated running statistics to scratch and commits them in one kernel of its own if all
+    writes the updated running statistics to scratch (the statistics kernel, the single-tile one, or the
+    normalize pass that combines late: LATE_COMBINE) and commits them in one kernel of its own if all
     are finite (no copy of the old ones, no ~15 small torch ops). A good batch gives the unguarded
     update bit for bit and counts; a NaN batch leaves statistics and counter alone and warns."""
     import bnlab.nn
     from bnlab.functional import NonFiniteStatisticsWarning
 
     monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
-    if not single:
+    shape = (6, 5, 3, 3)
+    if plan != "single-tile":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    if plan == "late":  # (as test_late_combine_matches_the_reference's NCHW case)
+        monkeypatch.setattr(K, "LATE_COMBINE", True)
+        monkeypatch.setattr(K, "TILE", 512)
+        monkeypatch.setattr(
+            K, "_target_programs", lambda device, layout, elementwise=False, small=False: 10 if elementwise else 6
+        )
+        shape = (9, 24, 5, 5)
     guards = []
     kernel = K._guard_kernel
 
@@ -1359,10 +1368,11 @@ def test_the_update_guard_runs_in_the_kernels(monkeypatch, single):
             return kernel[grid]
 
     monkeypatch.setattr(K, "_guard_kernel", Counted())
-    guarded = bnlab.nn.BatchNorm2d(5, backend="triton").to(DEVICE)
-    unguarded = bnlab.nn.BatchNorm2d(5, backend="triton", nonfinite="ignore").to(DEVICE)
-    x = make_input((6, 5, 3, 3), seed=3).to(DEVICE)
-    assert K.make_plan(x, K.PLANES).single == single
+    guarded = bnlab.nn.BatchNorm2d(shape[1], backend="triton").to(DEVICE)
+    unguarded = bnlab.nn.BatchNorm2d(shape[1], backend="triton", nonfinite="ignore").to(DEVICE)
+    x = make_input(shape, seed=3).to(DEVICE)
+    made = K.make_plan(x, K.PLANES)
+    assert made.single == (plan == "single-tile") and (K._late_rows(made) is not None) == (plan == "late")
     guarded(x), unguarded(x)
     assert len(guards) == 1
     for key, value in unguarded.state_dict().items():
