@@ -1384,3 +1384,19 @@ def test_the_update_guard_runs_in_the_kernels(monkeypatch, plan):
     assert len(guards) == 2
     for key, value in guarded.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_launches_make_their_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: the launchers make their tensors' device current where
+    it is not (a layer on cuda:1 while cuda:0 is current, in one process), and change nothing where it is."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert isinstance(K._made_current(torch.device("cuda", 1)), torch.cuda.device)
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        assert isinstance(K._made_current(device), contextlib.nullcontext)
+    entered = []
+    monkeypatch.setattr(K, "_made_current", lambda device: entered.append(device) or contextlib.nullcontext())
+    x = make_input((4, 3, 5)).to(DEVICE)
+    K.forward(x, None, None, None, None, training=True, momentum=0.1, eps=1e-5)
+    assert entered == [x.device]

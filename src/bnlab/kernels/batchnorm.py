@@ -7,6 +7,7 @@ knobs a GPU session tunes (benchmarks/tune_triton.py); the tests shrink them to 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -841,6 +842,27 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
 # ---- launchers --------------------------------------------------------------------------------------
 
 
+def _made_current(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` made the current CUDA device for the duration: Triton launches on the current one (a tensor
+    on cuda:1 while cuda:0 is current would be read through the wrong context); a no-op where it already is
+    (one integer comparison), as in a process per GPU."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _on_input_device(fn):
+    """`fn`'s launches on the device of its first argument (see `_made_current`)."""
+
+    @functools.wraps(fn)
+    def on_device(t: torch.Tensor, *args, **kwargs):
+        with _made_current(t.device):
+            return fn(t, *args, **kwargs)
+
+    return on_device
+
+
+@_on_input_device
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -943,12 +965,14 @@ def guard_update(
     updated variance is finite, and then add 1 to `num_batches_tracked`; `verdict` (int32, 2) gets (kept,
     the old statistics were finite). One launch of `_guard_kernel`, no host sync."""
     count = num_batches_tracked if num_batches_tracked is not None else verdict
-    _guard_kernel[(1,)](
-        *running, *updated, verdict, count, running[0].numel(),
-        BLOCK=GUARD_BLOCK, HAS_COUNT=num_batches_tracked is not None, num_warps=4,
-    )  # fmt: skip
+    with _made_current(verdict.device):
+        _guard_kernel[(1,)](
+            *running, *updated, verdict, count, running[0].numel(),
+            BLOCK=GUARD_BLOCK, HAS_COUNT=num_batches_tracked is not None, num_warps=4,
+        )  # fmt: skip
 
 
+@_on_input_device
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
