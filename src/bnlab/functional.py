@@ -307,11 +307,11 @@ def _update_guarded(
             output = impl(input, running_mean, running_var, weight, bias, True, factor, eps, guard=verdict,
                           num_batches_tracked=num_batches_tracked)  # fmt: skip
         else:
-            scratch = torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
+            scratch = _joined(running_mean, running_var)
             updated = scratch[:channels].view_as(running_mean), scratch[channels:].view_as(running_var)
             output = impl(input, *updated, weight, bias, True, factor, eps)
             if not _guard_update((running_mean, running_var), updated, verdict, num_batches_tracked):
-                old = torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
+                old = _joined(running_mean, running_var)
                 finite = _commit_if_finite(running_mean, running_var, *updated)
                 _LATE_REPORTS.add(finite, old, name)
                 return output, finite
@@ -319,9 +319,7 @@ def _update_guarded(
         return output, None
 
     # Buffers are 1-D and need no grad: one small copy is the cheapest way to be able to undo the update.
-    before = torch.cat(
-        (running_mean.view(-1), running_var.view(-1)) if running_mean.dim() != 1 else (running_mean, running_var)
-    )
+    before = _joined(running_mean, running_var)
     output = impl(input, running_mean, running_var, weight, bias, True, factor, eps)
     if deferred:
         # (Without Triton:) no host sync either: the update kept or undone on the device by selects.
@@ -343,6 +341,11 @@ def _update_guarded(
     already_bad = not bool(torch.isfinite(before).all())
     _report_nonfinite(policy, name, already_bad, stacklevel=5)
     return output, False
+
+
+def _joined(running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """A copy of the running statistics, mean then variance, in one flat tensor (one small kernel)."""
+    return torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
 
 
 def _commit_if_finite(

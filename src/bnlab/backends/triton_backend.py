@@ -10,8 +10,9 @@ tests: slow). Input dtypes float32, float16, bfloat16, with float32 statistics a
 parameters and running statistics may be float32 or the input's dtype. Layouts: contiguous (NCHW) and
 channels-last are read in place; any other strides are copied to contiguous first.
 
-Under ``torch.compile`` the launchers run as two custom ops (``bnlab::triton_forward``,
-``bnlab::triton_backward``; see below), so a model with these layers compiles as one graph.
+Under ``torch.compile`` the launchers run as custom ops (``bnlab::triton_forward``,
+``bnlab::triton_inference``, ``bnlab::triton_backward``; see below), so a model with these layers
+compiles as one graph.
 
 Limits, by design: no double backward (the backward is a kernel, not differentiable ops: use the
 ``reference`` backend for higher derivatives).
