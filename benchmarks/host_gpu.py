@@ -206,7 +206,16 @@ def _layer_step(
     layer = layer.to(x.device)
     forward = layer if mode is None else torch.compile(layer, mode=mode)
     wrt = (x, *layer.parameters())
-    return lambda: torch.autograd.grad(forward(x), wrt, dy)
+    if mode != "reduce-overhead":
+        return lambda: torch.autograd.grad(forward(x), wrt, dy)
+
+    def step() -> object:
+        # (a new step for CUDA-graph trees, as a training loop marks it: else they may take the last step's
+        #  outputs as still in use)
+        torch.compiler.cudagraph_mark_step_begin()
+        return torch.autograd.grad(forward(x), wrt, dy)
+
+    return step
 
 
 if __name__ == "__main__":

@@ -751,6 +751,38 @@ _SPLIT_KERNELS = ((_stats_kernel, _apply_kernel), (_grad_kernel, _input_grad_ker
 
 
 _SEMAPHORES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _kept_zeros(count: int, device: torch.device) -> torch.Tensor:
+    """`count` zeroed int32 counters on a GPU that outlive the call (a stream's semaphores, a graph slab),
+    allocated on a short-lived thread of their own and zero once it returns.
+
+    While inductor's CUDA-graph trees (torch.compile(mode="reduce-overhead")) warm a graph up, every
+    allocation of the calling thread goes to the graphs' private pool, and a block still alive there after
+    the call that no graph output owns is refused ("tensor(s) in the cudagraph pool not tracked as
+    outputs"; session 17's H200 run). The pool is chosen per thread, so another thread's allocation comes
+    from the ordinary one. That thread's stream is the GPU's default one: synchronized there, the zeros
+    are in place before any stream uses them.
+    """
+    made: list[torch.Tensor] = []
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            made.append(torch.zeros(count, device=device, dtype=torch.int32))
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+        except BaseException as error:  # (re-raised on the caller's thread)
+            failed.append(error)
+
+    worker = threading.Thread(target=make, name="bnlab-counters")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return made[0]
+
+
 # The current stream's raw handle, asked for as Triton's own launcher does (no Stream object built on
 # every call); through the public API where a build lacks the private function (CPU builds).
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
@@ -790,9 +822,7 @@ class GraphCounters:
             allocated = sum(slab.numel() for slab in self._slabs if slab.device == device)
             if allocated + self.slab > self.limit or self._free.get(device) is not free:
                 return  # (the limit reached, or another thread has just topped up)
-            slab = torch.zeros(self.slab, device=device, dtype=torch.int32)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()  # (zero before a capture on another stream)
+            slab = _kept_zeros(self.slab, device)  # (zero before a capture on any stream)
             self._slabs.append(slab)
             self._free[device] = slab
 
@@ -835,7 +865,7 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     key = (device.index, _raw_stream(device.index))
     buffer = _SEMAPHORES.get(key)
     if buffer is None or buffer.numel() < count:
-        buffer = _SEMAPHORES[key] = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
+        buffer = _SEMAPHORES[key] = _kept_zeros(max(count, 1024), device)
     return buffer
 
 
