@@ -31,8 +31,8 @@ set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
-LAST_CSV=benchmarks/results/h200-2026-11-27/gpu-nvidia-h200-20261127-192343.csv  # (run 14: the last H200 run at the defaults, session 14's)
-DEFAULT_CANDIDATES="GATHER_GROUPED_SUMS=True;GATHER_GROUPED_SUMS=True GROUPED_STATS_ROW_SUMS=True;LATE_COMBINE=True;LATE_COMBINE=True GATHER_GROUPED_SUMS=True;STATS_PREFETCH={'planes':False,'rows':True};TILE=8192 GATHER_GROUPED_SUMS=True"
+LAST_CSV=benchmarks/results/h200-2026-11-28/gpu-nvidia-h200-20261128-023338.csv  # (run 17: the last H200 run at the defaults; session 17 changed them since: GATHER_GROUPED_SUMS, LATE_COMBINE for 2-byte planes)
+DEFAULT_CANDIDATES="STATS_PREFETCH={'planes':False,'rows':True};TILE=8192;GROUPED_STATS_ROW_SUMS=True"
 JOBS=$(nproc)
 mkdir -p "$OUT"
 steps=("$@")

@@ -56,16 +56,17 @@ EPILOGUE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "RELU":
 ELEMENTWISE = ("normalize", "dx")  # the passes that run `elementwise_plan`'s slices
 REDUCTIONS = ("stats", "grad sums")  # the passes that run REDUCTION_WARPS warps a program
 # LATE_COMBINE's constexprs (the elementwise passes combine 16 rows of partials, a ResNet-50 NCHW 14x14
-# layer's slices at batch 256), read when a reading runs: `--knob LATE_COMBINE=True` sets the knob then.
+# layer's slices at batch 256), per layout and value size as the knobs say when a reading runs (`--knob
+# LATE_COMBINE=...` sets them then).
 LATE = {
-    "LATE": lambda *_: K.LATE_COMBINE,
-    "COMBINE_BLOCK": lambda plan, _: K._combine_block(plan, 16) if K.LATE_COMBINE else 1,
+    "LATE": lambda plan, itemsize: K._late_knob(plan.layout, itemsize),
+    "COMBINE_BLOCK": lambda plan, itemsize: K._combine_block(plan, 16) if K._late_knob(plan.layout, itemsize) else 1,
 }
 KERNELS = {  # name: (kernel, its other constexprs)
     "stats": (  # (its loop's constexprs as the launcher computes them: a function of the plan and value size)
         K._stats_kernel,
-        lambda plan, itemsize: {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True, "LATE": K.LATE_COMBINE,
-                                **K._stats_loop(plan, itemsize)},
+        lambda plan, itemsize: {"SPLIT": True, "SPLIT_BLOCK": 16, "HAS_RUNNING": True,
+                                "LATE": LATE["LATE"](plan, itemsize), **K._stats_loop(plan, itemsize)},
     ),
     "normalize": (
         K._apply_kernel,

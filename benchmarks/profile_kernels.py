@@ -74,13 +74,12 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
-            # NCHW grouped reductions' per-channel sums through a gather instead of segmented scans (session
-            # 14: the statistics issue-bound at 14x14, the scans half their instructions outside the loop)
-            {"GATHER_GROUPED_SUMS": True},
-            {"GATHER_GROUPED_SUMS": True, "GROUPED_STATS_ROW_SUMS": True},  # (+ 4 statistics programs an SM)
-            # the reductions' last combine level at the start of the elementwise passes' programs (session 15)
-            {"LATE_COMBINE": True},
-            {"LATE_COMBINE": True, "GATHER_GROUPED_SUMS": True},
+            # session 16's defaults: NCHW grouped reductions' per-channel sums by segmented scans, and the
+            # combine's last level in the reductions (run 17 made the gather and, for 2-byte planes, the late
+            # combine the defaults: the bf16 NCHW sum 0.960 of the step)
+            {"GATHER_GROUPED_SUMS": False, "LATE_COMBINE": {"planes": False, "rows": False}},
+            {"GROUPED_STATS_ROW_SUMS": True},  # (+ 4 statistics programs an SM; run 17: 0.999 of the sums)
+            {"LATE_COMBINE": {"planes": True, "rows": True}},  # (run 17: channels-last bf16 sum 1.013)
             # channels-last statistics' next tile prefetched in registers (session 15: latency-bound, run 16)
             {"STATS_PREFETCH": {"planes": False, "rows": True}},
             # channels-last reductions in blocks of 32 bf16 channels (the default 64 since run 13; 128 before)
@@ -110,9 +109,9 @@ SETS = {
         [(shape, "NCHW") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
-            {"GATHER_GROUPED_SUMS": True},  # (grouped shapes: 7x7, 14x14)
-            {"GATHER_GROUPED_SUMS": True, "GROUPED_STATS_ROW_SUMS": True},
-            {"LATE_COMBINE": True},
+            {"GATHER_GROUPED_SUMS": False},  # (grouped shapes: 7x7, 14x14; the default since run 17)
+            {"GROUPED_STATS_ROW_SUMS": True},
+            {"LATE_COMBINE": {"planes": False, "rows": False}},  # (the default for 2-byte planes since run 17)
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
@@ -131,7 +130,9 @@ SETS = {
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             # the reductions' alone (default 64 channels since run 13; run 10: all passes, below)
-            {"LATE_COMBINE": True},  # (session 15: the combine's last level off the reductions' critical path)
+            # (session 15: the combine's last level off the reductions' critical path; run 17, bf16: 1.013 of the
+            # channels-last sum)
+            {"LATE_COMBINE": {"planes": True, "rows": True}},
             {"STATS_PREFETCH": {"planes": False, "rows": True}},  # (session 15: two tiles in flight a program)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
@@ -222,6 +223,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "GATHER_GROUPED_SUMS",
         "GROUPED_STATS_ROW_SUMS",
         "LATE_COMBINE",
+        "LATE_COMBINE_FLOAT32",
         "STATS_PREFETCH",
     )
     knobs = {name: getattr(K, name) for name in names}

@@ -331,6 +331,12 @@ def test_grouped_sums_by_gather_match_the_reference(monkeypatch, shape):
     _check_large_offset(channels=16)
 
 
+def _combine_late(monkeypatch, on: bool = True) -> None:
+    """LATE_COMBINE set for every layout and value size (the defaults: 2-byte planes only)."""
+    for name in ("LATE_COMBINE", "LATE_COMBINE_FLOAT32"):
+        monkeypatch.setattr(K, name, {K.PLANES: on, K.ROWS: on})
+
+
 @pytest.mark.parametrize("case", ["nchw-one-group", "channels-last-groups"])
 def test_late_combine_matches_the_reference(monkeypatch, case):
     """LATE_COMBINE: the reductions leave their last combine level to the elementwise passes, whose
@@ -341,7 +347,7 @@ def test_late_combine_matches_the_reference(monkeypatch, case):
     step with a residual and ReLU matches the reference, bit for bit again when repeated, the counters
     are left at zero; a backward for the parameters alone (no elementwise pass) combines in the reduction."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "LATE_COMBINE", True)
+    _combine_late(monkeypatch)
     targets = {"nchw-one-group": (6, 10), "channels-last-groups": (16, 7)}[case]
     monkeypatch.setattr(
         K, "_target_programs", lambda device, layout, elementwise=False, small=False: targets[elementwise]
@@ -356,7 +362,7 @@ def test_late_combine_matches_the_reference(monkeypatch, case):
         monkeypatch.setattr(K, "COMBINE_VALUES", 8)  # (groups of 2 slices)
         x, z, dy, w, b = _operands((7, 12, 5, 3), "channels_last", torch.float32)
     plan = K.make_plan(x, K.layout_of(x))
-    first, rows = K._late_rows(plan)
+    first, rows = K._late_rows(plan, x.element_size())
     if case == "nchw-one-group":
         assert plan.group == 8 and plan.splits > 1 and (first, rows) == (0, plan.splits)
     else:
@@ -1384,7 +1390,7 @@ def test_the_update_guard_runs_in_the_kernels(monkeypatch, plan):
     if plan != "single-tile":
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     if plan == "late":  # (as test_late_combine_matches_the_reference's NCHW case)
-        monkeypatch.setattr(K, "LATE_COMBINE", True)
+        _combine_late(monkeypatch)
         monkeypatch.setattr(K, "TILE", 512)
         monkeypatch.setattr(
             K, "_target_programs", lambda device, layout, elementwise=False, small=False: 10 if elementwise else 6
@@ -1403,7 +1409,8 @@ def test_the_update_guard_runs_in_the_kernels(monkeypatch, plan):
     unguarded = bnlab.nn.BatchNorm2d(shape[1], backend="triton", nonfinite="ignore").to(DEVICE)
     x = make_input(shape, seed=3).to(DEVICE)
     made = K.make_plan(x, K.PLANES)
-    assert made.single == (plan == "single-tile") and (K._late_rows(made) is not None) == (plan == "late")
+    assert made.single == (plan == "single-tile")
+    assert (K._late_rows(made, x.element_size()) is not None) == (plan == "late")
     guarded(x), unguarded(x)
     assert len(guards) == 1
     for key, value in unguarded.state_dict().items():

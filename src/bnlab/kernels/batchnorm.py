@@ -385,8 +385,10 @@ REDUCTION_ROWS_BLOCK_CHANNELS = 64
 # 18% of peak, an issue slot busy 57% of cycles, 3 programs an SM by 168 registers), ~7300 instructions
 # a warp of which the per-tile loop (~250 an iteration, ~11 iterations) is ~2750; the kernel's
 # straight-line code, read from its sm_90 machine code, ~3500 instructions, most of them the three
-# segmented scans (394 shuffles). Untimed: off until a GPU session times it (candidate).
-GATHER_GROUPED_SUMS = False
+# segmented scans (394 shuffles). Session 17 (H200, run 17, candidates against the defaults in one call):
+# bf16 NCHW forward+backward 256x256x14x14 89.0 -> 72.9 us, 256x512x14x14 143.6 -> 126.7, 256x512x7x7
+# 52.2 -> 47.0, the bf16 NCHW sum 13.05 -> 12.70 ms (0.973), float32 0.985, other layers unchanged: on.
+GATHER_GROUPED_SUMS = True
 # Grouped planes' statistics: accumulate each lane over the tile's rows in the loop (one pair of
 # accumulators a lane, not one a value of the tile). Session 14 (kernel_sass, sm_90, Triton 3.6, with
 # GATHER_GROUPED_SUMS): NCHW 14x14 bf16 statistics 152 -> 118 registers (3 -> 4 programs an SM, the
@@ -403,9 +405,13 @@ COMBINE_VALUES = 2048
 # statistics' read), ~2-3 round trips to L2; each elementwise program instead loads the rows (the
 # slices', or their groups': ~16 x its channels x 3 floats, in the round trip that loaded mean and invstd)
 # and combines them, and slice 0 stores the results. Session 15 (no GPU): built from NOTES' list of
-# levers (the small layers' reductions take ~4x their traffic time); untimed, off until a GPU session
-# times it (candidate).
-LATE_COMBINE = False
+# levers (the small layers' reductions take ~4x their traffic time). Per layout, for 2-byte values; float32
+# has its own. Session 17 (H200, run 17, against the defaults in one call, with GATHER_GROUPED_SUMS): bf16
+# NCHW forward+backward 0.79-0.94 of the step on 7x7/14x14 (the gather alone: 0.82-0.98), 128x28x28 0.93,
+# the bf16 NCHW sum 13.05 -> 12.52 ms (0.960; the gather alone 0.973); but bf16 channels-last 1.013 and
+# float32 NCHW 14x14 1.01-1.05 of the step (the sums 1.013 and 1.004 alone): on for 2-byte planes only.
+LATE_COMBINE = {PLANES: True, ROWS: False}
+LATE_COMBINE_FLOAT32 = {PLANES: False, ROWS: False}
 # Tiles whose loads are in flight at once in the split reductions' loops (statistics; gradient sums), per
 # layout, software-pipelined through shared memory (1: not pipelined; shared memory per program: up to
 # STAGES - 1 tiles of each tensor read). On an H200 (bf16, per-kernel profile, benchmarks/NOTES.md), with
@@ -500,17 +506,22 @@ def _split_block(plan: Plan) -> int:
     return _combine_block(plan, plan.splits)
 
 
-def _late(plan: Plan) -> bool:
-    """Whether a reduction launched over `plan` leaves its last combine level to the elementwise pass
-    (LATE_COMBINE; one slice a channel block has nothing to combine)."""
-    return LATE_COMBINE and plan.splits > 1
+def _late_knob(layout: str, itemsize: int) -> bool:
+    """LATE_COMBINE's setting for `layout` over values of `itemsize` bytes (LATE_COMBINE_FLOAT32 for 4)."""
+    return (LATE_COMBINE_FLOAT32 if itemsize == 4 else LATE_COMBINE)[layout]
 
 
-def _late_rows(reduced: Plan) -> tuple[int, int] | None:
+def _late(plan: Plan, itemsize: int) -> bool:
+    """Whether a reduction launched over `plan` (values of `itemsize` bytes) leaves its last combine level
+    to the elementwise pass (LATE_COMBINE; one slice a channel block has nothing to combine)."""
+    return _late_knob(plan.layout, itemsize) and plan.splits > 1
+
+
+def _late_rows(reduced: Plan, itemsize: int) -> tuple[int, int] | None:
     """(first row, rows) of the partials that the elementwise pass combines after a reduction launched
     over `reduced`: the slices' own rows where they are one group, else the groups' rows (device
     `_gather`); None where the reduction finalized itself (not `_late`)."""
-    if not _late(reduced):
+    if not _late(reduced, itemsize):
         return None
     groups = _cdiv(reduced.splits, _split_block(reduced))
     return (0, reduced.splits) if groups == 1 else (reduced.splits, groups)
@@ -598,7 +609,7 @@ def describe_plans(x: torch.Tensor) -> str:
             stages = _grad_stages(reduce)
             if direction == "backward" and stages != GRAD_STAGES[plan.layout]:
                 how += f" (gradient sums {stages} deep)"  # long loops (GRAD_STAGES_LONG)
-            if _late(reduce):
+            if _late(reduce, x.element_size()):
                 how += f" (last combine in {elementwise})"
             if cut:
                 how += " (cut to one wave)"
@@ -926,7 +937,7 @@ def forward(
     layout = layout or layout_of(x)
     if plan is None:
         plan = make_plan(x, layout)
-    C = plan.C
+    C, itemsize = plan.C, x.element_size()
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
     invstd = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -966,10 +977,11 @@ def forward(
         reduced = _launch(
             _stats_kernel, plan, x.device,
             lambda p: (x, *partials, mean, invstd, *running, *updated, *_shape_args(p), eps, momentum),
-            lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running, LATE=_late(p),
-                           **_stats_loop(p, x.element_size()), **_block_args(p, reduction=True), **launch),
+            lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
+                           LATE=_late(p, itemsize), **_stats_loop(p, itemsize), **_block_args(p, reduction=True),
+                           **launch),
         )  # fmt: skip
-        late = _late_rows(reduced)
+        late = _late_rows(reduced, itemsize)
     combined = (*partials[:3], *running, *updated) if late else (dummy,) * 7
     _launch(
         _apply_kernel, apply, x.device,
@@ -1028,7 +1040,7 @@ def backward(
     layout = layout or layout_of(x)
     if plan is None:
         plan = make_plan(x, layout)
-    C = plan.C
+    C, itemsize = plan.C, x.element_size()
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
     tensors = (
@@ -1081,9 +1093,10 @@ def backward(
                 _grad_kernel, plan, x.device,
                 lambda p: (*sums_args, *_shape_args(p)),
                 lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
-                               LATE=late_ok and _late(p), **sums_options, **_block_args(p, reduction=True), **launch),
+                               LATE=late_ok and _late(p, itemsize), **sums_options, **_block_args(p, reduction=True),
+                               **launch),
             )  # fmt: skip
-            late = _late_rows(reduced) if late_ok else None
+            late = _late_rows(reduced, itemsize) if late_ok else None
         if elementwise:
             combined = (*partials[:2], dweight, dbias) if late else (dummy,) * 4
             _launch(
