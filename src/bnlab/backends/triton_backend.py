@@ -20,6 +20,8 @@ Limits, by design: no double backward (the backward is a kernel, not differentia
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -88,8 +90,12 @@ _backward_once = once_differentiable(_backward)
 # Under torch.compile the launchers (plans, caches, Triton's own Python) are not traced: they run as
 # opaque custom ops (training's forward, inference's, the backward), so a model compiles as one graph
 # (fullgraph=True works) and CUDA graphs (mode="reduce-overhead") replay the kernels with no host time at
-# all. Called eagerly, an op's dispatch costs ~100 us of host time (dev VM, torch 2.13), more than the
-# launchers' own Python: eager calls them directly.
+# all. Eager calls the launchers directly (no dispatch at all). The ops are registered with torch.library's
+# low-level API (`_op`), not `torch.library.custom_op`: that one wraps every call in Python kernels of its
+# own (an autograd kernel that redispatches, and for a mutating op an ADInplaceOrView kernel that walks
+# the schema's arguments): 166-186 us a call against 14-22 (dev VM, torch 2.13, a stub body), which made
+# a compiled layer's forward+backward cost ~0.9 ms more host time than torch's on the H200's host (run 19).
+# Their autograd is `_FusedBatchNorm` around them; the compiled graphs call them with grad disabled.
 
 
 def _forward_kernels(
@@ -141,18 +147,18 @@ def _forward_fake(x, weight, bias, residual, running_mean, running_var, training
     return torch.empty_like(x), *stats  # (x is in a kernel layout: y has its strides)
 
 
-# Training updates the running statistics in place; inference only reads them, and an op that declared
-# them mutated would have the compiled graph copy them back after every call: two ops, one body.
-_training_op = torch.library.custom_op("bnlab::triton_forward", mutates_args=("running_mean", "running_var"))(
-    _forward_filled
-)
-_inference_op = torch.library.custom_op("bnlab::triton_inference", mutates_args=())(_forward_filled)
-for _op in (_training_op, _inference_op):
-    _op.register_fake(_forward_fake)
+_LIBRARY = torch.library.Library("bnlab", "FRAGMENT")  # (kept: the registrations last as long as it)
 
 
-@torch.library.custom_op("bnlab::triton_backward", mutates_args=())
-def _backward_op(
+def _op(name: str, body: Callable, fake: Callable, mutates: tuple[str, ...] = ()) -> None:
+    """`body` as the op ``bnlab::name`` on every device (its schema inferred from the type hints, with the
+    arguments in `mutates` marked written), `fake` its implementation for fake tensors (torch.compile)."""
+    _LIBRARY.define(name + torch.library.infer_schema(body, mutates_args=mutates))
+    _LIBRARY.impl(name, body, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"bnlab::{name}", fake, lib=_LIBRARY)
+
+
+def _backward_filled(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor, training: bool, relu: bool,
     need_input: bool, need_params: bool, need_residual: bool, layout: str,
@@ -162,13 +168,20 @@ def _backward_op(
     return _filled(out, x)  # type: ignore[return-value]
 
 
-@_backward_op.register_fake
-def _(dy, x, weight, bias, residual, mean, invstd, training, relu, need_input, need_params, need_residual, layout):
+def _backward_fake(dy, x, weight, bias, residual, mean, invstd, training, relu, need_input, need_params, need_residual,
+                   layout):  # fmt: skip
     def like_x(wanted: bool) -> torch.Tensor:
         return torch.empty_like(x) if wanted else x.new_empty(0, dtype=torch.float32)
 
     params = [x.new_empty(mean.shape[0] if need_params else 0, dtype=torch.float32) for _ in range(2)]
     return like_x(need_input), *params, like_x(need_residual and residual is not None)
+
+
+# Training updates the running statistics in place; inference only reads them, and an op that declared
+# them mutated would have the compiled graph copy them back after every call: two ops, one body.
+_op("triton_forward", _forward_filled, _forward_fake, mutates=("running_mean", "running_var"))
+_op("triton_inference", _forward_filled, _forward_fake)
+_op("triton_backward", _backward_filled, _backward_fake)
 
 
 def _check(input: torch.Tensor) -> None:
