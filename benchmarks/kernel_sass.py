@@ -183,9 +183,9 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
         # the device); no single-tile plans (batch 256: none would be taken).
         small = K.within_l2(N * C * S * itemsize, 50 * 2**20)  # (make_plan's choices at a 50 MB L2)
         target = K.programs_per_sm(layout, small=small) * MULTIPROCESSORS
-        split = K.planned(layout, N, C, S, itemsize, small, target, single_tile_max=0)
+        split = K.planned(layout, N, C, S, itemsize, target, single_tile_max=0)
         for kname, (fn, extra) in KERNELS.items():
-            plan = (split.apply or split) if kname in ELEMENTWISE else split  # (PACKED_REDUCTIONS: two tilings)
+            plan = (split.apply or split) if kname in ELEMENTWISE else split  # (channels-last: two tilings)
             # per layout (a dict), or per plan and value size (a function); or all of them a function
             extra = extra(plan, itemsize) if callable(extra) else {
                 k: v[plan.layout] if isinstance(v, dict) else v(plan, itemsize) if callable(v) else v
@@ -229,7 +229,7 @@ def main() -> int:
     parser.add_argument("--check", type=float, default=None, metavar="FRACTION",
                         help="exit 1 if a split pass exceeds FRACTION of its budget or any kernel spills")  # fmt: skip
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
-                        help="a kernel knob for this reading, e.g. PACKED_REDUCTIONS=True (repeatable)")  # fmt: skip
+                        help="a kernel knob for this reading, e.g. TILE=8192 (repeatable)")  # fmt: skip
     args = parser.parse_args()
     try:
         knobs = dict(parse_knobs(args.knob))

@@ -78,7 +78,6 @@ SETS = {
             # combine's last level in the reductions (run 17 made the gather and, for 2-byte planes, the late
             # combine the defaults: the bf16 NCHW sum 0.960 of the step)
             {"GATHER_GROUPED_SUMS": False, "LATE_COMBINE": {"planes": False, "rows": False}},
-            {"GROUPED_STATS_ROW_SUMS": True},  # (+ 4 statistics programs an SM; run 17: 0.999 of the sums)
             {"LATE_COMBINE": {"planes": True, "rows": True}},  # (run 17: channels-last bf16 sum 1.013)
             # channels-last statistics' next tile prefetched in registers (session 15: latency-bound, run 16)
             {"STATS_PREFETCH": {"planes": False, "rows": True}},
@@ -86,11 +85,6 @@ SETS = {
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"TILE": 8192},  # bf16 tiles of 8192 values (run 11: 0.90-0.98 of the step on these four)
-            # NCHW reductions one channel a program in packed tiles, elementwise passes in channel groups
-            # (run 11, all passes packed: statistics / gradient sums 0.80-0.92 of grouped's, normalize / dx
-            # 1.5-2.0x), at a full wave (64 registers: 8 programs an SM) and at the default 4
-            {"PACKED_REDUCTIONS": True, "SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},
-            {"PACKED_REDUCTIONS": True},
             # Twice the warps in the reductions (90-98 registers: 2 programs of 8 warps a multiprocessor, sm_90,
             # Triton 3.6); run 11 (rows 8 too): NCHW 14x14 0.95 of the step, 7x7 1.15, channels-last 1.21-1.29
             {"REDUCTION_WARPS": {"planes": 8, "rows": 4}},
@@ -110,7 +104,6 @@ SETS = {
         (
             {},
             {"GATHER_GROUPED_SUMS": False},  # (grouped shapes: 7x7, 14x14; the default since run 17)
-            {"GROUPED_STATS_ROW_SUMS": True},
             {"LATE_COMBINE": {"planes": False, "rows": False}},  # (the default for 2-byte planes since run 17)
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
@@ -166,10 +159,7 @@ PLAN_KNOBS = {
     "COMBINE_VALUES",
     "ROWS_BLOCK_BYTES",
     "REDUCTION_ROWS_BLOCK_CHANNELS",
-    "PACKED_REDUCTIONS",
-    "PACKED_REDUCTION_TILE",
     "GATHER_GROUPED_SUMS",
-    "GROUPED_STATS_ROW_SUMS",
     "STATS_PREFETCH",
 }
 
@@ -219,9 +209,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "ONE_WAVE",
         "ROWS_BLOCK_BYTES",
         "REDUCTION_ROWS_BLOCK_CHANNELS",
-        "PACKED_REDUCTIONS",
         "GATHER_GROUPED_SUMS",
-        "GROUPED_STATS_ROW_SUMS",
         "LATE_COMBINE",
         "LATE_COMBINE_FLOAT32",
         "STATS_PREFETCH",
@@ -290,7 +278,7 @@ def _plan_knobs(knobs: dict) -> dict:
 
 def _changes(K, shape: tuple[int, ...], layout: str, dtype: torch.dtype, knobs: dict, device: str = "cuda") -> bool:
     """Whether `knobs` change the plans (the reductions', the elementwise passes'), the gradient
-    sums' depth, the combine's step or the reductions' constexprs (GATHER_SUMS, ROW_SUMS, PREFETCH) on
+    sums' depth, the combine's step or the reductions' constexprs (GATHER_SUMS, PREFETCH) on
     this shape (planning asks the GPU's multiprocessor count: an uninitialised tensor on the device)."""
     x = _planning_tensor(shape, layout, dtype, device)
 

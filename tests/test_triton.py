@@ -312,22 +312,21 @@ def test_large_offset_statistics_do_not_cancel_in_single_tile_and_grouped_plans(
 @pytest.mark.parametrize("shape", [(20, 16, 3, 3), (9, 24, 5, 5)], ids=["16-channel-groups", "8-channel-groups"])
 def test_grouped_sums_by_gather_match_the_reference(monkeypatch, shape):
     """GATHER_GROUPED_SUMS: the reductions of grouped planes sum their lanes per channel through a gather
-    into [channels, W] rows instead of a segmented scan; GROUPED_STATS_ROW_SUMS: the statistics sum each
-    lane over a tile's rows in the loop. A training step (several tiles a slice, several slices) matches
-    the reference every way, and the large-offset statistics keep their digits."""
+    into [channels, W] rows instead of a segmented scan (on by default since session 17), and off. A
+    training step (several tiles a slice, several slices) matches the reference every way, and the
+    large-offset statistics keep their digits."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 512)
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 6)
     x, z, dy, w, b = _operands(shape, "contiguous", torch.float32)
     plan = K.make_plan(x, K.PLANES)
     assert plan.group == (16 if shape[1] == 16 else 8) and plan.splits > 1 and plan.per_split > 1
-    for gather, row_sums in ((True, False), (True, True), (False, True)):  # (neither: every other test)
+    for gather in (True, False):
         monkeypatch.setattr(K, "GATHER_GROUPED_SUMS", gather)
-        monkeypatch.setattr(K, "GROUPED_STATS_ROW_SUMS", row_sums)
-        assert K._block_args(plan, reduction=True)["GATHER_SUMS"] is gather and K._stats_row_sums(plan) is row_sums
+        assert K._block_args(plan, reduction=True)["GATHER_SUMS"] is gather
         _training_step_matches_reference(x, z, dy, w, b)
     rows = K.plan_for(K.ROWS, 8, 64, 9, target_programs=4)
-    assert K._block_args(rows, reduction=True)["GATHER_SUMS"] is False and K._stats_row_sums(rows) is False
+    assert K._block_args(rows, reduction=True)["GATHER_SUMS"] is False
     _check_large_offset(channels=16)
 
 
@@ -763,45 +762,6 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeyp
     assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
 
 
-def test_small_nchw_tensors_can_reduce_in_packed_tiles_and_normalize_in_groups(monkeypatch):
-    """PACKED_REDUCTIONS: a small NCHW tensor whose runs are not 16-aligned reduces one channel a program in
-    packed tiles of PACKED_REDUCTION_TILE values while its elementwise passes keep the channel groups
-    (`Plan.apply`); 16-aligned runs, channels-last and larger tensors keep one plan; the kernels then
-    match the reference, with a residual and ReLU, forward and backward."""
-
-    def planned(*shape, dtype=torch.bfloat16, layout=torch.contiguous_format):  # (planning only: no memory)
-        return K.make_plan(torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=layout),
-                           K.ROWS if layout == torch.channels_last else K.PLANES)  # fmt: skip
-
-    grouped = planned(256, 256, 14, 14)
-    assert grouped.group == 8 and grouped.apply is None
-    monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
-    assert planned(256, 256, 14, 14) == grouped  # (not small: the interpreter has no L2)
-    monkeypatch.setattr(K, "_small", lambda device, nbytes: nbytes <= 50 * 2**20)
-    plan = planned(256, 256, 14, 14)
-    assert plan.packed and plan.block_b == 1024 and plan.channel_programs == 256 and plan.apply == grouped
-    assert K._elementwise_passes(plan, torch.device("cpu")).group == 8  # normalize and dx in the groups
-    assert planned(256, 64, 14, 14, dtype=torch.float32).block_b == 1024  # (values, whatever the dtype)
-    for shape in ((256, 128, 28, 28), (256, 1024, 14, 14)):  # 16-aligned runs; over 50 MB
-        monkeypatch.setattr(K, "PACKED_REDUCTIONS", False)
-        before = planned(*shape)
-        monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
-        assert planned(*shape) == before and before.apply is None
-    rows = planned(256, 256, 14, 14, layout=torch.channels_last)
-    assert not rows.packed and not rows.apply.packed  # (channels-last: never packed)
-    x = torch.empty(256, 256, 14, 14, dtype=torch.bfloat16, device="meta")
-    assert K.describe_plans(x).endswith("(packed tiles of 5 samples) (dx in grouped tiles of 8 channels)")
-    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
-    monkeypatch.setattr(K, "PACKED_REDUCTION_TILE", 64)  # (a few tiles a channel)
-    monkeypatch.setattr(  # (reductions over several programs a channel, combined)
-        K, "_target_programs", lambda device, layout, elementwise=False, small=False: 8 if elementwise else 64
-    )
-    x, z, dy, w, b = _operands((18, 16, 3, 5), "contiguous", torch.float32)
-    plan = K.make_plan(x, K.PLANES)
-    assert plan.packed and plan.splits > 1 and plan.apply is not None and plan.apply.group == 16
-    _training_step_matches_reference(x, z, dy, w, b)
-
-
 def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
     """At TILE_BYTES of 8192 float32 tiles take half the values of 16-bit ones; TILE still caps both."""
     monkeypatch.setattr(K, "TILE", 4096)
@@ -940,12 +900,11 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("plans", ["default", "small"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     """`small`: the reductions of every tensor within L2 at a full wave (SMALL_PROGRAMS_PER_SM 8: ONE_WAVE
-    cuts the grid to what fits), NCHW 7x7/14x14 ones in packed tiles (PACKED_REDUCTIONS), and the rows
-    layout's reductions in blocks of 32 bf16 channels (REDUCTION_ROWS_BLOCK_CHANNELS 32)."""
+    cuts the grid to what fits), and the rows layout's reductions in blocks of 32 bf16 channels
+    (REDUCTION_ROWS_BLOCK_CHANNELS 32)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
     if plans == "small":
-        monkeypatch.setattr(K, "PACKED_REDUCTIONS", True)
         monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 32)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
     gen = torch.Generator(device="cuda").manual_seed(0)

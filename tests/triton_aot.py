@@ -66,13 +66,13 @@ def compile_cases():
         for split in (True, False):  # (pipelined as configured, and not: a knob a GPU session may turn)
             stages = K.STATS_STAGES[layout] if split else 1
             for gather in gathers if split else (False,):
-                for row_sums in dict.fromkeys((False, gather)):  # (grouped statistics' row sums: a knob)
-                    yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split,
-                                            "STAGES": stages, "GATHER_SUMS": gather, "ROW_SUMS": row_sums,
-                                            "LATE": False, "PREFETCH": False}  # fmt: skip
+                yield K._stats_kernel, {**blocks, **split_block, "SPLIT": split, "HAS_RUNNING": split,
+                                        "STAGES": stages, "GATHER_SUMS": gather, "LATE": False,
+                                        "PREFETCH": False}  # fmt: skip
             if split and late_too:  # (and prefetched in registers, STATS_PREFETCH: a knob)
-                knobs = {**blocks, **split_block, "SPLIT": True, "HAS_RUNNING": True, "GATHER_SUMS": False,
-                         "ROW_SUMS": False}  # fmt: skip
+                # (grouped planes late as the default takes them since session 17: with the gather)
+                knobs = {**blocks, **split_block, "SPLIT": True, "HAS_RUNNING": True,
+                         "GATHER_SUMS": blocks["PLANES"] >= 3}  # fmt: skip
                 yield K._stats_kernel, {**knobs, "STAGES": stages, "LATE": True, "PREFETCH": False}
                 yield K._stats_kernel, {**knobs, "STAGES": 1, "LATE": False, "PREFETCH": True}
         # The planes variants (packed, grouped) differ in tiling, not in the epilogue: two epilogues cover

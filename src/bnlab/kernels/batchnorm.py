@@ -345,19 +345,6 @@ APPLY_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 # slower; taken with the float32 knobs below and above (run 11).
 SMALL_PROGRAMS_PER_SM = {PLANES: 4, ROWS: 4}
 SMALL_TENSOR_L2 = 1.0
-# Small NCHW tensors whose runs are not 16-aligned (7x7, 14x14): the reductions in one channel a program
-# (packed planes, tiles of PACKED_REDUCTION_TILE values whatever the dtype), the elementwise passes in
-# the channel groups they would otherwise take (the passes share only per-channel results, so their tiles
-# may differ). Run 11 (H200, bf16, profile set `small`, session 12's SMALL_PACKED, which packed every
-# pass, at up to a full wave): statistics / gradient sums 20.3 / 25.1 us against grouped's 23.4 / 29.5 at
-# NCHW 256x256x14x14 and 10.7 / 12.9 against 12.8 / 14.5 at 256x512x7x7, but normalize / dx 18.4 / 34.3
-# against 12.5 / 17.7 and 11.6 / 15.0 against 5.6 / 10.4 (one value a load): packed reductions with
-# grouped elementwise passes would take those steps from ~83 to ~76 us and ~43 to ~40 (kernels' sums).
-# sm_90 (Triton 3.6, bf16, 1024 lanes): 63-64 registers (8 programs an SM), 13.1 / 17.9 instructions a busy
-# value (budgets 15.5 / 31). Off until a GPU session times it (PACKED_REDUCTIONS=True, with
-# SMALL_PROGRAMS_PER_SM planes 8: a full wave).
-PACKED_REDUCTIONS = False
-PACKED_REDUCTION_TILE = 1024
 # Channels-last split plans: bytes of each tile row (a block of ROWS_BLOCK_BYTES / itemsize channels, a
 # power of two: each row of a tile one contiguous piece of that many channels). Fewer channels a block, more
 # blocks, so fewer slices a block for the same programs: fewer partials to combine and longer loops. On an
@@ -389,12 +376,6 @@ REDUCTION_ROWS_BLOCK_CHANNELS = 64
 # bf16 NCHW forward+backward 256x256x14x14 89.0 -> 72.9 us, 256x512x14x14 143.6 -> 126.7, 256x512x7x7
 # 52.2 -> 47.0, the bf16 NCHW sum 13.05 -> 12.70 ms (0.973), float32 0.985, other layers unchanged: on.
 GATHER_GROUPED_SUMS = True
-# Grouped planes' statistics: accumulate each lane over the tile's rows in the loop (one pair of
-# accumulators a lane, not one a value of the tile). Session 14 (kernel_sass, sm_90, Triton 3.6, with
-# GATHER_GROUPED_SUMS): NCHW 14x14 bf16 statistics 152 -> 118 registers (3 -> 4 programs an SM, the
-# SMALL_PROGRAMS_PER_SM target, uncut), 7x7 128 -> 106, float32 7x7 146 -> 124 (3 -> 4); the loop 261 ->
-# 277 instructions an iteration. More warps to hide latency, a few more instructions: untimed, off.
-GROUPED_STATS_ROW_SUMS = False
 # Partials that the last program of a channel block loads per step ([split_block, channels] values).
 COMBINE_VALUES = 2048
 # Split training directions: the reductions' last combine level (the whole combine where a channel block's
@@ -451,17 +432,13 @@ def _stats_stages(plan: Plan, itemsize: int) -> int:
     return (STATS_STAGES_FLOAT32 if itemsize == 4 else STATS_STAGES)[plan.layout]
 
 
-def _stats_row_sums(plan: Plan) -> bool:
-    """Whether `plan`'s statistics accumulate over the tiles' rows in their loop (GROUPED_STATS_ROW_SUMS)."""
-    return GROUPED_STATS_ROW_SUMS and bool(plan.group)
-
-
 def _stats_loop(plan: Plan, itemsize: int) -> dict[str, int | bool]:
     """The statistics kernel's loop constexprs for `plan` over values of `itemsize` bytes, as the launcher
-    passes them (and benchmarks/kernel_sass.py and profile_kernels.py read them): pipeline depth, row sums,
-    prefetch."""
-    return {"STAGES": _stats_stages(plan, itemsize), "ROW_SUMS": _stats_row_sums(plan),
-            "PREFETCH": STATS_PREFETCH[plan.layout]}  # fmt: skip
+    passes them (and benchmarks/kernel_sass.py and profile_kernels.py read them): pipeline depth, prefetch.
+    (Session 14 built grouped statistics that summed each lane over a tile's rows in the loop,
+    GROUPED_STATS_ROW_SUMS: 118 registers instead of 152 at NCHW 14x14 bf16, but 0.999x of the whole sums
+    with the gather on an H200, run 17; removed in session 17.)"""
+    return {"STAGES": _stats_stages(plan, itemsize), "PREFETCH": STATS_PREFETCH[plan.layout]}
 
 
 def _grad_stages(plan: Plan) -> int:
@@ -538,28 +515,23 @@ def make_plan(x: torch.Tensor, layout: str) -> Plan:
     itemsize = x.element_size()
     small = _small(x.device, x.numel() * itemsize)
     target = _target_programs(x.device, layout, small=small)
-    return planned(layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), itemsize, small, target)
+    return planned(layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), itemsize, target)
 
 
-def planned(
-    layout: str, N: int, C: int, S: int, itemsize: int, small: bool, target_programs: int, **overrides: int
-) -> Plan:
+def planned(layout: str, N: int, C: int, S: int, itemsize: int, target_programs: int, **overrides: int) -> Plan:
     """`plan_for` with the module's knobs (`knob_args`, then `overrides`), and the reductions in tiles of
-    their own where the knobs ask (REDUCTION_ROWS_BLOCK_CHANNELS; PACKED_REDUCTIONS for a `small` NCHW tensor):
-    the returned plan is then the reductions', with the elementwise passes' as its `apply`. Pure, for
-    planners without the GPU too (benchmarks/kernel_sass.py)."""
+    their own where the knobs ask (REDUCTION_ROWS_BLOCK_CHANNELS, channels-last): the returned plan is then
+    the reductions', with the elementwise passes' as its `apply`. Pure, for planners without the GPU too
+    (benchmarks/kernel_sass.py). (Session 13 built NCHW reductions in packed tiles beside grouped elementwise
+    passes, PACKED_REDUCTIONS: timed on an H200 in runs 11 and 13, the fused bf16 NCHW sum 1.053x; removed
+    in session 17.)"""
     knobs = {**knob_args(layout, itemsize), **overrides}
     plan = plan_for(layout, N, C, S, target_programs=target_programs, **knobs)
-    if layout == ROWS:
-        own = {"block_channels": min(knobs["block_channels"], REDUCTION_ROWS_BLOCK_CHANNELS)}
-    elif PACKED_REDUCTIONS and small and S % 16 and not plan.single:
-        own = {"group_span": 0, "tile": PACKED_REDUCTION_TILE}  # (taken only if it packs: see below)
-    else:
+    if layout != ROWS:
         return plan
+    own = {"block_channels": min(knobs["block_channels"], REDUCTION_ROWS_BLOCK_CHANNELS)}
     reduce = plan_for(layout, N, C, S, target_programs=target_programs, **{**knobs, **own})
-    if reduce == plan or (layout == PLANES and not reduce.packed):
-        return plan
-    return replace(reduce, apply=plan)
+    return plan if reduce == plan else replace(reduce, apply=plan)
 
 
 def _small(device: torch.device, nbytes: int) -> bool:
@@ -570,7 +542,7 @@ def _small(device: torch.device, nbytes: int) -> bool:
 
 def within_l2(nbytes: int, l2_bytes: int) -> bool:
     """Whether a tensor of `nbytes` is small for a GPU of `l2_bytes` of L2 (at most SMALL_TENSOR_L2 times
-    it), so that its reductions take SMALL_PROGRAMS_PER_SM (and PACKED_REDUCTIONS' tiles): pure, for
+    it), so that its reductions take SMALL_PROGRAMS_PER_SM: pure, for
     planners without the GPU (benchmarks/kernel_sass.py)."""
     return nbytes <= SMALL_TENSOR_L2 * l2_bytes
 

@@ -367,15 +367,6 @@ def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
 
 
 @triton.jit
-def _lane_moments(d, ROW_SUMS: tl.constexpr):
-    """(d, d * d) of a tile, per lane; summed over the tile's rows where ROW_SUMS (see `_slice_stats`)."""
-    if ROW_SUMS:
-        return tl.sum(d, axis=0, keep_dims=True), tl.sum(d * d, axis=0, keep_dims=True)
-    else:
-        return d, d * d
-
-
-@triton.jit
 def _tile_values(x_ptr, t, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                  PLANES: tl.constexpr):  # fmt: skip
     """Tile t's values as stored (not converted), or zeros where t is past the slice (t_end): a
@@ -389,7 +380,7 @@ def _tile_values(x_ptr, t, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr
 def _slice_stats(
     x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, STAGES: tl.constexpr,
-    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr, PREFETCH: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """(count, mean relative to `anchor`, M2) per channel over the unit's tiles [t_start, t_end), t_start < t_end.
 
@@ -398,8 +389,6 @@ def _slice_stats(
     PREFETCH (with STAGES 1): the next tile's load is issued before the current tile's arithmetic, in
     registers (double-buffered, as stored: bf16 costs half the registers of its float32 values), so that
     two loads of a program are in flight, not one; the second tile's load also overlaps the pivot's sum.
-    ROW_SUMS: each lane's values summed over the tile's rows as they come (fewer registers: the grouped
-    planes' few rows, in one thread each).
     """
     base, offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -410,7 +399,7 @@ def _slice_stats(
     pivot = _channel_sum(x, S, PLANES, GATHER_SUMS) / count.to(tl.float32) + tl.zeros_like(anchor)
     shift = _spread(pivot, S, BLOCK_B, PLANES)
     d = tl.where(mask, x - shift, 0.0)
-    s1, s2 = _lane_moments(d, ROW_SUMS)
+    s1, s2 = d, d * d
     for t in tl.range(t_start + 1, t_end, num_stages=STAGES):
         base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
         if PREFETCH:
@@ -420,9 +409,8 @@ def _slice_stats(
             x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift, 0.0)
         count += _tile_count(t, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        m1, m2 = _lane_moments(d, ROW_SUMS)
-        s1 += m1
-        s2 += m2
+        s1 += d
+        s2 += d * d
     n = count.to(tl.float32) + tl.zeros_like(anchor)
     total = _channel_sum(s1, S, PLANES, GATHER_SUMS)
     shifted_mean = total / tl.maximum(n, 1.0)
@@ -722,7 +710,7 @@ def _stats_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-    GATHER_SUMS: tl.constexpr, ROW_SUMS: tl.constexpr, LATE: tl.constexpr, PREFETCH: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, LATE: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
@@ -730,7 +718,7 @@ def _stats_kernel(
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
     anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
     n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES,
-                                   STAGES, GATHER_SUMS, ROW_SUMS, PREFETCH)  # fmt: skip
+                                   STAGES, GATHER_SUMS, PREFETCH)  # fmt: skip
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
         done, n_c, mean_c, m2_c = _gather(
