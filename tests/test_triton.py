@@ -1214,7 +1214,9 @@ def _recording_backend(graphs: dict[str, list[str]]):
 def test_torch_compile_runs_the_kernels_as_custom_ops_in_one_graph(monkeypatch, shape, layout, single):
     """A fused training step (residual, ReLU) under torch.compile(fullgraph=True): one graph whose forward
     and backward call the kernels' custom ops (no graph break: the launchers are not traced), and the same
-    bits as the eager call: output, every gradient and the running statistics. Then inference."""
+    bits as the eager call: output, every gradient and the running statistics. Then inference, traced as
+    torch ops (inductor fuses them with their neighbours): no op of ours, no copy of the running statistics,
+    the eager kernels' output within float32 rounding."""
     if not single:
         monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     x, z, dy, w, b = _operands(shape, layout, torch.float32)
@@ -1232,19 +1234,19 @@ def test_torch_compile_runs_the_kernels_as_custom_ops_in_one_graph(monkeypatch, 
         y = fn(*leaves, rm, rv, True)
         results[how] = (y, *torch.autograd.grad(y, leaves, dy), rm, rv, fn(x, z, w, b, rm, rv, False))
     for name, ours, ref in zip(
-        ("y", "dx", "dresidual", "dweight", "dbias", "running mean", "running var", "inference y"),
-        results["compiled"], results["eager"], strict=True,
+        ("y", "dx", "dresidual", "dweight", "dbias", "running mean", "running var"),
+        results["compiled"][:-1], results["eager"][:-1], strict=True,
     ):  # fmt: skip
         assert torch.equal(ours, ref), f"{name}: compiled differs from eager"
+    torch.testing.assert_close(results["compiled"][-1], results["eager"][-1])
     assert len(graphs["forward"]) == 2 and graphs["backward"], graphs
     assert "bnlab.triton_forward" in graphs["forward"][0]
     assert "bnlab.triton_backward" in graphs["backward"][0]
-    # Inference reads the running statistics: its op does not declare them mutated (no copies back).
-    assert "bnlab.triton_inference" in graphs["forward"][1] and "copy_" not in graphs["forward"][1]
+    assert "bnlab" not in graphs["forward"][1] and "copy_" not in graphs["forward"][1]
 
 
 def test_the_kernels_custom_ops_pass_torchs_op_checks():
-    """torch.library.opcheck: schema (the running statistics are training's only mutated inputs), the
+    """torch.library.opcheck: schema (the running statistics are the only mutated inputs), the
     fake (meta) implementations' shapes, strides and dtypes against the kernels' outputs, and AOT dispatch."""
     from bnlab.backends import triton_backend  # noqa: F401  (registers the ops)
 
@@ -1252,9 +1254,6 @@ def test_the_kernels_custom_ops_pass_torchs_op_checks():
     rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
     forward, backward = torch.ops.bnlab.triton_forward, torch.ops.bnlab.triton_backward
     torch.library.opcheck(forward, (x, w, b, z, rm, rv, True, 0.1, 1e-5, True, True, K.ROWS))
-    inference = torch.ops.bnlab.triton_inference
-    for save_stats in (False, True):
-        torch.library.opcheck(inference, (x, None, None, None, rm, rv, False, 0.0, 1e-5, False, save_stats, K.ROWS))
     _, mean, invstd = forward(x, w, b, z, rm, rv, True, 0.1, 1e-5, True, True, K.ROWS)
     dyl = dy.contiguous(memory_format=torch.channels_last)
     for needs in ((True, True, True), (False, True, False), (True, False, False)):

@@ -10,9 +10,9 @@ tests: slow). Input dtypes float32, float16, bfloat16, with float32 statistics a
 parameters and running statistics may be float32 or the input's dtype. Layouts: contiguous (NCHW) and
 channels-last are read in place; any other strides are copied to contiguous first.
 
-Under ``torch.compile`` the launchers run as custom ops (``bnlab::triton_forward``,
-``bnlab::triton_inference``, ``bnlab::triton_backward``; see below), so a model with these layers
-compiles as one graph.
+Under ``torch.compile`` the training launchers run as custom ops (``bnlab::triton_forward``,
+``bnlab::triton_backward``; see below), so a model with these layers compiles as one graph; inference is
+traced as torch ops there, which inductor fuses with its neighbours.
 
 Limits, by design: no double backward (the backward is a kernel, not differentiable ops: use the
 ``reference`` backend for higher derivatives).
@@ -45,8 +45,7 @@ class _FusedBatchNorm(torch.autograd.Function):
         args = (x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
                 training or needs_grad, layout)  # fmt: skip
         if torch.compiler.is_compiling():  # (bnlab.functional guards the update with torch ops there)
-            op = torch.ops.bnlab.triton_forward if training else torch.ops.bnlab.triton_inference
-            y, mean, invstd = op(*args)
+            y, mean, invstd = torch.ops.bnlab.triton_forward(*args)  # (training: `batch_norm` traces inference)
         else:
             y, mean, invstd = _forward_kernels(*args, guard, num_batches_tracked)
         if needs_grad:
@@ -88,7 +87,7 @@ _backward_once = once_differentiable(_backward)
 
 # ---- the launchers, and the same as torch custom ops for torch.compile ---------------------------------------
 # Under torch.compile the launchers (plans, caches, Triton's own Python) are not traced: they run as
-# opaque custom ops (training's forward, inference's, the backward), so a model compiles as one graph
+# opaque custom ops (training's forward, the backward), so a model compiles as one graph
 # (fullgraph=True works) and CUDA graphs (mode="reduce-overhead") replay the kernels with no host time at
 # all. Eager calls the launchers directly (no dispatch at all). The ops are registered with torch.library's
 # low-level API (`_op`), not `torch.library.custom_op`: that one wraps every call in Python kernels of its
@@ -177,10 +176,7 @@ def _backward_fake(dy, x, weight, bias, residual, mean, invstd, training, relu, 
     return like_x(need_input), *params, like_x(need_residual and residual is not None)
 
 
-# Training updates the running statistics in place; inference only reads them, and an op that declared
-# them mutated would have the compiled graph copy them back after every call: two ops, one body.
 _op("triton_forward", _forward_filled, _forward_fake, mutates=("running_mean", "running_var"))
-_op("triton_inference", _forward_filled, _forward_fake)
 _op("triton_backward", _backward_filled, _backward_fake)
 
 
@@ -224,6 +220,12 @@ def batch_norm(
     _check(input)
     if input.numel() == 0:  # nothing to launch: torch's op gives the empty result and its graph
         out = native.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return native.epilogue(out, residual, activation)
+    if not training and torch.compiler.is_compiling():
+        # Inference is elementwise with the running statistics: traced as torch ops, inductor fuses it into
+        # its neighbours (a convolution's epilogue, the next pointwise op) rather than launching an opaque
+        # kernel per layer (and an op call's host time). (Session 16 had an op of its own for it.)
+        out = native.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
         return native.epilogue(out, residual, activation)
     layout = kl.layout_of(input)
     if layout is None:
