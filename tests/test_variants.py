@@ -269,12 +269,20 @@ def test_ghost_nonfinite_statistics_leave_running_statistics_alone():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_ghost_on_a_deferred_device_updates_without_reading_anything_on_the_host(monkeypatch, backend, momentum):
+@pytest.mark.parametrize("check", ["guard kernel", "torch ops"])
+def test_ghost_on_a_deferred_device_updates_without_reading_anything_on_the_host(monkeypatch, backend, momentum, check):
     """Where statistics are checked without a host sync (DEFERRED_CHECK_DEVICES: CUDA; the CPU stands in),
     ghost batch norm's closed-form update of k ghosts reads nothing on the host (the finite check, the
     counter of momentum=None, the ghosts' weights all stay on the device) and gives the host path's
-    outputs, gradients and state bit for bit; a NaN batch is dropped by a select (state as it was,
-    counter included) and reported by the late warning."""
+    outputs, gradients and state bit for bit; a NaN batch is dropped (state as it was, counter included)
+    and reported by the late warning. The check and commit: the guard kernel, one launch a call, counting
+    the k ghosts (where Triton runs: here its interpreter), or torch ops (selects) without it."""
+    import bnlab.functional
+
+    monkeypatch.setattr(bnlab.functional, "GUARD_KERNEL", check == "guard kernel")
+    launches = []
+    guard = bnlab.functional._guard_update
+    monkeypatch.setattr(bnlab.functional, "_guard_update", lambda *args: launches.append(args[-1]) or guard(*args))
     ghost = {"ghost_batch_size": 3, "momentum": momentum, "backend": backend}
     host, device = _same_params(bnlab.nn.GhostBatchNorm2d(2, **ghost), bnlab.nn.GhostBatchNorm2d(2, **ghost))
     inputs = [make_input((12, 2, 3, 2), seed=s, offset=0.2 * s) for s in range(3)]
@@ -289,6 +297,7 @@ def test_ghost_on_a_deferred_device_updates_without_reading_anything_on_the_host
             device(bad)
     for key, value in before.items():
         assert torch.equal(device.state_dict()[key], value), key
+    assert launches == ([4] * 4 if check == "guard kernel" else [])  # (3 good calls and the bad one; k = 4)
 
 
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)

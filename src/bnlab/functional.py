@@ -298,7 +298,7 @@ def _update_guarded(
 
     channels = running_mean.numel()
     deferred = policy == "skip" and _deferred(running_var, policy)
-    if deferred and (guards or (GUARD_KERNEL and kernels.unavailable_reason(running_var.device.type) is None)):
+    if deferred and (guards or _guard_kernel_runs(running_var)):
         # The check in one kernel (`guard_update`) instead of ~15 small torch kernels: the update goes to
         # scratch first (the backend's own kernels write it there, or the backend updates a copy) and the
         # guard commits it if finite and counts the batch. The verdict comes back for the late report.
@@ -360,18 +360,25 @@ def _commit_if_finite(
     return finite
 
 
+def _guard_kernel_runs(running_var: torch.Tensor) -> bool:
+    """Whether the deferred check of these running statistics can take the guard kernel (GUARD_KERNEL, and
+    Triton runs on their device)."""
+    return GUARD_KERNEL and kernels.unavailable_reason(running_var.device.type) is None
+
+
 def _guard_update(
     running: tuple[torch.Tensor, torch.Tensor],
     updated: tuple[torch.Tensor, torch.Tensor],
     verdict: torch.Tensor,
     num_batches_tracked: torch.Tensor | None,
+    batches: int = 1,
 ) -> bool:
     """The guard kernel (`kernels.batchnorm.guard_update`); False if Triton fails on this device (an
     architecture it does not support: torch's CUDA wheels install it everywhere), after which the check
     takes torch ops, with one warning."""
     global GUARD_KERNEL
     try:
-        kernels.load().guard_update(running, updated, verdict, num_batches_tracked)
+        kernels.load().guard_update(running, updated, verdict, num_batches_tracked, batches)
         return True
     except Exception as exc:  # (an optional accelerator of a default path: never let it break training)
         GUARD_KERNEL = False
@@ -630,12 +637,16 @@ def _update_sequentially(
     Everything data-dependent stays on the statistics' device (the counter of momentum=None too); policy
     "skip" on DEFERRED_CHECK_DEVICES keeps or drops the update with a select and reports later, as
     `_update_guarded` does, so a GPU step waits for nothing; under torch.compile (any policy but "ignore")
-    the select, without a report, as there; elsewhere the check is a host sync."""
+    the select, without a report, as there; elsewhere the check is a host sync. Where the guard kernel
+    runs (policy "skip" on a GPU, outside torch.compile), the check and the commit are that one kernel."""
     k = means.shape[0]
     compiling = torch.compiler.is_compiling()
     with torch.no_grad():
         deferred = (policy == "skip" and _deferred(running_var, policy)) or (compiling and policy != "ignore")
-        finite = None if policy == "ignore" else torch.isfinite(variances).all() & torch.isfinite(means).all()
+        by_kernel = deferred and not compiling and _guard_kernel_runs(running_var)
+        finite = (
+            None if policy == "ignore" or by_kernel else torch.isfinite(variances).all() & torch.isfinite(means).all()
+        )
         if finite is not None and not deferred and not bool(finite):
             _report_nonfinite(policy, name, not bool(torch.isfinite(running_var).all()), stacklevel=4)
             return
@@ -662,6 +673,13 @@ def _update_sequentially(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(k)
             return
+        if by_kernel:
+            # (a non-finite ghost mean always comes with a non-finite variance, so new_var tells both)
+            verdict = torch.empty(2, dtype=torch.int32, device=running_var.device)
+            if _guard_update((running_mean, running_var), (new_mean, new_var), verdict, num_batches_tracked, k):
+                _LATE_REPORTS.add_verdicts(verdict, name)
+                return
+            finite = torch.isfinite(variances).all() & torch.isfinite(means).all()  # (the kernel failed)
         if not compiling:
             _LATE_REPORTS.add(finite, running_var, name)  # (its verdict on the old statistics: queued first)
         torch.where(finite, new_mean, running_mean, out=running_mean)

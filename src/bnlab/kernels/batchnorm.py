@@ -974,14 +974,15 @@ def guard_update(
     updated: tuple[torch.Tensor, torch.Tensor],
     verdict: torch.Tensor,
     num_batches_tracked: torch.Tensor | None,
+    batches: int = 1,
 ) -> None:
     """Copy the `updated` running statistics (mean, variance: contiguous, C each) into `running` if every
-    updated variance is finite, and then add 1 to `num_batches_tracked`; `verdict` (int32, 2) gets (kept,
-    the old statistics were finite). One launch of `_guard_kernel`, no host sync."""
+    updated variance is finite, and then add `batches` to `num_batches_tracked`; `verdict` (int32, 2) gets
+    (kept, the old statistics were finite). One launch of `_guard_kernel`, no host sync."""
     count = num_batches_tracked if num_batches_tracked is not None else verdict
     with _made_current(verdict.device):
         _guard_kernel[(1,)](
-            *running, *updated, verdict, count, running[0].numel(),
+            *running, *updated, verdict, count, running[0].numel(), batches,
             BLOCK=GUARD_BLOCK, HAS_COUNT=num_batches_tracked is not None, num_warps=4,
         )  # fmt: skip
 

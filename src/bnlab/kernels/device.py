@@ -915,13 +915,14 @@ def _all_finite(ptr, C, BLOCK: tl.constexpr):
 
 @triton.jit
 def _guard_kernel(
-    rmean_ptr, rvar_ptr, new_mean_ptr, new_var_ptr, verdict_ptr, count_ptr, C,
+    rmean_ptr, rvar_ptr, new_mean_ptr, new_var_ptr, verdict_ptr, count_ptr, C, batches,
     BLOCK: tl.constexpr, HAS_COUNT: tl.constexpr,
 ):  # fmt: skip
     """The non-finite guard of a training call's running-statistics update, on the device (one program,
     after the forward's kernels wrote the updated statistics into scratch): if every channel's updated
     variance is finite (a non-finite batch mean always comes with a non-finite variance), commit the
-    scratch and count the batch in `count_ptr` (num_batches_tracked); else keep the old statistics.
+    scratch and count the `batches` (1, or ghost BN's k) in `count_ptr` (num_batches_tracked); else keep
+    the old statistics.
     verdict_ptr[0] says which, verdict_ptr[1] whether the old statistics were finite (the late report's
     wording). No host sync, one launch, instead of ~15 small torch kernels."""
     finite = _all_finite(new_var_ptr, C, BLOCK)
@@ -933,6 +934,6 @@ def _guard_kernel(
             tl.store(rmean_ptr + cols, tl.load(new_mean_ptr + cols, mask=mask), mask=mask)
             tl.store(rvar_ptr + cols, tl.load(new_var_ptr + cols, mask=mask), mask=mask)
         if HAS_COUNT:
-            tl.store(count_ptr, tl.load(count_ptr) + 1)
+            tl.store(count_ptr, tl.load(count_ptr) + batches)
     tl.store(verdict_ptr, finite)
     tl.store(verdict_ptr + 1, were_finite)
