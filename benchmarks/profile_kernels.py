@@ -80,7 +80,7 @@ SETS = {
             {"GATHER_GROUPED_SUMS": False, "LATE_COMBINE": {"planes": False, "rows": False}},
             {"LATE_COMBINE": {"planes": True, "rows": True}},  # (run 17: channels-last bf16 sum 1.013)
             # channels-last statistics' next tile prefetched in registers (session 15: latency-bound, run 16)
-            {"STATS_PREFETCH": {"planes": False, "rows": True}},
+            {"STATS_PREFETCH": {"planes": False, "rows": False}},  # (the default for 2-byte rows since run 17)
             # channels-last reductions in blocks of 32 bf16 channels (the default 64 since run 13; 128 before)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
@@ -126,7 +126,8 @@ SETS = {
             # (session 15: the combine's last level off the reductions' critical path; run 17, bf16: 1.013 of the
             # channels-last sum)
             {"LATE_COMBINE": {"planes": True, "rows": True}},
-            {"STATS_PREFETCH": {"planes": False, "rows": True}},  # (session 15: two tiles in flight a program)
+            # (session 15: two tiles in flight a program; the default for 2-byte rows since run 17)
+            {"STATS_PREFETCH": {"planes": False, "rows": False}},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             DEPENDENT_LAUNCH,
@@ -161,6 +162,7 @@ PLAN_KNOBS = {
     "REDUCTION_ROWS_BLOCK_CHANNELS",
     "GATHER_GROUPED_SUMS",
     "STATS_PREFETCH",
+    "STATS_PREFETCH_FLOAT32",
 }
 
 
@@ -213,6 +215,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
         "LATE_COMBINE",
         "LATE_COMBINE_FLOAT32",
         "STATS_PREFETCH",
+        "STATS_PREFETCH_FLOAT32",
     )
     knobs = {name: getattr(K, name) for name in names}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")

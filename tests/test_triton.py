@@ -392,7 +392,8 @@ def test_statistics_prefetched_in_registers_match_the_reference(monkeypatch, lay
     output, the running ones) match the reference, and a large common offset keeps its digits."""
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 16)
-    monkeypatch.setattr(K, "STATS_PREFETCH", {K.PLANES: True, K.ROWS: True})
+    for name in ("STATS_PREFETCH", "STATS_PREFETCH_FLOAT32"):
+        monkeypatch.setattr(K, name, {K.PLANES: True, K.ROWS: True})
     monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 6)
     x, *_ = _operands((7, 3, 5, 3), layout, torch.float32)
     plan = K.make_plan(x, K.layout_of(x))

@@ -412,8 +412,13 @@ STATS_STAGES_FLOAT32 = {PLANES: 3, ROWS: 2}
 # (run 16, bf16 256x256x14x14, 4 x 131 programs of ~6 tiles) found them latency-bound, 38% of issue slots
 # busy, DRAM 23% of peak, a third of the stalls on loads; each unpipelined tile waits for its load, and 2
 # stages through shared memory lost in bf16 (run 10: 1.00-1.06 a step). sm_90, Triton 3.6 (session 15):
-# see NOTES. Untimed: off until a GPU session times it (candidate).
-STATS_PREFETCH = {PLANES: False, ROWS: False}
+# see NOTES. Per layout, for 2-byte values; float32 has its own. Session 17 (H200, run 17, against the
+# defaults in one call): channels-last bf16 forward+backward 0.955-1.002 of the step on all 12 shapes
+# (7x7 0.955 and 0.991, 14x14 0.989-0.995; forward alone 0.948-0.999), the sum 0.995; float32 channels-last
+# (2 stages through shared memory by default) 0.93-0.99 on 14x14/7x7 but 1.00-1.008 on the larger ones:
+# on for 2-byte rows only.
+STATS_PREFETCH = {PLANES: False, ROWS: True}
+STATS_PREFETCH_FLOAT32 = {PLANES: False, ROWS: False}
 GRAD_STAGES = {PLANES: 2, ROWS: 2}
 # The gradient sums of programs that loop over at least LONG_LOOP_TILES tiles take GRAD_STAGES_LONG: the
 # two NCHW numbers above are 66 tiles a program (3 stages better by 15%) and 13 (2 better by 16%). The
@@ -425,9 +430,15 @@ LONG_LOOP_TILES = 32
 APPLY_STAGES = {PLANES: 1, ROWS: 1}
 
 
+def _stats_prefetch(plan: Plan, itemsize: int) -> bool:
+    """Whether `plan`'s statistics over values of `itemsize` bytes prefetch their next tile in registers
+    (STATS_PREFETCH, STATS_PREFETCH_FLOAT32 for 4)."""
+    return (STATS_PREFETCH_FLOAT32 if itemsize == 4 else STATS_PREFETCH)[plan.layout]
+
+
 def _stats_stages(plan: Plan, itemsize: int) -> int:
     """The statistics' pipeline depth for `plan` over values of `itemsize` bytes (1 where prefetched)."""
-    if STATS_PREFETCH[plan.layout]:
+    if _stats_prefetch(plan, itemsize):
         return 1
     return (STATS_STAGES_FLOAT32 if itemsize == 4 else STATS_STAGES)[plan.layout]
 
@@ -438,7 +449,7 @@ def _stats_loop(plan: Plan, itemsize: int) -> dict[str, int | bool]:
     (Session 14 built grouped statistics that summed each lane over a tile's rows in the loop,
     GROUPED_STATS_ROW_SUMS: 118 registers instead of 152 at NCHW 14x14 bf16, but 0.999x of the whole sums
     with the gather on an H200, run 17; removed in session 17.)"""
-    return {"STAGES": _stats_stages(plan, itemsize), "PREFETCH": STATS_PREFETCH[plan.layout]}
+    return {"STAGES": _stats_stages(plan, itemsize), "PREFETCH": _stats_prefetch(plan, itemsize)}
 
 
 def _grad_stages(plan: Plan) -> int:
