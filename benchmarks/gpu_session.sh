@@ -15,6 +15,9 @@
 #          kernels compiled in $JOBS processes first;
 #   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s, then compiled layers
 #          (default and reduce-overhead: four inductor compiles, ~1 min);
+#   network a whole torchvision ResNet-50 training step (bf16 autocast) with torch's BN layers, bnlab's
+#          native ones and the Triton kernels, both layouts (benchmarks/network_step.py; NETWORK_ARGS,
+#          NETWORK_S, default 240; untimed so far: the kernels' first compiles are in its warm-up);
 #   inductor the kernels torch.compile generates for one BN training step (benchmarks/inductor_code.py,
 #          INDUCTOR_SHAPE, default 256,256,14,14 NCHW bf16), ~20-40 s;
 #   ncu    Nsight Compute's counters on one shape's reductions (benchmarks/ncu_step.py), NCU_S (default 90);
@@ -106,6 +109,10 @@ for step in "${steps[@]}"; do
       done ;;
     host)
       timeout "${HOST_S:-120}" python3 benchmarks/host_gpu.py 2>&1 | tee "$OUT/host.log" | tail -20 ;;
+    network)
+      # (NETWORK_ARGS: e.g. "--model resnet50 --batch 128 --layouts channels_last")
+      timeout "${NETWORK_S:-240}" python3 benchmarks/network_step.py --out "$OUT" ${NETWORK_ARGS:-} 2>&1 \
+        | tee "$OUT/network.log" | tail -10 ;;
     inductor)
       timeout "${INDUCTOR_S:-60}" python3 benchmarks/inductor_code.py --shape "${INDUCTOR_SHAPE:-256,256,14,14}" 2>&1 \
         | tee "$OUT/inductor.log" | tail -5 ;;
@@ -121,7 +128,8 @@ for step in "${steps[@]}"; do
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python3 benchmarks/ncu_step.py --shape "${NCU_SHAPE:-256,256,14,14}" --layout "${NCU_LAYOUT:-NCHW}" 2>&1 \
         | tee -a "$OUT/ncu.log" | grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|rror" ;;
-    *) echo "unknown step $step (tests, quick, candidates, tune, full, profile, host, inductor, caches, ncu)"; exit 2 ;;
+    *) echo "unknown step $step (tests, quick, candidates, tune, full, profile, host, network, inductor, caches, ncu)"
+       exit 2 ;;
   esac
 done
 echo "=== done ($(date -u +%T)); files in $OUT"

@@ -222,3 +222,32 @@ def test_the_ncu_driver_runs_training_steps_and_names_the_plans():
     done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("4,16,3,3 NCHW float32: forward ")
+
+
+def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys):
+    """benchmarks/network_step.py on CPU with the tiny model: each layout with torch's layers, bnlab's
+    native ones and the Triton kernels (the interpreter), the converted models holding bnlab's layers with
+    that backend, a CSV row each; a provider it does not know is refused by name."""
+    import csv
+
+    import network_step
+
+    import bnlab.nn
+
+    converted = network_step.prepared(network_step.tiny_model(), "triton", "channels_last", "cpu")
+    layers = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert layers and all(type(m) is bnlab.nn.BatchNorm2d and m.backend == "triton" for m in layers)
+    assert converted[0].weight.is_contiguous(memory_format=torch.channels_last)
+    args = ["--model", "tiny", "--device", "cpu", "--batch", "4", "--size", "8", "--steps", "2", "--warmup", "1"]
+    assert network_step.main([*args, "--out", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("network-step-*.csv")
+    with written.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layout"], r["provider"]) for r in rows] == [
+        (layout, provider) for layout in ("nchw", "channels_last") for provider in ("torch", "native", "triton")
+    ]
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert "channels_last  triton" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        network_step.main([*args, "--providers", "torch,cudnn"])
+    assert "--providers: cudnn not among torch, native, triton" in capsys.readouterr().err

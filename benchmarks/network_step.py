@@ -1,0 +1,163 @@
+"""A whole network's training step with each BN implementation: what a practitioner's loop would see.
+
+Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/network_step.py [--model resnet50]
+    [--batch 128] [--size 224] [--layouts nchw,channels_last] [--providers torch,native,triton]
+    [--steps 20] [--out DIR]
+(`--model tiny --device cpu --batch 4 --size 16 --steps 2` runs every line on CPU, for the tests.)
+
+Why: the bench (`bnlab bench --gpu`) times BN layers alone, replayed from CUDA graphs; `auto` keeps the
+native backend because a Python-called bnlab layer costs more host time than torch's (benchmarks/NOTES.md,
+session 17's host rows). Whether the kernels' GPU time wins inside a real step, where the host's launches
+overlap the convolutions' GPU time, is what this measures: torchvision's model (bf16 autocast, SGD with
+momentum, random data and labels) with torch's BatchNorm2d ("torch"), or converted to bnlab's layers with
+backend "native" or "triton"; the same weights for each. Each step is timed wall-clock from its start to
+the next step's (the GPU synchronized once after the timed steps: a host-bound loop shows as a longer
+step, as it would in training), median over the steps after a warm-up that compiles the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnlab.nn
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+PROVIDERS = ("torch", "native", "triton")
+
+
+def tiny_model(num_classes: int = 10) -> nn.Module:
+    """A small conv net with BN layers, a residual and a head: the tests' stand-in for torchvision's."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+    )  # fmt: skip
+
+
+def build(name: str) -> nn.Module:
+    """torchvision's `name` (random weights), or `tiny_model` for "tiny"."""
+    if name == "tiny":
+        return tiny_model()
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise SystemExit(f"network_step: --model {name} needs torchvision ({exc}); --model tiny needs nothing") from exc
+    return torchvision.models.get_model(name, weights=None)
+
+
+def prepared(model: nn.Module, provider: str, layout: str, device: str) -> nn.Module:
+    """A copy of `model` with the provider's BN layers, on `device` in `layout`."""
+    model = copy.deepcopy(model)
+    if provider != "torch":
+        model = bnlab.nn.convert(model, backend=provider)
+    return model.to(device=device, memory_format=LAYOUTS[layout])
+
+
+def time_steps(
+    model: nn.Module, layout: str, batch: int, size: int, steps: int, warmup: int, device: str
+) -> list[float]:
+    """Seconds of each of `steps` training steps after `warmup` (see the module doc), the input in `layout`."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device, generator=gen).contiguous(memory_format=LAYOUTS[layout])
+    labels = torch.randint(0, 10, (batch,), device=device, generator=gen)  # (every model has 10 classes or more)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    marks = [time.perf_counter()]
+    for _ in range(steps):
+        step()
+        marks.append(time.perf_counter())
+    _synchronize(device)
+    end = time.perf_counter()
+    # (the last step ends when the GPU is done: its mark moves to after the synchronize)
+    marks[-1] = end
+    return [b - a for a, b in itertools.pairwise(marks)]
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return triton.__version__
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", help="a torchvision model name, or 'tiny' (default resnet50)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224, help="image height and width")
+    parser.add_argument("--layouts", default="nchw,channels_last")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None, help="a folder for the CSV (network-step-<date>.csv)")
+    args = parser.parse_args(argv)
+    layouts, providers = args.layouts.split(","), args.providers.split(",")
+    for option, values, known in (("--layouts", layouts, LAYOUTS), ("--providers", providers, PROVIDERS)):
+        if unknown := [v for v in values if v not in known]:
+            parser.error(f"{option}: {', '.join(unknown)} not among {', '.join(known)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (--device cpu runs the tiny model)")
+    torch.manual_seed(0)
+    base = build(args.model)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"{name}; torch {torch.__version__}; {args.model} batch {args.batch} at {args.size}x{args.size}, bf16 "
+          f"autocast, SGD; ms a training step (median of {args.steps} after {args.warmup} warm-up steps)",
+          flush=True)  # fmt: skip
+    rows = []
+    for layout in layouts:
+        medians = {}
+        for provider in providers:
+            model = prepared(base, provider, layout, args.device)
+            seconds = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
+            medians[provider] = statistics.median(seconds) * 1e3
+            rows.append({"model": args.model, "batch": args.batch, "size": args.size, "layout": layout,
+                         "provider": provider, "median_ms": round(medians[provider], 3),
+                         "min_ms": round(min(seconds) * 1e3, 3), "device": name, "torch": torch.__version__,
+                         "triton": _triton_version(), "date": f"{datetime.date.today()}"})  # fmt: skip
+            first = providers[0]
+            against = f"  ({medians[provider] / medians[first]:.3f}x {first})" if provider != first else ""
+            print(f"  {layout:14s} {provider:7s} {medians[provider]:9.2f} ms{against}", flush=True)
+            del model
+    if args.out:
+        out = Path(args.out) / f"network-step-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"CSV: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
