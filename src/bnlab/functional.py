@@ -644,9 +644,11 @@ def _update_sequentially(
     with torch.no_grad():
         deferred = (policy == "skip" and _deferred(running_var, policy)) or (compiling and policy != "ignore")
         by_kernel = deferred and not compiling and _guard_kernel_runs(running_var)
-        finite = (
-            None if policy == "ignore" or by_kernel else torch.isfinite(variances).all() & torch.isfinite(means).all()
-        )
+
+        def batches_finite() -> torch.Tensor:
+            return torch.isfinite(variances).all() & torch.isfinite(means).all()
+
+        finite = None if policy == "ignore" or by_kernel else batches_finite()
         if finite is not None and not deferred and not bool(finite):
             _report_nonfinite(policy, name, not bool(torch.isfinite(running_var).all()), stacklevel=4)
             return
@@ -679,7 +681,7 @@ def _update_sequentially(
             if _guard_update((running_mean, running_var), (new_mean, new_var), verdict, num_batches_tracked, k):
                 _LATE_REPORTS.add_verdicts(verdict, name)
                 return
-            finite = torch.isfinite(variances).all() & torch.isfinite(means).all()  # (the kernel failed)
+            finite = batches_finite()  # (the kernel failed: torch ops)
         if not compiling:
             _LATE_REPORTS.add(finite, running_var, name)  # (its verdict on the old statistics: queued first)
         torch.where(finite, new_mean, running_mean, out=running_mean)

@@ -922,9 +922,8 @@ def _guard_kernel(
     after the forward's kernels wrote the updated statistics into scratch): if every channel's updated
     variance is finite (a non-finite batch mean always comes with a non-finite variance), commit the
     scratch and count the `batches` (1, or ghost BN's k) in `count_ptr` (num_batches_tracked); else keep
-    the old statistics.
-    verdict_ptr[0] says which, verdict_ptr[1] whether the old statistics were finite (the late report's
-    wording). No host sync, one launch, instead of ~15 small torch kernels."""
+    the old statistics. verdict_ptr[0] says which, verdict_ptr[1] whether the old statistics were finite
+    (the late report's wording). No host sync, one launch, instead of ~15 small torch kernels."""
     finite = _all_finite(new_var_ptr, C, BLOCK)
     were_finite = _all_finite(rmean_ptr, C, BLOCK) & _all_finite(rvar_ptr, C, BLOCK)
     if finite != 0:
