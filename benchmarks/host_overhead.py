@@ -1,17 +1,22 @@
 """Host (Python) time of the triton backend per call, with the kernels replaced by no-ops.
 
-Usage: python benchmarks/host_overhead.py   (any machine: it runs on CPU tensors, Triton's interpreter mode)
+Usage: python benchmarks/host_overhead.py [--compiled]   (any machine: CPU tensors, Triton's interpreter mode)
 Prints the median microseconds of a forward and of a forward+backward through bnlab.functional.batch_norm
 (backend "triton", kernels stubbed: planning, checks, allocations, autograd) beside the native backend and
 torch's own F.batch_norm (which include their tiny CPU compute); then the triton backend's split plan (2
 launches a direction; the input above gets the single-tile plan, 1). On a GPU each Triton launch adds its
 own launch cost on top.
+`--compiled` adds (session 17): one call of an op with the forward op's schema and a stub body,
+registered with `torch.library.custom_op` and with the low-level `torch.library.Library` API (what the
+backend uses), and bnlab's and torch's BatchNorm2d under torch.compile (inductor), training forward+backward
+and inference under no_grad (20th percentile: inductor's wrappers are noisy on a shared VM).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the backend then accepts CPU tensors
@@ -34,10 +39,61 @@ def _median_us(fn, reps: int = 300) -> float:
     return statistics.median(samples) * 1e6
 
 
+def _p20_us(fn, reps: int = 1500) -> float:
+    for _ in range(30):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[reps // 5] * 1e6
+
+
 def main() -> None:
     K = kernels.load()
     with _kernels_replaced(K, lambda kernel: _Recorder(kernel, None)):
         _print_rows(K)
+        if "--compiled" in sys.argv[1:]:
+            _print_op_rows()
+            _print_compiled_rows()
+
+
+def _print_op_rows() -> None:
+    """One op call with the forward op's schema and a stub body, as `custom_op` registers it (Python
+    autograd and ADInplaceOrView kernels around the body) and as the low-level API does (the body alone)."""
+
+    def body(
+        x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
+        running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
+        eps: float, relu: bool, save_stats: bool, layout: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return torch.empty_like(x), x.new_empty(3), x.new_empty(3)
+
+    mutates = ("running_mean", "running_var")
+    torch.library.custom_op("bnlab_probe::custom", mutates_args=mutates)(body)
+    library = torch.library.Library("bnlab_probe", "FRAGMENT")
+    library.define("low_level" + torch.library.infer_schema(body, mutates_args=mutates))
+    library.impl("low_level", body, "CompositeExplicitAutograd")
+    args = (torch.randn(8, 3, 4), torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True), None,
+            torch.zeros(3), torch.ones(3), True, 0.1, 1e-5, False, True, "planes")  # fmt: skip
+    for label, op in (("custom_op", torch.ops.bnlab_probe.custom), ("low-level", torch.ops.bnlab_probe.low_level)):
+        print(f"{'op call, ' + label:>22}: {_p20_us(lambda op=op: op.default(*args)):6.1f} us (stub body)")
+
+
+def _print_compiled_rows() -> None:
+    import bnlab.nn
+
+    x = torch.randn(8, 64, 7, 7, requires_grad=True)
+    dy = torch.randn(8, 64, 7, 7)
+    for label, layer in (("bnlab triton", bnlab.nn.BatchNorm2d(64, backend="triton", nonfinite="ignore")),
+                         ("torch", torch.nn.BatchNorm2d(64))):  # fmt: skip
+        compiled, wrt = torch.compile(layer), (x, *layer.parameters())
+        both = _p20_us(lambda compiled=compiled, wrt=wrt: torch.autograd.grad(compiled(x), wrt, dy))
+        layer.eval()
+        with torch.no_grad():
+            inference = _p20_us(lambda compiled=compiled: compiled(x))
+        print(f"{label + ' compiled':>22}: forward+backward {both:6.1f} us, inference {inference:6.1f} us")
 
 
 def _print_rows(K) -> None:

@@ -92,8 +92,9 @@ _backward_once = once_differentiable(_backward)
 # all. Eager calls the launchers directly (no dispatch at all). The ops are registered with torch.library's
 # low-level API (`_op`), not `torch.library.custom_op`: that one wraps every call in Python kernels of its
 # own (an autograd kernel that redispatches, and for a mutating op an ADInplaceOrView kernel that walks
-# the schema's arguments): 166-186 us a call against 14-22 (dev VM, torch 2.13, a stub body), which made
-# a compiled layer's forward+backward cost ~0.9 ms more host time than torch's on the H200's host (run 19).
+# the schema's arguments): 115 us a call against 12.5 (dev VM, torch 2.13, a stub body: `python
+# benchmarks/host_overhead.py --compiled`); with them a compiled layer's forward+backward cost ~0.9 ms more
+# host time than torch's on the H200's host (run 19).
 # Their autograd is `_FusedBatchNorm` around them; the compiled graphs call them with grad disabled.
 
 
