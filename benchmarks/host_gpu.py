@@ -14,6 +14,8 @@ back to back, one synchronize at the end), so the differences between lines loca
   with the engine's multithreading off (backward on the calling thread: no hand-off at all);
 - one Triton launch of the forward's first kernel over an empty grid (Triton's own Python per launch),
   and the launchers with every kernel stubbed (bnlab's own Python);
+- the launchers, the functional call and the layer with DIRECT_LAUNCH (session 18: Triton's dispatch
+  skipped after a specialization's first launch, `bnlab.kernels.launch`);
 - eager torch and torch.compile for comparison (compile last: it starts worker processes and threads),
   and whole layers (bnlab's, torch's) compiled, also with mode="reduce-overhead" (CUDA graphs: the
   kernels replayed without host time; bnlab's run as custom ops in the graph).
@@ -37,6 +39,12 @@ from bnlab import kernels
 
 def per_call_us(fn: Callable[[], object], calls: int, device: str) -> float:
     """Wall time per call of `fn`, called `calls` times back to back after a warm-up (median of 3 runs)."""
+    return sorted(per_call_runs(fn, calls, device))[1]
+
+
+def per_call_runs(fn: Callable[[], object], calls: int, device: str, runs: int = 3) -> list[float]:
+    """Microseconds per call of `fn` in each of `runs` runs of `calls` calls back to back, after a warm-up
+    of up to 20 calls (on a GPU, each run ends with a synchronize)."""
 
     def sync() -> None:
         if device == "cuda":
@@ -45,14 +53,14 @@ def per_call_us(fn: Callable[[], object], calls: int, device: str) -> float:
     for _ in range(min(calls, 20)):
         fn()
     sync()
-    runs = []
-    for _ in range(3):
+    times = []
+    for _ in range(runs):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         sync()
-        runs.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(runs)[1]
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return times
 
 
 class _Recorder:
@@ -161,6 +169,14 @@ def main() -> int:
           f"GIL switch interval {sys.getswitchinterval() * 1e6:.0f} us; us per call:")  # fmt: skip
     for label, fn in rows:
         print(f"  {timed(fn):8.1f}  {label}", flush=True)
+    # The same with DIRECT_LAUNCH (bnlab.kernels.launch: a specialization's later launches call the compiled
+    # kernel's launcher, without Triton's dispatch); its first launches, through Triton, in the warm-up.
+    K.DIRECT_LAUNCH = True
+    try:
+        for label, fn in [*rows[:2], rows[4], rows[7]]:
+            print(f"  {timed(fn):8.1f}  {label}, direct launches", flush=True)
+    finally:
+        K.DIRECT_LAUNCH = False
     empty = (0,) * len(grid)
     us = timed(lambda: kernel[empty](*launch_args, **launch_options))
     print(f"  {us:8.1f}  Triton: one launch of {kernel.fn.__name__} over an empty grid", flush=True)

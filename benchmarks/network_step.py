@@ -10,7 +10,8 @@ native backend because a Python-called bnlab layer costs more host time than tor
 session 17's host rows). Whether the kernels' GPU time wins inside a real step, where the host's launches
 overlap the convolutions' GPU time, is what this measures: torchvision's model (bf16 autocast, SGD with
 momentum, random data and labels) with torch's BatchNorm2d ("torch"), or converted to bnlab's layers with
-backend "native" or "triton"; the same weights for each. Each step is timed wall-clock from its start to
+backend "native" or "triton" ("triton-direct": with the DIRECT_LAUNCH knob, session 18); the same weights
+for each. Each step is timed wall-clock from its start to
 the next step's (the GPU synchronized once after the timed steps: a host-bound loop shows as a longer
 step, as it would in training), median over the steps after a warm-up that compiles the kernels.
 """
@@ -32,9 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnlab.nn
+from bnlab import kernels
+from bnlab.gpubench import knobs_set
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-PROVIDERS = ("torch", "native", "triton")
+PROVIDERS = ("torch", "native", "triton", "triton-direct")  # (-direct: the kernels' DIRECT_LAUNCH knob on)
 
 
 def tiny_model(num_classes: int = 10) -> nn.Module:
@@ -61,7 +64,7 @@ def prepared(model: nn.Module, provider: str, layout: str, device: str) -> nn.Mo
     """A copy of `model` with the provider's BN layers, on `device` in `layout`."""
     model = copy.deepcopy(model)
     if provider != "torch":
-        model = bnlab.nn.convert(model, backend=provider)
+        model = bnlab.nn.convert(model, backend=provider.removesuffix("-direct"))
     return model.to(device=device, memory_format=LAYOUTS[layout])
 
 
@@ -138,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         medians = {}
         for provider in providers:
             model = prepared(base, provider, layout, args.device)
-            seconds = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
+            direct = {"DIRECT_LAUNCH": True} if provider.endswith("-direct") else {}
+            with knobs_set(kernels.load(), direct):
+                seconds = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
             medians[provider] = statistics.median(seconds) * 1e3
             rows.append({"model": args.model, "batch": args.batch, "size": args.size, "layout": layout,
                          "provider": provider, "median_ms": round(medians[provider], 3),
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                          "triton": _triton_version(), "date": f"{datetime.date.today()}"})  # fmt: skip
             first = providers[0]
             against = f"  ({medians[provider] / medians[first]:.3f}x {first})" if provider != first else ""
-            print(f"  {layout:14s} {provider:7s} {medians[provider]:9.2f} ms{against}", flush=True)
+            print(f"  {layout:14s} {provider:13s} {medians[provider]:9.2f} ms{against}", flush=True)
             del model
     if args.out:
         out = Path(args.out) / f"network-step-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"

@@ -62,9 +62,24 @@ def test_the_host_time_breakdown_runs_every_line():
     done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert len(lines) == 15 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
+    assert len(lines) == 19 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
     assert done.stdout.count("autograd multithreading off") == 2
+    assert done.stdout.count(", direct launches") == 4
     assert "Triton: one launch of _single_tile_forward_kernel over an empty grid" in done.stdout
+
+
+def test_the_launch_overhead_comparison_runs_without_a_gpu():
+    """benchmarks/launch_overhead.py: Triton's dispatch and the direct path's, with stand-ins for the driver
+    and the compiled kernel (it exits 1 if the direct path kept no compiled kernel)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "launch_overhead.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(script.parent.parent / "src")
+    done = subprocess.run([sys.executable, str(script), "--calls", "50"], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = dict(line.split(":") for line in done.stdout.splitlines() if line.startswith("  "))
+    assert {key.strip() for key in rows} == {"Triton", "direct"}, done.stdout
+    assert all(float(value.split()[0]) > 0 for value in rows.values()), done.stdout
 
 
 @pytest.mark.parametrize("which", ["large", "small", "nchw", "cl"])
@@ -224,30 +239,47 @@ def test_the_ncu_driver_runs_training_steps_and_names_the_plans():
     assert done.stdout.startswith("4,16,3,3 NCHW float32: forward ")
 
 
-def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys):
+def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monkeypatch):
     """benchmarks/network_step.py on CPU with the tiny model: each layout with torch's layers, bnlab's
-    native ones and the Triton kernels (the interpreter), the converted models holding bnlab's layers with
-    that backend, a CSV row each; a provider it does not know is refused by name."""
+    native ones and the Triton kernels (the interpreter; "triton-direct" with the DIRECT_LAUNCH knob, set
+    for its steps only), the converted models holding bnlab's layers with that backend, a CSV row each; a
+    provider it does not know is refused by name."""
     import csv
 
     import network_step
 
     import bnlab.nn
 
-    converted = network_step.prepared(network_step.tiny_model(), "triton", "channels_last", "cpu")
-    layers = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert layers and all(type(m) is bnlab.nn.BatchNorm2d and m.backend == "triton" for m in layers)
-    assert converted[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for provider in ("triton", "triton-direct"):
+        converted = network_step.prepared(network_step.tiny_model(), provider, "channels_last", "cpu")
+        layers = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert layers and all(type(m) is bnlab.nn.BatchNorm2d and m.backend == "triton" for m in layers)
+        assert converted[0].weight.is_contiguous(memory_format=torch.channels_last)
     args = ["--model", "tiny", "--device", "cpu", "--batch", "4", "--size", "8", "--steps", "2", "--warmup", "1"]
+    knob_seen = []
+    monkeypatch.setattr(network_step, "time_steps", _recording_knob(network_step.time_steps, knob_seen))
     assert network_step.main([*args, "--out", str(tmp_path)]) == 0
+    assert knob_seen == [False, False, False, True] * 2 and not network_step.kernels.load().DIRECT_LAUNCH
     (written,) = tmp_path.glob("network-step-*.csv")
     with written.open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["layout"], r["provider"]) for r in rows] == [
-        (layout, provider) for layout in ("nchw", "channels_last") for provider in ("torch", "native", "triton")
-    ]
+        (layout, provider) for layout in ("nchw", "channels_last")
+        for provider in ("torch", "native", "triton", "triton-direct")
+    ]  # fmt: skip
     assert all(float(r["median_ms"]) > 0 for r in rows)
     assert "channels_last  triton" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         network_step.main([*args, "--providers", "torch,cudnn"])
-    assert "--providers: cudnn not among torch, native, triton" in capsys.readouterr().err
+    assert "--providers: cudnn not among torch, native, triton, triton-direct" in capsys.readouterr().err
+
+
+def _recording_knob(time_steps, seen: list):
+    """`time_steps`, recording the DIRECT_LAUNCH knob each call ran under."""
+    from bnlab import kernels
+
+    def recorded(*args, **kwargs):
+        seen.append(kernels.load().DIRECT_LAUNCH)
+        return time_steps(*args, **kwargs)
+
+    return recorded

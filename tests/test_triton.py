@@ -1019,6 +1019,48 @@ def _check_eagerly_and_in_a_graph(step, want: tuple[torch.Tensor, ...], what: st
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((256, 512, 7, 7), "contiguous"),  # split, grouped tiles
+        ((64, 64, 56, 56), "contiguous"),  # split, tiles of whole runs
+        ((64, 256, 14, 14), "channels_last"),  # rows
+        ((32, 2048, 7, 7), "contiguous"),  # single tile
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v,
+)
+def test_direct_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatch, shape, layout):
+    """DIRECT_LAUNCH (`bnlab.kernels.launch`): after a specialization's first launch through Triton, the
+    compiled kernel's launcher is called with the arguments in signature order, the constexprs after them;
+    an argument out of place or a kernel of another specialization would change the results. Compared bit
+    for bit with Triton's launches, eagerly and in a CUDA graph (the launches captured on the capture
+    stream), and checked that the launches did go the direct way; then the guard kernel's, through a layer
+    with nonfinite="skip"."""
+    from bnlab import nn as bnn
+    from bnlab.kernels import launch as L
+
+    x, z, dy, w, b = _operands(shape, layout, torch.bfloat16)
+    step = _training_step(x, z, dy, w, b)
+    want = step()
+    monkeypatch.setattr(K, "DIRECT_LAUNCH", True)
+    direct = []
+    stream = L._current_stream
+    monkeypatch.setattr(L, "_current_stream", lambda index: direct.append(index) or stream(index))
+    step()  # (each specialization's first launch: through Triton)
+    _check_eagerly_and_in_a_graph(step, want, "direct launches")
+    assert direct, "no launch went the direct way"
+    torch.manual_seed(0)
+    layers = [bnn.BatchNorm2d(shape[1], backend="triton").cuda() for _ in range(2)]
+    for direct_launch, layer in zip((False, True), layers, strict=True):
+        monkeypatch.setattr(K, "DIRECT_LAUNCH", direct_launch)
+        for _ in range(3):
+            layer(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(layers[0], name), getattr(layers[1], name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "native"])
 def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warns_later(backend):
     """bnlab.nn.BatchNorm2d with the default nonfinite="skip" (the check in the guard kernel: the triton

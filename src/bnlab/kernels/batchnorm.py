@@ -26,6 +26,7 @@ from bnlab.kernels.device import (
     _single_tile_forward_kernel,
     _stats_kernel,
 )
+from bnlab.kernels.launch import launch as _direct_launch
 from bnlab.kernels.layout import PLANES, ROWS, layout_of, to_layout
 
 __all__ = ["PLANES", "ROWS", "Plan", "backward", "forward", "guard_update", "layout_of", "plan_for", "to_layout"]
@@ -466,6 +467,22 @@ def _grad_stages(plan: Plan) -> int:
 PDL = False
 
 
+# Launches on a GPU without Triton's per-call dispatch once a kernel's specialization has been launched
+# (`bnlab.kernels.launch`): host time only, the kernels are the same. `python benchmarks/launch_overhead.py`
+# (no GPU: stand-ins for the driver and the compiled kernel; development VM, session 18, Triton 3.6, the
+# apply kernel, three runs): 25-34 us a launch through Triton's dispatch, 13-22 direct. Not yet run on a
+# GPU: off until a GPU session's tests (test_triton.py's direct-launch test) and host rows say.
+DIRECT_LAUNCH = False
+
+
+def _run(kernel, grid: tuple[int, ...], args: tuple, options: dict, device: torch.device) -> None:
+    """``kernel[grid](*args, **options)``, through `bnlab.kernels.launch` on a GPU with DIRECT_LAUNCH."""
+    if DIRECT_LAUNCH and device.type == "cuda":
+        _direct_launch(kernel, grid, args, options, device)
+    else:
+        kernel[grid](*args, **options)
+
+
 def _launch_options(device: torch.device) -> dict[str, bool]:
     """The kernels' PDL constexpr with Triton's matching launch option: on only where PDL is and the
     device is a CUDA GPU of compute capability 9 or more (the CPU interpreter has no such launch)."""
@@ -734,7 +751,7 @@ def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of) -> Pl
         if fitted != plan:
             _FITTED[(kernel, plan)] = plan = fitted
             args, options = args_of(plan), options_of(plan)
-    kernel[plan.grid](*args, **options)
+    _run(kernel, plan.grid, args, options, device)
     return plan
 
 
@@ -936,10 +953,12 @@ def forward(
     updated = tuple(torch.empty_like(t) for t in running) if guarded else running
     z = residual if residual is not None else x
     if training and plan.single:
-        _single_tile_forward_kernel[(C,)](
-            x, z, y, mean, invstd, *running, *updated, *params, plan.N, C, plan.S, eps, momentum,
-            BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
-            enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue,
+        _run(
+            _single_tile_forward_kernel, (C,),
+            (x, z, y, mean, invstd, *running, *updated, *params, plan.N, C, plan.S, eps, momentum),
+            dict(BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
+                 enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue),
+            x.device,
         )  # fmt: skip
         if guarded:
             guard_update(running, updated, guard, num_batches_tracked)
@@ -992,9 +1011,9 @@ def guard_update(
     (kept, the old statistics were finite). One launch of `_guard_kernel`, no host sync."""
     count = num_batches_tracked if num_batches_tracked is not None else verdict
     with _made_current(verdict.device):
-        _guard_kernel[(1,)](
-            *running, *updated, verdict, count, running[0].numel(), batches,
-            BLOCK=GUARD_BLOCK, HAS_COUNT=num_batches_tracked is not None, num_warps=4,
+        _run(
+            _guard_kernel, (1,), (*running, *updated, verdict, count, running[0].numel(), batches),
+            dict(BLOCK=GUARD_BLOCK, HAS_COUNT=num_batches_tracked is not None, num_warps=4), verdict.device,
         )  # fmt: skip
 
 
@@ -1047,10 +1066,12 @@ def backward(
     if not fused and dweight is not None:  # (dx's two coefficients a channel, from the gradient sums)
         coef = torch.empty(2 * C, device=x.device, dtype=torch.float32)
     if fused:
-        _single_tile_backward_kernel[(C,)](
-            dy, x, tensors[1], *outputs, *tensors[2:], dweight, dbias, plan.N, C, plan.S,
-            BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, enable_fp_fusion=FP_FUSION,
-            **launch, **writes, **flags,
+        _run(
+            _single_tile_backward_kernel, (C,),
+            (dy, x, tensors[1], *outputs, *tensors[2:], dweight, dbias, plan.N, C, plan.S),
+            dict(BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, enable_fp_fusion=FP_FUSION,
+                 **launch, **writes, **flags),
+            x.device,
         )  # fmt: skip
     else:
         # With the residual's gradient wanted, the sums pass writes it (dz = g, exact in dy's dtype), and dx
