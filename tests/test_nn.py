@@ -291,16 +291,25 @@ class _Event:
         self.done = True
 
 
+def _word(finite: bool, were_finite: bool) -> torch.Tensor:
+    """A verdict word as the guard kernel writes it (bnlab.kernels' VERDICT_* bits), copied to the host."""
+    from bnlab import kernels
+
+    word = kernels.VERDICT_ARRIVED + kernels.VERDICT_KEPT * finite + kernels.VERDICT_WERE_FINITE * were_finite
+    return torch.tensor([word])
+
+
 def test_device_checks_warn_once_their_flags_arrive_in_order():
     """A GPU's checks are reported when their flags have reached the host (the event done), oldest first, a
     later one never before an earlier one; at exit the rest are waited for."""
-    reports = bnlab.functional._LateReports()
+    from bnlab import late_reports
+
+    reports = late_reports.LateReports(bnlab.functional._report_nonfinite)
     events = [_Event() for _ in range(4)]
     # (each: whether the batch was finite, whether the running statistics were before it)
-    flags = [torch.tensor([False, True]), torch.tensor([True, True]), torch.tensor([False, True]),
-             torch.tensor([False, False])]  # fmt: skip
-    for i, (event, flag) in enumerate(zip(events, flags, strict=True)):
-        reports._pending.append((event, flag, f"layer {i}"))
+    words = [_word(False, True), _word(True, True), _word(False, True), _word(False, False)]
+    for i, (event, word) in enumerate(zip(events, words, strict=True)):
+        reports._pending.append((late_reports._COPY, event, word, f"layer {i}"))
     events[1].done = True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -313,6 +322,61 @@ def test_device_checks_warn_once_their_flags_arrive_in_order():
         reports.flush()  # (at exit: waits for the rest)
     assert [str(w.message).split(":")[0] for w in caught] == ["layer 2", "layer 3"] and not reports._pending
     assert "already non-finite" not in str(caught[0].message) and "already non-finite" in str(caught[1].message)
+
+
+def test_guard_verdicts_arrive_in_a_ring_of_slots_reused_in_order(monkeypatch):
+    """Where the guard kernel runs (the CPU interpreter stands in for a GPU here), it writes each verdict
+    word into a slot of the device's ring, which the host reads without a copy: a NaN batch is reported,
+    the ring's slots are reused after it wraps around, and a check whose slot the kernel has not written
+    yet waits, with every later one, until it has."""
+    from bnlab import late_reports
+
+    monkeypatch.setattr(bnlab.functional, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(bnlab.functional, "GUARD_KERNEL", True)
+    reports = late_reports.LateReports(bnlab.functional._report_nonfinite, ring_size=3)
+    monkeypatch.setattr(bnlab.functional, "_LATE_REPORTS", reports)
+    layer = _trained(bnlab.nn.BatchNorm1d, backend="native")
+    (ring,) = reports._rings.values()  # (made, and checked with one guard launch into slot 0, at the first call)
+    assert ring is not None and ring.next == 2 and ring.words.tolist() == [7, 7, 0]  # (two calls: kept, finite)
+    counted = int(layer.num_batches_tracked)
+    for i in range(7):  # (more calls than slots)
+        bad = i in (2, 5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer(_poison("nan") if bad else make_input((6, 4)))
+        assert [w.category for w in caught] == ([NonFiniteStatisticsWarning] if bad else []), i
+    assert int(layer.num_batches_tracked) == counted + 5 and not reports._pending and ring.pending == 0
+    # A slot not yet written (a GPU behind the host): its report, and the next one's, wait for it.
+    verdict, slot = reports.verdict(torch.device("cpu"))
+    reports.queue(verdict, slot, "slow layer")
+    layer(_poison("nan"))  # (its own verdict arrives at once, behind the slow one)
+    assert len(reports._pending) == 2
+    with pytest.warns(NonFiniteStatisticsWarning) as caught:
+        verdict[0] = 1  # (arrived: not kept, the old statistics not finite)
+        reports.poll()
+    assert [str(w.message).split(":")[0] for w in caught] == ["slow layer", "BatchNorm1d(4)"]
+    assert "already non-finite" in str(caught[0].message) and not reports._pending
+
+
+def test_without_a_working_ring_verdicts_are_copied(monkeypatch):
+    """Where the ring's check fails (a GPU or Triton that cannot write host memory), the device gets no
+    ring, and the guard kernel's verdicts come back by copy, reported all the same."""
+    from bnlab import late_reports
+
+    monkeypatch.setattr(bnlab.functional, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(bnlab.functional, "GUARD_KERNEL", True)
+    reports = late_reports.LateReports(bnlab.functional._report_nonfinite)
+    monkeypatch.setattr(bnlab.functional, "_LATE_REPORTS", reports)
+    monkeypatch.setattr(late_reports._Ring, "__init__", _refused)
+    layer = _trained(bnlab.nn.BatchNorm1d, backend="native")
+    assert reports._rings == {torch.device("cpu"): None}
+    with pytest.warns(NonFiniteStatisticsWarning):
+        layer(_poison("nan"))
+    assert not reports._pending
+
+
+def _refused(*args, **kwargs):
+    raise ValueError("Pointer argument (at 4) cannot be accessed from Triton (cpu tensor?)")
 
 
 # ---- numerics --------------------------------------------------------------------------------------------

@@ -1076,8 +1076,10 @@ def test_a_layer_on_the_gpu_skips_a_nonfinite_batch_without_a_host_sync_and_warn
     good = torch.randn(4, 8, 5, 5, device="cuda")
     bad = good.clone()
     bad[0, 3, 0, 0] = float("nan")
-    layer(good)  # (compiles, sets the counters' reserve aside: the syncs a first call may make)
+    layer(good)  # (compiles, sets the counters' reserve aside, checks the verdict ring: a first call's syncs)
     torch.cuda.synchronize()
+    # (the guard kernel writes its verdicts into pinned host memory, `bnlab.late_reports`: no copies)
+    assert BF._LATE_REPORTS._rings.get(good.device) is not None, "the verdict ring's check failed on this GPU"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         BF._LATE_REPORTS.flush()  # (any other test's late reports out of the way)

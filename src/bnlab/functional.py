@@ -29,7 +29,6 @@ keyword-only extras are what a module needs to keep its state honest:
 from __future__ import annotations
 
 import atexit
-import collections
 import functools
 import math
 import warnings
@@ -38,6 +37,7 @@ import torch
 
 from bnlab import backends, kernels
 from bnlab.backends import native
+from bnlab.late_reports import LateReports
 
 __all__ = ["ACTIVATIONS", "NONFINITE_POLICIES", "SMALL_BATCH_POLICIES", "batch_norm"]
 
@@ -191,7 +191,7 @@ def _with_epilogue(
 
 
 # Devices whose work runs behind the host: there policy "skip" checks the statistics on the device and
-# reports later (`_LateReports`), since a host sync per layer call would stall every layer of a training
+# reports later (`bnlab.late_reports`), since a host sync per layer call would stall every layer of a training
 # step (and cannot happen while a CUDA graph is being captured). Tests add "cpu" to run that path.
 DEFERRED_CHECK_DEVICES = frozenset({"cuda"})
 
@@ -206,65 +206,6 @@ def _deferred(running_var: torch.Tensor, policy: str) -> bool:
     ("ignore") without a host sync: on DEFERRED_CHECK_DEVICES, outside torch.compile (which has its own
     path, `_update_guarded`). Policy "error" must sync to raise."""
     return policy != "error" and running_var.device.type in DEFERRED_CHECK_DEVICES and not torch.compiler.is_compiling()
-
-
-class _LateReports:
-    """Warnings for batches whose statistics were found non-finite on the device, issued once the host
-    learns of it: each check's flag is copied to the host without waiting (pinned memory, an event), and
-    `poll` warns for the checks that have arrived, in order; at most `limit` wait (then the oldest is
-    waited for), and the rest at exit."""
-
-    def __init__(self, limit: int = 4096) -> None:
-        self.limit = limit
-        self._pending: collections.deque = collections.deque()  # (event or None, flags, name)
-
-    def add(self, finite: torch.Tensor, before: torch.Tensor, name: str) -> None:
-        """Queue the check of one batch: `finite` (0-dim bool, whether its statistics were finite) and
-        `before` (the running statistics before it, for the report's wording), both on the device."""
-        if finite.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # (a graph's replays cannot report: the statistics are still kept or restored)
-        # (Both verdicts travel in one copy: reading `before` on the host later would be a sync of its own.)
-        self.add_verdicts(torch.stack((finite, torch.isfinite(before).all())), name)
-
-    def add_verdicts(self, verdicts: torch.Tensor, name: str) -> None:
-        """Queue the check of one batch as two verdicts on the device: (its statistics were finite, the
-        running statistics before it were)."""
-        if verdicts.is_cuda and torch.cuda.is_current_stream_capturing():
-            return
-        if verdicts.is_cuda:
-            flags, event = torch.empty(2, dtype=verdicts.dtype, pin_memory=True), torch.cuda.Event()
-            flags.copy_(verdicts, non_blocking=True)  # (into pinned memory: no wait for the GPU)
-            event.record()
-        else:
-            flags, event = verdicts, None
-        self._pending.append((event, flags, name))
-        if len(self._pending) > self.limit:
-            self._pending[0][0].synchronize()
-        self.poll()
-
-    def poll(self, wait: bool = False) -> None:
-        while self._pending:
-            event, flags, name = self._pending[0]
-            if event is not None and not (wait or event.query()):
-                return
-            if event is not None and wait:
-                event.synchronize()
-            self._pending.popleft()
-            finite, was_finite = flags.tolist()
-            if not finite:
-                # (the caller's frame, as the sync path's report names it: 2 frames deeper here)
-                _report_nonfinite("skip", name, not was_finite, stacklevel=7, late=event is not None)
-
-    def flush(self) -> None:
-        """Wait for every pending check and report it (at exit; best effort once CUDA is shutting down)."""
-        try:
-            self.poll(wait=True)
-        except RuntimeError:
-            pass
-
-
-_LATE_REPORTS = _LateReports()
-atexit.register(_LATE_REPORTS.flush)
 
 
 def _update_guarded(
@@ -302,7 +243,7 @@ def _update_guarded(
         # The check in one kernel (`guard_update`) instead of ~15 small torch kernels: the update goes to
         # scratch first (the backend's own kernels write it there, or the backend updates a copy) and the
         # guard commits it if finite and counts the batch. The verdict comes back for the late report.
-        verdict = torch.empty(2, dtype=torch.int32, device=running_var.device)
+        verdict, slot = _LATE_REPORTS.verdict(running_var.device)
         if guards:
             output = impl(input, running_mean, running_var, weight, bias, True, factor, eps, guard=verdict,
                           num_batches_tracked=num_batches_tracked)  # fmt: skip
@@ -315,7 +256,7 @@ def _update_guarded(
                 finite = _commit_if_finite(running_mean, running_var, *updated)
                 _LATE_REPORTS.add(finite, old, name)
                 return output, finite
-        _LATE_REPORTS.add_verdicts(verdict, name)
+        _LATE_REPORTS.queue(verdict, slot, name)
         return output, None
 
     # Buffers are 1-D and need no grad: one small copy is the cheapest way to be able to undo the update.
@@ -410,6 +351,11 @@ def _report_nonfinite(policy: str, name: str, already_bad: bool, stacklevel: int
         NonFiniteStatisticsWarning,
         stacklevel=stacklevel,
     )
+
+
+# Policy "skip"'s warnings on a GPU, issued once the device's verdict reaches the host (`bnlab.late_reports`).
+_LATE_REPORTS = LateReports(_report_nonfinite)
+atexit.register(_LATE_REPORTS.flush)
 
 
 # ---- variants: small siblings of batch_norm that reuse its checks, policies and backends -----------------
@@ -677,9 +623,9 @@ def _update_sequentially(
             return
         if by_kernel:
             # (a non-finite ghost mean always comes with a non-finite variance, so new_var tells both)
-            verdict = torch.empty(2, dtype=torch.int32, device=running_var.device)
+            verdict, slot = _LATE_REPORTS.verdict(running_var.device)
             if _guard_update((running_mean, running_var), (new_mean, new_var), verdict, num_batches_tracked, k):
-                _LATE_REPORTS.add_verdicts(verdict, name)
+                _LATE_REPORTS.queue(verdict, slot, name)
                 return
             finite = batches_finite()  # (the kernel failed: torch ops)
         if not compiling:

@@ -15,6 +15,10 @@ from types import ModuleType
 
 __all__ = ["interpreting", "load", "triton_installed", "unavailable_reason"]
 
+# The guard kernel's verdict, one int32 word (`device._guard_kernel`), as the host reads it: nonzero once
+# written (ARRIVED), KEPT if the update was kept, WERE_FINITE if the old running statistics were finite.
+VERDICT_ARRIVED, VERDICT_KEPT, VERDICT_WERE_FINITE = 1, 2, 4
+
 
 # Asked on every layer call, also while torch.compile traces one: looked up once, here (a package search
 # costs microseconds, and Dynamo warns about functools.cache).

@@ -1007,13 +1007,15 @@ def guard_update(
     batches: int = 1,
 ) -> None:
     """Copy the `updated` running statistics (mean, variance: contiguous, C each) into `running` if every
-    updated variance is finite, and then add `batches` to `num_batches_tracked`; `verdict` (int32, 2) gets
-    (kept, the old statistics were finite). One launch of `_guard_kernel`, no host sync."""
-    count = num_batches_tracked if num_batches_tracked is not None else verdict
-    with _made_current(verdict.device):
+    updated variance is finite, and then add `batches` to `num_batches_tracked`; `verdict` (int32: its
+    first element, on the device or in pinned host memory) gets the verdict word (`bnlab.kernels`'s
+    VERDICT_* bits). One launch of `_guard_kernel`, no host sync."""
+    count = num_batches_tracked if num_batches_tracked is not None else running[0]  # (unread without one)
+    device = running[0].device
+    with _made_current(device):
         _run(
             _guard_kernel, (1,), (*running, *updated, verdict, count, running[0].numel(), batches),
-            dict(BLOCK=GUARD_BLOCK, HAS_COUNT=num_batches_tracked is not None, num_warps=4), verdict.device,
+            dict(BLOCK=GUARD_BLOCK, HAS_COUNT=num_batches_tracked is not None, num_warps=4), device,
         )  # fmt: skip
 
 

@@ -63,6 +63,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from bnlab import kernels as _package
+
 # ---- shared device code -----------------------------------------------------------------------------
 
 
@@ -913,6 +915,12 @@ def _all_finite(ptr, C, BLOCK: tl.constexpr):
     return tl.min(ok, axis=0)
 
 
+# (the verdict word's bits, `bnlab.kernels`: kernels read globals as constexprs only)
+VERDICT_ARRIVED = tl.constexpr(_package.VERDICT_ARRIVED)
+VERDICT_KEPT = tl.constexpr(_package.VERDICT_KEPT)
+VERDICT_WERE_FINITE = tl.constexpr(_package.VERDICT_WERE_FINITE)
+
+
 @triton.jit
 def _guard_kernel(
     rmean_ptr, rvar_ptr, new_mean_ptr, new_var_ptr, verdict_ptr, count_ptr, C, batches,
@@ -922,8 +930,12 @@ def _guard_kernel(
     after the forward's kernels wrote the updated statistics into scratch): if every channel's updated
     variance is finite (a non-finite batch mean always comes with a non-finite variance), commit the
     scratch and count the `batches` (1, or ghost BN's k) in `count_ptr` (num_batches_tracked); else keep
-    the old statistics. verdict_ptr[0] says which, verdict_ptr[1] whether the old statistics were finite
-    (the late report's wording). No host sync, one launch, instead of ~15 small torch kernels."""
+    the old statistics. No host sync, one launch, instead of ~15 small torch kernels.
+
+    The verdict is one int32 at verdict_ptr, `VERDICT_ARRIVED | VERDICT_KEPT (the update was kept) |
+    VERDICT_WERE_FINITE (the old statistics were finite: the late report's wording)`, written in one
+    system-scope store: verdict_ptr may be host memory (a pinned ring, `bnlab.late_reports`)
+    that the host polls without a copy or an event, a nonzero word telling it everything at once."""
     finite = _all_finite(new_var_ptr, C, BLOCK)
     were_finite = _all_finite(rmean_ptr, C, BLOCK) & _all_finite(rvar_ptr, C, BLOCK)
     if finite != 0:
@@ -934,5 +946,5 @@ def _guard_kernel(
             tl.store(rvar_ptr + cols, tl.load(new_var_ptr + cols, mask=mask), mask=mask)
         if HAS_COUNT:
             tl.store(count_ptr, tl.load(count_ptr) + batches)
-    tl.store(verdict_ptr, finite)
-    tl.store(verdict_ptr + 1, were_finite)
+    verdict = VERDICT_ARRIVED + VERDICT_KEPT * (finite != 0).to(tl.int32) + VERDICT_WERE_FINITE * were_finite
+    tl.atomic_xchg(verdict_ptr, verdict, sem="release", scope="sys")
