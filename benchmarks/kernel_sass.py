@@ -183,7 +183,7 @@ def measure(dtype: str = "bf16", arch: int = 90) -> list[Loop]:
         # the device); no single-tile plans (batch 256: none would be taken).
         small = K.within_l2(N * C * S * itemsize, 50 * 2**20)  # (make_plan's choices at a 50 MB L2)
         target = K.programs_per_sm(layout, small=small) * MULTIPROCESSORS
-        split = K.planned(layout, N, C, S, itemsize, target, single_tile_max=0)
+        split = K.planned(layout, N, C, S, itemsize, target, small, single_tile_max=0)
         for kname, (fn, extra) in KERNELS.items():
             plan = (split.apply or split) if kname in ELEMENTWISE else split  # (channels-last: two tilings)
             # per layout (a dict), or per plan and value size (a function); or all of them a function

@@ -732,7 +732,8 @@ def test_reductions_over_tensors_within_l2_take_their_own_programs_per_sm(monkey
 def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeypatch):
     """ROWS_BLOCK_BYTES: 256x512x7x7 channels-last in blocks of 128 channels in bf16 (4 blocks x 131 slices
     for 528 programs), 64 in float32 (the default's 256 bytes a row), or 32 (16 blocks x 33 slices: a
-    quarter of the partials, loops 4x as long); REDUCTION_ROWS_BLOCK_CHANNELS for the reductions alone."""
+    quarter of the partials, loops 4x as long); REDUCTION_ROWS_BLOCK_CHANNELS for the reductions alone,
+    SMALL_REDUCTION_ROWS_BLOCK_CHANNELS for those of a tensor within L2."""
     wide = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **K.knob_args(K.ROWS, 2))
     narrow = K.plan_for(K.ROWS, 256, 512, 49, target_programs=528, **{**K.knob_args(K.ROWS, 2), "block_channels": 32})
     assert (wide.block_b, wide.block_a, wide.grid) == (128, 32, (4, 131))
@@ -751,6 +752,16 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeyp
     x = torch.empty(8, 512, 7, 7, dtype=torch.bfloat16, device="meta").contiguous(memory_format=torch.channels_last)
     assert K.describe_plans(x).endswith("(blocks of 32 channels, dx in blocks of 128)")
     assert K.make_plan(torch.empty(8, 32, dtype=torch.bfloat16), K.ROWS).apply is None  # (32 channels: one block)
+    # SMALL_REDUCTION_ROWS_BLOCK_CHANNELS for a tensor within L2 (`_small`), the other knob for the rest
+    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 64)
+    monkeypatch.setattr(K, "SMALL_REDUCTION_ROWS_BLOCK_CHANNELS", 16)
+    with monkeypatch.context() as patched:
+        patched.setattr(K, "_small", lambda device, nbytes: nbytes < 10**6)
+        small, large = (torch.empty(n, 512, 7, 7, dtype=torch.bfloat16, device="meta") for n in (8, 256))
+        assert [(K.make_plan(t, K.ROWS).block_b, K.make_plan(t, K.ROWS).apply.block_b) for t in (small, large)] == [
+            (16, 128), (64, 128)
+        ]  # fmt: skip
+    assert K.planned(K.ROWS, 256, 512, 49, 2, 528, small=True).grid[0] == 32  # (16 channels: 32 blocks)
     monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 128)  # (the interpreter: float32 blocks of 32 and 8 channels)
     monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 8)
     x, z, dy, w, b = _operands((6, 48, 3, 3), "channels_last", torch.float32)

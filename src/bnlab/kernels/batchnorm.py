@@ -367,6 +367,14 @@ ROWS_BLOCK_BYTES = 256
 # float32 at 32 channels (below its elementwise 64) 1.002 (fused 1.012). So 64 channels in every dtype:
 # bf16/fp16 reductions narrower than their passes, float32's as its passes.
 REDUCTION_ROWS_BLOCK_CHANNELS = 64
+# ... and for a small tensor (`_small`: within the GPU's L2), whose reductions are latency, not bandwidth:
+# fewer channels a block means fewer slices a block at the same programs, so fewer partials to combine.
+# Runs 14 and 17 (H200, bf16 channels-last, profile sets `cl` and `small`, graph-timed steps): 256x512x7x7
+# (12.8 MB, 5 of ResNet-50's layers) at 32 channels 44.4 / 44.5 us against 51.7 / 52.8 at 64 (statistics
+# 14.2 -> 9.7 us, gradient sums 13.7 -> 11.1 in run 17); 256x256x14x14 (25.7 MB, 11 layers) 78.8 / 77.2
+# against 78.9 / 78.4; the larger layers slower at 32 (51 MB: 0.975-1.035; 56x56: up to 1.11). Predicted
+# on the bf16 channels-last sum: ~-0.04 ms (0.3%). A candidate until a run of the whole sums: 64, as above.
+SMALL_REDUCTION_ROWS_BLOCK_CHANNELS = 64
 # Grouped planes (NCHW 7x7, 14x14): the reductions' per-channel sums over a tile's lanes by regathering
 # the lanes as [channels, W] and summing rows, instead of a segmented scan (`device._channel_sum`).
 # Session 14 (H200, ncu, run 15): NCHW 256x256x14x14 bf16 statistics issue-bound, not memory-bound (DRAM
@@ -543,12 +551,15 @@ def make_plan(x: torch.Tensor, layout: str) -> Plan:
     itemsize = x.element_size()
     small = _small(x.device, x.numel() * itemsize)
     target = _target_programs(x.device, layout, small=small)
-    return planned(layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), itemsize, target)
+    return planned(layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), itemsize, target, small)
 
 
-def planned(layout: str, N: int, C: int, S: int, itemsize: int, target_programs: int, **overrides: int) -> Plan:
+def planned(
+    layout: str, N: int, C: int, S: int, itemsize: int, target_programs: int, small: bool = False, **overrides: int
+) -> Plan:
     """`plan_for` with the module's knobs (`knob_args`, then `overrides`), and the reductions in tiles of
-    their own where the knobs ask (REDUCTION_ROWS_BLOCK_CHANNELS, channels-last): the returned plan is then
+    their own where the knobs ask (REDUCTION_ROWS_BLOCK_CHANNELS, or SMALL_REDUCTION_ROWS_BLOCK_CHANNELS for
+    a `small` tensor; channels-last): the returned plan is then
     the reductions', with the elementwise passes' as its `apply`. Pure, for planners without the GPU too
     (benchmarks/kernel_sass.py). (Session 13 built NCHW reductions in packed tiles beside grouped elementwise
     passes, PACKED_REDUCTIONS: timed on an H200 in runs 11 and 13, the fused bf16 NCHW sum 1.053x; removed
@@ -557,7 +568,8 @@ def planned(layout: str, N: int, C: int, S: int, itemsize: int, target_programs:
     plan = plan_for(layout, N, C, S, target_programs=target_programs, **knobs)
     if layout != ROWS:
         return plan
-    own = {"block_channels": min(knobs["block_channels"], REDUCTION_ROWS_BLOCK_CHANNELS)}
+    channels = SMALL_REDUCTION_ROWS_BLOCK_CHANNELS if small else REDUCTION_ROWS_BLOCK_CHANNELS
+    own = {"block_channels": min(knobs["block_channels"], channels)}
     reduce = plan_for(layout, N, C, S, target_programs=target_programs, **{**knobs, **own})
     return plan if reduce == plan else replace(reduce, apply=plan)
 
