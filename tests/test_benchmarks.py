@@ -283,3 +283,18 @@ def _recording_knob(time_steps, seen: list):
         return time_steps(*args, **kwargs)
 
     return recorded
+
+
+def test_a_profile_log_reads_as_whole_sums_and_the_fastest_setting_per_shape(capsys):
+    """benchmarks/profile_sums.py on run 14's committed channels-last profile: every setting as a sum over
+    ResNet-50's layers against the run's defaults, and per shape the fastest (bf16 256x512x7x7: reductions
+    in blocks of 32 channels, 0.865 of the step); a layout the log lacks is an error."""
+    import profile_sums
+
+    log = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h200-2026-11-27" / "profile-run14-cl.log"
+    assert profile_sums.main([str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "12 shapes   12.722 against   12.722 (1.000)  the defaults" in out
+    assert "256x512x7x7      x5     51.3 ->    44.4 us (0.865)  {'REDUCTION_ROWS_BLOCK_CHANNELS': 32}" in out
+    assert "the fastest per shape: 12.722 -> 12.649 ms (0.994)" in out
+    assert profile_sums.main([str(log), "--layout", "NCHW"]) == 1
