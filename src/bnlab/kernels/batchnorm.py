@@ -478,7 +478,7 @@ PDL = False
 # Launches on a GPU without Triton's per-call dispatch once a kernel's specialization has been launched
 # (`bnlab.kernels.launch`): host time only, the kernels are the same. `python benchmarks/launch_overhead.py`
 # (no GPU: stand-ins for the driver and the compiled kernel; development VM, session 18, Triton 3.6, the
-# apply kernel, three runs): 25-34 us a launch through Triton's dispatch, 13-22 direct. Not yet run on a
+# apply kernel, four runs): 23.5-29.3 us a launch through Triton's dispatch, 12.5-13.1 direct. Not yet run on a
 # GPU: off until a GPU session's tests (test_triton.py's direct-launch test) and host rows say.
 DIRECT_LAUNCH = False
 

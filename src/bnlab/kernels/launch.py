@@ -7,8 +7,8 @@ stream looked up, and launch metadata built for the launch hooks, which the laun
 always installs a hook chain, empty or not). On session 17's H200 host that came to 33.9 us a launch over an
 empty grid (benchmarks/host_gpu.py), and bnlab's forward+backward makes 2-5 launches. Without a GPU,
 `python benchmarks/launch_overhead.py` times that dispatch against this module's with stand-ins for the
-driver and the compiled kernel (development VM, session 18, Triton 3.6, the apply kernel: 25-34 against
-13-22 us a launch over three runs; most of the direct path's time is its cache key).
+driver and the compiled kernel (development VM, session 18, Triton 3.6, the apply kernel: 23.5-29.3
+against 12.5-13.1 us a launch over four runs; most of the direct path's time is its cache key).
 
 What the direct path does: the first launch of each specialization goes through Triton, which compiles
 (or loads) the kernel, launches it and returns the compiled kernel; that is kept, keyed by the kernel, the
