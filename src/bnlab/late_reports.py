@@ -41,14 +41,13 @@ class _Ring:
             self.codes = torch.zeros((size, 4), dtype=torch.int32, pin_memory=on_gpu)
         self.words = self.codes.numpy()[:, 0]  # (the host's view: reading it is a plain memory read)
         self.slots = list(self.codes[:, :1].unbind(0))  # (one view a slot, made once)
+        self.busy = [False] * size  # (a slot whose check is queued and not yet reported)
         self.next = 0
-        self.pending = 0
 
 
 class LateReports:
     """The pending checks and their warnings (module doc). `report(policy, name, already_bad, stacklevel,
-    late)` issues one warning; `guard(running, updated, verdict)` launches the guard kernel (used once per
-    device, to check its ring)."""
+    late)` issues one warning."""
 
     def __init__(self, report: Callable[..., None], limit: int = 4096, ring_size: int = 1024) -> None:
         self.limit, self.ring_size = limit, ring_size
@@ -65,7 +64,7 @@ class LateReports:
         ring = None if capturing else self._ring(device)
         if ring is None:
             return torch.empty(1, dtype=torch.int32, device=device), None
-        while ring.pending == len(ring.slots):  # (the GPU is a whole ring behind: wait for the oldest slot)
+        while ring.busy[ring.next]:  # (the GPU a whole ring behind: wait until that slot's check is reported)
             self._pop(wait=True)
         slot = ring.next
         ring.next = (slot + 1) % len(ring.slots)
@@ -75,7 +74,7 @@ class LateReports:
     def queue(self, verdict: torch.Tensor, slot: tuple[_Ring, int] | None, name: str) -> None:
         """Queue the check of layer `name` whose guard kernel writes `verdict` (from `verdict`, with `slot`)."""
         if slot is not None:
-            slot[0].pending += 1
+            slot[0].busy[slot[1]] = True
             self._push((_SLOT, *slot, name))
         elif not (verdict.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._push(_copied(verdict, name))
@@ -123,7 +122,7 @@ class LateReports:
                 word = int(a.words[b])
             if not word and not wait:
                 return False
-            a.pending -= 1
+            a.busy[b] = False
             # (a word still 0 after the wait was never written: nothing to report; no check is queued
             #  before its launch returned, so this is a defence against a loop, not a case that occurs)
             word = word or kernels.VERDICT_KEPT
