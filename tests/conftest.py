@@ -34,6 +34,16 @@ def _isolate_backend_choice(monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_late_reports(monkeypatch):
+    """Each test its own late reports of policy "skip" (pending warnings, the verdict rings and their
+    one-time checks): none leak from one test into another's counts or warnings."""
+    import bnlab.functional
+    from bnlab.late_reports import LateReports
+
+    monkeypatch.setattr(bnlab.functional, "_LATE_REPORTS", LateReports(bnlab.functional._report_nonfinite))
+
+
 # Every backend runs the shared parity tests, which use CPU tensors: "triton" too where Triton is installed
 # and runs them in its interpreter (no GPU). On a GPU machine, tests/test_triton.py runs the kernels there.
 BACKENDS = ("reference", "native", *(("triton",) if kernels.triton_installed() and kernels.interpreting() else ()))

@@ -569,7 +569,7 @@ def test_a_failing_guard_kernel_falls_back_to_torch_ops_with_one_warning(monkeyp
         calls.append(args)
         raise RuntimeError("no kernel for this architecture")
 
-    layer = _trained(bnlab.nn.BatchNorm1d, backend="native")
+    layer = _trained(bnlab.nn.BatchNorm1d, backend="native")  # (the verdict ring made and checked here)
     monkeypatch.setattr(K, "guard_update", broken)
     before = copy.deepcopy(layer.state_dict())
     with pytest.warns(RuntimeWarning, match="Triton kernel failed on cpu .*no kernel for this architecture"):
