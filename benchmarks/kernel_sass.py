@@ -70,7 +70,8 @@ KERNELS = {  # name: (kernel, its other constexprs)
     ),
     "normalize": (
         K._apply_kernel,
-        {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES, **LATE, "HAS_RUNNING": LATE["LATE"]},
+        {"FROM_RUNNING": False, "STAGES": K.APPLY_STAGES, **LATE, "HAS_RUNNING": LATE["LATE"],
+         "EVICT": lambda plan, itemsize: K.SECOND_READ_EVICTION},
     ),
     "grad sums": (
         K._grad_kernel,
@@ -79,7 +80,8 @@ KERNELS = {  # name: (kernel, its other constexprs)
     ),
     "dx": (
         K._input_grad_kernel,
-        {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES, **LATE},
+        {"TRAINING": True, "WRITE_DX": True, "WRITE_DZ": False, "STAGES": K.APPLY_STAGES, **LATE,
+         "EVICT": lambda plan, itemsize: K.SECOND_READ_EVICTION},
     ),
 }  # fmt: skip
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(?:\s+(0x[0-9a-f]+))?")

@@ -81,7 +81,10 @@ SETS = {
             {"LATE_COMBINE": {"planes": True, "rows": True}},  # (run 17: channels-last bf16 sum 1.013)
             # channels-last statistics' next tile prefetched in registers (session 15: latency-bound, run 16)
             {"STATS_PREFETCH": {"planes": False, "rows": False}},  # (the default for 2-byte rows since run 17)
-            # channels-last reductions in blocks of 32 bf16 channels (the default 64 since run 13; 128 before)
+            # (session 18) the elementwise passes' input loads with an L2 evict-first hint
+            {"SECOND_READ_EVICTION": "evict_first"},
+            # channels-last reductions in blocks of 32 bf16 channels (the default 64 since run 13; 128 before;
+            # session 18's SMALL_REDUCTION_ROWS_BLOCK_CHANNELS 32 is this on these shapes)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"TILE": 8192},  # bf16 tiles of 8192 values (run 11: 0.90-0.98 of the step on these four)
@@ -105,6 +108,7 @@ SETS = {
             {},
             {"GATHER_GROUPED_SUMS": False},  # (grouped shapes: 7x7, 14x14; the default since run 17)
             {"LATE_COMBINE": {"planes": False, "rows": False}},  # (the default for 2-byte planes since run 17)
+            {"SECOND_READ_EVICTION": "evict_first"},  # (session 18: the elementwise passes' input loads)
             DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
@@ -128,6 +132,8 @@ SETS = {
             {"LATE_COMBINE": {"planes": True, "rows": True}},
             # (session 15: two tiles in flight a program; the default for 2-byte rows since run 17)
             {"STATS_PREFETCH": {"planes": False, "rows": False}},
+            {"SECOND_READ_EVICTION": "evict_first"},  # (session 18: the elementwise passes' input loads)
+            {"SMALL_REDUCTION_ROWS_BLOCK_CHANNELS": 32},  # (session 18: the layers within L2)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
             DEPENDENT_LAUNCH,
@@ -160,6 +166,7 @@ PLAN_KNOBS = {
     "COMBINE_VALUES",
     "ROWS_BLOCK_BYTES",
     "REDUCTION_ROWS_BLOCK_CHANNELS",
+    "SMALL_REDUCTION_ROWS_BLOCK_CHANNELS",
     "GATHER_GROUPED_SUMS",
     "STATS_PREFETCH",
     "STATS_PREFETCH_FLOAT32",

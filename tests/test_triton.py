@@ -408,6 +408,36 @@ def test_statistics_prefetched_in_registers_match_the_reference(monkeypatch, lay
     _check_large_offset(channels=3)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_second_reads_with_an_eviction_hint_match_the_reference(monkeypatch, layout):
+    """SECOND_READ_EVICTION: normalize's and dx's loads of their inputs (x, the residual, dy) with an
+    eviction policy; a training step with a residual and ReLU through the split kernels matches the
+    reference (the interpreter ignores the hint: this checks that every load gets a policy it accepts and
+    that the argument reaches the kernels; on a GPU the bits are compared with the hint off)."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "SECOND_READ_EVICTION", "evict_first")
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda kernel, plan, device, args_of, options_of: seen.append(
+        options_of(plan).get("EVICT")) or launch(kernel, plan, device, args_of, options_of))  # fmt: skip
+    x, z, dy, w, b = _operands((6, 5, 4, 3), layout, torch.float32)
+    _training_step_matches_reference(x, z, dy, w, b)
+    assert seen == [None, "evict_first", None, "evict_first"]  # (statistics, normalize, gradient sums, dx)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_second_reads_with_an_eviction_hint_give_the_same_bits(monkeypatch, layout):
+    """SECOND_READ_EVICTION changes where lines stay, not what is computed: bit for bit the same step."""
+    x, z, dy, w, b = _operands((64, 256, 14, 14), layout, torch.bfloat16)
+    step = _training_step(x, z, dy, w, b)
+    want = step()
+    monkeypatch.setattr(K, "SECOND_READ_EVICTION", "evict_first")
+    for name, ours, ref in zip(STEP_RESULTS, step(), want, strict=True):
+        assert torch.equal(ours, ref), name
+
+
 def _check_large_offset(channels):
     # 1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 would lose every digit of the variance; Chan's update keeps them.
     gen = torch.Generator().manual_seed(0)

@@ -39,6 +39,8 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 # The elementwise kernels' LATE_COMBINE constexprs (`batchnorm._late_options`): off, and on over 16 rows.
 NOT_LATE = {"LATE": False, "COMBINE_BLOCK": 1}
 LATE = {"LATE": True, "COMBINE_BLOCK": 16}
+# The elementwise passes' eviction policy for their inputs (`batchnorm.SECOND_READ_EVICTION`).
+KEEP, EVICT_FIRST = {"EVICT": ""}, {"EVICT": "evict_first"}
 
 
 def compile_cases():
@@ -83,10 +85,13 @@ def compile_cases():
             apply_stages = (K.APPLY_STAGES[layout], 2) if ep == epilogues[0] else (K.APPLY_STAGES[layout],)
             for stages in dict.fromkeys(apply_stages):
                 yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": not ep["HAS_WEIGHT"], "STAGES": stages,
-                                        **NOT_LATE, "HAS_RUNNING": False}  # fmt: skip
+                                        **NOT_LATE, "HAS_RUNNING": False, **KEEP}  # fmt: skip
             if ep is ends[-1] and late_too:
                 yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": False, "STAGES": apply_stages[0], **LATE,
-                                        "HAS_RUNNING": True}  # fmt: skip
+                                        "HAS_RUNNING": True, **KEEP}  # fmt: skip
+            if ep is ends[-1]:  # (the second reads' eviction hint, SECOND_READ_EVICTION: a knob)
+                yield K._apply_kernel, {**blocks, **ep, "FROM_RUNNING": False, "STAGES": apply_stages[0],
+                                        **NOT_LATE, "HAS_RUNNING": False, **EVICT_FIRST}  # fmt: skip
             stages = K.GRAD_STAGES[layout] if ep["HAS_WEIGHT"] else 1
             grad = {**blocks, **ep, **split_block, "SPLIT": ep["RELU"], "WRITE_DZ": ep["HAS_RESIDUAL"],
                     "GATHER_SUMS": False, "LATE": False}  # fmt: skip
@@ -101,9 +106,12 @@ def compile_cases():
             for training in (True, False):
                 flags = {"TRAINING": training, "WRITE_DX": True, "WRITE_DZ": ep["HAS_RESIDUAL"]}
                 for stages in dict.fromkeys(apply_stages if training else apply_stages[:1]):
-                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": stages, **NOT_LATE}
+                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": stages, **NOT_LATE, **KEEP}
                 if training and ep is ends[-1] and late_too:
-                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": apply_stages[0], **LATE}
+                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": apply_stages[0], **LATE, **KEEP}
+                if training and ep is ends[-1]:
+                    yield K._input_grad_kernel, {**blocks, **ep, **flags, "STAGES": apply_stages[0], **NOT_LATE,
+                                                 **EVICT_FIRST}  # fmt: skip
     single = {"BLOCK_N": 64, "BLOCK_S": 64}
     for ep in epilogues:
         yield K._single_tile_forward_kernel, {**single, **ep, "HAS_RUNNING": ep["HAS_WEIGHT"]}

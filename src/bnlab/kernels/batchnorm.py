@@ -375,6 +375,13 @@ REDUCTION_ROWS_BLOCK_CHANNELS = 64
 # against 78.9 / 78.4; the larger layers slower at 32 (51 MB: 0.975-1.035; 56x56: up to 1.11). Predicted
 # on the bf16 channels-last sum: ~-0.04 ms (0.3%). A candidate until a run of the whole sums: 64, as above.
 SMALL_REDUCTION_ROWS_BLOCK_CHANNELS = 64
+# The elementwise passes' loads of their inputs (x, the residual; dx's dy too), the last read of them in
+# their direction, with this eviction policy: "" (the default) or "evict_first", so that while a pass
+# writes its output the lines it has read leave L2 before those it has yet to read (the second pass walks
+# the tiles last first, `device._backwards`, to find the first pass's last reads still in L2). A
+# candidate of session 18, untimed: run 14's profile had 256x64x56x56's normalize at 0.91 and dx at 0.97
+# of a copy of their traffic (103 MB tensors, about twice the L2), with no sign of those L2 hits.
+SECOND_READ_EVICTION = ""
 # Grouped planes (NCHW 7x7, 14x14): the reductions' per-channel sums over a tile's lanes by regathering
 # the lanes as [channels, W] and summing rows, instead of a segmented scan (`device._channel_sum`).
 # Session 14 (H200, ncu, run 15): NCHW 256x256x14x14 bf16 statistics issue-bound, not memory-bound (DRAM
@@ -1001,7 +1008,8 @@ def forward(
         _apply_kernel, apply, x.device,
         lambda p: (x, z, y, *stats, *params, *combined, *_shape_args(p), eps, momentum, *(late or (0, 0))),
         lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late),
-                       HAS_RUNNING=has_running and late is not None, **epilogue, **_block_args(p), **launch),
+                       HAS_RUNNING=has_running and late is not None, EVICT=SECOND_READ_EVICTION, **epilogue,
+                       **_block_args(p), **launch),
     )  # fmt: skip
     if guarded:
         guard_update(running, updated, guard, num_batches_tracked)
@@ -1123,6 +1131,6 @@ def backward(
                 lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *combined, *_shape_args(p),
                            *(late or (0, 0))),
                 lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late), **writes,
-                               **flags, **_block_args(p), **launch),
+                               EVICT=SECOND_READ_EVICTION, **flags, **_block_args(p), **launch),
             )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz

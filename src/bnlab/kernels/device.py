@@ -100,10 +100,11 @@ def _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _residual(z_ptr, offs, mask, x, HAS_RESIDUAL: tl.constexpr):
-    """The residual's tile in float32 (x stands in when there is none: never used then)."""
+def _residual(z_ptr, offs, mask, x, HAS_RESIDUAL: tl.constexpr, EVICT: tl.constexpr):
+    """The residual's tile in float32 (x stands in when there is none: never used then); EVICT: the load's
+    eviction policy (`_normalize`)."""
     if HAS_RESIDUAL:
-        return tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(z_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     return x
 
 
@@ -543,20 +544,25 @@ def _second_pass_program():
 def _apply_slice(
     x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """y over the unit's tiles [t_start, t_end), last first (`_backwards`); STAGES > 1: the loads
-    software-pipelined, as in `_slice_stats`."""
+    software-pipelined, as in `_slice_stats`; EVICT as in `_normalize`."""
     for i in tl.range(t_start, t_end, num_stages=STAGES):
         base, offs, mask = _tile(_backwards(i, t_start, t_end), unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-        _normalize(x_ptr + base, z_ptr + base, y_ptr + base, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU)
+        _normalize(x_ptr + base, z_ptr + base, y_ptr + base, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU, EVICT)
 
 
 @triton.jit
-def _normalize(x_ptr, z_ptr, y_ptr, offs, mask, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
-    """y = the pre-activation (ReLU'd) at `offs` from the pointers (a tile's base already added)."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+def _normalize(
+    x_ptr, z_ptr, y_ptr, offs, mask, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    EVICT: tl.constexpr,
+):  # fmt: skip
+    """y = the pre-activation (ReLU'd) at `offs` from the pointers (a tile's base already added). EVICT:
+    the inputs' loads' eviction policy ("" or "evict_first": a second pass's last read of them, whose lines
+    may then leave L2 before those it has yet to read; the SECOND_READ_EVICTION knob)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL, EVICT)
     p = _pre_activation(x, mean, scale, shift, z, HAS_RESIDUAL)
     if RELU:
         p = tl.maximum(p, 0.0)
@@ -579,22 +585,27 @@ def _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU:
 def _grad_tile(
     t, pid_c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
-    """Tile t's base, offsets and mask (see `_tile`), x and g (dy through the recomputed ReLU mask), float32."""
+    """Tile t's base, offsets and mask (see `_tile`), x and g (dy through the recomputed ReLU mask), float32;
+    EVICT as in `_normalize`."""
     base, offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
-    x, g = _grad_values(dy_ptr + base, x_ptr + base, z_ptr + base, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU)
+    x, g = _grad_values(
+        dy_ptr + base, x_ptr + base, z_ptr + base, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU, EVICT
+    )
     return base, offs, mask, x, g
 
 
 @triton.jit
 def _grad_values(
-    dy_ptr, x_ptr, z_ptr, offs, mask, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr
+    dy_ptr, x_ptr, z_ptr, offs, mask, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    EVICT: tl.constexpr,
 ):  # fmt: skip
-    """x and g (dy through the recomputed ReLU mask) at `offs` from the pointers, float32."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL)
+    """x and g (dy through the recomputed ReLU mask) at `offs` from the pointers, float32; EVICT as in
+    `_normalize`."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    z = _residual(z_ptr, offs, mask, x, HAS_RESIDUAL, EVICT)
     return x, _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL, RELU)
 
 
@@ -614,7 +625,7 @@ def _slice_grad_sums(
     for t in tl.range(t_start, t_end, num_stages=STAGES):  # g is 0 in masked lanes (dy loads as 0 there)
         base, offs, mask, x, g = _grad_tile(
             t, unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
-            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, "",
         )  # fmt: skip
         if WRITE_DZ:
             tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -679,13 +690,13 @@ def _input_grad_slice(
     dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
-    """dx (and dz) over the unit's tiles, last first; STAGES as in `_apply_slice`."""
+    """dx (and dz) over the unit's tiles, last first; STAGES as in `_apply_slice`, EVICT as in `_normalize`."""
     for i in tl.range(t_start, t_end, num_stages=STAGES):
         base, offs, mask, x, g = _grad_tile(
             _backwards(i, t_start, t_end), unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
-            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
+            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, EVICT,
         )  # fmt: skip
         _store_grads(dx_ptr + base, dz_ptr + base, offs, mask, g, x, mean, scale, k1, k2, TRAINING, WRITE_DX, WRITE_DZ)
 
@@ -742,10 +753,10 @@ def _apply_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     STAGES: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
-    HAS_RUNNING: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """LATE: the statistics are combined here from their partials (`_late_stats`; mean_ptr and invstd_ptr
-    are then outputs); otherwise read (saved, or running ones: FROM_RUNNING)."""
+    are then outputs); otherwise read (saved, or running ones: FROM_RUNNING). EVICT: see `_normalize`."""
     _after_previous_kernel(PDL)
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
@@ -760,7 +771,7 @@ def _apply_kernel(
     _, mean, scale, shift = _normalizer_of(mean, invstd, w_ptr, b_ptr, cols, cmask, S, BLOCK_B, PLANES, HAS_WEIGHT,
                                            HAS_BIAS)  # fmt: skip
     _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES)  # fmt: skip
+                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES, EVICT)  # fmt: skip
 
 
 @triton.jit
@@ -803,10 +814,11 @@ def _input_grad_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-    LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
+    LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """LATE (training): dx's coefficients combined here from the gradient sums' partials
-    (`_late_coefficients`, which also stores dweight and dbias); otherwise read from coef_ptr."""
+    (`_late_coefficients`, which also stores dweight and dbias); otherwise read from coef_ptr. EVICT: see
+    `_normalize`."""
     _after_previous_kernel(PDL)
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
@@ -826,7 +838,7 @@ def _input_grad_kernel(
         k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
-        BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES,
+        BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES, EVICT,
     )  # fmt: skip
 
 
@@ -864,7 +876,7 @@ def _single_tile_forward_kernel(
     )  # fmt: skip
     invstd = 1.0 / tl.sqrt(m2 / n + eps)
     w, shift = _channel_params(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL)
+    z = _residual(z_ptr + base, offs, mask, x, HAS_RESIDUAL, "")
     p = _pre_activation(x, mean[:, None], (invstd * w)[:, None], shift[:, None], z, HAS_RESIDUAL)
     if RELU:
         p = tl.maximum(p, 0.0)
@@ -887,7 +899,7 @@ def _single_tile_backward_kernel(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_S, True, False, HAS_WEIGHT, HAS_BIAS
     )
     base, offs, mask, x, g = _grad_tile(
-        0, c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, 1, BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU
+        0, c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, 1, BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU, ""
     )
     sum_g = tl.sum(tl.sum(g, axis=1), axis=0)
     sum_gc = tl.sum(tl.sum(g * (x - mean), axis=1), axis=0)  # g is 0 in masked lanes
