@@ -13,7 +13,10 @@ momentum, random data and labels) with torch's BatchNorm2d ("torch"), or convert
 backend "native" or "triton" ("triton-direct": with the DIRECT_LAUNCH knob, session 18); the same weights
 for each. Each step is timed wall-clock from its start to
 the next step's (the GPU synchronized once after the timed steps: a host-bound loop shows as a longer
-step, as it would in training), median over the steps after a warm-up that compiles the kernels.
+step, as it would in training), median over the steps after a warm-up that compiles the kernels; and
+the host's time to issue one step on an idle GPU (`host_ms`: a step about that long is host-bound, where
+the layers' host time, e.g. Triton's launches, decides; a step of more kernels than the driver queues,
+about a thousand, waits for the GPU within it too).
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ def prepared(model: nn.Module, provider: str, layout: str, device: str) -> nn.Mo
 
 def time_steps(
     model: nn.Module, layout: str, batch: int, size: int, steps: int, warmup: int, device: str
-) -> list[float]:
-    """Seconds of each of `steps` training steps after `warmup` (see the module doc), the input in `layout`."""
+) -> tuple[list[float], list[float]]:
+    """Seconds of each of `steps` training steps after `warmup` (see the module doc), the input in `layout`;
+    then, for `steps` more, the seconds the host takes to issue one step that starts on an idle GPU (the
+    call alone, the GPU synchronized before it: where a step takes about that long, it is host-bound)."""
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=device, generator=gen).contiguous(memory_format=LAYOUTS[layout])
     labels = torch.randint(0, 10, (batch,), device=device, generator=gen)  # (every model has 10 classes or more)
@@ -96,7 +101,14 @@ def time_steps(
     end = time.perf_counter()
     # (the last step ends when the GPU is done: its mark moves to after the synchronize)
     marks[-1] = end
-    return [b - a for a, b in itertools.pairwise(marks)]
+    issued = []
+    for _ in range(steps):
+        _synchronize(device)
+        start = time.perf_counter()
+        step()
+        issued.append(time.perf_counter() - start)
+    _synchronize(device)
+    return [b - a for a, b in itertools.pairwise(marks)], issued
 
 
 def _triton_version() -> str:
@@ -143,15 +155,18 @@ def main(argv: list[str] | None = None) -> int:
             model = prepared(base, provider, layout, args.device)
             direct = {"DIRECT_LAUNCH": True} if provider.endswith("-direct") else {}
             with knobs_set(kernels.load(), direct):
-                seconds = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
+                seconds, issued = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
             medians[provider] = statistics.median(seconds) * 1e3
+            host_ms = statistics.median(issued) * 1e3
             rows.append({"model": args.model, "batch": args.batch, "size": args.size, "layout": layout,
                          "provider": provider, "median_ms": round(medians[provider], 3),
-                         "min_ms": round(min(seconds) * 1e3, 3), "device": name, "torch": torch.__version__,
+                         "min_ms": round(min(seconds) * 1e3, 3), "host_ms": round(host_ms, 3), "device": name,
+                         "torch": torch.__version__,
                          "triton": _triton_version(), "date": f"{datetime.date.today()}"})  # fmt: skip
             first = providers[0]
             against = f"  ({medians[provider] / medians[first]:.3f}x {first})" if provider != first else ""
-            print(f"  {layout:14s} {provider:13s} {medians[provider]:9.2f} ms{against}", flush=True)
+            print(f"  {layout:14s} {provider:13s} {medians[provider]:9.2f} ms{against}; the host issues one in "
+                  f"{host_ms:.2f} ms", flush=True)  # fmt: skip
             del model
     if args.out:
         out = Path(args.out) / f"network-step-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"

@@ -267,7 +267,7 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
         (layout, provider) for layout in ("nchw", "channels_last")
         for provider in ("torch", "native", "triton", "triton-direct")
     ]  # fmt: skip
-    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert all(float(r["median_ms"]) > 0 and float(r["host_ms"]) > 0 for r in rows)
     assert "channels_last  triton" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         network_step.main([*args, "--providers", "torch,cudnn"])
