@@ -28,26 +28,24 @@ from bnlab import functional as BF
 from bnlab import kernels
 
 
-def _median_us(fn, reps: int = 300) -> float:
-    for _ in range(20):
+def _samples_us(fn, reps: int, warmup: int) -> list[float]:
+    """Microseconds of each of `reps` calls of `fn`, timed one at a time after `warmup` calls."""
+    for _ in range(warmup):
         fn()
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
+        samples.append((time.perf_counter() - start) * 1e6)
+    return samples
+
+
+def _median_us(fn, reps: int = 300) -> float:
+    return statistics.median(_samples_us(fn, reps, warmup=20))
 
 
 def _p20_us(fn, reps: int = 1500) -> float:
-    for _ in range(30):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[reps // 5] * 1e6
+    return sorted(_samples_us(fn, reps, warmup=30))[reps // 5]
 
 
 def main() -> None:

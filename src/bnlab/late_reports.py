@@ -72,7 +72,8 @@ class LateReports:
         return ring.slots[slot], (ring, slot)
 
     def queue(self, verdict: torch.Tensor, slot: tuple[_Ring, int] | None, name: str) -> None:
-        """Queue the check of layer `name` whose guard kernel writes `verdict` (from `verdict`, with `slot`)."""
+        """Queue the check of layer `name` whose guard kernel writes `verdict` (`verdict` and `slot` as the
+        method `verdict` gave them)."""
         if slot is not None:
             slot[0].busy[slot[1]] = True
             self._push((_SLOT, *slot, name))

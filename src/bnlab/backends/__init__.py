@@ -109,7 +109,8 @@ def fuses_epilogue(fn: BatchNormFn) -> bool:
 
 def guards_update(fn: BatchNormFn) -> bool:
     """Whether a backend checks a training call's running-statistics update on the device itself: keyword
-    ``guard=`` (an int32 tensor of 2 it fills: kept, old statistics finite) and ``num_batches_tracked=``."""
+    ``guard=`` (an int32 tensor whose first element gets the verdict word, `bnlab.kernels`' VERDICT_* bits)
+    and ``num_batches_tracked=``."""
     return getattr(fn, "guards_update", False)
 
 

@@ -949,9 +949,10 @@ def forward(
     inference, `save_stats=False` (no backward to come) lets the kernel read the running statistics
     directly and returns None for mean and invstd. `plan`: instead of `make_plan`'s (tests).
 
-    `guard` (training with running statistics; an int32 tensor of 2): the update is kept only if every
-    channel's updated statistics are finite, and then `num_batches_tracked` (if given) counts the batch;
-    guard[0] says whether it was kept, guard[1] whether the old statistics were finite (`_guard_kernel`).
+    `guard` (training with running statistics; int32, on the device or in pinned host memory): the update
+    is kept only if every channel's updated statistics are finite, and then `num_batches_tracked` (if
+    given) counts the batch; guard[0] gets the verdict word (`bnlab.kernels`' VERDICT_* bits: arrived,
+    kept, the old statistics finite; `_guard_kernel`).
     """
     layout = layout or layout_of(x)
     if plan is None:
