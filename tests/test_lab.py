@@ -236,7 +236,7 @@ def _cli(args, **kw):
 def test_sigkill_midway_then_resume_ends_identical_to_uninterrupted(tmp_path, synthetic_data):
     args = ["run", FIG1, "--profile", "smoke", "--seeds", "1", "--data-dir", str(synthetic_data), "--no-progress"]
     # Long enough to be killed while training, with checkpoints every 20 steps.
-    args += ["steps=1500", "hidden=64,64,64", "eval_every=20"]
+    args += ["steps=600", "hidden=64,64,64", "eval_every=20"]
     straight = tmp_path / "straight"
     assert _cli([*args, "--out", str(straight)]).wait(timeout=300) == 0
 
