@@ -189,17 +189,17 @@ def test_the_two_read_gap_sums_layers_against_copy_speed_and_compile(tmp_path, c
     from bnlab.bench import write_csv
     from bnlab.gpubench import GpuRow
 
-    def row(case, shape, dtype, direction, provider, us, layers, copy):  # (the bench's CSV, as it writes it)
+    def row(case, shape, dtype, direction, provider, us, layers, copy, frac=None):  # (as the bench writes it)
         return GpuRow(
             case=case, shape=shape, dtype=dtype, layout="NCHW", direction=direction, provider=provider,
-            median_us=us, gbps=None, frac_of_copy=None, speedup_vs_eager=None, speedup_vs_best_torch=None,
+            median_us=us, gbps=None, frac_of_copy=frac, speedup_vs_eager=None, speedup_vs_best_torch=None,
             error="", layers=layers, layer_names="", bytes=0, max_abs_diff=None, note="", size_copy_us=copy,
         )  # fmt: skip
 
     rows = [
-        row("resnet50", "256x8x4x4", "bfloat16", "both", "bnlab-triton", 100.0, 3, 50.0),  # ideal 80 us
+        row("resnet50", "256x8x4x4", "bfloat16", "both", "bnlab-triton", 100.0, 3, 50.0, 0.48),  # ideal 80 us
         row("resnet50", "256x8x4x4", "bfloat16", "both", "torch-compile", 120.0, 3, None),
-        row("resnet50", "256x8x2x2", "bfloat16", "both", "bnlab-triton", 40.0, 1, 20.0),  # ideal 32 us
+        row("resnet50", "256x8x2x2", "bfloat16", "both", "bnlab-triton", 40.0, 1, 20.0, 0.4),  # ideal 32 us
         row("resnet50", "256x8x2x2", "bfloat16", "both", "torch-compile", 60.0, 1, None),
         row("resnet50", "256x8x2x2", "float32", "both", "bnlab-triton", 1.0, 1, 1.0),
         row("resnet50", "256x8x2x2", "bfloat16", "forward", "bnlab-triton", 1.0, 1, 1.0),
@@ -210,6 +210,9 @@ def test_the_two_read_gap_sums_layers_against_copy_speed_and_compile(tmp_path, c
     assert two_read_gap.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "0.80   0.06" in out and "0.80   0.01" in out  # ideal / bnlab, (100 - 80) x 3 and (40 - 32) x 1
+    # (fractions of copy: bnlab's, and the ideal's at the same bytes in 0.8 of the time: 0.6, 0.5)
+    assert "0.06  0.48 0.60\n" in out and "0.01  0.40 0.50 < 0.55 even at the ideal" in out
+    assert "below 0.55 of copy even at the two-read ideal: 1 of 2 layer shapes: 256x8x2x2 NCHW (0.50)" in out
     assert "sum: bnlab 0.34 ms, two-read ideal 0.27 (compile / ideal 1.54x), torch.compile 0.42;" in out
     assert "1.2x compile needs 0.35 ms" in out
     with pytest.raises(SystemExit):
