@@ -3,9 +3,9 @@
 # machine is given back 30 s after a call, so each call must stand alone):
 #   tests  the Triton kernels' tests natively (not the interpreter);
 #   quick  `bnlab bench --gpu --quick` (batch 256, bf16 + fp32, forward+backward, with the acceptance check);
-#          QUICK_KNOBS="PDL=True ..." sets the Triton kernels' knobs for it (recorded in the CSV);
+#          QUICK_KNOBS="TILE=8192 ..." sets the Triton kernels' knobs for it (recorded in the CSV);
 #   candidates  bnlab's rows of the quick bench only, once per knob setting in CANDIDATES (';' between
-#          settings, e.g. "TILE_BYTES=16384;PDL=True TILE_BYTES=16384"), each against this call's quick CSV
+#          settings, e.g. "TILE_BYTES=16384;TILE=8192 TILE_BYTES=16384"), each against this call's quick CSV
 #          at the defaults (run `quick` first; else QUICK_AGAINST's): the whole sums of each candidate, on
 #          the same machine, in candidates.log (CSVs in candidates.tgz); CANDIDATE_S each (default 100);
 #   tune   the knob sweep (benchmarks/tune_triton.py), bf16;
@@ -71,7 +71,7 @@ for step in "${steps[@]}"; do
       # (QUICK_AGAINST: an earlier run's CSV to compare bnlab's rows and sums with, printed last; default
       #  the last H200 run committed, "" for none)
       # (QUICK_KNOBS: the Triton kernels' knobs for this run, space-separated NAME=VALUE, e.g.
-      #  "PDL=True TILE_BYTES=16384": a candidate's whole sums, recorded in the CSV's knobs column)
+      #  "TILE=8192 TILE_BYTES=16384": a candidate's whole sums, recorded in the CSV's knobs column)
       q=${QUICK_S:-300}
       against=${QUICK_AGAINST-$LAST_CSV}
       knobs=()

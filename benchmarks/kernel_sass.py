@@ -101,8 +101,6 @@ def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, reduction
     constexprs = {**args, **extra, **{k: v for k, v in EPILOGUE.items() if k in fn.arg_names}}
     if plan.s_blocks == 1 and "S_BLOCKS" in fn.arg_names:
         constexprs["S_BLOCKS"] = 1
-    if "PDL" in fn.arg_names:  # programmatic dependent launch, as the knob says (sm_90+)
-        constexprs["PDL"] = K.PDL
     ints = {"N": plan.N, "C": plan.C, "S": plan.S}
     names = fn.arg_names
     divisible = [a for a in names if a.endswith(("_ptr", "_out"))]
@@ -110,8 +108,6 @@ def machine_code(fn, dtype: str, plan: K.Plan, extra: dict, arch: int, reduction
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature=triton_aot.signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
     options = {"num_warps": warps, "enable_fp_fusion": fusion}
-    if constexprs.get("PDL"):
-        options["launch_pdl"] = True
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory(prefix="bnlab-sass-") as tmp:  # (one per call: runs side by side, e.g.
         path = Path(tmp) / f"{fn.__name__}.cubin"  # the tests' and a hand run, once read each other's cubins)

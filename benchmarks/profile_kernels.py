@@ -5,7 +5,7 @@ For each shape and layout: the plans (`describe_plans`), then every kernel's mea
 steps (torch.profiler, CUDA activity), its share of the step, and the minimal-traffic floor of the step at
 the device's copy bandwidth: which pass (statistics, normalize, gradient sums, dx) to work on;
 and the step as the bench times it (replayed from a CUDA graph), whose excess over the kernels' sum is
-the time between them. Every set also times programmatic dependent launch (`PDL`), second.
+the time between them.
 Sets: `large` (default) profiles ResNet-50's shapes at the defaults, then a few under other knobs;
 `small` profiles the 7x7 and 14x14 layers (28 of the 53, the furthest from the floor after session 5)
 under the knobs that change their fixed costs (launches, slices, combine); `nchw`
@@ -54,14 +54,10 @@ STEPS = 20
 # PROGRAMS_PER_SM 8, on these shapes: results/h200-2026-11-27/profile-run3.log; run 4 APPLY_STAGES 2,
 # PLANES_MIN_RUN 1024 and GRAD_STAGES_LONG 2: profile-run4.log.)
 VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "NCHW"], [(256, 2048, 7, 7), "NCHW"])
-# Programmatic dependent launch: each kernel starting while the previous one ends (session 8, untimed; its
-# effect is in the graph-timed step, not in the kernels' times).
-DEPENDENT_LAUNCH = {"PDL": True}
 # Grids as planned, over one wave where they are (session 8's default cuts them): profiled only on the
 # shapes whose launches at the defaults were cut (`_was_cut`), i.e. after the defaults.
 NO_WAVE_CUT = {"ONE_WAVE": False}
 VARIANTS = (
-    DEPENDENT_LAUNCH,
     {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
     {"PLANES_MAX_RUN": 4096},  # NCHW 56x56: a whole plane a tile (1 x 4096) instead of 4 x 1024
     {"GRAD_STAGES_LONG": {"planes": 2, "rows": 2}},  # the gradient sums 2 deep whatever the loop's length
@@ -94,7 +90,6 @@ SETS = {
             # the reductions of tensors within L2 at a full wave (8 asks for more than fits: ONE_WAVE cuts it
             # to what the compiled kernel holds, 3-4 an SM at 7x7/14x14; run 11: as 4)
             {"SMALL_PROGRAMS_PER_SM": {"planes": 8, "rows": 8}},
-            DEPENDENT_LAUNCH,
             {"COMBINE_VALUES": 8192},  # one combine step instead of two
         ),
     ),
@@ -109,7 +104,6 @@ SETS = {
             {"GATHER_GROUPED_SUMS": False},  # (grouped shapes: 7x7, 14x14; the default since run 17)
             {"LATE_COMBINE": {"planes": False, "rows": False}},  # (the default for 2-byte planes since run 17)
             {"SECOND_READ_EVICTION": "evict_first"},  # (session 18: the elementwise passes' input loads)
-            DEPENDENT_LAUNCH,
             NO_WAVE_CUT,
             {"PLANES_MAX_RUN": 4096},  # 56x56: one plane a tile (1 x 4096) instead of 4 x 1024
             {"APPLY_PROGRAMS_PER_SM": {"planes": 8, "rows": 4}},  # more loads in flight still
@@ -136,7 +130,6 @@ SETS = {
             {"SMALL_REDUCTION_ROWS_BLOCK_CHANNELS": 32},  # (session 18: the layers within L2)
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 128},
             {"REDUCTION_ROWS_BLOCK_CHANNELS": 32},
-            DEPENDENT_LAUNCH,
             {"ROWS_BLOCK_BYTES": 128},  # (64 channels a block in bf16, 32 in float32)
             {"ROWS_BLOCK_BYTES": 64},
             # statistics loads 2 deep (run 4's 14x14 statistics: 25.7 us for 25.7 MB, a dozen tiles a
@@ -153,6 +146,35 @@ SETS = {
 }  # fmt: skip
 # Knobs that act only through the plan, the gradient sums' depth and the reductions' constexprs: a setting
 # of these alone that leaves them as they are would time the same kernels again.
+# The knobs each profiled shape's line prints (every knob a set changes: profile_sums.py tells the settings
+# apart by them).
+PRINTED_KNOBS = (
+    "PROGRAMS_PER_SM",
+    "SMALL_PROGRAMS_PER_SM",
+    "APPLY_PROGRAMS_PER_SM",
+    "STATS_STAGES",
+    "STATS_STAGES_FLOAT32",
+    "GRAD_STAGES",
+    "GRAD_STAGES_LONG",
+    "LONG_LOOP_TILES",
+    "APPLY_STAGES",
+    "TILE",
+    "TILE_BYTES",
+    "COMBINE_VALUES",
+    "PLANES_MIN_RUN",
+    "PLANES_MAX_RUN",
+    "REDUCTION_WARPS",
+    "ONE_WAVE",
+    "ROWS_BLOCK_BYTES",
+    "REDUCTION_ROWS_BLOCK_CHANNELS",
+    "SMALL_REDUCTION_ROWS_BLOCK_CHANNELS",
+    "GATHER_GROUPED_SUMS",
+    "LATE_COMBINE",
+    "LATE_COMBINE_FLOAT32",
+    "STATS_PREFETCH",
+    "STATS_PREFETCH_FLOAT32",
+    "SECOND_READ_EVICTION",
+)
 PLAN_KNOBS = {
     "PLANES_MIN_RUN",
     "PLANES_MAX_RUN",
@@ -198,33 +220,7 @@ def profile_shape(shape: tuple[int, ...], layout: str, dtype: torch.dtype, copy_
     total = sum(sum(v) for v in times.values()) / STEPS
     graph_us = timer(functools.partial(training_step, x, rm, rv, w, b, dy)) * 1e6
     K = kernels.load()
-    names = (
-        "PROGRAMS_PER_SM",
-        "SMALL_PROGRAMS_PER_SM",
-        "APPLY_PROGRAMS_PER_SM",
-        "STATS_STAGES",
-        "STATS_STAGES_FLOAT32",
-        "GRAD_STAGES",
-        "GRAD_STAGES_LONG",
-        "LONG_LOOP_TILES",
-        "APPLY_STAGES",
-        "TILE",
-        "TILE_BYTES",
-        "COMBINE_VALUES",
-        "PLANES_MIN_RUN",
-        "PLANES_MAX_RUN",
-        "PDL",
-        "REDUCTION_WARPS",
-        "ONE_WAVE",
-        "ROWS_BLOCK_BYTES",
-        "REDUCTION_ROWS_BLOCK_CHANNELS",
-        "GATHER_GROUPED_SUMS",
-        "LATE_COMBINE",
-        "LATE_COMBINE_FLOAT32",
-        "STATS_PREFETCH",
-        "STATS_PREFETCH_FLOAT32",
-    )
-    knobs = {name: getattr(K, name) for name in names}
+    knobs = {name: getattr(K, name) for name in PRINTED_KNOBS}
     print(f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]} {knobs}: {K.describe_plans(x)}")
     print(f"  kernels {total:8.1f} us a step; floor {floor_us:.1f} us at copy speed ({floor_us / total:.2f} of it)")
     print(f"  graph   {graph_us:8.1f} us a step (the bench's timer), {graph_us - total:+.1f} us beside the kernels")

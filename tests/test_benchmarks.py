@@ -97,19 +97,18 @@ def test_the_kernel_profile_sets_name_real_knobs_and_restore_them(monkeypatch, w
     monkeypatch.setattr(
         profile_kernels,
         "profile_shape",
-        lambda shape, layout, dtype, copy, timer: seen.append((shape, K.TILE, K.PDL)),
+        lambda shape, layout, dtype, copy, timer: seen.append((shape, K.TILE)),
     )
     names = {name for knobs in profile_kernels.SETS[which][2] for name in knobs}
     assert names and all(hasattr(K, name) for name in names)
+    assert names <= set(profile_kernels.PRINTED_KNOBS)  # (each profiled line says which setting it timed)
     before = {name: getattr(K, name) for name in names}
     monkeypatch.setattr(sys, "argv", ["profile_kernels.py", "--set", which])
     assert profile_kernels.main() == 0
     shapes, variant_shapes, variants = profile_kernels.SETS[which]
     assert len(seen) == len(shapes) + len(variant_shapes) * len(variants)
     if which == "small":  # the variants were in force while their shapes were profiled
-        assert sum(tile == 8192 for _, tile, _ in seen) == 4 * sum(v.get("TILE") == 8192 for v in variants)
-    assert profile_kernels.DEPENDENT_LAUNCH in variants  # every set times dependent launches on their own
-    assert sum(pdl for *_, pdl in seen) == len(variant_shapes) * sum(bool(v.get("PDL")) for v in variants)
+        assert sum(tile == 8192 for _, tile in seen) == 4 * sum(v.get("TILE") == 8192 for v in variants)
     assert {name: getattr(K, name) for name in names} == before
 
 
@@ -141,9 +140,9 @@ def test_the_kernel_profile_skips_settings_that_leave_the_plan_as_it_is():
     channels_last = {"STATS_PREFETCH": {"planes": False, "rows": False}}  # (the statistics' PREFETCH constexpr)
     assert not changes((8, 16, 7, 7), channels_last)
     assert profile_kernels._changes(K, (8, 16, 7, 7), "channels_last", torch.bfloat16, channels_last, device="cpu")
-    # a setting's other knobs (PDL) do not make it count as a plan change
-    assert profile_kernels._plan_knobs({"TILE": 8192, "PDL": True}) == {"TILE": 8192}
-    assert profile_kernels._plan_knobs(profile_kernels.DEPENDENT_LAUNCH) == {}
+    # a setting's other knobs (the eviction hint) do not make it count as a plan change
+    assert profile_kernels._plan_knobs({"TILE": 8192, "SECOND_READ_EVICTION": "evict_first"}) == {"TILE": 8192}
+    assert profile_kernels._plan_knobs({"SECOND_READ_EVICTION": "evict_first"}) == {}
 
 
 @pytest.mark.slow  # torch.compile with inductor (C++ on a CPU)

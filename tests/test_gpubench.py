@@ -509,18 +509,19 @@ def test_cli_gpu_refuses_bad_input(argv, message, capsys):
 
 
 def test_knobs_are_parsed_and_checked_against_the_kernels_defaults():
-    texts = ["PDL=True", "SMALL_TENSOR_L2=0.25", "TILE_BYTES = 16384", "PROGRAMS_PER_SM={'planes': 4, 'rows': 4}"]
+    texts = ["DIRECT_LAUNCH=True", "SMALL_TENSOR_L2=0.25", "TILE_BYTES = 16384"]
+    texts.append("PROGRAMS_PER_SM={'planes': 4, 'rows': 4}")
     assert g.parse_knobs(texts) == (
-        ("PDL", True), ("SMALL_TENSOR_L2", 0.25), ("TILE_BYTES", 16384),
+        ("DIRECT_LAUNCH", True), ("SMALL_TENSOR_L2", 0.25), ("TILE_BYTES", 16384),
         ("PROGRAMS_PER_SM", {"planes": 4, "rows": 4}),
     )  # fmt: skip
     assert g.parse_knobs(["SMALL_TENSOR_L2=1"]) == (("SMALL_TENSOR_L2", 1),)  # (an int where a float goes)
     for text, message in [
-        ("PDL", "expected NAME=VALUE"),
+        ("DIRECT_LAUNCH", "expected NAME=VALUE"),
         ("NO_SUCH=1", "not a knob of bnlab.kernels.batchnorm"),
         ("plan_for=1", "not a knob"),
-        ("PDL=maybe", "not a Python literal"),
-        ("PDL=1", "is a int, expected a bool"),
+        ("DIRECT_LAUNCH=maybe", "not a Python literal"),
+        ("DIRECT_LAUNCH=1", "is a int, expected a bool"),
         ("TILE=True", "is a bool, expected a int"),
         ("SMALL_TENSOR_L2='a'", "is a str, expected a float"),
         ("PROGRAMS_PER_SM={'planes': 4}", "keys ['planes'], expected ['planes', 'rows']"),
@@ -535,15 +536,15 @@ def test_a_run_with_knobs_sets_them_records_them_and_restores_the_defaults(toy_p
     measure = g.measure_group
     monkeypatch.setattr(g, "measure_group", lambda *args: seen.append(K.TILE) or measure(*args))
     argv = ["bench", "--gpu", "--device", "cpu", "--providers", "bnlab-triton", "--bnlab-backend", "native"]
-    assert cli.main([*argv, "--out", str(tmp_path), "--knob", "TILE=64", "--knob", "PDL=True"]) == 0
-    assert set(seen) == {64} and K.TILE == 4096 and K.PDL is False
+    assert cli.main([*argv, "--out", str(tmp_path), "--knob", "TILE=64", "--knob", "DIRECT_LAUNCH=True"]) == 0
+    assert set(seen) == {64} and K.TILE == 4096 and K.DIRECT_LAUNCH is False
     (path,) = tmp_path.glob("gpu-cpu-*.csv")
     with path.open(newline="") as f:
-        assert {line["knobs"] for line in csv.DictReader(f)} == {"TILE=64 PDL=True"}
-    assert "knobs set for this run: TILE=64 PDL=True" in capsys.readouterr().err
+        assert {line["knobs"] for line in csv.DictReader(f)} == {"TILE=64 DIRECT_LAUNCH=True"}
+    assert "knobs set for this run: TILE=64 DIRECT_LAUNCH=True" in capsys.readouterr().err
     assert cli.main([*argv, "--knob", "TILE=big"]) == 2 and "--knob: knob TILE" in capsys.readouterr().err
-    assert cli.main(["bench", "--gpu", "--check", str(path), "--knob", "PDL=True"]) == 2
-    assert cli.main(["bench", "--knob", "PDL=True"]) == 2 and "--knob only with --gpu" in capsys.readouterr().err
+    assert cli.main(["bench", "--gpu", "--check", str(path), "--knob", "DIRECT_LAUNCH=True"]) == 2
+    assert cli.main(["bench", "--knob", "TILE=8192"]) == 2 and "--knob only with --gpu" in capsys.readouterr().err
 
 
 def test_check_compares_bnlab_with_an_earlier_run(tmp_path, capsys):

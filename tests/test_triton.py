@@ -837,8 +837,6 @@ def test_plans_are_described_for_benchmark_rows(monkeypatch):
         "forward split over 1 slices (normalize over 8); "
         "backward split over 1 slices (dx over 8) (gradient sums 3 deep)"
     )
-    monkeypatch.setattr(K, "_launch_options", lambda device: {"PDL": True, "launch_pdl": True})
-    assert K.describe_plans(x).endswith("(gradient sums 3 deep); dependent launches (PDL)")
 
 
 def test_elementwise_passes_regroup_the_same_tiles_into_more_slices():
@@ -981,41 +979,6 @@ def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, 
         _close(ours, ref, dtype if ours.dtype == dtype else torch.float32, name)
         # Programs finish in a different order on every run; the combined result must not depend on it.
         assert torch.equal(ours, again), f"{name}: not bit for bit the same on a second run"
-
-
-def _sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="programmatic dependent launch needs an sm_90+ GPU")
-@pytest.mark.parametrize(
-    ("shape", "layout", "knobs"),
-    [
-        ((256, 512, 7, 7), "contiguous", {}),  # split, grouped tiles
-        ((64, 64, 56, 56), "contiguous", {}),  # split, tiles of whole runs
-        ((64, 256, 14, 14), "channels_last", {}),  # rows
-        ((32, 2048, 7, 7), "contiguous", {}),  # single tile
-    ],
-    ids=lambda v: (
-        "x".join(map(str, v)) if isinstance(v, tuple)
-        else ",".join(f"{k}={x}" for k, x in v.items()) or "defaults" if isinstance(v, dict) else v
-    ),
-)  # fmt: skip
-def test_dependent_launches_give_the_same_bits_eagerly_and_in_a_graph(monkeypatch, shape, layout, knobs):
-    """PDL lets each kernel start before the previous one ends, its programs waiting on the GPU: a kernel
-    that read its inputs before the wait would see stale values, which only a bit-for-bit comparison with
-    ordinary launches catches reliably (the results are deterministic). Also replayed from a CUDA graph,
-    where the launches become programmatic edges, as in the bench."""
-    for knob, value in knobs.items():
-        monkeypatch.setattr(K, knob, value)
-    monkeypatch.setattr(K, "ONE_WAVE", False)  # (a PDL variant's registers could cut another slice count)
-    x, z, dy, w, b = _operands(shape, layout, torch.bfloat16)
-    step = _training_step(x, z, dy, w, b)
-    want = step()
-    monkeypatch.setattr(K, "PDL", True)
-    assert K._launch_options(x.device) == {"PDL": True, "launch_pdl": True}
-    _check_eagerly_and_in_a_graph(step, want, "PDL launches")
 
 
 def _training_step(x, z, dy, w, b):
@@ -1229,17 +1192,6 @@ def test_launches_read_their_kernels_occupancy_and_fit_one_wave(monkeypatch):
         programs = math.prod(cut.grid)
         most = max(r for key, r in K._RESIDENT.items() if key[0] is kernel) * multiprocessors
         assert programs <= most, f"{kernel.fn.__name__}: {programs} programs, {most} at once"
-
-
-def test_dependent_launch_is_asked_for_only_where_the_gpu_has_it(monkeypatch):
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(K, "PDL", True)
-    assert K._launch_options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
-    for major, on in ((8, False), (9, True), (10, True)):
-        monkeypatch.setattr(K, "_gpu", lambda device, major=major: (132, 50 * 2**20, major))
-        assert K._launch_options(cuda) == {"PDL": on, "launch_pdl": on}
-    monkeypatch.setattr(K, "PDL", False)
-    assert K._launch_options(cuda) == {"PDL": False, "launch_pdl": False}
 
 
 @pytest.mark.parametrize("ghost", [None, 4])

@@ -121,30 +121,15 @@ def compile_cases():
         yield K._guard_kernel, {"BLOCK": K.GUARD_BLOCK, "HAS_COUNT": has_count}
 
 
-def with_dependent_launch(cases, arch: int):
-    """`cases` with the PDL constexpr (`batchnorm.PDL`) off in every kernel that takes it, and on once per
-    such kernel where the architecture has programmatic dependent launch (sm_90+): (fn, constexprs,
-    options)."""
-    seen = set()
-    for fn, constexprs in cases:
-        if "PDL" not in fn.arg_names:
-            yield fn, constexprs, {}
-            continue
-        yield fn, {**constexprs, "PDL": False}, {}
-        if arch >= 90 and fn not in seen:
-            seen.add(fn)
-            yield fn, {**constexprs, "PDL": True}, {"launch_pdl": True}
-
-
 def main(arch: int) -> int:
     dtypes = ("bf16", "fp32") if arch >= 90 else ("fp16",)
     done, failures = 0, []
-    for fn, constexprs, launch in with_dependent_launch(compile_cases(), arch):
+    for fn, constexprs in compile_cases():
         # (float32 not for packed and grouped planes, whose tiles hold the same bytes as bf16's and differ
         # from plain planes in tiling only: 53 compiles of CI's time; a GPU session compiles them natively)
         for dtype in dtypes if constexprs.get("PLANES", 0) <= 1 else dtypes[:1]:
             src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
-            options = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": K.FP_FUSION, **launch}
+            options = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": K.FP_FUSION}
             try:
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                 assert "cubin" in compiled.asm

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="NAME=VALUE",
-        help="--gpu: set a Triton kernel knob for the run (repeatable; e.g. PDL=True, TILE_BYTES=16384; "
+        help="--gpu: set a Triton kernel knob for the run (repeatable; e.g. TILE=8192, TILE_BYTES=16384; "
         "see bnlab.kernels.batchnorm); recorded in the CSV",
     )
     p.add_argument(

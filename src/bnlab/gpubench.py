@@ -543,7 +543,7 @@ def parse_knobs(texts: Sequence[str]) -> tuple[tuple[str, object], ...]:
         name, sep, value_text = text.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ValueError(f"knob {text!r}: expected NAME=VALUE, e.g. PDL=True")
+            raise ValueError(f"knob {text!r}: expected NAME=VALUE, e.g. TILE=8192")
         if not name.isupper() or not hasattr(module, name):
             known = ", ".join(sorted(n for n in vars(module) if n.isupper() and not n.startswith("_")))
             raise ValueError(f"knob {name!r}: not a knob of bnlab.kernels.batchnorm (knobs: {known})")

@@ -473,15 +473,6 @@ def _grad_stages(plan: Plan) -> int:
     return (GRAD_STAGES_LONG if plan.per_split >= LONG_LOOP_TILES else GRAD_STAGES)[plan.layout]
 
 
-# Programmatic dependent launch (sm_90+; `device._after_previous_kernel`): the split and single-tile
-# kernels launched so that each may start while the kernel before it on the stream ends. On an H200 (run 6,
-# bf16 NCHW, forward+backward) the bench's graph-replayed step took 8.5-13 us more than the profiled sum of
-# its 4 kernels on every layer shape (256x512x7x7: 56.9 against 44.1 us; 256x256x56x56: 852 against 841):
-# launches and ramp-ups between dependent kernels, the counters' zeroing in a captured graph, and the L2
-# flush's write-backs, in unknown shares. Untimed: off; profile_kernels.py's sets time it on graph replays.
-PDL = False
-
-
 # Launches on a GPU without Triton's per-call dispatch once a kernel's specialization has been launched
 # (`bnlab.kernels.launch`): host time only, the kernels are the same. `python benchmarks/launch_overhead.py`
 # (no GPU: stand-ins for the driver and the compiled kernel; development VM, session 18, Triton 3.6, the
@@ -496,13 +487,6 @@ def _run(kernel, grid: tuple[int, ...], args: tuple, options: dict, device: torc
         _direct_launch(kernel, grid, args, options, device)
     else:
         kernel[grid](*args, **options)
-
-
-def _launch_options(device: torch.device) -> dict[str, bool]:
-    """The kernels' PDL constexpr with Triton's matching launch option: on only where PDL is and the
-    device is a CUDA GPU of compute capability 9 or more (the CPU interpreter has no such launch)."""
-    on = PDL and device.type == "cuda" and _gpu(device)[2] >= 9
-    return {"PDL": on, "launch_pdl": on}
 
 
 def _capturing(device: torch.device) -> bool:
@@ -639,8 +623,6 @@ def describe_plans(x: torch.Tensor) -> str:
         elif plan.apply is not None:
             how += f" ({elementwise} in {_tiling(plan.apply)})"
         parts.append(f"{direction} {how}")
-    if _launch_options(x.device)["PDL"]:
-        parts.append("dependent launches (PDL)")
     return "; ".join(parts)
 
 
@@ -827,9 +809,9 @@ class GraphCounters:
     launches on this one) that are zero when the graph's first replay starts; the kernels leave them at
     zero after each replay. `torch.zeros` during the capture would put a fill kernel before every
     reduction in the graph: a node between two dependent kernels (session 8 measured 8.5-13 us a step
-    outside the kernels; two fills a step are part of it), and a break in a chain of PDL launches. So
-    eager calls set a reserve aside (`top_up`: zeroed, then the stream synchronized once, so that a
-    capture on any stream finds it zero) and each captured reduction takes its own slice of it (`take`).
+    outside the kernels; two fills a step are part of it). So eager calls set a reserve aside (`top_up`:
+    zeroed, then the stream synchronized once, so that a capture on any stream finds it zero) and each
+    captured reduction takes its own slice of it (`take`).
     A graph keeps the addresses it was captured with, so a slice taken is never given out again:
     `limit` counters a GPU in all, then captures zero their own, as before. A reduction takes a few
     hundred (32 at least); a slab (131072, 512 KB) holds a whole ResNet-50 training step's 106 (19 thousand
@@ -977,13 +959,12 @@ def forward(
             _single_tile_forward_kernel, (C,),
             (x, z, y, mean, invstd, *running, *updated, *params, plan.N, C, plan.S, eps, momentum),
             dict(BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, HAS_RUNNING=has_running, num_warps=plan.num_warps,
-                 enable_fp_fusion=FP_FUSION, **_launch_options(x.device), **epilogue),
+                 enable_fp_fusion=FP_FUSION, **epilogue),
             x.device,
         )  # fmt: skip
         if guarded:
             guard_update(running, updated, guard, num_batches_tracked)
         return y, mean, invstd
-    launch = _launch_options(x.device)
     if training:
         partials = _partials(plan, x.device, 3)  # (one wave cuts slices: never more rows than these)
     elif save_stats:
@@ -1000,8 +981,7 @@ def forward(
             _stats_kernel, plan, x.device,
             lambda p: (x, *partials, mean, invstd, *running, *updated, *_shape_args(p), eps, momentum),
             lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                           LATE=_late(p, itemsize), **_stats_loop(p, itemsize), **_block_args(p, reduction=True),
-                           **launch),
+                           LATE=_late(p, itemsize), **_stats_loop(p, itemsize), **_block_args(p, reduction=True)),
         )  # fmt: skip
         late = _late_rows(reduced, itemsize)
     combined = (*partials[:3], *running, *updated) if late else (dummy,) * 7
@@ -1010,7 +990,7 @@ def forward(
         lambda p: (x, z, y, *stats, *params, *combined, *_shape_args(p), eps, momentum, *(late or (0, 0))),
         lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late),
                        HAS_RUNNING=has_running and late is not None, EVICT=SECOND_READ_EVICTION, **epilogue,
-                       **_block_args(p), **launch),
+                       **_block_args(p)),
     )  # fmt: skip
     if guarded:
         guard_update(running, updated, guard, num_batches_tracked)
@@ -1080,7 +1060,6 @@ def backward(
     # One kernel does it all (single tile) when training needs any gradient; the split plan needs the sums
     # for the parameters, or (training) for dx.
     fused = training and plan.single and (need_input or need_params or need_residual)
-    launch = _launch_options(x.device)
     dweight = dbias = None
     coef = dummy
     if fused or need_params or (training and need_input):
@@ -1093,7 +1072,7 @@ def backward(
             _single_tile_backward_kernel, (C,),
             (dy, x, tensors[1], *outputs, *tensors[2:], dweight, dbias, plan.N, C, plan.S),
             dict(BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, num_warps=plan.num_warps, enable_fp_fusion=FP_FUSION,
-                 **launch, **writes, **flags),
+                 **writes, **flags),
             x.device,
         )  # fmt: skip
     else:
@@ -1121,8 +1100,8 @@ def backward(
                 _grad_kernel, plan, x.device,
                 lambda p: (*sums_args, *_shape_args(p)),
                 lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
-                               LATE=late_ok and _late(p, itemsize), **sums_options, **_block_args(p, reduction=True),
-                               **launch),
+                               LATE=late_ok and _late(p, itemsize), **sums_options,
+                               **_block_args(p, reduction=True)),
             )  # fmt: skip
             late = _late_rows(reduced, itemsize) if late_ok else None
         if elementwise:
@@ -1132,6 +1111,6 @@ def backward(
                 lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *combined, *_shape_args(p),
                            *(late or (0, 0))),
                 lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late), **writes,
-                               EVICT=SECOND_READ_EVICTION, **flags, **_block_args(p), **launch),
+                               EVICT=SECOND_READ_EVICTION, **flags, **_block_args(p)),
             )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz

@@ -69,19 +69,6 @@ from bnlab import kernels as _package
 
 
 @triton.jit
-def _after_previous_kernel(PDL: tl.constexpr):
-    """First statement of every kernel. With programmatic dependent launch (PDL, sm_90+;
-    the planner's `PDL` knob) the kernel may start while the previous kernel on its stream still runs:
-    wait for that one to end, its writes visible, before touching memory; then let the next kernel
-    launch, whose programs take the free slots and wait here in turn. What it saves is the launch and
-    ramp-up between dependent kernels. The signal fires once every program of this grid has started,
-    so waiting programs of the next kernel never keep this one's from being scheduled."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Merge two (count, mean, M2) summaries (Chan, Golub & LeVeque): exact up to rounding, no cancellation."""
     n = n_a + n_b
@@ -722,10 +709,9 @@ def _stats_kernel(
     x_ptr, pn_ptr, pmean_ptr, pm2_ptr, sem_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out,
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr,
     GATHER_SUMS: tl.constexpr, LATE: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
-    _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
@@ -752,12 +738,11 @@ def _apply_kernel(
     rmean_out, rvar_out, N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum, first_row, rows,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    STAGES: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
+    STAGES: tl.constexpr, LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
     HAS_RUNNING: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """LATE: the statistics are combined here from their partials (`_late_stats`; mean_ptr and invstd_ptr
     are then outputs); otherwise read (saved, or running ones: FROM_RUNNING). EVICT: see `_normalize`."""
-    _after_previous_kernel(PDL)
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
@@ -780,10 +765,9 @@ def _grad_kernel(
     db_ptr, coef_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
     GATHER_SUMS: tl.constexpr, LATE: tl.constexpr,
 ):  # fmt: skip
-    _after_previous_kernel(PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
@@ -813,13 +797,12 @@ def _input_grad_kernel(
     dw_ptr, db_ptr, N, C, S, S_BLOCKS, TILES, tiles_per_split, first_row, rows,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
     LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """LATE (training): dx's coefficients combined here from the gradient sums' partials
     (`_late_coefficients`, which also stores dweight and dbias); otherwise read from coef_ptr. EVICT: see
     `_normalize`."""
-    _after_previous_kernel(PDL)
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
     cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
@@ -853,9 +836,8 @@ def _single_tile_forward_kernel(
     x_ptr, z_ptr, y_ptr, mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out, w_ptr, b_ptr,
     N, C, S, eps, momentum,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
-    _after_previous_kernel(PDL)
     c = tl.program_id(0)
     cols = c + tl.arange(0, 1)
     cmask = cols < C
@@ -889,9 +871,7 @@ def _single_tile_backward_kernel(
     N, C, S,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
-    PDL: tl.constexpr,
 ):  # fmt: skip
-    _after_previous_kernel(PDL)
     c = tl.program_id(0)
     cols = c + tl.arange(0, 1)
     cmask = cols < C
