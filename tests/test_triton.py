@@ -686,7 +686,7 @@ def test_a_launch_over_more_than_one_wave_runs_fewer_slices(monkeypatch):
     kernel = _Recorder()
     plan = K.plan_for(K.PLANES, 256, 256, 196, target_programs=264)
     monkeypatch.setattr(K, "_one_wave_on", lambda device: True)
-    monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 9, 2048, 233472))
+    monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 2048, 233472))
     monkeypatch.setattr(K, "_resident", lambda kernel, args, options, device: 66)  # 132 programs at once
     monkeypatch.setattr(K, "_FITTED", {})
     K._launch(kernel, plan, torch.device("cpu"), lambda p: (p.per_split,), lambda p: {"SPLITS": p.splits})
@@ -705,7 +705,7 @@ def test_a_kernel_without_occupancy_attributes_is_launched_uncut_with_a_warning(
         def __getitem__(self, grid):
             return lambda *args, **options: object()
 
-    monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 9, 2048, 233472))
+    monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 2048, 233472))
     monkeypatch.setattr(K, "_RESIDENT", {})
     with pytest.warns(RuntimeWarning, match="no occupancy for bare"):
         assert K._resident(Bare(), (torch.empty(1),), {}, torch.device("cpu")) == 32  # every slot
@@ -723,7 +723,7 @@ def test_plans_cut_to_one_wave_match_the_reference(monkeypatch, with_residual):
         K, "_target_programs", lambda device, layout, elementwise=False, small=False: 24 if elementwise else 16
     )
     monkeypatch.setattr(K, "_one_wave_on", lambda device: True)
-    monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 9, 2048, 233472))
+    monkeypatch.setattr(K, "_gpu", lambda device: (2, 50 * 2**20, 2048, 233472))
     monkeypatch.setattr(K, "_resident", lambda kernel, args, options, device: 2)
     monkeypatch.setattr(K, "_FITTED", {})
     shape = (12, 2, 4, 8)
@@ -740,7 +740,7 @@ def test_reductions_over_tensors_within_l2_take_their_own_programs_per_sm(monkey
     for that many programs a multiprocessor, a larger one for PROGRAMS_PER_SM; the elementwise passes keep
     theirs; never in the interpreter (no L2)."""
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 9, 2048, 233472))
+    monkeypatch.setattr(K, "_gpu", lambda device: (132, 50 * 2**20, 2048, 233472))
     monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 4, K.ROWS: 8})
     assert K._small(cuda, 256 * 512 * 196 * 2) and not K._small(cuda, 256 * 1024 * 196 * 2)  # 51.4, 102.8 MB
     assert not K._small(torch.device("cpu"), 1)

@@ -258,12 +258,11 @@ def _target_programs(device: torch.device, layout: str, elementwise: bool = Fals
 
 
 @functools.cache
-def _gpu_properties(index: int) -> tuple[int, int, int, int, int]:
+def _gpu_properties(index: int) -> tuple[int, int, int, int]:
     properties = torch.cuda.get_device_properties(index)
     return (
         properties.multi_processor_count,
         getattr(properties, "L2_cache_size", 40 * 2**20),
-        properties.major,
         getattr(properties, "max_threads_per_multi_processor", 2048),
         getattr(properties, "shared_memory_per_multiprocessor", 233472),
     )
@@ -274,9 +273,9 @@ def _gpu_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _gpu(device: torch.device) -> tuple[int, int, int, int, int]:
-    """(multiprocessors, L2 bytes, compute capability's major, threads and shared memory bytes a
-    multiprocessor holds), asked once per GPU (planning runs on every call)."""
+def _gpu(device: torch.device) -> tuple[int, int, int, int]:
+    """(multiprocessors, L2 bytes, threads and shared memory bytes a multiprocessor holds), asked once per
+    GPU (planning runs on every call)."""
     return _gpu_properties(_gpu_index(device))
 
 
@@ -723,7 +722,7 @@ def _resident(kernel, args: tuple, options: dict, device: torch.device) -> int:
     resident = _RESIDENT.get(key)
     if resident is None:
         compiled = kernel[(0, 0)](*args, **options)
-        _, _, _, threads, shared = _gpu(device)
+        _, _, threads, shared = _gpu(device)
         try:  # (Triton's compiled-kernel attributes, not a documented API: a Triton without them cuts nothing)
             registers, shared_bytes, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
         except AttributeError as exc:
