@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import bnlab.nn
 from bnlab import functional as BF
 from bnlab import kernels
+from bnlab.gpubench import knobs_set
 
 
 def per_call_us(fn: Callable[[], object], calls: int, device: str) -> float:
@@ -157,8 +158,8 @@ def main() -> int:
         ("bnlab: forward + backward", lambda: torch.autograd.grad(bnlab_forward(), wrt, dy)),
         ("eager: forward", eager_forward),
         ("eager: forward + backward", lambda: torch.autograd.grad(eager_forward(), wrt, dy)),
-        # The layer's default policy, nonfinite="skip": the statistics checked and the update kept or
-        # undone on the device, the verdict copied back without a wait (~25 torch ops a call, against 3).
+        # The layer's default policy, nonfinite="skip": the update written to scratch and committed by the
+        # guard kernel if finite, its verdict written into pinned host memory (`bnlab.late_reports`).
         (
             "bnlab layer, nonfinite='skip': forward + backward",
             _layer_step(bnlab.nn.BatchNorm2d(C, backend="triton"), x, dy),
@@ -171,12 +172,9 @@ def main() -> int:
         print(f"  {timed(fn):8.1f}  {label}", flush=True)
     # The same with DIRECT_LAUNCH (bnlab.kernels.launch: a specialization's later launches call the compiled
     # kernel's launcher, without Triton's dispatch); its first launches, through Triton, in the warm-up.
-    K.DIRECT_LAUNCH = True
-    try:
+    with knobs_set(K, {"DIRECT_LAUNCH": True}):
         for label, fn in [*rows[:2], rows[4], rows[7]]:
             print(f"  {timed(fn):8.1f}  {label}, direct launches", flush=True)
-    finally:
-        K.DIRECT_LAUNCH = False
     empty = (0,) * len(grid)
     us = timed(lambda: kernel[empty](*launch_args, **launch_options))
     print(f"  {us:8.1f}  Triton: one launch of {kernel.fn.__name__} over an empty grid", flush=True)

@@ -144,8 +144,6 @@ SETS = {
         ),
     ),
 }  # fmt: skip
-# Knobs that act only through the plan, the gradient sums' depth and the reductions' constexprs: a setting
-# of these alone that leaves them as they are would time the same kernels again.
 # The knobs each profiled shape's line prints (every knob a set changes: profile_sums.py tells the settings
 # apart by them).
 PRINTED_KNOBS = (
@@ -175,6 +173,8 @@ PRINTED_KNOBS = (
     "STATS_PREFETCH_FLOAT32",
     "SECOND_READ_EVICTION",
 )
+# Knobs that act only through the plan, the gradient sums' depth and the reductions' constexprs: a setting
+# of these alone that leaves them as they are would time the same kernels again.
 PLAN_KNOBS = {
     "PLANES_MIN_RUN",
     "PLANES_MAX_RUN",

@@ -18,6 +18,7 @@ import argparse
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from bnlab.gpubench import BNLAB, COMPILE, GpuRow, read_rows
 
@@ -25,10 +26,21 @@ TWO_READS = 5 / 8  # minimal traffic over a split plan's traffic
 PER_LAYER_BAR = 0.55  # issue 6: each layer's forward+backward at this fraction of the device copy, at least
 
 
-def gaps(rows: Iterable[GpuRow], dtype: str = "bfloat16", batch: int = 256) -> dict[str, list[tuple]]:
-    """Per layout, (shape, layers, bnlab us, ideal us, compile us, bnlab's fraction of copy or None) for the
-    resnet50 rows of `dtype`, forward+backward, at `batch` (pure, on the bench's rows as `read_rows` gives
-    them)."""
+class Gap(NamedTuple):
+    """One layer shape: its count in the network, bnlab's time, the two-read ideal's, torch.compile's (NaN
+    without a row) and bnlab's fraction of the device copy (None where the CSV has none)."""
+
+    shape: str
+    layers: int
+    ours_us: float
+    ideal_us: float
+    compile_us: float
+    frac: float | None
+
+
+def gaps(rows: Iterable[GpuRow], dtype: str = "bfloat16", batch: int = 256) -> dict[str, list[Gap]]:
+    """Per layout, a `Gap` for each layer shape of the resnet50 rows of `dtype`, forward+backward, at `batch`
+    (pure, on the bench's rows as `read_rows` gives them)."""
     found: dict[tuple[str, str], dict[str, GpuRow]] = defaultdict(dict)
     for row in rows:
         if (row.case, row.direction, row.dtype) != ("resnet50", "both", dtype):
@@ -36,18 +48,18 @@ def gaps(rows: Iterable[GpuRow], dtype: str = "bfloat16", batch: int = 256) -> d
         if not row.shape.startswith(f"{batch}x") or row.error or not row.median_us:
             continue
         found[row.layout, row.shape][row.provider] = row
-    out: dict[str, list[tuple]] = defaultdict(list)
+    out: dict[str, list[Gap]] = defaultdict(list)
     for (layout, shape), by in found.items():
         ours, compiled = by.get(BNLAB), by.get(COMPILE)
         if ours is None or not ours.size_copy_us:
             continue
         compile_us = compiled.median_us if compiled else float("nan")
         ideal = ours.size_copy_us / TWO_READS
-        out[layout].append((shape, ours.layers, ours.median_us, ideal, compile_us, ours.frac_of_copy))
+        out[layout].append(Gap(shape, ours.layers, ours.median_us, ideal, compile_us, ours.frac_of_copy))
     return dict(out)
 
 
-def report(table: dict[str, list[tuple]]) -> str:
+def report(table: dict[str, list[Gap]]) -> str:
     lines, below = [], []
     for layout, entries in table.items():
         lines.append(
@@ -66,15 +78,15 @@ def report(table: dict[str, list[tuple]]) -> str:
                 f"  {shape:16s} x{n:<3d} {ours:8.1f} {ideal:8.1f}  {ideal / ours:4.2f}"
                 f"  {n * (ours - ideal) / 1e3:5.2f}{fracs}"
             )
-        ours_ms = sum(e[1] * e[2] for e in entries) / 1e3
-        ideal_ms = sum(e[1] * e[3] for e in entries) / 1e3
-        compile_ms = sum(e[1] * e[4] for e in entries) / 1e3
+        ours_ms = sum(e.layers * e.ours_us for e in entries) / 1e3
+        ideal_ms = sum(e.layers * e.ideal_us for e in entries) / 1e3
+        compile_ms = sum(e.layers * e.compile_us for e in entries) / 1e3
         lines.append(
             f"  sum: bnlab {ours_ms:.2f} ms, two-read ideal {ideal_ms:.2f} (compile / ideal"
             f" {compile_ms / ideal_ms:.2f}x), torch.compile {compile_ms:.2f};"
             f" 1.2x compile needs {compile_ms / 1.2:.2f} ms"
         )
-    counted = sum(e[5] is not None for entries in table.values() for e in entries)
+    counted = sum(e.frac is not None for entries in table.values() for e in entries)
     lines.append(
         f"below {PER_LAYER_BAR} of copy even at the two-read ideal: {len(below)} of {counted} layer shapes"
         + (f": {', '.join(below)}" if below else "")
