@@ -1217,6 +1217,60 @@ def test_batch_renorm_and_ghost_renorm_run_on_the_kernels(ghost):
         _close(ours, ref, torch.float32, name)
 
 
+@pytest.mark.parametrize("tiling", ["default", "many-slices", "packed"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, layout", [((5, 16, 3), "contiguous"), ((21, 3, 7), "contiguous"),
+                                           ((3, 4, 5, 6), "channels_last"), ((7, 5), "contiguous")])  # fmt: skip
+def test_batch_statistics_come_from_one_statistics_pass(monkeypatch, tiling, dtype, shape, layout):
+    """`statistics` (batch renorm's r and d on the triton backend): the batch mean and 1/sqrt(var + eps)
+    of the values as given, from the statistics kernel alone, finalized in it (LATE_COMBINE is on for
+    2-byte planes: a combine left to a normalize pass that never runs would leave them unwritten), also
+    where a training forward would take the single-tile plan (which has no statistics pass of its own)."""
+    x = make_input(shape, layout, seed=7, offset=3.0).to(DEVICE, dtype)
+    launched = []
+    launch = K._launch
+
+    def recorded(kernel, *args, **kw):
+        launched.append(kernel)
+        return launch(kernel, *args, **kw)
+
+    monkeypatch.setattr(K, "_launch", recorded)
+    mean, invstd = K.statistics(x, 1e-3)
+    assert launched == [K._stats_kernel]
+    values = x.double().movedim(1, 0).reshape(shape[1], -1)
+    var, want_mean = torch.var_mean(values, dim=1, correction=0)
+    assert mean.dtype == invstd.dtype == torch.float32
+    _close(mean, want_mean, torch.float32, "mean")
+    _close(invstd, (var + 1e-3).rsqrt(), torch.float32, "invstd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_renorm_on_the_kernels_reads_its_batch_statistics_with_the_statistics_kernel(monkeypatch, dtype):
+    """On the triton backend batch renorm's r and d take the batch statistics from the statistics kernel
+    (one read of the input in its dtype), not from torch's var_mean over a float32 copy; the result is the
+    reference backend's on the same (rounded) values, running statistics included."""
+    x = make_input((16, 4, 3, 3), seed=11, offset=1.0).to(DEVICE, dtype)
+    dy = make_input((16, 4, 3, 3), seed=12, offset=0.0).to(DEVICE, dtype)
+    results = {}
+    for backend in ("triton", "reference"):
+        with monkeypatch.context() as patched:
+            if backend == "triton":
+                patched.setattr(torch, "var_mean", _refused)
+            mean = torch.tensor([0.3, 0.2, 0.1, 2.0], device=DEVICE)
+            var = torch.tensor([2.0, 1.5, 9.0, 0.5], device=DEVICE)
+            xl = (x if backend == "triton" else x.float()).clone().requires_grad_(True)
+            w = torch.tensor([0.5, 1.0, 2.0, -1.0], device=DEVICE, requires_grad=True)
+            b = torch.tensor([0.1, -0.2, 0.3, 0.0], device=DEVICE, requires_grad=True)
+            y = BF.batch_renorm(xl, mean, var, w, b, True, 0.1, 1e-5, rmax=1.5, dmax=0.5, backend=backend)
+            results[backend] = (y, *torch.autograd.grad(y, (xl, w, b), dy.to(y.dtype)), mean, var)
+    for name, ours, ref in zip(("y", "dx", "dw", "db", "mean", "var"), *results.values(), strict=True):
+        _close(ours, ref, dtype if name in ("y", "dx") else torch.float32, name)
+
+
+def _refused(*args, **kwargs):
+    raise AssertionError("torch.var_mean called: the triton backend has its own batch statistics")
+
+
 def test_float32_statistics_take_their_own_pipeline_depth(monkeypatch):
     """STATS_STAGES_FLOAT32 for 4-byte values, STATS_STAGES for 16-bit ones (session 13: channels-last
     statistics 2 deep won in float32 and lost in bf16 on an H200)."""

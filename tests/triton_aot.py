@@ -77,6 +77,9 @@ def compile_cases():
                          "GATHER_SUMS": blocks["PLANES"] >= 3}  # fmt: skip
                 yield K._stats_kernel, {**knobs, "STAGES": stages, "LATE": True, "PREFETCH": False}
                 yield K._stats_kernel, {**knobs, "STAGES": 1, "LATE": False, "PREFETCH": True}
+            if split and blocks["PLANES"] == 3:  # (batch statistics alone, `statistics`: batch renorm's r, d)
+                yield K._stats_kernel, {**blocks, **split_block, "SPLIT": True, "HAS_RUNNING": False, "STAGES": stages,
+                                        "GATHER_SUMS": True, "LATE": False, "PREFETCH": False}  # fmt: skip
         # The planes variants (packed, grouped) differ in tiling, not in the epilogue: two epilogues cover
         # them.
         ends = (epilogues[0], epilogues[-1])

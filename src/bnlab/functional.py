@@ -417,7 +417,7 @@ def batch_renorm(
         # No running statistics to correct towards, or nothing to correct: plain batch norm (which also
         # owns the tiny-batch and empty-batch policies, and the errors for mismatched shapes).
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, **common)
-    eff_weight, eff_bias = _renorm_affine(input, running_mean, running_var, weight, bias, eps, rmax, dmax)
+    eff_weight, eff_bias = _renorm_affine(input, running_mean, running_var, weight, bias, eps, rmax, dmax, backend)
     return batch_norm(input, running_mean, running_var, eff_weight, eff_bias, True, momentum, eps, **common)
 
 
@@ -439,20 +439,29 @@ def _renorm_affine(
     eps: float,
     rmax: float | torch.Tensor,
     dmax: float | torch.Tensor,
+    backend: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch renorm's effective (weight * r, weight * d + bias), r and d held constant for the gradient.
 
     `input` may hold more channels than the running statistics (k ghost batches side by side, k*C
-    channels): each block of C channels is compared with the same running statistics.
+    channels): each block of C channels is compared with the same running statistics. The batch
+    statistics come from `backend`'s own reduction where it has one (the triton backend's statistics
+    kernel: one read of the input in its dtype), else from torch's var_mean over a float32 (float64) copy.
     """
     channels = running_mean.numel()
     repeat = input.shape[1] // channels
     with torch.no_grad():
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        dims = [0, *range(2, input.dim())]
-        batch_var, batch_mean = torch.var_mean(input.to(acc), dim=dims, correction=0)
+        statistics = backends.batch_statistics(backends.resolve(backend, input))(input, eps)
+        if statistics is None:
+            dims = [0, *range(2, input.dim())]
+            batch_var, batch_mean = torch.var_mean(input.to(acc), dim=dims, correction=0)
+            batch_sigma = torch.sqrt(batch_var + eps)
+        else:  # (float32: the kernels refuse float64)
+            batch_mean, invstd = statistics
+            batch_sigma = invstd.reciprocal()
         sigma = torch.sqrt(running_var.to(acc) + eps).repeat(repeat)
-        r = (torch.sqrt(batch_var + eps) / sigma).clamp(1.0 / rmax, rmax)
+        r = (batch_sigma / sigma).clamp(1.0 / rmax, rmax)
         d = ((batch_mean - running_mean.to(acc).repeat(repeat)) / sigma).clamp(-dmax, dmax)
     param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
     r, d = r.to(param_dtype), d.to(param_dtype)
@@ -537,7 +546,7 @@ def ghost_batch_norm(
     track = running_mean is not None and running_var is not None
     if renorm and track:
         wide_weight, wide_bias = _renorm_affine(
-            side_by_side, running_mean, running_var, wide_weight, wide_bias, eps, rmax, dmax
+            side_by_side, running_mean, running_var, wide_weight, wide_bias, eps, rmax, dmax, backend
         )
     if track:
         # momentum 1 makes the kernel write each ghost's mean and unbiased variance into these buffers.

@@ -26,6 +26,7 @@ from bnlab.backends import native, reference, triton_backend
 __all__ = [
     "AUTO",
     "available_backends",
+    "batch_statistics",
     "fuses_epilogue",
     "get_backend",
     "guards_update",
@@ -112,6 +113,17 @@ def guards_update(fn: BatchNormFn) -> bool:
     ``guard=`` (an int32 tensor whose first element gets the verdict word, `bnlab.kernels`' VERDICT_* bits)
     and ``num_batches_tracked=``."""
     return getattr(fn, "guards_update", False)
+
+
+def batch_statistics(fn: BatchNormFn) -> Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor] | None]:
+    """A backend's own way to compute a training batch's (mean, invstd) per channel (float32, no gradient),
+    as ``statistics(input, eps)``, which may return None for an input it leaves to torch ops; a function
+    that always returns None for backends without one."""
+    return getattr(fn, "batch_statistics", _no_statistics)
+
+
+def _no_statistics(input: torch.Tensor, eps: float) -> None:
+    return None
 
 
 def resolve(name: str | None, input: torch.Tensor) -> BatchNormFn:

@@ -243,5 +243,19 @@ def batch_norm(
     return _FusedBatchNorm.apply(input, weight, bias, residual, rest)
 
 
+def batch_statistics(input: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, invstd) of a training batch per channel, float32, from one read of `input` by the statistics
+    kernel (no gradient; for batch renorm's r and d: `bnlab.functional`); None where the caller should use
+    torch ops instead: under torch.compile (the launcher is not traced: inductor fuses torch's reduction)
+    and for strides that would need a copy first (torch's var_mean reads them as they are)."""
+    layout = kl.layout_of(input)
+    if layout is None or torch.compiler.is_compiling() or input.numel() == 0:
+        return None
+    _check(input)
+    with torch.no_grad():
+        return kernels.load().statistics(input.detach(), eps, layout)
+
+
 batch_norm.fuses_epilogue = True  # type: ignore[attr-defined]
 batch_norm.guards_update = True  # type: ignore[attr-defined]
+batch_norm.batch_statistics = batch_statistics  # type: ignore[attr-defined]

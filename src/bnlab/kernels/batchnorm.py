@@ -536,12 +536,12 @@ def _late_options(apply: Plan, late: tuple[int, int] | None) -> dict[str, int | 
     return {"LATE": late is not None, "COMBINE_BLOCK": _combine_block(apply, late[1]) if late else 1}
 
 
-def make_plan(x: torch.Tensor, layout: str) -> Plan:
-    """The plan for `x` laid out as `layout`."""
+def make_plan(x: torch.Tensor, layout: str, **overrides: int) -> Plan:
+    """The plan for `x` laid out as `layout` (`overrides`: as `planned`'s)."""
     itemsize = x.element_size()
     small = _small(x.device, x.numel() * itemsize)
     target = _target_programs(x.device, layout, small=small)
-    return planned(layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), itemsize, target, small)
+    return planned(layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), itemsize, target, small, **overrides)
 
 
 def planned(
@@ -976,12 +976,8 @@ def forward(
 
     late = None  # (first row, rows) of the partials that normalize combines (LATE_COMBINE)
     if training:
-        reduced = _launch(
-            _stats_kernel, plan, x.device,
-            lambda p: (x, *partials, mean, invstd, *running, *updated, *_shape_args(p), eps, momentum),
-            lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
-                           LATE=_late(p, itemsize), **_stats_loop(p, itemsize), **_block_args(p, reduction=True)),
-        )  # fmt: skip
+        update = (running, updated) if has_running else None
+        reduced = _launch_statistics(x, plan, partials, (mean, invstd), update, eps, momentum, late_ok=True)
         late = _late_rows(reduced, itemsize)
     combined = (*partials[:3], *running, *updated) if late else (dummy,) * 7
     _launch(
@@ -994,6 +990,42 @@ def forward(
     if guarded:
         guard_update(running, updated, guard, num_batches_tracked)
     return (y, None, None) if from_running else (y, mean, invstd)
+
+
+def _launch_statistics(
+    x: torch.Tensor, plan: Plan, partials: list[torch.Tensor], stats: tuple[torch.Tensor, torch.Tensor],
+    update: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None, eps: float,
+    momentum: float, late_ok: bool,
+) -> Plan:  # fmt: skip
+    """The statistics pass of a split plan: `stats` (mean, invstd) of `x`, and with `update` = (running,
+    updated) the running statistics updated from `running` into `updated` (the same tensors, or scratch for
+    the guard); with `late_ok` the last combine may be left to the normalize pass (LATE_COMBINE), else the
+    pass finalizes itself. Returns the plan it was launched over (one wave may cut its slices)."""
+    itemsize = x.element_size()
+    running, updated = update if update is not None else ((stats[0],) * 2,) * 2  # (unread without one)
+    return _launch(
+        _stats_kernel, plan, x.device,
+        lambda p: (x, *partials, *stats, *running, *updated, *_shape_args(p), eps, momentum),
+        lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=update is not None,
+                       LATE=late_ok and _late(p, itemsize), **_stats_loop(p, itemsize),
+                       **_block_args(p, reduction=True)),
+    )  # fmt: skip
+
+
+@_on_input_device
+def statistics(x: torch.Tensor, eps: float, layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, invstd) of `x` per channel, float32: the batch statistics a training forward would normalize
+    with, from one read of `x` by the statistics kernel (a split plan, whatever `make_plan` would pick;
+    no running statistics). For batch renorm, whose r and d need them before its normalizing call: one
+    read of `x` in its own dtype instead of a float32 copy of it and torch's var_mean over that. `x` in a
+    kernel layout (`layout`, when given, is `layout_of(x)`)."""
+    layout = layout or layout_of(x)
+    plan = make_plan(x, layout, single_tile_max=0)
+    mean = torch.empty(plan.C, device=x.device, dtype=torch.float32)
+    invstd = torch.empty(plan.C, device=x.device, dtype=torch.float32)
+    partials = _partials(plan, x.device, 3)
+    _launch_statistics(x, plan, partials, (mean, invstd), None, eps, 0.0, late_ok=False)
+    return mean, invstd
 
 
 GUARD_BLOCK = 1024  # channels a step of the guard's one program
