@@ -255,6 +255,31 @@ def test_ghost_refuses_uneven_batches_and_bad_sizes():
     assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
 
 
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [((12, 3, 2, 3), "channels_last"), ((8, 2, 3, 2, 2), "channels_last"), ((12, 5, 4), "channels_innermost"),
+     ((12, 3, 2, 3), "contiguous"), ((12, 3), "contiguous")],
+)  # fmt: skip
+def test_ghosts_lie_side_by_side_in_the_inputs_own_layout_and_come_back_in_it(shape, layout):
+    """Ghost j's channel c is channel j*C + c of the side-by-side tensor, whose channels stay innermost
+    where the input's are (one copy each way, none to restore channels-last afterwards: the normalizing
+    call reads it in place); laid back, a result has the input's values and strides."""
+    if layout == "channels_innermost":  # (N, C, L) with C contiguous: BatchNorm1d after a transpose
+        x = torch.randn(shape[0], shape[2], shape[1]).transpose(1, 2)
+    else:
+        x = make_input(shape, layout)
+    k, (n, channels) = 4, shape[:2]
+    wide, laid_back = BF._ghosts_side_by_side(x, k)
+    assert wide.shape == (n // k, k * channels, *shape[2:])
+    for j in range(k):
+        torch.testing.assert_close(wide[:, j * channels : (j + 1) * channels], x[j * (n // k) : (j + 1) * (n // k)])
+    innermost = not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+    assert wide.movedim(1, -1).is_contiguous() == innermost or x.dim() == 2
+    back = laid_back(wide * 2.0)
+    torch.testing.assert_close(back, x * 2.0)
+    assert back.stride() == x.stride()
+
+
 def test_ghost_nonfinite_statistics_leave_running_statistics_alone():
     layer = bnlab.nn.GhostBatchNorm1d(3, ghost_batch_size=4)
     layer(make_input((8, 3)))

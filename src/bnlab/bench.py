@@ -6,7 +6,8 @@ Three kinds of case, each timed for every provider (torch, and bnlab with each b
 - ``mlp-step``: a full SGD training step of Ioffe & Szegedy's Figure-1 network (3 hidden layers of 100
   sigmoid units, BN on each, batch 60), the number that tells a user what bnlab costs in practice;
 - ``ghost``: forward + backward of ghost batch norm (ghosts of `g` examples): bnlab's vectorized
-  GhostBatchNorm2d against the usual loop of nn.BatchNorm2d over chunks (the "torch" row).
+  GhostBatchNorm2d against the usual loop of nn.BatchNorm2d over chunks (the "torch" row);
+  ``ghost-cl`` the same on a channels-last input (the ghosts laid side by side without leaving it).
 
 Providers are timed in interleaved rounds (each round runs every provider once, in turn), so slow drift of
 a shared machine hits all of them alike; a ratio is the median over rounds of the per-round ratio to torch.
@@ -87,11 +88,12 @@ def _layer_fn(provider: str, shape: Sequence[int], dtype: torch.dtype, kind: str
     return backward
 
 
-def _ghost_fn(provider: str, shape: Sequence[int], ghost: int) -> Callable[[], object]:
+def _ghost_fn(provider: str, shape: Sequence[int], ghost: int, channels_last: bool = False) -> Callable[[], object]:
     """Forward + backward of ghost BN; torch's "provider" is the usual chunk loop over nn.BatchNorm2d."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=gen, requires_grad=True)
-    dy = torch.randn(*shape, generator=gen)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(*shape, generator=gen).contiguous(memory_format=layout).requires_grad_(True)
+    dy = torch.randn(*shape, generator=gen).contiguous(memory_format=layout)
     if provider == TORCH:
         bn = nn.BatchNorm2d(shape[1])
 
@@ -191,6 +193,7 @@ def run_bench(
     ghost_shape, ghost = ((128, 16, 8, 8), 8) if quick else ((256, 32, 8, 8), 16)
     label = "x".join(map(str, ghost_shape)) + f" /{ghost}"
     plan.append(("ghost", label, {p: _ghost_fn(p, ghost_shape, ghost) for p in providers}))
+    plan.append(("ghost-cl", label, {p: _ghost_fn(p, ghost_shape, ghost, channels_last=True) for p in providers}))
     rows: list[BenchRow] = []
     for i, (case, shape, fns) in enumerate(plan, 1):
         log(f"[{i}/{len(plan)}] {case} {shape} ...")
