@@ -69,7 +69,7 @@ def _apply_call(x: torch.Tensor) -> tuple[tuple, dict]:
     args = (x, x, x, f, f, f, f, f, f, f, f, f, f, f, 256, 64, 49, 1, 100, 7, 1e-5, 0.1, 0, 0)
     options = dict(FROM_RUNNING=False, STAGES=1, LATE=False, COMBINE_BLOCK=64, HAS_RUNNING=False, HAS_WEIGHT=True,
                    HAS_BIAS=True, HAS_RESIDUAL=False, RELU=False, BLOCK_A=32, BLOCK_B=128, PLANES=0, num_warps=4,
-                   EVICT="", enable_fp_fusion=True)  # fmt: skip
+                   EVICT="", GHOSTS=1, enable_fp_fusion=True)  # fmt: skip
     return args, options
 
 

@@ -1244,11 +1244,13 @@ def test_batch_statistics_come_from_one_statistics_pass(monkeypatch, tiling, dty
     _close(invstd, (var + 1e-3).rsqrt(), torch.float32, "invstd")
 
 
+@pytest.mark.parametrize("ghost", [None, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_renorm_on_the_kernels_reads_its_batch_statistics_with_the_statistics_kernel(monkeypatch, dtype):
+def test_batch_renorm_on_the_kernels_reads_its_batch_statistics_with_the_statistics_kernel(monkeypatch, dtype, ghost):
     """On the triton backend batch renorm's r and d take the batch statistics from the statistics kernel
-    (one read of the input in its dtype), not from torch's var_mean over a float32 copy; the result is the
-    reference backend's on the same (rounded) values, running statistics included."""
+    (one read of the input in its dtype; per ghost batch where they are, with ghosts), not from torch's
+    var_mean over a float32 copy; the result is the reference backend's on the same (rounded) values,
+    running statistics included."""
     x = make_input((16, 4, 3, 3), seed=11, offset=1.0).to(DEVICE, dtype)
     dy = make_input((16, 4, 3, 3), seed=12, offset=0.0).to(DEVICE, dtype)
     results = {}
@@ -1261,10 +1263,49 @@ def test_batch_renorm_on_the_kernels_reads_its_batch_statistics_with_the_statist
             xl = (x if backend == "triton" else x.float()).clone().requires_grad_(True)
             w = torch.tensor([0.5, 1.0, 2.0, -1.0], device=DEVICE, requires_grad=True)
             b = torch.tensor([0.1, -0.2, 0.3, 0.0], device=DEVICE, requires_grad=True)
-            y = BF.batch_renorm(xl, mean, var, w, b, True, 0.1, 1e-5, rmax=1.5, dmax=0.5, backend=backend)
+            if ghost is None:
+                y = BF.batch_renorm(xl, mean, var, w, b, True, 0.1, 1e-5, rmax=1.5, dmax=0.5, backend=backend)
+            else:
+                y = BF.ghost_batch_norm(xl, mean, var, w, b, True, 0.1, 1e-5, ghost_batch_size=ghost, rmax=1.5,
+                                        dmax=0.5, backend=backend)  # fmt: skip
             results[backend] = (y, *torch.autograd.grad(y, (xl, w, b), dy.to(y.dtype)), mean, var)
     for name, ours, ref in zip(("y", "dx", "dw", "db", "mean", "var"), *results.values(), strict=True):
         _close(ours, ref, dtype if name in ("y", "dx") else torch.float32, name)
+
+
+@pytest.mark.parametrize("tiling", TILINGS, indirect=True)
+@pytest.mark.parametrize(
+    ("shape", "layout", "ghost"),
+    [((16, 16, 3, 3), "contiguous", 4), ((12, 3, 5), "contiguous", 4), ((16, 5, 2, 3), "channels_last", 4),
+     ((12, 6), "contiguous", 3), ((8, 3, 7, 1), "contiguous", 2)],
+)  # fmt: skip
+def test_ghost_batches_are_read_in_place_by_the_kernels(monkeypatch, tiling, shape, layout, ghost):
+    """Ghost BN on the triton backend normalizes each ghost batch where it lies in the input (no copy into
+    the side-by-side tensor and back): the kernels' channel blocks, groups (16 channels: grouped planes),
+    packed tiles and slices each within one ghost; output, gradients and running statistics as the
+    reference backend's (which lays the ghosts side by side), the output in the input's layout."""
+    x = make_input(shape, layout, seed=21, offset=1.5).to(DEVICE)
+    dy = make_input(shape, layout, seed=22, offset=0.0).to(DEVICE)
+    C = shape[1]
+    results = {}
+    for backend in ("triton", "reference"):
+        with monkeypatch.context() as patched:
+            if backend == "triton":
+                patched.setattr(BF, "_ghosts_side_by_side", _refused_copy)
+            mean, var = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+            xl = x.clone().requires_grad_(True)
+            w = torch.linspace(0.5, 1.5, C, device=DEVICE, requires_grad=True)
+            b = torch.linspace(-0.2, 0.3, C, device=DEVICE, requires_grad=True)
+            y = BF.ghost_batch_norm(xl, mean, var, w, b, True, 0.1, 1e-5, ghost_batch_size=shape[0] // ghost,
+                                    backend=backend, nonfinite="ignore")  # fmt: skip
+            results[backend] = (y, *torch.autograd.grad(y, (xl, w, b), dy), mean, var)
+    assert results["triton"][0].stride() == x.stride()
+    for name, ours, ref in zip(("y", "dx", "dw", "db", "mean", "var"), *results.values(), strict=True):
+        _close(ours, ref, torch.float32, name)
+
+
+def _refused_copy(*args, **kwargs):
+    raise AssertionError("ghost batches laid side by side: the triton backend reads them in place")
 
 
 def _refused(*args, **kwargs):

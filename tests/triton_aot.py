@@ -124,10 +124,23 @@ def compile_cases():
         yield K._guard_kernel, {"BLOCK": K.GUARD_BLOCK, "HAS_COUNT": has_count}
 
 
+def ghost_cases():
+    """The split kernels with ghost batches read in place (GHOSTS > 1: other addressing), once a kernel for
+    rows, plain planes and 16-channel groups (the first variant of each that `compile_cases` makes)."""
+    seen = set()
+    for fn, constexprs in compile_cases():
+        key = (fn, constexprs.get("PLANES"))
+        if "GHOSTS" in fn.arg_names and key[1] in (0, 1, 3) and key not in seen:
+            seen.add(key)
+            yield fn, {**constexprs, "GHOSTS": 4}
+
+
 def main(arch: int) -> int:
     dtypes = ("bf16", "fp32") if arch >= 90 else ("fp16",)
     done, failures = 0, []
-    for fn, constexprs in compile_cases():
+    for fn, constexprs in itertools.chain(compile_cases(), ghost_cases()):
+        if "GHOSTS" in fn.arg_names:  # (the split kernels: ghost batches in place, 1 = none)
+            constexprs = {"GHOSTS": 1, **constexprs}
         # (float32 not for packed and grouped planes, whose tiles hold the same bytes as bf16's and differ
         # from plain planes in tiling only: 53 compiles of CI's time; a GPU session compiles them natively)
         for dtype in dtypes if constexprs.get("PLANES", 0) <= 1 else dtypes[:1]:

@@ -441,29 +441,30 @@ def _renorm_affine(
     rmax: float | torch.Tensor,
     dmax: float | torch.Tensor,
     backend: str | None,
+    ghosts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch renorm's effective (weight * r, weight * d + bias), r and d held constant for the gradient.
 
-    `input` may hold more channels than the running statistics (k ghost batches side by side, k*C
-    channels): each block of C channels is compared with the same running statistics. The batch
-    statistics come from `backend`'s own reduction where it has one (the triton backend's statistics
-    kernel: one read of the input in its dtype), else from torch's var_mean over a float32 (float64) copy.
+    With `ghosts` > 1, per ghost batch of `input` (consecutive chunks of N // ghosts samples): r, d, and
+    `weight` and `bias` then have ghosts * C entries, ghost j's channel c at j * C + c, each ghost's
+    compared with the same running statistics. The batch statistics come from `backend`'s own reduction
+    where it has one (the triton backend's statistics kernel: one read of the input in its dtype), else
+    from torch's var_mean over a float32 (float64) copy.
     """
-    channels = running_mean.numel()
-    repeat = input.shape[1] // channels
     with torch.no_grad():
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        statistics = backends.batch_statistics(backends.resolve(backend, input))(input, eps)
+        statistics = backends.batch_statistics(backends.resolve(backend, input))(input, eps, ghosts)
         if statistics is None:
-            dims = [0, *range(2, input.dim())]
-            batch_var, batch_mean = torch.var_mean(input.to(acc), dim=dims, correction=0)
+            chunks = input.reshape(ghosts, input.shape[0] // ghosts, *input.shape[1:])
+            batch_var, batch_mean = torch.var_mean(chunks.to(acc), dim=[1, *range(3, chunks.dim())], correction=0)
+            batch_var, batch_mean = batch_var.reshape(-1), batch_mean.reshape(-1)
             batch_sigma = torch.sqrt(batch_var + eps)
         else:  # (float32: the kernels refuse float64)
             batch_mean, invstd = statistics
             batch_sigma = invstd.reciprocal()
-        sigma = torch.sqrt(running_var.to(acc) + eps).repeat(repeat)
+        sigma = torch.sqrt(running_var.to(acc) + eps).repeat(ghosts)
         r = (batch_sigma / sigma).clamp(1.0 / rmax, rmax)
-        d = ((batch_mean - running_mean.to(acc).repeat(repeat)) / sigma).clamp(-dmax, dmax)
+        d = ((batch_mean - running_mean.to(acc).repeat(ghosts)) / sigma).clamp(-dmax, dmax)
     param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
     r, d = r.to(param_dtype), d.to(param_dtype)
     eff_weight = r if weight is None else weight * r
@@ -536,25 +537,22 @@ def ghost_batch_norm(
         raise ValueError(small_batch_message(name, tuple(input.shape)) + f" (ghost batches of {ghost_batch_size})")
     if not _channels_match(input, running_mean, running_var, weight, bias):
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps, **common)  # raises
-    side_by_side, laid_back = _ghosts_side_by_side(input, k)
     wide_weight = None if weight is None else weight.repeat(k)
     wide_bias = None if bias is None else bias.repeat(k)
     track = running_mean is not None and running_var is not None
     if renorm and track:
         wide_weight, wide_bias = _renorm_affine(
-            side_by_side, running_mean, running_var, wide_weight, wide_bias, eps, rmax, dmax, backend
+            input, running_mean, running_var, wide_weight, wide_bias, eps, rmax, dmax, backend, ghosts=k
         )
     if track:
         # momentum 1 makes the kernel write each ghost's mean and unbiased variance into these buffers.
         ghost_mean = torch.zeros(k * channels, dtype=running_mean.dtype, device=input.device)
         ghost_var = torch.zeros(k * channels, dtype=running_var.dtype, device=input.device)
-        out = batch_norm(
-            side_by_side, ghost_mean, ghost_var, wide_weight, wide_bias, True, 1.0, eps,
-            **{**common, "nonfinite": "ignore"},  # checked below, on the ghost statistics, before any update
-        )  # fmt: skip
+        # (the ghost statistics are checked below, before any update)
+        out = _normalized_ghosts(input, k, ghost_mean, ghost_var, wide_weight, wide_bias, 1.0, eps,
+                                 {**common, "nonfinite": "ignore"})  # fmt: skip
     else:
-        out = batch_norm(side_by_side, None, None, wide_weight, wide_bias, True, 0.0, eps, **common)
-    out = laid_back(out)
+        out = _normalized_ghosts(input, k, None, None, wide_weight, wide_bias, 0.0, eps, common)
     if track:
         _update_sequentially(
             running_mean, running_var, ghost_mean.view(k, channels), ghost_var.view(k, channels), momentum,
@@ -565,6 +563,28 @@ def ghost_batch_norm(
 
 def _channels_match(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return input.dim() >= 2 and all(t is None or t.numel() == input.shape[1] for t in tensors)
+
+
+def _normalized_ghosts(
+    input: torch.Tensor,
+    k: int,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    options: dict,
+) -> torch.Tensor:
+    """A training call over the k ghost batches of `input` laid side by side as k*C channels (the
+    statistics, parameters and running statistics given are of those), laid out as `input`: read in place
+    where the backend can (`backends.ghosts_in_place`: the triton backend's kernels, eagerly), else through
+    `_ghosts_side_by_side` and `batch_norm` with `options`."""
+    impl = backends.resolve(options["backend"], input)
+    if backends.ghosts_in_place(impl, input):
+        return impl(input, running_mean, running_var, weight, bias, True, momentum, eps, ghosts=k)
+    side_by_side, laid_back = _ghosts_side_by_side(input, k)
+    return laid_back(batch_norm(side_by_side, running_mean, running_var, weight, bias, True, momentum, eps, **options))
 
 
 def _ghosts_side_by_side(input: torch.Tensor, k: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:

@@ -29,6 +29,7 @@ __all__ = [
     "batch_statistics",
     "fuses_epilogue",
     "get_backend",
+    "ghosts_in_place",
     "guards_update",
     "resolve",
     "set_backend",
@@ -115,15 +116,24 @@ def guards_update(fn: BatchNormFn) -> bool:
     return getattr(fn, "guards_update", False)
 
 
-def batch_statistics(fn: BatchNormFn) -> Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor] | None]:
+def batch_statistics(fn: BatchNormFn) -> Callable[..., tuple[torch.Tensor, torch.Tensor] | None]:
     """A backend's own way to compute a training batch's (mean, invstd) per channel (float32, no gradient),
-    as ``statistics(input, eps)``, which may return None for an input it leaves to torch ops; a function
-    that always returns None for backends without one."""
+    as ``statistics(input, eps, ghosts=1)`` (ghosts: per ghost batch, see `ghosts_in_place`), which may
+    return None for an input it leaves to torch ops; a function that always returns None for backends
+    without one."""
     return getattr(fn, "batch_statistics", _no_statistics)
 
 
-def _no_statistics(input: torch.Tensor, eps: float) -> None:
+def _no_statistics(input: torch.Tensor, eps: float, ghosts: int = 1) -> None:
     return None
+
+
+def ghosts_in_place(fn: BatchNormFn, input: torch.Tensor) -> bool:
+    """Whether a backend normalizes the ghost batches of `input` where they are: keyword ``ghosts=k`` (the
+    input's consecutive chunks of N // k samples each with its own statistics; weight, bias and running
+    statistics of k * C channels), instead of bnlab.functional laying them side by side first."""
+    check = getattr(fn, "ghosts_in_place", None)
+    return check is not None and check(input)
 
 
 def resolve(name: str | None, input: torch.Tensor) -> BatchNormFn:

@@ -41,7 +41,7 @@ class _FusedBatchNorm(torch.autograd.Function):
     # 24 us a call, with 5 13-17; bnlab's whole stubbed forward moved within that VM's noise).
     @staticmethod
     def forward(ctx, x, weight, bias, residual, rest):  # type: ignore[override]
-        running_mean, running_var, training, momentum, eps, relu, layout, grad_mode, guard, num_batches_tracked = rest
+        running_mean, running_var, training, momentum, eps, relu, layout, grad_mode, guard, counter, ghosts = rest
         # (ctx.needs_input_grad says True for a weight that requires grad even under no_grad, where no
         # backward can come: then inference need not save its statistics)
         needs_grad = grad_mode and any(ctx.needs_input_grad[:4])
@@ -50,10 +50,10 @@ class _FusedBatchNorm(torch.autograd.Function):
         if torch.compiler.is_compiling():  # (bnlab.functional guards the update with torch ops there)
             y, mean, invstd = torch.ops.bnlab.triton_forward(*args)  # (training: `batch_norm` traces inference)
         else:
-            y, mean, invstd = _forward_kernels(*args, guard, num_batches_tracked)
+            y, mean, invstd = _forward_kernels(*args, guard, counter, ghosts)
         if needs_grad:
             ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
-        ctx.training, ctx.relu, ctx.layout = training, relu, layout
+        ctx.training, ctx.relu, ctx.layout, ctx.ghosts = training, relu, layout, ghosts
         return y
 
     @staticmethod
@@ -70,11 +70,12 @@ class _FusedBatchNorm(torch.autograd.Function):
 def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
-    launch = torch.ops.bnlab.triton_backward if torch.compiler.is_compiling() else _backward_kernels
-    dx, dweight, dbias, dz = launch(
-        kl.to_layout(dy, ctx.layout), x, weight, bias, residual, mean, invstd, ctx.training, ctx.relu, need_x,
-        need_w or need_b, need_z, ctx.layout,
-    )  # fmt: skip
+    args = (kl.to_layout(dy, ctx.layout), x, weight, bias, residual, mean, invstd, ctx.training, ctx.relu, need_x,
+            need_w or need_b, need_z, ctx.layout)  # fmt: skip
+    if torch.compiler.is_compiling():  # (ghost batches in place are eager only: see `batch_norm`)
+        dx, dweight, dbias, dz = torch.ops.bnlab.triton_backward(*args)
+    else:
+        dx, dweight, dbias, dz = _backward_kernels(*args, ghosts=ctx.ghosts)
     # dweight and dbias are float32: cast (a copy) only for parameters kept in another dtype.
     if need_w and dweight.dtype != weight.dtype:
         dweight = dweight.to(weight.dtype)
@@ -105,26 +106,27 @@ def _forward_kernels(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
     eps: float, relu: bool, save_stats: bool, layout: str, guard: torch.Tensor | None = None,
-    num_batches_tracked: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None, ghosts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """(y, mean, invstd); mean and invstd None in inference without `save_stats`. `x`, `residual` in a kernel
-    layout; the running statistics updated in place in training (kept only if finite with `guard`)."""
+    layout; the running statistics updated in place in training (kept only if finite with `guard`);
+    `ghosts`: ghost batches read in place (see `batch_norm`)."""
     return kernels.load().forward(
         x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
         residual=residual, relu=relu, save_stats=save_stats, layout=layout, guard=guard,
-        num_batches_tracked=num_batches_tracked,
+        num_batches_tracked=num_batches_tracked, ghosts=ghosts,
     )  # fmt: skip
 
 
 def _backward_kernels(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor, training: bool, relu: bool,
-    need_input: bool, need_params: bool, need_residual: bool, layout: str,
+    need_input: bool, need_params: bool, need_residual: bool, layout: str, ghosts: int = 1,
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """(dx, dweight, dbias, dresidual), None where not needed; `dy` in x's layout."""
     return kernels.load().backward(
         dy, x, weight, bias, mean, invstd, training=training, residual=residual, relu=relu, need_input=need_input,
-        need_params=need_params, need_residual=need_residual, layout=layout,
+        need_params=need_params, need_residual=need_residual, layout=layout, ghosts=ghosts,
     )  # fmt: skip
 
 
@@ -217,10 +219,16 @@ def batch_norm(
     activation: str | None = None,
     guard: torch.Tensor | None = None,
     num_batches_tracked: torch.Tensor | None = None,
+    ghosts: int = 1,
 ) -> torch.Tensor:
     """torch's batch_norm contract, optionally fused with ``+ residual`` and ReLU (see the module doc), and
     with the running-statistics update's non-finite check on the device (`guard`: see
-    `bnlab.backends.guards_update`; bnlab.functional's policy "skip" passes it on a GPU)."""
+    `bnlab.backends.guards_update`; bnlab.functional's policy "skip" passes it on a GPU).
+
+    `ghosts` > 1 (ghost batch norm, training, outside torch.compile; `ghosts_in_place`): the input's
+    consecutive chunks of N // ghosts samples are normalized each with its own statistics, read where they
+    are (no copy into an (N // ghosts, ghosts * C, ...) tensor and back); weight, bias and the running
+    statistics then have ghosts * C entries, ghost j's channel c at j * C + c, as for that tensor."""
     _check(input)
     if input.numel() == 0:  # nothing to launch: torch's op gives the empty result and its graph
         out = native.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -239,23 +247,30 @@ def batch_norm(
         if residual is input:  # relu(bn(x) + x): a view, as torch.compile refuses one tensor as two inputs
             residual = residual.view_as(input)
     rest = (running_mean, running_var, training, momentum, eps, activation == "relu", layout, torch.is_grad_enabled(),
-            guard, num_batches_tracked)  # fmt: skip
+            guard, num_batches_tracked, ghosts)  # fmt: skip
     return _FusedBatchNorm.apply(input, weight, bias, residual, rest)
 
 
-def batch_statistics(input: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def batch_statistics(input: torch.Tensor, eps: float, ghosts: int = 1) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(mean, invstd) of a training batch per channel, float32, from one read of `input` by the statistics
-    kernel (no gradient; for batch renorm's r and d: `bnlab.functional`); None where the caller should use
-    torch ops instead: under torch.compile (the launcher is not traced: inductor fuses torch's reduction)
-    and for strides that would need a copy first (torch's var_mean reads them as they are)."""
-    layout = kl.layout_of(input)
-    if layout is None or torch.compiler.is_compiling() or input.numel() == 0:
+    kernel (no gradient; for batch renorm's r and d: `bnlab.functional`); with `ghosts`, of each ghost
+    batch's channels (ghosts * C, as `batch_norm`'s); None where the caller should use torch ops instead:
+    under torch.compile (the launcher is not traced: inductor fuses torch's reduction) and for strides that
+    would need a copy first (torch's var_mean reads them as they are)."""
+    if not ghosts_in_place(input):
         return None
     _check(input)
     with torch.no_grad():
-        return kernels.load().statistics(input.detach(), eps, layout)
+        return kernels.load().statistics(input.detach(), eps, kl.layout_of(input), ghosts)
+
+
+def ghosts_in_place(input: torch.Tensor) -> bool:
+    """Whether `batch_norm(..., ghosts=k)` and `batch_statistics` read `input` where it is: outside
+    torch.compile (the custom ops have no ghosts), a non-empty input in a kernel layout."""
+    return not torch.compiler.is_compiling() and input.numel() > 0 and kl.layout_of(input) is not None
 
 
 batch_norm.fuses_epilogue = True  # type: ignore[attr-defined]
 batch_norm.guards_update = True  # type: ignore[attr-defined]
 batch_norm.batch_statistics = batch_statistics  # type: ignore[attr-defined]
+batch_norm.ghosts_in_place = ghosts_in_place  # type: ignore[attr-defined]

@@ -52,6 +52,9 @@ class Plan:
     rows:   tiles of [block_a rows, block_b channels]; a program owns block_b channels.
     planes: tiles of [block_a samples, block_b spatial positions] of one channel per program.
     Each program (channel block, slice) covers `per_split` consecutive tiles of its channels.
+    ghosts > 1: ghost batches read in place (device `_tile`): N is a ghost's samples, C all ghosts'
+    channels (ghost j's channel c is j * C // ghosts + c), the tensor (ghosts * N, C // ghosts, S); no
+    channel block or group straddles two ghosts.
     """
 
     layout: str
@@ -68,11 +71,12 @@ class Plan:
     group: int = 0  # planes: > 0, a program takes this many channels, one contiguous span per sample
     reduce_warps: int = 0  # split plans: warps per program of the reductions (others: 0, unused)
     apply: Plan | None = None  # the elementwise passes' tiles where the reductions' differ (`planned`)
+    ghosts: int = 1  # ghost batches side by side as channels, read in place (see above)
 
     @property
     def channel_programs(self) -> int:
         if self.layout == ROWS:
-            return _cdiv(self.C, self.block_b)
+            return self.ghosts * _cdiv(self.C // self.ghosts, self.block_b)
         return self.C // self.group if self.group else self.C
 
     @property
@@ -130,6 +134,7 @@ def plan_for(
     min_run: int = 64,
     max_run: int = 1024,
     block_channels: int = 128,
+    ghosts: int = 1,
 ) -> Plan:
     """Tile sizes and the number of slices per channel so that about `target_programs` programs run, of
     `num_warps` warps (`reduce_warps` for a split plan's reductions, when given).
@@ -141,21 +146,27 @@ def plan_for(
     Grouped planes take groups of channels whose runs of a sample span at most `group_span` lanes; other
     planes tiles are `min_run` to `max_run` positions wide where S allows (`_spatial_block`).
     Rows split plans take blocks of at most `block_channels` channels (a power of two).
+    `ghosts` > 1: C channels of that many ghost batches of N samples each, read in place (see `Plan`):
+    split plans only, tiled as one ghost's C // ghosts channels are.
     """
     if layout not in (ROWS, PLANES):
         raise ValueError(f"unknown layout {layout!r}")
+    if ghosts < 1 or C % ghosts:
+        raise ValueError(f"plan_for: {C} channels do not split into {ghosts} ghost batches")
     if block_channels < 1 or block_channels & (block_channels - 1):
         raise ValueError(
             f"plan_for: block_channels (ROWS_BLOCK_BYTES / itemsize) must be a power of two, got {block_channels}"
         )
-    if layout == PLANES and _pow2(N) * _pow2(S) <= single_tile_max and _offsets_fit(_pow2(N), C * S, _pow2(S)):
+    single = _pow2(N) * _pow2(S) <= single_tile_max and _offsets_fit(_pow2(N), C * S, _pow2(S))
+    if layout == PLANES and single and ghosts == 1:
         bn, bs = _pow2(N), _pow2(S)
         return Plan(PLANES, N, C, S, bn, bs, 1, 1, single_warps, single=True)
-    blocks = _blocks(layout, N, C, S, tile, group_span, (min_run, max_run), block_channels)
-    block_a, block_b, tiles, units, packing = blocks
-    per_split = _per_split(tiles, units, target_programs)
+    block_a, block_b, tiles, units, packing = _blocks(
+        layout, N, C // ghosts, S, tile, group_span, (min_run, max_run), block_channels
+    )
+    per_split = _per_split(tiles, units * ghosts, target_programs)
     return Plan(layout, N, C, S, block_a, block_b, per_split, _cdiv(tiles, per_split), num_warps,
-                reduce_warps=reduce_warps or num_warps, **packing)  # fmt: skip
+                reduce_warps=reduce_warps or num_warps, ghosts=ghosts, **packing)  # fmt: skip
 
 
 def _per_split(tiles: int, units: int, target_programs: int) -> int:
@@ -536,12 +547,14 @@ def _late_options(apply: Plan, late: tuple[int, int] | None) -> dict[str, int | 
     return {"LATE": late is not None, "COMBINE_BLOCK": _combine_block(apply, late[1]) if late else 1}
 
 
-def make_plan(x: torch.Tensor, layout: str, **overrides: int) -> Plan:
-    """The plan for `x` laid out as `layout` (`overrides`: as `planned`'s)."""
+def make_plan(x: torch.Tensor, layout: str, ghosts: int = 1, **overrides: int) -> Plan:
+    """The plan for `x` laid out as `layout` (`overrides`: as `planned`'s); with `ghosts` > 1, for its
+    `ghosts` ghost batches side by side as channels, read in place (see `Plan`)."""
     itemsize = x.element_size()
     small = _small(x.device, x.numel() * itemsize)
     target = _target_programs(x.device, layout, small=small)
-    return planned(layout, x.shape[0], x.shape[1], math.prod(x.shape[2:]), itemsize, target, small, **overrides)
+    N, C, S = x.shape[0] // ghosts, x.shape[1] * ghosts, math.prod(x.shape[2:])
+    return planned(layout, N, C, S, itemsize, target, small, ghosts=ghosts, **overrides)
 
 
 def planned(
@@ -652,6 +665,7 @@ def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
         "BLOCK_A": plan.block_a,
         "BLOCK_B": plan.block_b,
         "PLANES": _planes_code(plan),
+        "GHOSTS": plan.ghosts,
         # (a single-tile plan has no reduce_warps; inference's backward still runs its split reduction)
         "num_warps": (plan.reduce_warps or plan.num_warps) if reduction else plan.num_warps,
         "enable_fp_fusion": FP_FUSION,
@@ -921,6 +935,7 @@ def forward(
     plan: Plan | None = None,
     guard: torch.Tensor | None = None,
     num_batches_tracked: torch.Tensor | None = None,
+    ghosts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd): y in x's layout; mean and invstd float32 per channel, the ones y was computed with.
 
@@ -934,10 +949,15 @@ def forward(
     is kept only if every channel's updated statistics are finite, and then `num_batches_tracked` (if
     given) counts the batch; guard[0] gets the verdict word (`bnlab.kernels`' VERDICT_* bits: arrived,
     kept, the old statistics finite; `_guard_kernel`).
+
+    `ghosts` > 1 (ghost batch norm without a copy): x's consecutive chunks of N // ghosts samples are
+    normalized each with its own statistics, as if laid side by side as channels; the statistics, the
+    parameters, the running statistics (and `backward`'s parameter gradients) have ghosts * C channels,
+    ghost j's channel c at j * C + c (see `Plan`).
     """
     layout = layout or layout_of(x)
     if plan is None:
-        plan = make_plan(x, layout)
+        plan = make_plan(x, layout, ghosts)
     C, itemsize = plan.C, x.element_size()
     y = torch.empty_like(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -1013,14 +1033,16 @@ def _launch_statistics(
 
 
 @_on_input_device
-def statistics(x: torch.Tensor, eps: float, layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def statistics(
+    x: torch.Tensor, eps: float, layout: str | None = None, ghosts: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, invstd) of `x` per channel, float32: the batch statistics a training forward would normalize
     with, from one read of `x` by the statistics kernel (a split plan, whatever `make_plan` would pick;
     no running statistics). For batch renorm, whose r and d need them before its normalizing call: one
     read of `x` in its own dtype instead of a float32 copy of it and torch's var_mean over that. `x` in a
-    kernel layout (`layout`, when given, is `layout_of(x)`)."""
+    kernel layout (`layout`, when given, is `layout_of(x)`); `ghosts`: as in `forward`."""
     layout = layout or layout_of(x)
-    plan = make_plan(x, layout, single_tile_max=0)
+    plan = make_plan(x, layout, ghosts, single_tile_max=0)
     mean = torch.empty(plan.C, device=x.device, dtype=torch.float32)
     invstd = torch.empty(plan.C, device=x.device, dtype=torch.float32)
     partials = _partials(plan, x.device, 3)
@@ -1068,15 +1090,16 @@ def backward(
     need_residual: bool = False,
     layout: str | None = None,
     plan: Plan | None = None,
+    ghosts: int = 1,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias, dresidual), each None where not needed; dweight/dbias float32.
 
     `dy` must be in x's layout (see `to_layout`). In training dx needs the per-channel sums, so the
-    reduction pass runs whenever dx or a parameter gradient is needed. `plan`: as in `forward`.
+    reduction pass runs whenever dx or a parameter gradient is needed. `plan`, `ghosts`: as in `forward`.
     """
     layout = layout or layout_of(x)
     if plan is None:
-        plan = make_plan(x, layout)
+        plan = make_plan(x, layout, ghosts)
     C, itemsize = plan.C, x.element_size()
     dummy = mean
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)

@@ -56,6 +56,10 @@ Layouts. A tensor of shape (N, C, *spatial), S = prod(spatial), is addressed in 
 The kernels' PLANES constexpr says which: 0 rows, 1 planes, 2 packed planes, 3 and 4 grouped planes
 (16 and 8 channels a group); all but 0 are truthy.
 Other strides are made contiguous first (a copy, documented in the backend).
+Ghost batches (ghost BN: the split kernels' GHOSTS constexpr, > 1): each of the input's GHOSTS
+consecutive chunks of samples has statistics of its own, addressed where it lies, as if the chunks lay
+side by side as GHOSTS * C channels (`_tile`, `_channels`, `_anchor`); GHOSTS == 1 compiles to the
+code above unchanged (session 20: the PTX of every variant sampled, debug lines aside, identical).
 """
 
 from __future__ import annotations
@@ -126,17 +130,35 @@ def _group(pid_c, S, PLANES: tl.constexpr):
 
 
 @triton.jit
-def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+def _channels(pid_c, C, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, GHOSTS: tl.constexpr):
     """The channels of a program: one (planes), a block of BLOCK_B (rows) or a group (grouped planes); and
-    which of them exist."""
+    which of them exist. Rows of GHOSTS > 1 ghost batches: each ghost's C // GHOSTS channels in blocks of
+    their own (`_ghost_block`), so that no block straddles two ghosts."""
     if PLANES >= 3:
         G: tl.constexpr = _group_width(PLANES)
         cols = pid_c * G + tl.arange(0, G)
+        cmask = cols < C
     elif PLANES:
         cols = pid_c + tl.arange(0, 1)
+        cmask = cols < C
+    elif GHOSTS > 1:
+        j, first = _ghost_block(pid_c, C, BLOCK_B, GHOSTS)
+        lanes = first + tl.arange(0, BLOCK_B)
+        cols = j * (C // GHOSTS) + lanes
+        cmask = lanes < C // GHOSTS
     else:
         cols = pid_c * BLOCK_B + tl.arange(0, BLOCK_B)
-    return cols, cols < C
+        cmask = cols < C
+    return cols, cmask
+
+
+@triton.jit
+def _ghost_block(pid_c, C, BLOCK_B: tl.constexpr, GHOSTS: tl.constexpr):
+    """Rows of ghost batches: (ghost, its first channel) of channel block pid_c; each ghost's C // GHOSTS
+    channels take cdiv(C // GHOSTS, BLOCK_B) blocks."""
+    per_ghost = tl.cdiv(C // GHOSTS, BLOCK_B)
+    j = pid_c // per_ghost
+    return j, (pid_c - j * per_ghost) * BLOCK_B
 
 
 @triton.jit
@@ -148,7 +170,10 @@ def _samples_per_tile(S, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: t
 
 
 @triton.jit
-def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
+def _tile(
+    i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
+    GHOSTS: tl.constexpr,
+):  # fmt: skip
     """(base, offsets, mask) of a program's tile i: its values are at base + offsets (base: a 64-bit
     scalar; offsets: int32, relative to it, the same for every tile, so the compiler computes them once
     per program and each pointer costs one or two instructions per value instead of a 64-bit
@@ -161,6 +186,9 @@ def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.conste
             consecutive samples side by side in one row of BLOCK_B lanes (see the module doc).
     grouped planes (PLANES 3, 4; S_BLOCKS == 1): samples [nb * BLOCK_A, +BLOCK_A), each a span of the
             group's runs (G * S values from channel G * pid_c on).
+    GHOSTS > 1 ghost batches (ghost BN without a copy): the tensor in memory is (GHOSTS * N, C // GHOSTS,
+            S), and channel j * (C // GHOSTS) + c is channel c of samples [j * N, +N), ghost j's: N is a
+            ghost's samples, C all ghosts' channels (as in the statistics), the addresses the tensor's.
     """
     a = tl.arange(0, BLOCK_A)
     b = tl.arange(0, BLOCK_B)
@@ -174,20 +202,34 @@ def _tile(i, pid_c, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.conste
             c0, width = _group(pid_c, S, PLANES)
         else:
             c0, width = pid_c, S - s0
-        base = (n0.to(tl.int64) * C + c0) * S + s0
+        if GHOSTS > 1:  # (a group never straddles two ghosts: the planner's groups divide C // GHOSTS)
+            CG = C // GHOSTS
+            j = c0 // CG
+            base = ((j.to(tl.int64) * N + n0) * CG + (c0 - j * CG)) * S + s0
+            stride = CG * S
+        else:
+            base = (n0.to(tl.int64) * C + c0) * S + s0
+            stride = C * S
         if PLANES == 2:
             n = b // S  # lane -> (sample, position): computed once per program, like all the offsets
-            offs = (n * (C * S) + (b - n * S))[None, :]
+            offs = (n * stride + (b - n * S))[None, :]
             mask = (n < tl.minimum(samples, N - n0))[None, :]
         else:
-            offs = (a * (C * S))[:, None] + b[None, :]
+            offs = (a * stride)[:, None] + b[None, :]
             mask = (a < N - n0)[:, None] & (b < width)[None, :]
     else:
         r0 = i * BLOCK_A
-        c0 = pid_c * BLOCK_B
-        base = r0.to(tl.int64) * C + c0
-        offs = (a * C)[:, None] + b[None, :]
-        mask = (a < N * S - r0)[:, None] & (b < C - c0)[None, :]
+        if GHOSTS > 1:
+            CG = C // GHOSTS
+            j, c0 = _ghost_block(pid_c, C, BLOCK_B, GHOSTS)
+            base = (j.to(tl.int64) * N * S + r0) * CG + c0
+            offs = (a * CG)[:, None] + b[None, :]
+            mask = (a < N * S - r0)[:, None] & (b < CG - c0)[None, :]
+        else:
+            c0 = pid_c * BLOCK_B
+            base = r0.to(tl.int64) * C + c0
+            offs = (a * C)[:, None] + b[None, :]
+            mask = (a < N * S - r0)[:, None] & (b < C - c0)[None, :]
     return base, offs, mask
 
 
@@ -350,18 +392,24 @@ def _gather(
 
 
 @triton.jit
-def _anchor(x_ptr, cols, cmask, S, PLANES: tl.constexpr):
-    """The channel's first value: partial means are stored relative to it (see module doc)."""
+def _anchor(x_ptr, cols, cmask, N, C, S, PLANES: tl.constexpr, GHOSTS: tl.constexpr):
+    """The channel's first value: partial means are stored relative to it (see module doc; ghosts: the
+    first of the channel's ghost, see `_tile`)."""
     stride = S if PLANES else 1
+    if GHOSTS > 1:
+        CG = C // GHOSTS
+        j = cols // CG
+        first = (j.to(tl.int64) * N * S * CG) + (cols - j * CG) * stride
+        return tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)
     return tl.load(x_ptr + cols.to(tl.int64) * stride, mask=cmask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _tile_values(x_ptr, t, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                 PLANES: tl.constexpr):  # fmt: skip
+                 PLANES: tl.constexpr, GHOSTS: tl.constexpr):  # fmt: skip
     """Tile t's values as stored (not converted), or zeros where t is past the slice (t_end): a
     prefetch's load, which must not read the next slice's tile."""
-    base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, GHOSTS)
     # (the bound broadcast first: Triton's interpreter refuses a scalar condition in a tensor mask)
     return tl.load(x_ptr + base + offs, mask=mask & (tl.zeros(mask.shape, tl.int32) + t < t_end), other=0.0)
 
@@ -370,7 +418,7 @@ def _tile_values(x_ptr, t, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A: tl.constexpr
 def _slice_stats(
     x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, STAGES: tl.constexpr,
-    GATHER_SUMS: tl.constexpr, PREFETCH: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, PREFETCH: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     """(count, mean relative to `anchor`, M2) per channel over the unit's tiles [t_start, t_end), t_start < t_end.
 
@@ -380,10 +428,10 @@ def _slice_stats(
     registers (double-buffered, as stored: bf16 costs half the registers of its float32 values), so that
     two loads of a program are in flight, not one; the second tile's load also overlaps the pivot's sum.
     """
-    base, offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    base, offs, mask = _tile(t_start, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, GHOSTS)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     if PREFETCH:
-        ahead = _tile_values(x_ptr, t_start + 1, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        ahead = _tile_values(x_ptr, t_start + 1, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, GHOSTS)
     count = _tile_count(t_start, N, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
     # (planes: the scalar sum, shaped like the anchor to broadcast over the tiles)
     pivot = _channel_sum(x, S, PLANES, GATHER_SUMS) / count.to(tl.float32) + tl.zeros_like(anchor)
@@ -391,10 +439,10 @@ def _slice_stats(
     d = tl.where(mask, x - shift, 0.0)
     s1, s2 = d, d * d
     for t in tl.range(t_start + 1, t_end, num_stages=STAGES):
-        base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        base, offs, mask = _tile(t, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, GHOSTS)
         if PREFETCH:
             x = ahead.to(tl.float32)
-            ahead = _tile_values(x_ptr, t + 1, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+            ahead = _tile_values(x_ptr, t + 1, t_end, unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, GHOSTS)
         else:
             x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift, 0.0)
@@ -469,15 +517,15 @@ def _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING: tl.constex
 
 @triton.jit
 def _late_stats(
-    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, first_row, rows, split, cols, cmask, C, S, eps, momentum,
+    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, first_row, rows, split, cols, cmask, N, C, S, eps, momentum,
     mean_out, invstd_out, rmean_ptr, rvar_ptr, rmean_out, rvar_out,
-    PLANES: tl.constexpr, COMBINE_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    PLANES: tl.constexpr, COMBINE_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     """LATE: (mean, invstd) of the program's channels from the statistics' partial rows [first_row, +rows)
     (the slices' own, or their groups'), combined in row order, COMBINE_BLOCK rows a step: what the
     statistics' last program would have done (see `_gather`). Every program of a channel computes the
     same values; its slice 0 also stores them (for the backward) and updates the running statistics."""
-    anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
+    anchor = _anchor(x_ptr, cols, cmask, N, C, S, PLANES, GHOSTS)
     n, rel_mean, m2 = _reduce_rows(
         pn_ptr, pmean_ptr, pm2_ptr, first_row, first_row + rows, cols, cmask, C, COMBINE_BLOCK, True
     )
@@ -531,12 +579,14 @@ def _second_pass_program():
 def _apply_slice(
     x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     """y over the unit's tiles [t_start, t_end), last first (`_backwards`); STAGES > 1: the loads
     software-pipelined, as in `_slice_stats`; EVICT as in `_normalize`."""
     for i in tl.range(t_start, t_end, num_stages=STAGES):
-        base, offs, mask = _tile(_backwards(i, t_start, t_end), unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+        base, offs, mask = _tile(
+            _backwards(i, t_start, t_end), unit, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, GHOSTS
+        )
         _normalize(x_ptr + base, z_ptr + base, y_ptr + base, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU, EVICT)
 
 
@@ -572,11 +622,11 @@ def _masked_grad(dy, x, z, mean, scale, shift, HAS_RESIDUAL: tl.constexpr, RELU:
 def _grad_tile(
     t, pid_c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     """Tile t's base, offsets and mask (see `_tile`), x and g (dy through the recomputed ReLU mask), float32;
     EVICT as in `_normalize`."""
-    base, offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES)
+    base, offs, mask = _tile(t, pid_c, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, GHOSTS)
     x, g = _grad_values(
         dy_ptr + base, x_ptr + base, z_ptr + base, offs, mask, mean, scale, shift, HAS_RESIDUAL, RELU, EVICT
     )
@@ -601,7 +651,7 @@ def _slice_grad_sums(
     dy_ptr, x_ptr, z_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
-    GATHER_SUMS: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     """(sum g, sum g * (x - mean)) per channel over the unit's tiles [t_start, t_end): per lane, then across;
     the loop's loads software-pipelined over STAGES tiles (see `_slice_stats`). WRITE_DZ: also stores
@@ -612,7 +662,7 @@ def _slice_grad_sums(
     for t in tl.range(t_start, t_end, num_stages=STAGES):  # g is 0 in masked lanes (dy loads as 0 there)
         base, offs, mask, x, g = _grad_tile(
             t, unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
-            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, "",
+            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, "", GHOSTS,
         )  # fmt: skip
         if WRITE_DZ:
             tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -677,13 +727,13 @@ def _input_grad_slice(
     dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
-    STAGES: tl.constexpr, EVICT: tl.constexpr,
+    STAGES: tl.constexpr, EVICT: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     """dx (and dz) over the unit's tiles, last first; STAGES as in `_apply_slice`, EVICT as in `_normalize`."""
     for i in tl.range(t_start, t_end, num_stages=STAGES):
         base, offs, mask, x, g = _grad_tile(
             _backwards(i, t_start, t_end), unit, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, S_BLOCKS,
-            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, EVICT,
+            BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, EVICT, GHOSTS,
         )  # fmt: skip
         _store_grads(dx_ptr + base, dz_ptr + base, offs, mask, g, x, mean, scale, k1, k2, TRAINING, WRITE_DX, WRITE_DZ)
 
@@ -710,14 +760,14 @@ def _stats_kernel(
     N, C, S, S_BLOCKS, TILES, tiles_per_split, eps, momentum,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_RUNNING: tl.constexpr, STAGES: tl.constexpr,
-    GATHER_SUMS: tl.constexpr, LATE: tl.constexpr, PREFETCH: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, LATE: tl.constexpr, PREFETCH: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     unit, split = tl.program_id(0), tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
-    anchor = _anchor(x_ptr, cols, cmask, S, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES, GHOSTS)
+    anchor = _anchor(x_ptr, cols, cmask, N, C, S, PLANES, GHOSTS)
     n, rel_mean, m2 = _slice_stats(x_ptr, unit, t_start, t_end, anchor, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES,
-                                   STAGES, GATHER_SUMS, PREFETCH)  # fmt: skip
+                                   STAGES, GATHER_SUMS, PREFETCH, GHOSTS)  # fmt: skip
     if SPLIT:
         _store_stats_partials(pn_ptr, pmean_ptr, pm2_ptr, split, C, cols, cmask, n, rel_mean, m2)
         done, n_c, mean_c, m2_c = _gather(
@@ -739,24 +789,25 @@ def _apply_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     STAGES: tl.constexpr, LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr,
-    HAS_RUNNING: tl.constexpr, EVICT: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, EVICT: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     """LATE: the statistics are combined here from their partials (`_late_stats`; mean_ptr and invstd_ptr
     are then outputs); otherwise read (saved, or running ones: FROM_RUNNING). EVICT: see `_normalize`."""
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES, GHOSTS)
     if LATE:
         mean, invstd = _late_stats(
-            x_ptr, pn_ptr, pmean_ptr, pm2_ptr, first_row, rows, split, cols, cmask, C, S, eps, momentum,
+            x_ptr, pn_ptr, pmean_ptr, pm2_ptr, first_row, rows, split, cols, cmask, N, C, S, eps, momentum,
             mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, rmean_out, rvar_out, PLANES, COMBINE_BLOCK, HAS_RUNNING,
+            GHOSTS,
         )  # fmt: skip
     else:
         mean, invstd = _load_stats(mean_ptr, invstd_ptr, cols, cmask, eps, FROM_RUNNING)
     _, mean, scale, shift = _normalizer_of(mean, invstd, w_ptr, b_ptr, cols, cmask, S, BLOCK_B, PLANES, HAS_WEIGHT,
                                            HAS_BIAS)  # fmt: skip
     _apply_slice(x_ptr, z_ptr, y_ptr, unit, t_start, t_end, mean, scale, shift, N, C, S, S_BLOCKS,
-                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES, EVICT)  # fmt: skip
+                 BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU, STAGES, EVICT, GHOSTS)  # fmt: skip
 
 
 @triton.jit
@@ -766,17 +817,17 @@ def _grad_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
-    GATHER_SUMS: tl.constexpr, LATE: tl.constexpr,
+    GATHER_SUMS: tl.constexpr, LATE: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     unit, split = tl.program_id(0), tl.program_id(1)
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES, GHOSTS)
     invstd, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
     sum_g, sum_gc = _slice_grad_sums(dy_ptr, x_ptr, z_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift,
                                      N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, PLANES, HAS_RESIDUAL, RELU,
-                                     WRITE_DZ, STAGES, GATHER_SUMS)  # fmt: skip
+                                     WRITE_DZ, STAGES, GATHER_SUMS, GHOSTS)  # fmt: skip
     count = (N * S).to(tl.float32)
     if SPLIT:
         tl.store(psum_ptr + split * C + cols, sum_g, mask=cmask)
@@ -798,14 +849,14 @@ def _input_grad_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr, TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr, STAGES: tl.constexpr,
-    LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr, EVICT: tl.constexpr,
+    LATE: tl.constexpr, COMBINE_BLOCK: tl.constexpr, EVICT: tl.constexpr, GHOSTS: tl.constexpr,
 ):  # fmt: skip
     """LATE (training): dx's coefficients combined here from the gradient sums' partials
     (`_late_coefficients`, which also stores dweight and dbias); otherwise read from coef_ptr. EVICT: see
     `_normalize`."""
     unit, split = _second_pass_program()
     t_start, t_end = _slice(split, TILES, tiles_per_split)
-    cols, cmask = _channels(unit, C, BLOCK_B, PLANES)
+    cols, cmask = _channels(unit, C, BLOCK_B, PLANES, GHOSTS)
     invstd, mean, scale, shift = _normalizer(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_B, PLANES, False, HAS_WEIGHT, HAS_BIAS
     )
@@ -821,7 +872,7 @@ def _input_grad_kernel(
         k1, k2 = _coefficients(coef_ptr, cols, cmask, C, S, BLOCK_B, PLANES)
     _input_grad_slice(
         dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, unit, t_start, t_end, mean, scale, shift, k1, k2, N, C, S, S_BLOCKS,
-        BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES, EVICT,
+        BLOCK_A, BLOCK_B, PLANES, TRAINING, HAS_RESIDUAL, RELU, WRITE_DX, WRITE_DZ, STAGES, EVICT, GHOSTS,
     )  # fmt: skip
 
 
@@ -841,12 +892,12 @@ def _single_tile_forward_kernel(
     c = tl.program_id(0)
     cols = c + tl.arange(0, 1)
     cmask = cols < C
-    base, offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True)
+    base, offs, mask = _tile(0, c, N, C, S, 1, BLOCK_N, BLOCK_S, True, 1)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     n = (N * S).to(tl.float32)
     # Two passes over registers: the mean (relative to the channel's first value: a sum of values near a
     # large offset would round at the offset's scale), then the centred sum of squares.
-    anchor = _anchor(x_ptr, cols, cmask, S, True)
+    anchor = _anchor(x_ptr, cols, cmask, N, C, S, True, 1)
     rel_mean = tl.sum(tl.sum(tl.where(mask, x - anchor[:, None], 0.0), axis=1), axis=0) / n
     mean = anchor + rel_mean
     d = tl.where(mask, x - mean[:, None], 0.0)
@@ -879,7 +930,7 @@ def _single_tile_backward_kernel(
         mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, 0.0, S, BLOCK_S, True, False, HAS_WEIGHT, HAS_BIAS
     )
     base, offs, mask, x, g = _grad_tile(
-        0, c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, 1, BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU, ""
+        0, c, dy_ptr, x_ptr, z_ptr, mean, scale, shift, N, C, S, 1, BLOCK_N, BLOCK_S, True, HAS_RESIDUAL, RELU, "", 1
     )
     sum_g = tl.sum(tl.sum(g, axis=1), axis=0)
     sum_gc = tl.sum(tl.sum(g * (x - mean), axis=1), axis=0)  # g is 0 in masked lanes
