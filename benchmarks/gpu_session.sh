@@ -18,6 +18,9 @@
 #   network a whole torchvision ResNet-50 training step (bf16 autocast) with torch's BN layers, bnlab's
 #          native ones and the Triton kernels, both layouts (benchmarks/network_step.py; NETWORK_ARGS,
 #          NETWORK_S, default 240; untimed so far: the kernels' first compiles are in its warm-up);
+#   variants ghost BN (ghosts read in place) and batch renorm (statistics from the kernel) beside the paths
+#          they ran before session 20 and a plain BN layer (benchmarks/variants_step.py; VARIANTS_ARGS,
+#          VARIANTS_S, default 120; untimed so far);
 #   inductor the kernels torch.compile generates for one BN training step (benchmarks/inductor_code.py,
 #          INDUCTOR_SHAPE, default 256,256,14,14 NCHW bf16), ~20-40 s;
 #   ncu    Nsight Compute's counters on one shape's reductions (benchmarks/ncu_step.py), NCU_S (default 90);
@@ -26,7 +29,7 @@
 #          (carry [".gpucache"]), they are restored first and spare its compiles.
 # Results land in $OUT (the device tool brings that folder back: at most 8 files) or /tmp/bnlab-gpu.
 # Usage, from the repository root, on the GPU machine (python3 there has torch and triton):
-#   bash benchmarks/gpu_session.sh [tests|quick|candidates|tune|full|profile|host|inductor|caches]...
+#   bash benchmarks/gpu_session.sh [tests|quick|candidates|tune|full|profile|host|network|variants|inductor|ncu|caches]...
 #   (default: tests quick tune)
 # Step time limits can be set in the environment: TESTS_S, QUICK_S (its timing budget is
 # QUICK_S minus 100 s of compiling and reporting), TUNE_S, FULL_S, PROFILE_S, HOST_S, INDUCTOR_S.
@@ -113,6 +116,10 @@ for step in "${steps[@]}"; do
       # (NETWORK_ARGS: e.g. "--model resnet50 --batch 128 --layouts channels_last")
       timeout "${NETWORK_S:-240}" python3 benchmarks/network_step.py --out "$OUT" ${NETWORK_ARGS:-} 2>&1 \
         | tee "$OUT/network.log" | tail -10 ;;
+    variants)
+      # (VARIANTS_ARGS: e.g. "--shapes 256x256x56x56 --layouts nchw"; the rows' kernels compile in it, ~30 s)
+      timeout "${VARIANTS_S:-120}" python3 benchmarks/variants_step.py --out "$OUT" ${VARIANTS_ARGS:-} 2>&1 \
+        | tee "$OUT/variants.log" | tail -26 ;;
     inductor)
       timeout "${INDUCTOR_S:-60}" python3 benchmarks/inductor_code.py --shape "${INDUCTOR_SHAPE:-256,256,14,14}" 2>&1 \
         | tee "$OUT/inductor.log" | tail -5 ;;
@@ -128,7 +135,7 @@ for step in "${steps[@]}"; do
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python3 benchmarks/ncu_step.py --shape "${NCU_SHAPE:-256,256,14,14}" --layout "${NCU_LAYOUT:-NCHW}" 2>&1 \
         | tee -a "$OUT/ncu.log" | grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|rror" ;;
-    *) echo "unknown step $step (tests, quick, candidates, tune, full, profile, host, network, inductor, caches, ncu)"
+    *) echo "unknown step $step (tests, quick, candidates, tune, full, profile, host, network, variants, inductor, caches, ncu)"
        exit 2 ;;
   esac
 done

@@ -300,3 +300,43 @@ def test_a_profile_log_reads_as_whole_sums_and_the_fastest_setting_per_shape(cap
     assert "256x512x7x7      x5     51.3 ->    44.4 us (0.865)  {'REDUCTION_ROWS_BLOCK_CHANNELS': 32}" in out
     assert "the fastest per shape: 12.722 -> 12.649 ms (0.994)" in out
     assert profile_sums.main([str(log), "--layout", "NCHW"]) == 1
+
+
+def test_the_variants_step_times_each_variant_beside_its_earlier_path(tmp_path, monkeypatch):
+    """benchmarks/variants_step.py on CPU (the interpreter, a tiny shape): a CSV row per (layout, row); each
+    row's layer runs the path it names (ghosts in place or laid side by side, renorm's statistics from the
+    kernel or from var_mean), and the patch for an earlier path is undone after its row."""
+    import csv
+
+    import variants_step
+
+    import bnlab.functional as BF
+
+    calls = {"side by side": 0, "var_mean": 0}
+    side_by_side, var_mean = BF._ghosts_side_by_side, torch.var_mean
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(BF, "_ghosts_side_by_side", counted("side by side", side_by_side))
+    monkeypatch.setattr(torch, "var_mean", counted("var_mean", var_mean))
+    x = torch.randn(8, 4, 3, 3, requires_grad=True)
+    dy = torch.randn(8, 4, 3, 3)
+    for row in variants_step.ROWS:
+        before = dict(calls)
+        with variants_step.earlier_path(row):
+            variants_step.step_fn(variants_step.layer_for(row, 4, 2), x, dy)(None)
+        used = {name for name in calls if calls[name] > before[name]}
+        assert used == ({"side by side"} if row == "ghost, side by side" else {"var_mean"} if row == "renorm, var_mean"
+                        else set()), row  # fmt: skip
+    args = ["--device", "cpu", "--shapes", "8x4x3x3", "--ghost", "2", "--layouts", "channels_last"]
+    assert variants_step.main([*args, "--out", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("variants-*.csv")
+    with written.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layout"], r["row"]) for r in rows] == [("channels_last", row) for row in variants_step.ROWS]
+    assert all(float(r["us"]) > 0 for r in rows) and rows[0]["vs_bn"] == "1.0"
