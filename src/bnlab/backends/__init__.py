@@ -5,7 +5,9 @@ eps) -> output`` with exactly the meaning of ``torch.nn.functional.batch_norm``:
 normalizes with the batch statistics and, when running buffers are given, updates them in place
 (``running = (1 - momentum) * running + momentum * batch``, unbiased variance for the running estimate).
 Input checks, policies (tiny batches, non-finite statistics) and the cumulative-average momentum live in
-``bnlab.functional``, once, so a backend is only the arithmetic.
+``bnlab.functional``, once, so a backend is only the arithmetic. What a backend does beyond the contract,
+it says with attributes of its function, read through `fuses_epilogue`, `guards_update`,
+`batch_statistics` and `ghosts_in_place` (the triton backend has all four).
 
 Choosing one, most specific first: the ``backend=`` argument of ``bnlab.functional.batch_norm``,
 ``bnlab.use_backend(name)`` (a context manager), ``bnlab.set_backend(name)``, the ``BNLAB_BACKEND``
