@@ -53,7 +53,7 @@ class Plan:
     planes: tiles of [block_a samples, block_b spatial positions] of one channel per program.
     Each program (channel block, slice) covers `per_split` consecutive tiles of its channels.
     ghosts > 1: ghost batches read in place (device `_tile`): N is a ghost's samples, C all ghosts'
-    channels (ghost j's channel c is j * C // ghosts + c), the tensor (ghosts * N, C // ghosts, S); no
+    channels (ghost j's channel c is j * (C // ghosts) + c), the tensor (ghosts * N, C // ghosts, S); no
     channel block or group straddles two ghosts.
     """
 
@@ -550,6 +550,8 @@ def _late_options(apply: Plan, late: tuple[int, int] | None) -> dict[str, int | 
 def make_plan(x: torch.Tensor, layout: str, ghosts: int = 1, **overrides: int) -> Plan:
     """The plan for `x` laid out as `layout` (`overrides`: as `planned`'s); with `ghosts` > 1, for its
     `ghosts` ghost batches side by side as channels, read in place (see `Plan`)."""
+    if x.shape[0] % ghosts:
+        raise ValueError(f"make_plan: a batch of {x.shape[0]} samples does not split into {ghosts} ghost batches")
     itemsize = x.element_size()
     small = _small(x.device, x.numel() * itemsize)
     target = _target_programs(x.device, layout, small=small)
@@ -1022,7 +1024,8 @@ def _launch_statistics(
     the guard); with `late_ok` the last combine may be left to the normalize pass (LATE_COMBINE), else the
     pass finalizes itself. Returns the plan it was launched over (one wave may cut its slices)."""
     itemsize = x.element_size()
-    running, updated = update if update is not None else ((stats[0],) * 2,) * 2  # (unread without one)
+    unread = (stats[0], stats[0])  # (pointers for the kernel's running-statistics arguments, not read)
+    running, updated = update if update is not None else (unread, unread)
     return _launch(
         _stats_kernel, plan, x.device,
         lambda p: (x, *partials, *stats, *running, *updated, *_shape_args(p), eps, momentum),
@@ -1037,8 +1040,8 @@ def statistics(
     x: torch.Tensor, eps: float, layout: str | None = None, ghosts: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, invstd) of `x` per channel, float32: the batch statistics a training forward would normalize
-    with, from one read of `x` by the statistics kernel (a split plan, whatever `make_plan` would pick;
-    no running statistics). For batch renorm, whose r and d need them before its normalizing call: one
+    with, from one read of `x` by the statistics kernel (a split plan, also where a forward would take the
+    single tile; no running statistics). For batch renorm, whose r and d need them before its normalizing call: one
     read of `x` in its own dtype instead of a float32 copy of it and torch's var_mean over that. `x` in a
     kernel layout (`layout`, when given, is `layout_of(x)`); `ghosts`: as in `forward`."""
     layout = layout or layout_of(x)
