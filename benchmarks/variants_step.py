@@ -34,6 +34,7 @@ from torch import nn
 import bnlab.backends
 import bnlab.nn
 from bnlab import gpubench
+from bnlab.bench import ChunkLoop
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 ROWS = ("bn", "ghost", "ghost, side by side", "ghost, torch loop", "renorm", "renorm, var_mean")
@@ -45,22 +46,11 @@ def layer_for(row: str, channels: int, ghost: int) -> nn.Module:
     if row == "bn":
         return bnlab.nn.BatchNorm2d(channels, **common)
     if row.startswith("ghost, torch"):
-        return _ChunkLoop(nn.BatchNorm2d(channels), ghost)
+        return ChunkLoop(nn.BatchNorm2d(channels), ghost)
     if row.startswith("ghost"):
         return bnlab.nn.GhostBatchNorm2d(channels, ghost_batch_size=ghost, **common)
     limits = {"warmup_steps": 0, "rmax_ramp_end": 0, "dmax_ramp_end": 0}
     return bnlab.nn.BatchRenorm2d(channels, **limits, **common)
-
-
-class _ChunkLoop(nn.Module):
-    """Ghost BN as usually written: one BN layer over each chunk of `ghost` examples, concatenated."""
-
-    def __init__(self, bn: nn.Module, ghost: int) -> None:
-        super().__init__()
-        self.bn, self.ghost = bn, ghost
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.bn(chunk) for chunk in x.split(self.ghost)])
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import bnlab
 from bnlab.models import mlp
 from bnlab.provenance import machine_summary, provenance
 
-__all__ = ["BenchRow", "run_bench", "time_interleaved", "write_csv"]
+__all__ = ["BenchRow", "ChunkLoop", "run_bench", "time_interleaved", "write_csv"]
 
 TORCH = "torch"
 _BNLAB_CLASSES: dict[int, type[nn.Module]] = {
@@ -95,10 +95,7 @@ def _ghost_fn(provider: str, shape: Sequence[int], ghost: int, channels_last: bo
     x = torch.randn(*shape, generator=gen).contiguous(memory_format=layout).requires_grad_(True)
     dy = torch.randn(*shape, generator=gen).contiguous(memory_format=layout)
     if provider == TORCH:
-        bn = nn.BatchNorm2d(shape[1])
-
-        def layer(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([bn(chunk) for chunk in t.split(ghost)])
+        layer = ChunkLoop(nn.BatchNorm2d(shape[1]), ghost)
     else:
         layer = bnlab.nn.GhostBatchNorm2d(shape[1], ghost_batch_size=ghost, backend=provider.removeprefix("bnlab-"))
 
@@ -106,6 +103,18 @@ def _ghost_fn(provider: str, shape: Sequence[int], ghost: int, channels_last: bo
         return torch.autograd.grad(layer(x), x, dy)
 
     return step
+
+
+class ChunkLoop(nn.Module):
+    """Ghost BN as usually written: one BN layer over each chunk of `ghost` examples, concatenated (the
+    "torch" row of the ghost cases; benchmarks/variants_step.py's too)."""
+
+    def __init__(self, bn: nn.Module, ghost: int) -> None:
+        super().__init__()
+        self.bn, self.ghost = bn, ghost
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.bn(chunk) for chunk in x.split(self.ghost)])
 
 
 def _mlp_step_fn(provider: str, batch: int = 60) -> Callable[[], object]:

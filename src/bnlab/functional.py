@@ -38,6 +38,7 @@ import torch
 
 from bnlab import backends, kernels
 from bnlab.backends import native
+from bnlab.kernels import layout as kl
 from bnlab.late_reports import LateReports
 
 __all__ = ["ACTIVATIONS", "NONFINITE_POLICIES", "SMALL_BATCH_POLICIES", "batch_norm"]
@@ -598,9 +599,9 @@ def _ghosts_side_by_side(input: torch.Tensor, k: int) -> tuple[torch.Tensor, Cal
     NCHW."""
     n, channels, spatial = input.shape[0], input.shape[1], input.shape[2:]
     g = n // k
-    last = input.movedim(1, -1)
-    if last.is_contiguous() and not input.is_contiguous():
+    if kl.layout_of(input) == kl.ROWS:  # (the kernels' test for channels innermost; (N, C) takes it too)
         # (N, *S, C) -> (k, g, *S, C) -> (g, *S, k, C) -> (g, *S, k*C), read as (g, k*C, *S) channels-last
+        last = input.movedim(1, -1)
         wide = last.reshape(k, g, *spatial, channels).movedim(0, -2).reshape(g, *spatial, k * channels)
 
         def laid_back(out: torch.Tensor) -> torch.Tensor:

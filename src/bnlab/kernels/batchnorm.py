@@ -1041,9 +1041,9 @@ def statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, invstd) of `x` per channel, float32: the batch statistics a training forward would normalize
     with, from one read of `x` by the statistics kernel (a split plan, also where a forward would take the
-    single tile; no running statistics). For batch renorm, whose r and d need them before its normalizing call: one
-    read of `x` in its own dtype instead of a float32 copy of it and torch's var_mean over that. `x` in a
-    kernel layout (`layout`, when given, is `layout_of(x)`); `ghosts`: as in `forward`."""
+    single tile; no running statistics). For batch renorm, whose r and d need them before its normalizing
+    call: one read of `x` in its own dtype instead of a float32 copy of it and torch's var_mean over that.
+    `x` in a kernel layout (`layout`, when given, is `layout_of(x)`); `ghosts`: as in `forward`."""
     layout = layout or layout_of(x)
     plan = make_plan(x, layout, ghosts, single_tile_max=0)
     mean = torch.empty(plan.C, device=x.device, dtype=torch.float32)

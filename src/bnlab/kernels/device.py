@@ -162,6 +162,20 @@ def _ghost_block(pid_c, C, BLOCK_B: tl.constexpr, GHOSTS: tl.constexpr):
 
 
 @triton.jit
+def _ghost_of(c, C, GHOSTS: tl.constexpr):
+    """Ghost batches: (ghost, its channel) of channel c (a scalar or a vector) of C // GHOSTS a ghost."""
+    j = c // (C // GHOSTS)
+    return j, c - j * (C // GHOSTS)
+
+
+@triton.jit
+def _ghost_start(j, c, N, S, CG, stride):
+    """Ghost batches: where channel c of ghost j begins (its sample j * N, position 0) in the tensor as it
+    lies, (GHOSTS * N, CG, S), int64; `stride` between channels: S (planes) or 1 (rows)."""
+    return j.to(tl.int64) * N * S * CG + c * stride
+
+
+@triton.jit
 def _samples_per_tile(S, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PLANES: tl.constexpr):
     """Planes: samples a tile covers (packed: as many whole runs of S values as fit in BLOCK_B lanes)."""
     if PLANES == 2:
@@ -204,9 +218,9 @@ def _tile(
             c0, width = pid_c, S - s0
         if GHOSTS > 1:  # (a group never straddles two ghosts: the planner's groups divide C // GHOSTS)
             CG = C // GHOSTS
-            j = c0 // CG
-            base = ((j.to(tl.int64) * N + n0) * CG + (c0 - j * CG)) * S + s0
+            j, c = _ghost_of(c0, C, GHOSTS)
             stride = CG * S
+            base = _ghost_start(j, c, N, S, CG, S) + n0.to(tl.int64) * stride + s0
         else:
             base = (n0.to(tl.int64) * C + c0) * S + s0
             stride = C * S
@@ -222,7 +236,7 @@ def _tile(
         if GHOSTS > 1:
             CG = C // GHOSTS
             j, c0 = _ghost_block(pid_c, C, BLOCK_B, GHOSTS)
-            base = (j.to(tl.int64) * N * S + r0) * CG + c0
+            base = _ghost_start(j, c0, N, S, CG, 1) + r0.to(tl.int64) * CG
             offs = (a * CG)[:, None] + b[None, :]
             mask = (a < N * S - r0)[:, None] & (b < CG - c0)[None, :]
         else:
@@ -397,9 +411,8 @@ def _anchor(x_ptr, cols, cmask, N, C, S, PLANES: tl.constexpr, GHOSTS: tl.conste
     first of the channel's ghost, see `_tile`)."""
     stride = S if PLANES else 1
     if GHOSTS > 1:
-        CG = C // GHOSTS
-        j = cols // CG
-        first = (j.to(tl.int64) * N * S * CG) + (cols - j * CG) * stride
+        j, c = _ghost_of(cols, C, GHOSTS)
+        first = _ghost_start(j, c, N, S, C // GHOSTS, stride)
         return tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)
     return tl.load(x_ptr + cols.to(tl.int64) * stride, mask=cmask, other=0.0).to(tl.float32)
 
