@@ -503,13 +503,51 @@ def test_dx_is_the_same_bits_whether_or_not_the_residual_gradient_is_wanted(tili
     assert torch.equal(dxs[0], dxs[1])
 
 
-def test_double_backward_is_refused_with_a_clear_error():
-    x = make_input((6, 3)).to(DEVICE).requires_grad_(True)
-    y = BF.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, backend="triton")
-    # A gradient penalty: the incoming gradient (2 y) depends on x, so dx must be differentiable again.
-    (dx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        dx.sum().backward()
+# A gradient penalty's second derivatives (create_graph=True): the kernels' backward is not differentiable,
+# so the backend's gradients then come from torch ops; they must agree with torch's own batch norm.
+SECOND_DERIVATIVE_CASES = {
+    # name: (shape, layout, dtype, training, affine, residual + ReLU, ghost batch size)
+    "plain": ((6, 3), "contiguous", torch.float32, True, False, False, None),
+    "affine-residual-relu": ((4, 3, 2, 5), "channels_last", torch.float32, True, True, True, None),
+    "ghosts-in-place": ((8, 3, 5), "contiguous", torch.float32, True, True, False, 4),
+    "inference": ((4, 3, 2, 2), "contiguous", torch.float32, False, True, True, None),
+    "bfloat16": ((6, 4, 3), "contiguous", torch.bfloat16, True, True, False, None),
+}
+
+
+def _penalty_gradients(backend, operands, training, affine, epilogue, ghost):
+    """dx with create_graph=True, then the gradients of a loss holding dx (a gradient penalty)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in operands]
+    x, w, b, z = leaves
+    rm, rv = torch.zeros_like(w, dtype=torch.float32), torch.full_like(w, 1.5, dtype=torch.float32)
+    kwargs = dict(weight=w if affine else None, bias=b if affine else None, training=training, backend=backend)
+    if epilogue:
+        kwargs.update(residual=z, activation="relu")
+    if ghost is not None:
+        y = BF.ghost_batch_norm(x, rm, rv, ghost_batch_size=ghost, **kwargs)
+    else:
+        y = BF.batch_norm(x, rm, rv, **kwargs)
+    # The penalty's incoming gradient (c1 + y) depends on x: dx must be differentiated again.
+    c1, c2, c3 = (torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y).roll(i) for i in range(3))
+    (dx,) = torch.autograd.grad((y.float() * (c1 + 0.5 * y.float())).sum(), x, create_graph=True)
+    loss = (dx.float() * c2).sum() + (y.float() * c3).sum()
+    used = [t for t, on in zip(leaves, (True, affine, affine, epilogue), strict=True) if on]
+    return (dx, *torch.autograd.grad(loss, used))
+
+
+@pytest.mark.parametrize("case", list(SECOND_DERIVATIVE_CASES))
+def test_second_derivatives_match_torchs_batch_norm(case, monkeypatch):
+    shape, layout, dtype, training, affine, epilogue, ghost = SECOND_DERIVATIVE_CASES[case]
+    x, z, _, w, b = _operands(shape, layout, dtype)
+    flags = (training, affine, epilogue, ghost)
+    with monkeypatch.context() as patch:
+        if ghost is not None:  # the kernels must read the ghosts in place (the copy path calls them with ghosts=1)
+            patch.setattr(BF, "_ghosts_side_by_side", None)
+        got = _penalty_gradients("triton", (x, w, b, z), *flags)
+    want = _penalty_gradients("native", (x, w, b, z), *flags)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for g, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), ref.float(), **tol)
 
 
 def test_errors_name_the_problem():

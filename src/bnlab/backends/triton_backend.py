@@ -14,8 +14,10 @@ Under ``torch.compile`` the training launchers run as custom ops (``bnlab::trito
 ``bnlab::triton_backward``; see below), so a model with these layers compiles as one graph; inference is
 traced as torch ops there, which inductor fuses with its neighbours.
 
-Limits, by design: no double backward (the backward is a kernel, not differentiable ops: use the
-``reference`` backend for higher derivatives).
+Double backward (``create_graph=True``: gradient penalties, Hessian-vector products): the kernels' backward
+is not differentiable, so with grad mode on in backward the gradients come from torch ops instead
+(`_backward_differentiable`: the forward recomputed by torch's batch norm, statistics from x inside the
+graph), which autograd differentiates again. Slower, and eager only (torch.compile refuses double backward).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from bnlab import kernels
 from bnlab.backends import native
@@ -53,17 +54,16 @@ class _FusedBatchNorm(torch.autograd.Function):
             y, mean, invstd = _forward_kernels(*args, guard, counter, ghosts)
         if needs_grad:
             ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
-        ctx.training, ctx.relu, ctx.layout, ctx.ghosts = training, relu, layout, ghosts
+        ctx.training, ctx.relu, ctx.layout, ctx.ghosts, ctx.eps = training, relu, layout, ghosts, eps
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        # Grad mode is on only under create_graph=True: then the gradients must refuse a second
-        # differentiation (the kernels are not differentiable ops). once_differentiable does that, at a few
-        # microseconds per call, so the common case (grad mode off) skips it. (Traced by torch.compile, the
-        # backward calls the custom op, for which no derivative is registered.)
+        # Grad mode is on only under create_graph=True: then the gradients must be differentiable again, which
+        # the kernels' are not. (Traced by torch.compile, the backward calls the custom op, for which no
+        # derivative is registered: compiled graphs refuse double backward anyway.)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return _backward_once(ctx, dy)
+            return _backward_differentiable(ctx, dy)
         return _backward(ctx, dy)
 
 
@@ -86,7 +86,38 @@ def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return dx if need_x else None, dweight if need_w else None, dbias if need_b else None, dz, None
 
 
-_backward_once = once_differentiable(_backward)
+def _backward_differentiable(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The gradients as torch ops, differentiable again (create_graph=True): autograd through
+    `_forward_by_torch_ops` from the saved inputs, which keep their own graphs, so the second derivatives
+    see the batch statistics' dependence on x, as the reference backend's do. The first derivatives round
+    differently from the kernels' (torch's batch norm, the epilogue in the input's dtype)."""
+    x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    with torch.enable_grad():
+        y = _forward_by_torch_ops(ctx, x, weight, bias, residual, mean, invstd)
+        wanted = [t for t, need in zip((x, weight, bias, residual), needs, strict=True) if need]
+        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, materialize_grads=True))
+    return (*(next(grads) if need else None for need in needs), None)
+
+
+def _forward_by_torch_ops(
+    ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    mean: torch.Tensor, invstd: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """What the forward's kernels computed, in differentiable torch ops: in training torch's batch norm on
+    each ghost batch (its statistics from x), in inference the affine map with the statistics it used."""
+    if ctx.training:
+        k = ctx.ghosts  # (ghost j: samples [j * N/k, (j + 1) * N/k), channels [j * C, (j + 1) * C) of the parameters)
+        weights, biases = ([None] * k if p is None else p.chunk(k) for p in (weight, bias))
+        parts = [native.batch_norm(xj, None, None, wj, bj, True, 0.0, ctx.eps)
+                 for xj, wj, bj in zip(x.chunk(k), weights, biases, strict=True)]  # fmt: skip
+        out = parts[0] if k == 1 else torch.cat(parts)
+    else:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = invstd if weight is None else invstd * weight.float()
+        out = (x.float() - mean.view(shape)) * scale.view(shape)
+        out = (out if bias is None else out + bias.float().view(shape)).to(x.dtype)
+    return native.epilogue(out, residual, "relu" if ctx.relu else None)
 
 
 # ---- the launchers, and the same as torch custom ops for torch.compile ---------------------------------------
