@@ -164,6 +164,9 @@ def main() -> int:
             "bnlab layer, nonfinite='skip': forward + backward",
             _layer_step(bnlab.nn.BatchNorm2d(C, backend="triton"), x, dy),
         ),
+        # Evaluation: nothing for autograd to record, so no autograd.Function either (session 21).
+        ("bnlab: inference under no_grad", _no_grad(lambda: BF.batch_norm(x, rm, rv, w, b, False, backend="triton"))),
+        ("eager: inference under no_grad", _no_grad(lambda: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))),
     ]
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
     print(f"{name}; torch {torch.__version__}; shape {shape} {args.dtype}; "
@@ -210,6 +213,14 @@ def main() -> int:
             print(f"  {timed(step):8.1f}  {label} layer under torch.compile(mode={mode!r}): forward + backward",
                   flush=True)  # fmt: skip
     return 0
+
+
+def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def call() -> object:
+        with torch.no_grad():
+            return fn()
+
+    return call
 
 
 def _layer_step(

@@ -109,11 +109,23 @@ def _print_rows(K) -> None:
     calls = {"triton": bnlab_call("triton"), "native": bnlab_call("native")}
     calls["torch F.batch_norm"] = lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
     calls["triton split"] = calls["triton"]
+    single_tile_max = K.SINGLE_TILE_MAX
     for label, forward in calls.items():
         if label == "triton split":
             K.SINGLE_TILE_MAX = 0
         both = _median_us(step(forward))
         print(f"{label:>22}: forward {_median_us(forward):6.1f} us, forward+backward {both:6.1f} us")
+    K.SINGLE_TILE_MAX = single_tile_max
+    # Without a graph to record (torch.no_grad: evaluation, precise statistics' forward passes), training
+    # and inference forwards.
+    with torch.no_grad():
+        for label in ("triton", "native"):
+            timed = [_median_us(lambda t=t, label=label: BF.batch_norm(x, rm, rv, w, b, t, 0.1, 1e-5, backend=label,
+                                                                        nonfinite="ignore"))
+                     for t in (True, False)]  # fmt: skip
+            print(f"{label + ', no_grad':>22}: training {timed[0]:6.1f} us, inference {timed[1]:6.1f} us")
+        inference = _median_us(lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))
+        print(f"{'torch, no_grad':>22}: inference {inference:6.1f} us")
 
 
 if __name__ == "__main__":

@@ -62,10 +62,11 @@ def test_the_host_time_breakdown_runs_every_line():
     done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert len(lines) == 19 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
+    assert len(lines) == 21 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
     assert done.stdout.count("autograd multithreading off") == 2
     assert done.stdout.count(", direct launches") == 4
     assert "Triton: one launch of _single_tile_forward_kernel over an empty grid" in done.stdout
+    assert "bnlab: inference under no_grad" in done.stdout
 
 
 def test_the_launch_overhead_comparison_runs_without_a_gpu():
