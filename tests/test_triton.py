@@ -507,11 +507,12 @@ def test_dx_is_the_same_bits_whether_or_not_the_residual_gradient_is_wanted(tili
 # A gradient penalty's second derivatives (create_graph=True): the kernels' backward is not differentiable,
 # so the backend's gradients then come from torch ops; they must agree with torch's own batch norm.
 SECOND_DERIVATIVE_CASES = {
-    # name: (shape, layout, dtype, training, affine, residual + ReLU, ghost batch size)
+    # name: (shape, layout, dtype, training, affine, residual + ReLU ("x": x itself), ghost batch size)
     "plain": ((6, 3), "contiguous", torch.float32, True, False, False, None),
     "affine-residual-relu": ((4, 3, 2, 5), "channels_last", torch.float32, True, True, True, None),
     "ghosts-in-place": ((8, 3, 5), "contiguous", torch.float32, True, True, False, 4),
     "inference": ((4, 3, 2, 2), "contiguous", torch.float32, False, True, True, None),
+    "x-as-its-own-residual": ((5, 3, 4), "contiguous", torch.float32, True, True, "x", None),
     "bfloat16": ((6, 4, 3), "contiguous", torch.bfloat16, True, True, False, None),
 }
 
@@ -523,7 +524,7 @@ def _penalty_gradients(backend, operands, training, affine, epilogue, ghost):
     rm, rv = torch.zeros_like(w, dtype=torch.float32), torch.full_like(w, 1.5, dtype=torch.float32)
     kwargs = dict(weight=w if affine else None, bias=b if affine else None, training=training, backend=backend)
     if epilogue:
-        kwargs.update(residual=z, activation="relu")
+        kwargs.update(residual=x if epilogue == "x" else z, activation="relu")
     if ghost is not None:
         y = BF.ghost_batch_norm(x, rm, rv, ghost_batch_size=ghost, **kwargs)
     else:
@@ -532,7 +533,7 @@ def _penalty_gradients(backend, operands, training, affine, epilogue, ghost):
     c1, c2, c3 = (torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y).roll(i) for i in range(3))
     (dx,) = torch.autograd.grad((y.float() * (c1 + 0.5 * y.float())).sum(), x, create_graph=True)
     loss = (dx.float() * c2).sum() + (y.float() * c3).sum()
-    used = [t for t, on in zip(leaves, (True, affine, affine, epilogue), strict=True) if on]
+    used = [t for t, on in zip(leaves, (True, affine, affine, epilogue is True), strict=True) if on]
     return (dx, *torch.autograd.grad(loss, used))
 
 

@@ -94,8 +94,12 @@ def _backward_differentiable(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad[:4]
     with torch.enable_grad():
-        y = _forward_by_torch_ops(ctx, x, weight, bias, residual, mean, invstd)
-        wanted = [t for t, need in zip((x, weight, bias, residual), needs, strict=True) if need]
+        # Each argument through an alias of its own: the gradient captured at an alias is what flows into that
+        # argument alone. (relu(bn(x) + x) passes x twice, the residual as a view of it: asked at x itself,
+        # autograd would also count the residual's path there, and the caller's graph adds it once more.)
+        args = [t.view_as(t) if need else t for t, need in zip((x, weight, bias, residual), needs, strict=True)]
+        y = _forward_by_torch_ops(ctx, *args, mean, invstd)
+        wanted = [a for a, need in zip(args, needs, strict=True) if need]
         grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, materialize_grads=True))
     return (*(next(grads) if need else None for need in needs), None)
 
