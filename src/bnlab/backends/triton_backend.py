@@ -281,17 +281,24 @@ def batch_norm(
         residual = kl.to_layout(residual.to(input.dtype), layout)
         if residual is input:  # relu(bn(x) + x): a view, as torch.compile refuses one tensor as two inputs
             residual = residual.view_as(input)
-    relu, grad_mode = activation == "relu", torch.is_grad_enabled()
-    if not (grad_mode and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))):
-        if not torch.compiler.is_compiling():
-            # Nothing for autograd to record (evaluation, torch.no_grad, frozen inputs): the launchers without
-            # Function.apply's own bookkeeping (`python benchmarks/host_overhead.py`, its no_grad rows).
-            out = _forward_kernels(input, weight, bias, residual, running_mean, running_var, training, momentum,
-                                   eps, relu, training, layout, guard, num_batches_tracked, ghosts)  # fmt: skip
-            return out[0]
-    rest = (running_mean, running_var, training, momentum, eps, relu, layout, grad_mode, guard, num_batches_tracked,
-            ghosts)  # fmt: skip
+    relu = activation == "relu"
+    if not _through_function(input, weight, bias, residual):
+        out = _forward_kernels(input, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                               relu, training, layout, guard, num_batches_tracked, ghosts)  # fmt: skip
+        return out[0]
+    rest = (running_mean, running_var, training, momentum, eps, relu, layout, torch.is_grad_enabled(), guard,
+            num_batches_tracked, ghosts)  # fmt: skip
     return _FusedBatchNorm.apply(input, weight, bias, residual, rest)
+
+
+def _through_function(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call goes through `_FusedBatchNorm`: where autograd has something to record, and under
+    torch.compile (the Function's custom ops). Elsewhere (evaluation, torch.no_grad, frozen inputs) the
+    launchers run without Function.apply's own bookkeeping (`python benchmarks/host_overhead.py`, its
+    no_grad rows, times both)."""
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    )
 
 
 def batch_statistics(input: torch.Tensor, eps: float, ghosts: int = 1) -> tuple[torch.Tensor, torch.Tensor] | None:
