@@ -544,7 +544,7 @@ def test_second_derivatives_match_torchs_batch_norm(case, monkeypatch):
     flags = (training, affine, epilogue, ghost)
     with monkeypatch.context() as patch:
         if ghost is not None:  # the kernels must read the ghosts in place (the copy path calls them with ghosts=1)
-            patch.setattr(BF, "_ghosts_side_by_side", None)
+            patch.setattr(BF, "_ghosts_side_by_side", _refusing("ghosts laid side by side"))
         got = _penalty_gradients("triton", (x, w, b, z), *flags)
     want = _penalty_gradients("native", (x, w, b, z), *flags)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -563,17 +563,13 @@ def test_forwards_without_a_graph_skip_the_autograd_function(training, monkeypat
     recorded = BF.batch_norm(x, *stats[0], w.requires_grad_(True), b, **kwargs)
     assert recorded.grad_fn is not None
     with monkeypatch.context() as patch:
-        patch.setattr(TB._FusedBatchNorm, "apply", _refused_function)
+        patch.setattr(TB._FusedBatchNorm, "apply", _refusing("Function.apply called: nothing here needs a graph"))
         with torch.no_grad():
             direct = BF.batch_norm(x, *stats[1], w, b, **kwargs)
         frozen = BF.batch_norm(x, *stats[2], w.detach(), b, **kwargs)
     for out, (mean, var) in zip((direct, frozen), stats[1:], strict=True):
         assert torch.equal(out, recorded) and out.stride() == recorded.stride() and not out.requires_grad
         assert torch.equal(mean, stats[0][0]) and torch.equal(var, stats[0][1])
-
-
-def _refused_function(*args, **kwargs):
-    raise AssertionError("Function.apply called: nothing here needs a graph")
 
 
 def test_errors_name_the_problem():
@@ -1321,7 +1317,7 @@ def test_batch_renorm_on_the_kernels_reads_its_batch_statistics_with_the_statist
     for backend in ("triton", "reference"):
         with monkeypatch.context() as patched:
             if backend == "triton":
-                patched.setattr(torch, "var_mean", _refused)
+                patched.setattr(torch, "var_mean", _refusing("torch.var_mean called: the kernels have their own"))
             mean = torch.tensor([0.3, 0.2, 0.1, 2.0], device=DEVICE)
             var = torch.tensor([2.0, 1.5, 9.0, 0.5], device=DEVICE)
             xl = (x if backend == "triton" else x.float()).clone().requires_grad_(True)
@@ -1355,7 +1351,7 @@ def test_ghost_batches_are_read_in_place_by_the_kernels(monkeypatch, tiling, sha
     for backend in ("triton", "reference"):
         with monkeypatch.context() as patched:
             if backend == "triton":
-                patched.setattr(BF, "_ghosts_side_by_side", _refused_copy)
+                patched.setattr(BF, "_ghosts_side_by_side", _refusing("ghosts laid side by side"))
             mean, var = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
             xl = x.clone().requires_grad_(True)
             w = torch.linspace(0.5, 1.5, C, device=DEVICE, requires_grad=True)
@@ -1368,12 +1364,13 @@ def test_ghost_batches_are_read_in_place_by_the_kernels(monkeypatch, tiling, sha
         _close(ours, ref, torch.float32, name)
 
 
-def _refused_copy(*args, **kwargs):
-    raise AssertionError("ghost batches laid side by side: the triton backend reads them in place")
+def _refusing(why: str):
+    """A stand-in that fails the test with `why` if anything calls it."""
 
+    def refuse(*args, **kwargs):
+        raise AssertionError(why)
 
-def _refused(*args, **kwargs):
-    raise AssertionError("torch.var_mean called: the triton backend has its own batch statistics")
+    return refuse
 
 
 def test_float32_statistics_take_their_own_pipeline_depth(monkeypatch):
