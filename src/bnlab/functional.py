@@ -129,6 +129,7 @@ def batch_norm(
             raise ValueError(f"{name}: inference (training=False) needs running_mean and running_var")
         return impl(input, running_mean, running_var, weight, bias, False, 0.0, eps)
 
+    _refuse_vmapped_update(name, running_mean, input, weight, bias, residual, running_var)
     count = input.numel() // channels
     if count == 1:
         if small_batch == "use_running_stats" and running_mean is not None:
@@ -166,6 +167,26 @@ def batch_norm(
     if num_batches_tracked is not None and updated is not False and updated is not None:
         num_batches_tracked.add_(1 if updated is True else updated)
     return output
+
+
+def _refuse_vmapped_update(name: str, running_mean: torch.Tensor | None, *tensors: torch.Tensor | None) -> None:
+    """A training call that would update `running_mean` (and its variance) refuses torch.func.vmap over any
+    of `tensors` (checked under any of functorch's wrappers: vmap inside grad, grad inside vmap), as torch's
+    own batch norm does for shared buffers: one update per slice cannot go into one set of buffers, and the
+    update's checks read values on the host. (jacfwd's batched tangents hide under unbatched primals: fine.)"""
+    if running_mean is None or not torch._C._are_functorch_transforms_active():
+        return
+    functorch = torch._C._functorch
+    for t in (running_mean, *tensors):
+        while t is not None and functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_batchedtensor(t):
+                raise ValueError(
+                    f"{name}: training under torch.func.vmap cannot update running statistics. Options: "
+                    f"running_mean=None and running_var=None (track_running_stats=False on a layer; "
+                    f"torch.func.replace_all_batch_norm_modules_(model) sets that on every layer), or .eval() "
+                    f"to normalize with the running statistics"
+                )
+            t = functorch.get_unwrapped(t)
 
 
 def _with_epilogue(
@@ -419,6 +440,7 @@ def batch_renorm(
         # No running statistics to correct towards, or nothing to correct: plain batch norm (which also
         # owns the tiny-batch and empty-batch policies, and the errors for mismatched shapes).
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, **common)
+    _refuse_vmapped_update(name, running_mean, input, weight, bias, running_var)
     eff_weight, eff_bias = _renorm_affine(input, running_mean, running_var, weight, bias, eps, rmax, dmax, backend)
     return batch_norm(input, running_mean, running_var, eff_weight, eff_bias, True, momentum, eps, **common)
 
@@ -541,6 +563,7 @@ def ghost_batch_norm(
     wide_weight = None if weight is None else weight.repeat(k)
     wide_bias = None if bias is None else bias.repeat(k)
     track = running_mean is not None and running_var is not None
+    _refuse_vmapped_update(name, running_mean, input, weight, bias, running_var)
     if renorm and track:
         wide_weight, wide_bias = _renorm_affine(
             input, running_mean, running_var, wide_weight, wide_bias, eps, rmax, dmax, backend, ghosts=k

@@ -23,6 +23,11 @@ This is the paper's chain of dl/dvar and dl/dmu (see ``bnlab.reference.batch_nor
 sums collected. For double backward, the backward recomputes mean and invstd from the saved input with
 differentiable ops, so second derivatives see the statistics' dependence on x. (The backward above is
 hand-written; the inference map, being affine, leaves its backward to autograd.)
+
+Forward mode (`tangent`: the tangent of y for tangents dx, dweight, dbias; torch.func.jvp, jacfwd):
+    dy      = weight * invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)) + dweight * x_hat + dbias
+the backward's projection again (it is symmetric). torch.func's vmap gets a rule generated from the
+forward's torch ops.
 """
 
 from __future__ import annotations
@@ -98,40 +103,105 @@ def _training_grads(
     return dx.to(x.dtype), dweight, dbias
 
 
+def tangent(
+    x_hat: torch.Tensor,
+    invstd: torch.Tensor,
+    training: bool,
+    dx: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    dweight: torch.Tensor | None,
+    dbias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The output's tangent (forward-mode derivative) for tangents dx, dweight, dbias (None: zero), in
+    x_hat's dtype: ``weight * invstd * P(dx) + dweight * x_hat + dbias``, where P(dx) is dx itself in
+    inference (fixed statistics) and ``dx - mean(dx) - x_hat * mean(x_hat * dx)`` in training (the
+    tangents of the batch mean and of 1 / std: the backward's projection, transposed)."""
+    nd = x_hat.dim()
+    out = torch.zeros_like(x_hat)
+    if dx is not None:
+        d = dx.to(x_hat.dtype)
+        if training:
+            dims = _reduce_dims(nd)
+            d = d - d.mean(dims, keepdim=True) - x_hat * (x_hat * d).mean(dims, keepdim=True)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        out = out + d * _channel_view(scale.to(x_hat.dtype), nd)
+    if dweight is not None:
+        out = out + x_hat * _channel_view(dweight.to(x_hat.dtype), nd)
+    if dbias is not None:
+        out = out + _channel_view(dbias.to(x_hat.dtype), nd)
+    return out
+
+
+def training_gradients(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) of a training batch norm, the statistics recomputed from x in torch ops: with grad
+    mode on, differentiable again (double backward), the statistics' dependence on x included; dweight and
+    dbias in the accumulation dtype."""
+    pivot, shifted_mean, var = _shifted_statistics(x)
+    return _training_grads(dy, x, weight, pivot, shifted_mean, torch.rsqrt(var + eps))
+
+
 class _TrainingBatchNorm(torch.autograd.Function):
-    """y = weight * (x - mean_B) / sqrt(var_B + eps) + bias; also returns (mean_B, var_B), not differentiable."""
+    """y = weight * (x - mean_B) / sqrt(var_B + eps) + bias; also returns the statistics (pivot,
+    shifted_mean, var_B: `_shifted_statistics`), not differentiable. In the form torch.func's transforms
+    take (forward without ctx, `setup_context`): grad, jacrev; jvp, jacfwd and vmap with `_Transformable`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+    def forward(x, weight, bias, eps, running_mean, running_var, momentum):  # type: ignore[override]
         nd = x.dim()
         pivot, shifted_mean, var = _shifted_statistics(x)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        # The running statistics are updated here, on the values under the transforms' wrappers (a grad
+        # transform refuses an in-place write of a tensor it did not wrap with one it did).
+        update_running_stats(running_mean, running_var, pivot + shifted_mean, var, x.numel() // x.shape[1], momentum)
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight.to(scale.dtype)
         y = _centered(x, pivot, shifted_mean) * _channel_view(scale, nd)
         if bias is not None:
             y = y + _channel_view(bias.to(y.dtype), nd)
-        mean = pivot + shifted_mean
-        ctx.save_for_backward(x, weight, pivot, shifted_mean, invstd)
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return y.to(x.dtype), mean, var
+        return y.to(x.dtype), pivot, shifted_mean, var
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
-        x, weight, pivot, shifted_mean, invstd = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, weight, bias, eps, *_ = inputs
+        _, pivot, shifted_mean, var = output
+        ctx.save_for_backward(x, weight, pivot, shifted_mean, var)
+        ctx.save_for_forward(x, weight, pivot, shifted_mean, var)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(pivot, shifted_mean, var)
+
+    @staticmethod
+    def backward(ctx, dy, _dpivot, _dshifted_mean, _dvar):  # type: ignore[override]
+        x, weight, pivot, shifted_mean, var = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: rebuild the statistics from x inside the graph (see the module doc).
-            pivot, shifted_mean, var = _shifted_statistics(x)
-            invstd = torch.rsqrt(var + ctx.eps)
-        dx, dweight, dbias = _training_grads(dy, x, weight, pivot, shifted_mean, invstd)
+            dx, dweight, dbias = training_gradients(dy, x, weight, ctx.eps)
+        else:
+            dx, dweight, dbias = _training_grads(dy, x, weight, pivot, shifted_mean, torch.rsqrt(var + ctx.eps))
         needs = ctx.needs_input_grad
         return (
             dx if needs[0] else None,
             dweight.to(weight.dtype) if needs[1] else None,
             dbias.to(ctx.bias_dtype) if needs[2] else None,
-            None,
+            *(None,) * 4,
         )
+
+
+class _Transformable(_TrainingBatchNorm):
+    """`_TrainingBatchNorm` with forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) and a
+    vmap rule generated from the forward's torch ops, for eager calls (torch.compile refuses a Function with a
+    custom jvp)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, *_):  # type: ignore[override]
+        x, weight, pivot, shifted_mean, var = ctx.saved_tensors
+        invstd = torch.rsqrt(var + ctx.eps)
+        x_hat = _centered(x, pivot, shifted_mean) * _channel_view(invstd, x.dim())
+        return tangent(x_hat, invstd, True, dx, weight, dweight, dbias).to(x.dtype), None, None, None
 
 
 def _inference(
@@ -189,6 +259,5 @@ def batch_norm(
         channels = input.shape[1]
         zeros = input.new_zeros(channels, dtype=accumulation_dtype(input.dtype))
         return _inference(input, zeros, zeros + 1, weight, bias, eps)
-    y, mean, var = _TrainingBatchNorm.apply(input, weight, bias, eps)
-    update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
-    return y
+    function = _TrainingBatchNorm if torch.compiler.is_compiling() else _Transformable
+    return function.apply(input, weight, bias, eps, running_mean, running_var, momentum)[0]

@@ -15,9 +15,14 @@ Under ``torch.compile`` the training launchers run as custom ops (``bnlab::trito
 traced as torch ops there, which inductor fuses with its neighbours.
 
 Double backward (``create_graph=True``: gradient penalties, Hessian-vector products): the kernels' backward
-is not differentiable, so with grad mode on in backward the gradients come from torch ops instead
-(`_backward_differentiable`: the forward recomputed by torch's batch norm, statistics from x inside the
-graph), which autograd differentiates again. Slower, and eager only (torch.compile refuses double backward).
+is not differentiable, so where the gradients must be differentiable again they come from torch ops instead
+(`_backward_differentiable`: the reference backend's formulas, statistics recomputed from x), which autograd
+differentiates again. Slower, and eager only (torch.compile refuses double backward).
+
+torch.func's transforms: grad, vjp, jacrev, hessian (the backward in torch ops, as for double backward:
+functorch always asks for a differentiable one), jvp, jacfwd and ``torch.autograd.forward_ad`` (`_tangent`:
+the tangent in torch ops), vmap (`_vmapped`: a launch per slice; training there cannot update running
+statistics). The forward runs the kernels under all of them.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from bnlab import kernels
-from bnlab.backends import native
+from bnlab.backends import native, reference
 from bnlab.kernels import layout as kl
 
 __all__ = ["SUPPORTED_DTYPES", "batch_norm"]
@@ -36,35 +42,83 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_VALUES_PER_CHANNEL = 2**31 - 1  # N x spatial: row and count arithmetic in the kernels is 32-bit
 
 
-class _FusedBatchNorm(torch.autograd.Function):
+class _Transformable(torch.autograd.Function):
+    """The kernels under autograd in the form torch.func's transforms take (forward without ctx, then
+    `setup_context`), with rules for forward-mode AD (`jvp`) and vmap: for calls under a transform or with
+    dual tensors. The forward returns the statistics it used (mean, invstd), which backward and jvp need."""
+
     # The differentiable inputs, then the rest in one tuple: Function.apply's Python and C++ look at every
     # argument (a one-off probe on the dev VM, session 18: a do-nothing Function's apply with 14 arguments
     # 24 us a call, with 5 13-17; bnlab's whole stubbed forward moved within that VM's noise).
     @staticmethod
+    def forward(x, weight, bias, residual, rest):  # type: ignore[override]
+        return _forward(x, weight, bias, residual, rest)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _save(ctx, inputs, output)
+        x, weight, bias, residual, _ = inputs
+        y, mean, invstd = output
+        ctx.save_for_forward(x, weight, bias, residual, mean, invstd, y)
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # (no zero tensors for mean's and invstd's gradients: never used)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dinvstd):  # type: ignore[override]
+        return _backward_either(ctx, dy)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, dresidual, _drest):  # type: ignore[override]
+        return _tangent(ctx, dx, dweight, dbias, dresidual), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, residual, rest):  # type: ignore[override]
+        return _vmapped(info, in_dims, x, weight, bias, residual, rest)
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """`_Transformable` with a forward that takes ctx, one output and no rules: what every other call takes,
+    plain eager and torch.compile. (Function.apply binds a setup_context-style forward's arguments with
+    inspect.signature on every call; two more outputs cost ~10-20 us a training step in autograd's own
+    bookkeeping, kernels stubbed on the dev VM; and torch.compile refuses a Function with a custom jvp.)"""
+
+    @staticmethod
     def forward(ctx, x, weight, bias, residual, rest):  # type: ignore[override]
-        running_mean, running_var, training, momentum, eps, relu, layout, grad_mode, guard, counter, ghosts = rest
-        # (ctx.needs_input_grad says True for a weight that requires grad even under no_grad, where no
-        # backward can come: then inference need not save its statistics)
-        needs_grad = grad_mode and any(ctx.needs_input_grad[:4])
-        args = (x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
-                training or needs_grad, layout)  # fmt: skip
-        if torch.compiler.is_compiling():  # (bnlab.functional guards the update with torch ops there)
-            y, mean, invstd = torch.ops.bnlab.triton_forward(*args)  # (training: `batch_norm` traces inference)
-        else:
-            y, mean, invstd = _forward_kernels(*args, guard, counter, ghosts)
-        if needs_grad:
-            ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
-        ctx.training, ctx.relu, ctx.layout, ctx.ghosts, ctx.eps = training, relu, layout, ghosts, eps
-        return y
+        output = _forward(x, weight, bias, residual, rest)
+        _save(ctx, (x, weight, bias, residual, rest), output)
+        return output[0]
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        # Grad mode is on only under create_graph=True: then the gradients must be differentiable again, which
-        # the kernels' are not. (Traced by torch.compile, the backward calls the custom op, for which no
-        # derivative is registered: compiled graphs refuse double backward anyway.)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return _backward_differentiable(ctx, dy)
-        return _backward(ctx, dy)
+        return _backward_either(ctx, dy)
+
+
+# (The two Functions' bodies are functions of their own: torch.compile refuses a Function that calls another
+# Function's methods with its ctx.)
+def _forward(x, weight, bias, residual, rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    running_mean, running_var, training, momentum, eps, relu, layout, guard, counter, ghosts = rest
+    # (save_stats: a call comes here only where autograd records it, or under a transform or compile)
+    args = (x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, True, layout)
+    if torch.compiler.is_compiling():  # (bnlab.functional guards the update with torch ops there)
+        return torch.ops.bnlab.triton_forward(*args)  # (training: `batch_norm` traces inference)
+    return _forward_kernels(*args, guard, counter, ghosts)  # type: ignore[return-value]
+
+
+def _backward_either(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    # Grad mode is on under create_graph=True, and under torch.func's reverse transforms (which always create
+    # a graph, to compose): then the gradients must be differentiable again, which the kernels' are not.
+    # (Traced by torch.compile, the backward calls the custom op, for which no derivative is registered:
+    # compiled graphs refuse double backward.)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _backward_differentiable(ctx, dy)
+    return _backward(ctx, dy)
+
+
+def _save(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """What the backward needs of a call (the forward's inputs and the statistics it used)."""
+    x, weight, bias, residual, rest = inputs
+    ctx.save_for_backward(x, weight, bias, residual, output[1], output[2])
+    ctx.training, ctx.eps, ctx.relu, ctx.layout, ctx.ghosts = rest[2], rest[4], rest[5], rest[6], rest[9]
 
 
 def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -87,41 +141,89 @@ def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
 
 
 def _backward_differentiable(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """The gradients as torch ops, differentiable again (create_graph=True): autograd through
-    `_forward_by_torch_ops` from the saved inputs, which keep their own graphs, so the second derivatives
-    see the batch statistics' dependence on x, as the reference backend's do. The first derivatives round
-    differently from the kernels' (torch's batch norm, the epilogue in the input's dtype)."""
+    """The gradients in torch ops, differentiable again: through the ReLU's mask (recomputed from the saved
+    statistics; its own derivative is zero) and the residual, then per ghost batch the reference backend's
+    formulas in training (`reference.training_gradients`: statistics recomputed from x, so second derivatives
+    see their dependence on x), the affine map's in inference. Rounds as the reference backend does."""
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:4]
-    with torch.enable_grad():
-        # Each argument through an alias of its own: the gradient captured at an alias is what flows into that
-        # argument alone. (relu(bn(x) + x) passes x twice, the residual as a view of it: asked at x itself,
-        # autograd would also count the residual's path there, and the caller's graph adds it once more.)
-        args = [t.view_as(t) if need else t for t, need in zip((x, weight, bias, residual), needs, strict=True)]
-        y = _forward_by_torch_ops(ctx, *args, mean, invstd)
-        wanted = [a for a, need in zip(args, needs, strict=True) if need]
-        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, materialize_grads=True))
-    return (*(next(grads) if need else None for need in needs), None)
+    need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
+    k, dims = ctx.ghosts, [0, *range(2, x.dim())]
+    parts = list(zip(x.chunk(k), mean.chunk(k), invstd.chunk(k), _chunks(weight, k), _chunks(bias, k), strict=True))
+    if ctx.relu:
+        with torch.no_grad():  # (the mask's own derivative is zero)
+            pre = torch.cat([_normalized(*part) for part in parts])
+            positive = (pre if residual is None else pre + residual.float()) > 0
+        dy = torch.where(positive, dy, 0.0)
+    grads = []
+    for (xj, mj, sj, wj, _), gj in zip(parts, dy.chunk(k), strict=True):
+        if ctx.training:
+            grads.append(reference.training_gradients(gj, xj, wj, ctx.eps))
+        else:
+            g, shape = gj.float(), (1, -1) + (1,) * (x.dim() - 2)
+            scale = sj if wj is None else sj * wj.float()
+            grads.append(((g * scale.view(shape)).to(x.dtype), (g * _normalized(xj, mj, sj)).sum(dims), g.sum(dims)))
+    dx, dweight, dbias = (torch.cat(g) for g in zip(*grads, strict=True))
+    return (
+        dx if need_x else None,
+        dweight.to(weight.dtype) if need_w else None,
+        dbias.to(bias.dtype) if need_b else None,
+        dy if need_z else None,
+        None,
+    )
 
 
-def _forward_by_torch_ops(
-    ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    mean: torch.Tensor, invstd: torch.Tensor,
+def _chunks(t: torch.Tensor | None, k: int) -> list[torch.Tensor | None]:
+    """`t` in k chunks along dim 0 (ghost batches: of samples, or of a ghost-major parameter); or k Nones."""
+    return [None] * k if t is None else list(t.chunk(k))
+
+
+def _normalized(
+    x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """What the forward's kernels computed, in differentiable torch ops: in training torch's batch norm on
-    each ghost batch (its statistics from x), in inference the affine map with the statistics it used."""
-    if ctx.training:
-        k = ctx.ghosts  # (ghost j: samples [j * N/k, (j + 1) * N/k), channels [j * C, (j + 1) * C) of the parameters)
-        weights, biases = ([None] * k if p is None else p.chunk(k) for p in (weight, bias))
-        parts = [native.batch_norm(xj, None, None, wj, bj, True, 0.0, ctx.eps)
-                 for xj, wj, bj in zip(x.chunk(k), weights, biases, strict=True)]  # fmt: skip
-        out = parts[0] if k == 1 else torch.cat(parts)
-    else:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        scale = invstd if weight is None else invstd * weight.float()
-        out = (x.float() - mean.view(shape)) * scale.view(shape)
-        out = (out if bias is None else out + bias.float().view(shape)).to(x.dtype)
-    return native.epilogue(out, residual, "relu" if ctx.relu else None)
+    """(x - mean) * invstd * weight + bias in float32, the statistics given (per channel of x)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = (x.float() - mean.view(shape)) * (invstd if weight is None else invstd * weight.float()).view(shape)
+    return out if bias is None else out + bias.float().view(shape)
+
+
+def _tangent(
+    ctx, dx: torch.Tensor | None, dweight: torch.Tensor | None, dbias: torch.Tensor | None,
+    dresidual: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """y's tangent (forward-mode AD: torch.func.jvp, jacfwd, torch.autograd.forward_ad) in torch ops: the
+    reference backend's formula (`reference.tangent`, in float32) on each ghost batch with the statistics the
+    forward used, plus the residual's tangent, through the ReLU's mask (relu'(p) = [p > 0] = [y > 0])."""
+    x, weight, _, _, mean, invstd, y = ctx.saved_tensors
+    k = ctx.ghosts
+    tangents = zip(_chunks(dx, k), _chunks(weight, k), _chunks(dweight, k), _chunks(dbias, k), strict=True)
+    statistics = zip(x.chunk(k), mean.chunk(k), invstd.chunk(k), strict=True)
+    parts = [reference.tangent(_normalized(xj, mj, sj), sj, ctx.training, *rest)
+             for (xj, mj, sj), rest in zip(statistics, tangents, strict=True)]  # fmt: skip
+    out = torch.cat(parts)
+    if dresidual is not None:
+        out = out + dresidual.float()
+    if ctx.relu:
+        out = torch.where(y > 0, out, 0.0)
+    return out.to(x.dtype)
+
+
+def _vmapped(info, in_dims, x, weight, bias, residual, rest) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+    """`_Transformable.vmap`: one call per slice of the vmapped dimension (the kernels have no batch
+    dimension of their own; each slice is laid out for them anew), the outputs stacked along dim 0."""
+    running_mean, running_var, training, momentum, eps, relu, _, guard, counter, ghosts = rest
+    if training and running_mean is not None:  # (bnlab.functional refuses it first, naming the layer)
+        raise RuntimeError("backend 'triton': under vmap, training cannot update running statistics")
+
+    def at(t: torch.Tensor | None, dim: int | None, i: int) -> torch.Tensor | None:
+        return t if t is None or dim is None else t.select(dim, i)
+
+    dims = (*in_dims[:4], *in_dims[4][:2])
+    outs = [_fused(*(at(t, d, i) for t, d in zip((x, weight, bias, residual, running_mean, running_var), dims,
+                                                 strict=True)),
+                   training, momentum, eps, relu, guard, counter, ghosts, statistics=True)
+            for i in range(info.batch_size)]  # fmt: skip
+    return tuple(torch.stack(out) for out in zip(*outs, strict=True)), (0, 0, 0)
 
 
 # ---- the launchers, and the same as torch custom ops for torch.compile ---------------------------------------
@@ -274,40 +376,62 @@ def batch_norm(
         # kernel per layer (and an op call's host time). (Session 16 had an op of its own for it.)
         out = native.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
         return native.epilogue(out, residual, activation)
-    layout = kl.layout_of(input)
-    if layout is None:
-        input, layout = input.contiguous(), kl.PLANES
-    if residual is not None:
-        residual = kl.to_layout(residual.to(input.dtype), layout)
-        if residual is input:  # relu(bn(x) + x): a view, as torch.compile refuses one tensor as two inputs
-            residual = residual.view_as(input)
     relu = activation == "relu"
-    if not _through_function(input, weight, bias, residual):
-        out = _forward_kernels(input, weight, bias, residual, running_mean, running_var, training, momentum, eps,
-                               relu, training, layout, guard, num_batches_tracked, ghosts)  # fmt: skip
-        return out[0]
-    rest = (running_mean, running_var, training, momentum, eps, relu, layout, torch.is_grad_enabled(), guard,
-            num_batches_tracked, ghosts)  # fmt: skip
-    return _FusedBatchNorm.apply(input, weight, bias, residual, rest)
+    return _fused(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, guard,
+                  num_batches_tracked, ghosts)[0]  # fmt: skip
+
+
+def _fused(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
+    eps: float, relu: bool, guard: torch.Tensor | None, counter: torch.Tensor | None, ghosts: int,
+    statistics: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """(y, mean, invstd) of `batch_norm`'s kernels, x and the residual first laid out for them; with
+    `statistics` (vmap's rule) the statistics used always, else where they come at no cost (None in
+    inference without a graph, and where a graph is recorded outside torch.func's transforms)."""
+    layout = kl.layout_of(x)
+    if layout is None:
+        x, layout = x.contiguous(), kl.PLANES
+    if residual is not None:
+        residual = kl.to_layout(residual.to(x.dtype), layout)
+        if residual is x:  # relu(bn(x) + x): a view, as torch.compile refuses one tensor as two inputs
+            residual = residual.view_as(x)
+    if not _through_function(x, weight, bias, residual):
+        return _forward_kernels(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                                relu, training or statistics, layout, guard, counter, ghosts)  # fmt: skip
+    rest = (running_mean, running_var, training, momentum, eps, relu, layout, guard, counter, ghosts)
+    if statistics or _transformed():
+        return _Transformable.apply(x, weight, bias, residual, rest)
+    return _FusedBatchNorm.apply(x, weight, bias, residual, rest), None, None
 
 
 def _through_function(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call goes through `_FusedBatchNorm`: where autograd has something to record, and under
-    torch.compile (the Function's custom ops). Elsewhere (evaluation, torch.no_grad, frozen inputs) the
-    launchers run without Function.apply's own bookkeeping (`python benchmarks/host_overhead.py`, its
-    no_grad rows, times both)."""
-    return torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether a call goes through an autograd.Function (`_FusedBatchNorm`, `_Transformable`): where autograd
+    has something to record, under torch.func's transforms and forward-mode AD (which only a Function's rules
+    pass), and under torch.compile (the Function's custom ops). Elsewhere (evaluation, torch.no_grad, frozen
+    inputs) the launchers run without Function.apply's own bookkeeping (`python benchmarks/host_overhead.py`,
+    its no_grad rows, times both)."""
+    return (
+        torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+        or _transformed()
     )
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform is active, or a forward-mode AD level (whose dual tensors a launch would
+    take for plain ones, dropping their tangents)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def batch_statistics(input: torch.Tensor, eps: float, ghosts: int = 1) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(mean, invstd) of a training batch per channel, float32, from one read of `input` by the statistics
     kernel (no gradient; for batch renorm's r and d: `bnlab.functional`); with `ghosts`, of each ghost
     batch's channels (ghosts * C, as `batch_norm`'s); None where the caller should use torch ops instead:
-    under torch.compile (the launcher is not traced: inductor fuses torch's reduction) and for strides that
-    would need a copy first (torch's var_mean reads them as they are)."""
-    if not ghosts_in_place(input):
+    under torch.compile (the launcher is not traced: inductor fuses torch's reduction), under torch.func's
+    transforms, and for strides that would need a copy first (torch's var_mean reads them as they are)."""
+    if not ghosts_in_place(input) or torch._C._are_functorch_transforms_active():  # (a launch needs real tensors)
         return None
     _check(input)
     with torch.no_grad():
