@@ -65,7 +65,7 @@ for step in "${steps[@]}"; do
       # -v: each result on its own line as it comes (xdist names failures only at the end, which a step
       # cut short by its limit never reaches: session 5's runs lost the name of one failing test so)
       timeout "${TESTS_S:-100}" python3 -m pytest -v -p no:cacheprovider -n "$JOBS" --durations=5 \
-        tests/test_triton.py tests/test_gpubench.py tests/test_launch.py \
+        tests/test_triton.py tests/test_func_transforms.py tests/test_gpubench.py tests/test_launch.py \
         -k "not compiles_for_nvidia and not instruction_budget and not flags_slow_loops" 2>&1 \
         | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -15 ;;
     quick)
