@@ -113,6 +113,9 @@ def test_transforms_through_the_fused_epilogue_and_ghost_batches(backend, epilog
     args = (x, w, b, z)
     _assert_close(grad(_loss4(ours), argnums=(0, 1, 2, 3))(*args), grad(_loss4(theirs), argnums=(0, 1, 2, 3))(*args))
     _assert_close(jvp(ours, args, tangents), jvp(theirs, args, tangents))
+    members = (torch.stack([x, x.flip(0)]), w, b, torch.stack([z, -z]))  # two members' inputs, shared parameters
+    in_dims = (0, None, None, 0)
+    _assert_close([vmap(ours, in_dims=in_dims)(*members)], [vmap(theirs, in_dims=in_dims)(*members)])
 
 
 def _loss4(f):
