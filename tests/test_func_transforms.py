@@ -43,9 +43,13 @@ def _bn(backend, stats, training, **extra):
     return f, (rm, rv)
 
 
-def _loss(f):
+def _weighted(y):
     # (a loss whose gradient at y is not uniform: BN's projection removes constant and x_hat-shaped parts)
-    return lambda x, w, b: (f(x, w, b) * torch.linspace(-1.0, 2.0, x.numel(), device=x.device).view_as(x)).sin().sum()
+    return (y * torch.linspace(-1.0, 2.0, y.numel(), device=y.device).view_as(y)).sin().sum()
+
+
+def _loss(f):
+    return lambda x, w, b: _weighted(f(x, w, b))
 
 
 def _assert_close(got, want, **tol):
@@ -119,9 +123,7 @@ def test_transforms_through_the_fused_epilogue_and_ghost_batches(backend, epilog
 
 
 def _loss4(f):
-    return lambda x, w, b, z: (
-        (f(x, w, b, z) * torch.linspace(-1.0, 2.0, x.numel(), device=x.device).view_as(x)).sin().sum()
-    )
+    return lambda x, w, b, z: _weighted(f(x, w, b, z))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,3 +195,18 @@ def test_module_ensembles_with_functional_call(backend):
 
         got = vmap(call, in_dims=(0, 0, None))(params, buffers, x)
         torch.testing.assert_close(got, torch.stack([m(x) for m in members]), **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_training_under_grad_updates_buffers_as_torch(backend):
+    """torch.func.grad over functional_call in training, the buffers passed in (a transform refuses writes to
+    tensors it captured, torch's layers' alike): the same gradients and buffer updates as torch's layer."""
+    x = make_input((6, 3, 2, 2), "channels_last").to(DEVICE)
+    layers = [nn.BatchNorm2d(3).to(DEVICE), bnlab.nn.BatchNorm2d(3, backend=backend).to(DEVICE)]
+    results = []
+    for layer in layers:
+        params, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
+        grads = grad(lambda p, b, layer=layer: _weighted(functional_call(layer, (p, b), (x,))))(params, buffers)
+        results.append([*grads.values(), *buffers.values()])
+    _assert_close(results[1], results[0])
+    assert layers[1].num_batches_tracked.item() == 1
