@@ -431,7 +431,9 @@ def batch_statistics(input: torch.Tensor, eps: float, ghosts: int = 1) -> tuple[
     batch's channels (ghosts * C, as `batch_norm`'s); None where the caller should use torch ops instead:
     under torch.compile (the launcher is not traced: inductor fuses torch's reduction), under torch.func's
     transforms, and for strides that would need a copy first (torch's var_mean reads them as they are)."""
-    if not ghosts_in_place(input) or torch._C._are_functorch_transforms_active():  # (a launch needs real tensors)
+    # (A launch needs real tensors, not functorch's wrappers. Dual tensors, which `_transformed` also counts,
+    # are fine here: their primal is read, and r and d take no derivative.)
+    if not ghosts_in_place(input) or torch._C._are_functorch_transforms_active():
         return None
     _check(input)
     with torch.no_grad():
