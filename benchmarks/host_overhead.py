@@ -10,6 +10,7 @@ own launch cost on top.
 registered with `torch.library.custom_op` and with the low-level `torch.library.Library` API (what the
 backend uses), and bnlab's and torch's BatchNorm2d under torch.compile (inductor), training forward+backward
 and inference under no_grad (20th percentile: inductor's wrappers are noisy on a shared VM).
+The last row times a training forward+backward through each of the backend's two autograd.Functions.
 """
 
 from __future__ import annotations
@@ -136,6 +137,26 @@ def _print_rows(K) -> None:
             direct, inside = _alternating_medians_us(calls)
             mode = "training" if training else "inference"
             print(f"{'triton, no_grad':>22}: {mode} direct {direct:6.1f} us, in autograd.Function {inside:6.1f} us")
+    # Session 22: calls under torch.func's transforms or forward-mode AD take `_Transformable` (setup_context
+    # form, whose apply binds its arguments with inspect.signature every call); all others `_FusedBatchNorm`.
+    # Both timed alternately on a plain training forward+backward, each forced by the backend's switch.
+    calls = [_switched(transformed, step(bnlab_call("triton"))) for transformed in (False, True)]
+    plain, transformable = _alternating_medians_us(calls)
+    print(f"{'triton, Functions':>22}: forward+backward _FusedBatchNorm {plain:6.1f} us, "
+          f"_Transformable {transformable:6.1f} us")  # fmt: skip
+
+
+def _switched(transformed: bool, fn):
+    """`fn` with the triton backend told whether a transform is active (which Function its calls take)."""
+
+    def call() -> object:
+        kept, TB._transformed = TB._transformed, lambda: transformed
+        try:
+            return fn()
+        finally:
+            TB._transformed = kept
+
+    return call
 
 
 def _routed(route, x, rm, rv, w, b, training: bool):
