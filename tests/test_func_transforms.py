@@ -22,6 +22,17 @@ TOL = {"atol": 2e-5, "rtol": 2e-5}
 MODES = pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
 
 
+@pytest.fixture(autouse=True)
+def _checks_as_on_a_gpu(monkeypatch):
+    """The CPU takes a GPU's path for policy "skip" (the check deferred, no host sync: the guard kernel or
+    selects): under a transform that path must step aside (`functional._deferred`), and on a GPU it is the
+    default. The guard kernel must still be on afterwards (a failure there switches it off for good)."""
+    monkeypatch.setattr(BF, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(BF, "GUARD_KERNEL", True)  # (restored after the test, whatever it did)
+    yield
+    assert BF.GUARD_KERNEL, "a transform switched the guard kernel off"
+
+
 def _operands(shape=(4, 3, 2, 3), layout="contiguous", seed=0):
     x = make_input(shape, layout, seed=seed).to(DEVICE)
     gen = torch.Generator().manual_seed(seed + 1)

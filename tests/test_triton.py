@@ -358,7 +358,8 @@ def test_late_combine_matches_the_reference(monkeypatch, case):
     else:
         monkeypatch.setattr(K, "TILE", 32)
         monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 64)  # (float32: elementwise blocks of 16 channels)
-        monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 4)
+        for knob in ("REDUCTION_ROWS_BLOCK_CHANNELS", "SMALL_REDUCTION_ROWS_BLOCK_CHANNELS"):  # (a GPU: small)
+            monkeypatch.setattr(K, knob, 4)
         monkeypatch.setattr(K, "COMBINE_VALUES", 8)  # (groups of 2 slices)
         x, z, dy, w, b = _operands((7, 12, 5, 3), "channels_last", torch.float32)
     plan = K.make_plan(x, K.layout_of(x))
@@ -853,7 +854,8 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeyp
         ]  # fmt: skip
     assert K.planned(K.ROWS, 256, 512, 49, 2, 528, small=True).grid[0] == 32  # (16 channels: 32 blocks)
     monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 128)  # (the interpreter: float32 blocks of 32 and 8 channels)
-    monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 8)
+    for knob in ("REDUCTION_ROWS_BLOCK_CHANNELS", "SMALL_REDUCTION_ROWS_BLOCK_CHANNELS"):  # (a GPU: small)
+        monkeypatch.setattr(K, knob, 8)
     x, z, dy, w, b = _operands((6, 48, 3, 3), "channels_last", torch.float32)
     plan = K.make_plan(x, K.ROWS)
     assert (plan.block_b, plan.channel_programs, plan.apply.block_b, plan.apply.channel_programs) == (8, 6, 32, 2)
@@ -1548,7 +1550,10 @@ def test_the_update_guard_runs_in_the_kernels(monkeypatch, plan):
             K, "_target_programs", lambda device, layout, elementwise=False, small=False: 10 if elementwise else 6
         )
         shape = (9, 24, 5, 5)
-    BF._LATE_REPORTS._ring(torch.device(DEVICE))  # (its one-time check launches the guard kernel: not counted)
+    x = make_input(shape, seed=3).to(DEVICE)
+    # (the ring's one-time check launches the guard kernel: not counted. Keyed by x.device, "cuda:0": a
+    # ring checked for torch.device("cuda") would be checked again on the first call, session 23's GPU run)
+    BF._LATE_REPORTS._ring(x.device)
     guards = []
     kernel = K._guard_kernel
 
@@ -1560,7 +1565,6 @@ def test_the_update_guard_runs_in_the_kernels(monkeypatch, plan):
     monkeypatch.setattr(K, "_guard_kernel", Counted())
     guarded = bnlab.nn.BatchNorm2d(shape[1], backend="triton").to(DEVICE)
     unguarded = bnlab.nn.BatchNorm2d(shape[1], backend="triton", nonfinite="ignore").to(DEVICE)
-    x = make_input(shape, seed=3).to(DEVICE)
     made = K.make_plan(x, K.PLANES)
     assert made.single == (plan == "single-tile")
     assert (K._late_rows(made, x.element_size()) is not None) == (plan == "late")

@@ -227,8 +227,15 @@ GUARD_KERNEL = True
 def _deferred(running_var: torch.Tensor, policy: str) -> bool:
     """Whether a training call's running-statistics update is checked (policy "skip") or left unchecked
     ("ignore") without a host sync: on DEFERRED_CHECK_DEVICES, outside torch.compile (which has its own
-    path, `_update_guarded`). Policy "error" must sync to raise."""
-    return policy != "error" and running_var.device.type in DEFERRED_CHECK_DEVICES and not torch.compiler.is_compiling()
+    path, `_update_guarded`) and outside torch.func's transforms (whose wrapped tensors neither the guard
+    kernel nor an in-place select into the captured buffers can take; torch's own kernel updates them
+    below the transforms, as on the CPU). Policy "error" must sync to raise."""
+    return (
+        policy != "error"
+        and running_var.device.type in DEFERRED_CHECK_DEVICES
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
 
 
 def _update_guarded(
