@@ -14,8 +14,8 @@ back to back, one synchronize at the end), so the differences between lines loca
   with the engine's multithreading off (backward on the calling thread: no hand-off at all);
 - one Triton launch of the forward's first kernel over an empty grid (Triton's own Python per launch),
   and the launchers with every kernel stubbed (bnlab's own Python);
-- the launchers, the functional call and the layer with DIRECT_LAUNCH (session 18: Triton's dispatch
-  skipped after a specialization's first launch, `bnlab.kernels.launch`);
+- the launchers, the functional call and the layer through Triton's dispatch (DIRECT_LAUNCH off; on, the
+  default since session 23, skips it after a specialization's first launch: `bnlab.kernels.launch`);
 - eager torch and torch.compile for comparison (compile last: it starts worker processes and threads),
   and whole layers (bnlab's, torch's) compiled, also with mode="reduce-overhead" (CUDA graphs: the
   kernels replayed without host time; bnlab's run as custom ops in the graph).
@@ -173,11 +173,11 @@ def main() -> int:
           f"GIL switch interval {sys.getswitchinterval() * 1e6:.0f} us; us per call:")  # fmt: skip
     for label, fn in rows:
         print(f"  {timed(fn):8.1f}  {label}", flush=True)
-    # The same with DIRECT_LAUNCH (bnlab.kernels.launch: a specialization's later launches call the compiled
-    # kernel's launcher, without Triton's dispatch); its first launches, through Triton, in the warm-up.
-    with knobs_set(K, {"DIRECT_LAUNCH": True}):
+    # The same through Triton's dispatch on every launch (DIRECT_LAUNCH off; on by default: a specialization's
+    # later launches call the compiled kernel's launcher, `bnlab.kernels.launch`).
+    with knobs_set(K, {"DIRECT_LAUNCH": False}):
         for label, fn in [*rows[:2], rows[4], rows[7]]:
-            print(f"  {timed(fn):8.1f}  {label}, direct launches", flush=True)
+            print(f"  {timed(fn):8.1f}  {label}, Triton's dispatch", flush=True)
     empty = (0,) * len(grid)
     us = timed(lambda: kernel[empty](*launch_args, **launch_options))
     print(f"  {us:8.1f}  Triton: one launch of {kernel.fn.__name__} over an empty grid", flush=True)

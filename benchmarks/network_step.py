@@ -10,7 +10,8 @@ native backend because a Python-called bnlab layer costs more host time than tor
 session 17's host rows). Whether the kernels' GPU time wins inside a real step, where the host's launches
 overlap the convolutions' GPU time, is what this measures: torchvision's model (bf16 autocast, SGD with
 momentum, random data and labels) with torch's BatchNorm2d ("torch"), or converted to bnlab's layers with
-backend "native" or "triton" ("triton-direct": with the DIRECT_LAUNCH knob, session 18); the same weights
+backend "native" or "triton" ("triton-dispatch": the DIRECT_LAUNCH knob off, every launch through Triton's
+dispatch, the default before session 23); the same weights
 for each. Each step is timed wall-clock from its start to
 the next step's (the GPU synchronized once after the timed steps: a host-bound loop shows as a longer
 step, as it would in training), median over the steps after a warm-up that compiles the kernels; and
@@ -40,7 +41,7 @@ from bnlab import kernels
 from bnlab.gpubench import knobs_set
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-PROVIDERS = ("torch", "native", "triton", "triton-direct")  # (-direct: the kernels' DIRECT_LAUNCH knob on)
+PROVIDERS = ("torch", "native", "triton", "triton-dispatch")  # (-dispatch: the kernels' DIRECT_LAUNCH off)
 
 
 def tiny_model(num_classes: int = 10) -> nn.Module:
@@ -67,7 +68,7 @@ def prepared(model: nn.Module, provider: str, layout: str, device: str) -> nn.Mo
     """A copy of `model` with the provider's BN layers, on `device` in `layout`."""
     model = copy.deepcopy(model)
     if provider != "torch":
-        model = bnlab.nn.convert(model, backend=provider.removesuffix("-direct"))
+        model = bnlab.nn.convert(model, backend=provider.removesuffix("-dispatch"))
     return model.to(device=device, memory_format=LAYOUTS[layout])
 
 
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         medians = {}
         for provider in providers:
             model = prepared(base, provider, layout, args.device)
-            direct = {"DIRECT_LAUNCH": True} if provider.endswith("-direct") else {}
-            with knobs_set(kernels.load(), direct):
+            dispatch = {"DIRECT_LAUNCH": False} if provider.endswith("-dispatch") else {}
+            with knobs_set(kernels.load(), dispatch):
                 seconds, issued = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
             medians[provider] = statistics.median(seconds) * 1e3
             host_ms = statistics.median(issued) * 1e3

@@ -64,7 +64,7 @@ def test_the_host_time_breakdown_runs_every_line():
     lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
     assert len(lines) == 21 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
     assert done.stdout.count("autograd multithreading off") == 2
-    assert done.stdout.count(", direct launches") == 4
+    assert done.stdout.count(", Triton's dispatch") == 4
     assert "Triton: one launch of _single_tile_forward_kernel over an empty grid" in done.stdout
     assert "bnlab: inference under no_grad" in done.stdout
 
@@ -244,7 +244,7 @@ def test_the_ncu_driver_runs_training_steps_and_names_the_plans():
 
 def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monkeypatch):
     """benchmarks/network_step.py on CPU with the tiny model: each layout with torch's layers, bnlab's
-    native ones and the Triton kernels (the interpreter; "triton-direct" with the DIRECT_LAUNCH knob, set
+    native ones and the Triton kernels (the interpreter; "triton-dispatch" with the DIRECT_LAUNCH knob off,
     for its steps only), the converted models holding bnlab's layers with that backend, a CSV row each; a
     provider it does not know is refused by name."""
     import csv
@@ -253,7 +253,7 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
 
     import bnlab.nn
 
-    for provider in ("triton", "triton-direct"):
+    for provider in ("triton", "triton-dispatch"):
         converted = network_step.prepared(network_step.tiny_model(), provider, "channels_last", "cpu")
         layers = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         assert layers and all(type(m) is bnlab.nn.BatchNorm2d and m.backend == "triton" for m in layers)
@@ -262,19 +262,19 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
     knob_seen = []
     monkeypatch.setattr(network_step, "time_steps", _recording_knob(network_step.time_steps, knob_seen))
     assert network_step.main([*args, "--out", str(tmp_path)]) == 0
-    assert knob_seen == [False, False, False, True] * 2 and not network_step.kernels.load().DIRECT_LAUNCH
+    assert knob_seen == [True, True, True, False] * 2 and network_step.kernels.load().DIRECT_LAUNCH
     (written,) = tmp_path.glob("network-step-*.csv")
     with written.open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["layout"], r["provider"]) for r in rows] == [
         (layout, provider) for layout in ("nchw", "channels_last")
-        for provider in ("torch", "native", "triton", "triton-direct")
+        for provider in ("torch", "native", "triton", "triton-dispatch")
     ]  # fmt: skip
     assert all(float(r["median_ms"]) > 0 and float(r["host_ms"]) > 0 for r in rows)
     assert "channels_last  triton" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         network_step.main([*args, "--providers", "torch,cudnn"])
-    assert "--providers: cudnn not among torch, native, triton, triton-direct" in capsys.readouterr().err
+    assert "--providers: cudnn not among torch, native, triton, triton-dispatch" in capsys.readouterr().err
 
 
 def _recording_knob(time_steps, seen: list):

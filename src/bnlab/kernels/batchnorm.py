@@ -486,9 +486,12 @@ def _grad_stages(plan: Plan) -> int:
 # Launches on a GPU without Triton's per-call dispatch once a kernel's specialization has been launched
 # (`bnlab.kernels.launch`): host time only, the kernels are the same. `python benchmarks/launch_overhead.py`
 # (no GPU: stand-ins for the driver and the compiled kernel; development VM, session 18, Triton 3.6, the
-# apply kernel, four runs): 23.5-29.3 us a launch through Triton's dispatch, 12.5-13.1 direct. Not yet run on a
-# GPU: off until a GPU session's tests (test_triton.py's direct-launch test) and host rows say.
-DIRECT_LAUNCH = False
+# apply kernel, four runs): 23.5-29.3 us a launch through Triton's dispatch, 12.5-13.1 direct. On by default
+# since session 23's H200 run (run 23: test_triton.py's direct-launch test passed natively, eagerly and in a
+# graph; benchmarks/host_gpu.py 48.3/35.3 us for the forward/backward launchers against 54.6/54.2 through
+# Triton's dispatch; benchmarks/network_step.py, ResNet-50 batch 128 bf16, a training step 41.6 against 47.3
+# ms NCHW and 41.1 against 50.2 channels-last, host-bound both ways).
+DIRECT_LAUNCH = True
 
 
 def _run(kernel, grid: tuple[int, ...], args: tuple, options: dict, device: torch.device) -> None:
