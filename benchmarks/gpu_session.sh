@@ -37,7 +37,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
-LAST_CSV=benchmarks/results/h200-2026-11-28/gpu-nvidia-h200-20261128-023338.csv  # (run 17: the last H200 run at the defaults; session 17 changed them since: GATHER_GROUPED_SUMS, LATE_COMBINE for 2-byte planes, STATS_PREFETCH for 2-byte rows)
+LAST_CSV=benchmarks/results/h200-2026-11-28/gpu-nvidia-h200-20261128-171038.csv  # (run 23: the last H200 run at the defaults)
 DEFAULT_CANDIDATES="SMALL_REDUCTION_ROWS_BLOCK_CHANNELS=32;SECOND_READ_EVICTION='evict_first';TILE=8192"
 JOBS=$(nproc)
 mkdir -p "$OUT"

@@ -77,7 +77,18 @@ def test_reverse_mode_transforms_match_torch(backend, layout, training):
     theirs, their_stats = _bn(None, stats, training)
     _assert_close(grad(_loss(ours), argnums=(0, 1, 2))(x, w, b), grad(_loss(theirs), argnums=(0, 1, 2))(x, w, b))
     _assert_close(our_stats, their_stats)  # (updated once, inside the transform, as torch's)
-    _assert_close(jacrev(ours, argnums=1)(x, w, b)[None], jacrev(theirs, argnums=1)(x, w, b)[None])
+    try:
+        want = jacrev(theirs, argnums=1)(x, w, b)
+    except RuntimeError as exc:  # (torch 2.11's cuDNN backward refuses channels-last input under vmap, in
+        # training, on session 23's H200: "NYI: querying is_contiguous inside of vmap ...". The same values
+        # from a contiguous copy then; the native backend, which calls torch, must refuse as torch does.)
+        assert "NYI: querying is_contiguous inside of vmap" in str(exc) and DEVICE == "cuda", exc
+        want = jacrev(theirs, argnums=1)(x.contiguous(), w, b)
+        if backend == "native":
+            with pytest.raises(RuntimeError, match="NYI: querying is_contiguous inside of vmap"):
+                jacrev(ours, argnums=1)(x, w, b)
+            return
+    _assert_close(jacrev(ours, argnums=1)(x, w, b)[None], want[None])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -536,12 +536,12 @@ def test_a_run_with_knobs_sets_them_records_them_and_restores_the_defaults(toy_p
     measure = g.measure_group
     monkeypatch.setattr(g, "measure_group", lambda *args: seen.append(K.TILE) or measure(*args))
     argv = ["bench", "--gpu", "--device", "cpu", "--providers", "bnlab-triton", "--bnlab-backend", "native"]
-    assert cli.main([*argv, "--out", str(tmp_path), "--knob", "TILE=64", "--knob", "DIRECT_LAUNCH=True"]) == 0
-    assert set(seen) == {64} and K.TILE == 4096 and K.DIRECT_LAUNCH is False
+    assert cli.main([*argv, "--out", str(tmp_path), "--knob", "TILE=64", "--knob", "DIRECT_LAUNCH=False"]) == 0
+    assert set(seen) == {64} and K.TILE == 4096 and K.DIRECT_LAUNCH is True
     (path,) = tmp_path.glob("gpu-cpu-*.csv")
     with path.open(newline="") as f:
-        assert {line["knobs"] for line in csv.DictReader(f)} == {"TILE=64 DIRECT_LAUNCH=True"}
-    assert "knobs set for this run: TILE=64 DIRECT_LAUNCH=True" in capsys.readouterr().err
+        assert {line["knobs"] for line in csv.DictReader(f)} == {"TILE=64 DIRECT_LAUNCH=False"}
+    assert "knobs set for this run: TILE=64 DIRECT_LAUNCH=False" in capsys.readouterr().err
     assert cli.main([*argv, "--knob", "TILE=big"]) == 2 and "--knob: knob TILE" in capsys.readouterr().err
     assert cli.main(["bench", "--gpu", "--check", str(path), "--knob", "DIRECT_LAUNCH=True"]) == 2
     assert cli.main(["bench", "--knob", "TILE=8192"]) == 2 and "--knob only with --gpu" in capsys.readouterr().err
