@@ -547,6 +547,25 @@ def test_a_run_with_knobs_sets_them_records_them_and_restores_the_defaults(toy_p
     assert cli.main(["bench", "--knob", "TILE=8192"]) == 2 and "--knob only with --gpu" in capsys.readouterr().err
 
 
+def test_markdown_tables_give_the_sums_and_each_layer_beside_the_faster_torch(tmp_path, capsys):
+    """--markdown: the README's tables, the sums (ms, speed-ups) and per layer bnlab's time, fraction of
+    copy and speed-up over the faster torch; a layer bnlab has no time for shows "-", and so do its sums."""
+    rows = _results()
+    table = g.format_markdown(rows).splitlines()
+    assert table[2] == "| bf16 | NCHW | 5.30 | 15.90 | 7.95 | 3.00x | 1.50x |"
+    assert table[5] == "| fp32 | channels-last | 5.30 | 15.90 | 7.95 | 3.00x | 1.50x |"
+    assert table[9] == "| 256x64x112x112 | 1 | " + " | ".join(["100 us, 0.80, 1.50x"] * 4) + " |"
+    assert len(table) == 9 + 12
+    broken = _replace_first(rows, lambda r: r.provider == g.BNLAB and r.dtype == "float32", error="boom")
+    table = g.format_markdown(broken).splitlines()
+    assert table[4] == "| fp32 | NCHW | - | 15.90 | 7.95 | - | - |"
+    assert table[9].endswith("| 100 us, 0.80, 1.50x | - | 100 us, 0.80, 1.50x |")
+    path = bench.write_csv(rows, tmp_path / "run.csv", record={"gpu": "test"})
+    assert cli.main(["bench", "--gpu", "--check", str(path), "--markdown"]) == 0
+    assert "| bf16 | channels-last | 5.30 | 15.90 | 7.95 | 3.00x | 1.50x |" in capsys.readouterr().out
+    assert cli.main(["bench", "--markdown"]) == 2
+
+
 def test_check_compares_bnlab_with_an_earlier_run(tmp_path, capsys):
     """--against: bnlab's rows and sums beside an earlier CSV's; a row whose plan note changed is marked."""
     before = bench.write_csv(_results(bnlab=100.0), tmp_path / "before.csv", record={"gpu": "test"})

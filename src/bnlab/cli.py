@@ -16,7 +16,8 @@ from bnlab.runner import RunError
 
 # `bench` options for --gpu only; all default to None (--strict too), so "given" means "not None".
 _GPU_ONLY = (
-    "out", "check", "against", "strict", "device", "budget_s", "providers", "bnlab_backend", "warm_jobs", "knob",
+    "out", "check", "against", "strict", "markdown", "device", "budget_s", "providers", "bnlab_backend",
+    "warm_jobs", "knob",
 )  # fmt: skip
 
 
@@ -190,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--strict", action="store_true", default=None, help="--gpu: exit status 1 if an acceptance criterion fails"
+    )
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        default=None,
+        help="--gpu: also print the README's tables (ResNet-50 at batch 256, forward+backward) in Markdown",
     )
     p.add_argument("--device", default=None, help="--gpu: torch device (default cuda; cpu is for tests)")
     p.add_argument(

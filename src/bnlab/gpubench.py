@@ -1002,6 +1002,50 @@ def format_sums(rows: Sequence[GpuRow]) -> str:
     return "\n".join(lines)
 
 
+_MARKDOWN_COLUMNS = (("bfloat16", NCHW, "bf16 NCHW"), ("bfloat16", CHANNELS_LAST, "bf16 channels-last"),
+                     ("float32", NCHW, "fp32 NCHW"), ("float32", CHANNELS_LAST, "fp32 channels-last"))  # fmt: skip
+
+
+def format_markdown(rows: Sequence[GpuRow], batch: int = 256, direction: str = "both") -> str:
+    """The README's two tables for ResNet-50 at `batch` (`direction`): the per-iteration sums (ms) with
+    bnlab's speed-ups, and per layer shape bnlab's time, fraction of copy and speed-up over the faster of
+    eager and torch.compile in the same run ("-" where a number is missing)."""
+    sums = per_iteration_sums(rows)
+    lines = ["| dtype | layout | bnlab triton | torch eager | torch.compile | vs eager | vs compile |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for dtype, layout, label in _MARKDOWN_COLUMNS:
+        got = [sums.get((RESNET, batch, dtype, layout, direction, p)) for p in (BNLAB, EAGER, COMPILE)]
+        if got[0] is None:
+            continue
+        ms = [f"{s.total_us / 1e3:.2f}" if s and s.complete else "-" for s in got]
+        ratios = [
+            f"{s.total_us / got[0].total_us:.2f}x" if s and s.complete and got[0].complete else "-" for s in got[1:]
+        ]
+        lines.append(f"| {label.split()[0]} | {label.split()[1]} | " + " | ".join(ms + ratios) + " |")
+    timed = {
+        (r.shape, r.dtype, r.layout, r.provider): r
+        for r in rows
+        if r.case == RESNET and r.direction == direction and _ok(r) and r.shape.startswith(f"{batch}x")
+    }
+    shapes = _unique(r.shape for r in rows if r.case == RESNET and r.shape.startswith(f"{batch}x"))
+    lines += ["", "| layer shape | layers | " + " | ".join(c[2] for c in _MARKDOWN_COLUMNS) + " |",
+              "| --- | --- |" + " --- |" * len(_MARKDOWN_COLUMNS)]  # fmt: skip
+    for shape in shapes:
+        cells = []
+        for dtype, layout, _ in _MARKDOWN_COLUMNS:
+            mine = timed.get((shape, dtype, layout, BNLAB))
+            torch_us = [t.median_us for p in (EAGER, COMPILE) if (t := timed.get((shape, dtype, layout, p)))]
+            if mine is None:
+                cells.append("-")
+                continue
+            frac = f"{mine.frac_of_copy:.2f}" if mine.frac_of_copy is not None else "-"
+            speedup = f"{min(torch_us) / mine.median_us:.2f}x" if torch_us else "-"
+            cells.append(f"{mine.median_us:.0f} us, {frac}, {speedup}")
+        layers = next((r.layers for r in rows if r.case == RESNET and r.shape == shape), 0)
+        lines.append(f"| {shape} | {layers} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One acceptance criterion: passed or not, the numbers behind it, and what failed."""
@@ -1168,8 +1212,13 @@ def format_comparison(rows: Sequence[GpuRow], before: Sequence[GpuRow], provider
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def _report(rows: Sequence[GpuRow], strict: bool, against: Sequence[GpuRow] | None = None) -> int:
+def _report(
+    rows: Sequence[GpuRow], strict: bool, against: Sequence[GpuRow] | None = None, markdown: bool = False
+) -> int:
     print(format_sums(rows))
+    if markdown:
+        print()
+        print(format_markdown(rows))
     print()
     verdicts = acceptance(rows)
     print(format_acceptance(verdicts))
@@ -1197,7 +1246,7 @@ def run_cli(args: argparse.Namespace) -> int:
         except (OSError, ValueError, KeyError) as exc:
             print(f"bnlab bench --gpu --check: {exc}", file=sys.stderr)
             return 2
-        return _report(rows, args.strict, against)
+        return _report(rows, args.strict, against, markdown=bool(args.markdown))
     device = args.device or "cuda"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print(
@@ -1235,6 +1284,6 @@ def run_cli(args: argparse.Namespace) -> int:
             return 2
         settings = replace(settings, warm_jobs=args.warm_jobs)
     rows, path = run_gpu_bench(settings, Path(args.out or "benchmarks/results"), plan=build_plan(settings))
-    code = _report(rows, args.strict, against)
+    code = _report(rows, args.strict, against, markdown=bool(args.markdown))
     print(f"\nCSV: {path}")
     return code
