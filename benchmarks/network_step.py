@@ -4,6 +4,9 @@ Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/network_step.py [--m
     [--batch 128] [--size 224] [--layouts nchw,channels_last] [--providers torch,native,triton]
     [--steps 20] [--out DIR]
 (`--model tiny --device cpu --batch 4 --size 16 --steps 2` runs every line on CPU, for the tests.)
+`--profile`: after each provider's rows, where the host's time to issue a step goes (cProfile over
+`--steps` more steps, each started on an idle GPU): the functions with the most time of their own, per
+step, and the share of the step in bnlab's own Python files.
 
 Why: the bench (`bnlab bench --gpu`) times BN layers alone, replayed from CUDA graphs; `auto` keeps the
 native backend because a Python-called bnlab layer costs more host time than torch's (benchmarks/NOTES.md,
@@ -24,12 +27,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import csv
 import datetime
 import itertools
+import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,12 +78,8 @@ def prepared(model: nn.Module, provider: str, layout: str, device: str) -> nn.Mo
     return model.to(device=device, memory_format=LAYOUTS[layout])
 
 
-def time_steps(
-    model: nn.Module, layout: str, batch: int, size: int, steps: int, warmup: int, device: str
-) -> tuple[list[float], list[float]]:
-    """Seconds of each of `steps` training steps after `warmup` (see the module doc), the input in `layout`;
-    then, for `steps` more, the seconds the host takes to issue one step that starts on an idle GPU (the
-    call alone, the GPU synchronized before it: where a step takes about that long, it is host-bound)."""
+def training_step(model: nn.Module, layout: str, batch: int, size: int, device: str) -> Callable[[], None]:
+    """One training step of `model` (bf16 autocast, SGD with momentum) on fixed random data in `layout`."""
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=device, generator=gen).contiguous(memory_format=LAYOUTS[layout])
     labels = torch.randint(0, 10, (batch,), device=device, generator=gen)  # (every model has 10 classes or more)
@@ -91,6 +93,16 @@ def time_steps(
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def time_steps(
+    model: nn.Module, layout: str, batch: int, size: int, steps: int, warmup: int, device: str
+) -> tuple[list[float], list[float]]:
+    """Seconds of each of `steps` training steps after `warmup` (see the module doc), the input in `layout`;
+    then, for `steps` more, the seconds the host takes to issue one step that starts on an idle GPU (the
+    call alone, the GPU synchronized before it: where a step takes about that long, it is host-bound)."""
+    step = training_step(model, layout, batch, size, device)
     for _ in range(warmup):
         step()
     _synchronize(device)
@@ -110,6 +122,28 @@ def time_steps(
         issued.append(time.perf_counter() - start)
     _synchronize(device)
     return [b - a for a, b in itertools.pairwise(marks)], issued
+
+
+def host_profile(step: Callable[[], None], steps: int, device: str, top: int = 12) -> list[str]:
+    """Where the host's time to issue `step` goes (cProfile over `steps` calls, each on an idle GPU): the
+    `top` functions by time of their own, in us and calls a step, then bnlab's share of the step."""
+    profile = cProfile.Profile()
+    for _ in range(steps):
+        _synchronize(device)
+        profile.enable()
+        step()
+        profile.disable()
+    _synchronize(device)
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, ...)}
+    total = sum(entry[2] for entry in stats.values())
+    ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    lines = [f"    host profile: {total / steps * 1e3:.2f} ms a step under cProfile; most time of their own:"]
+    for (path, line, name), (_, calls, own, *_rest) in ranked:
+        where = f"{Path(path).name}:{line}({name})" if line else name
+        lines.append(f"      {own / steps * 1e6:9.1f} us {calls / steps:7.1f} calls  {where}")
+    ours = sum(entry[2] for (path, _, _), entry in stats.items() if "/bnlab/" in path.replace("\\", "/"))
+    lines.append(f"      bnlab's own Python: {ours / steps * 1e3:.2f} ms a step ({ours / total:.0%})")
+    return lines
 
 
 def _triton_version() -> str:
@@ -136,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="a folder for the CSV (network-step-<date>.csv)")
+    parser.add_argument("--profile", action="store_true", help="also profile the host's time to issue a step")
     args = parser.parse_args(argv)
     layouts, providers = args.layouts.split(","), args.providers.split(",")
     for option, values, known in (("--layouts", layouts, LAYOUTS), ("--providers", providers, PROVIDERS)):
@@ -168,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             against = f"  ({medians[provider] / medians[first]:.3f}x {first})" if provider != first else ""
             print(f"  {layout:14s} {provider:13s} {medians[provider]:9.2f} ms{against}; the host issues one in "
                   f"{host_ms:.2f} ms", flush=True)  # fmt: skip
+            if args.profile:
+                with knobs_set(kernels.load(), dispatch):
+                    step = training_step(model, layout, args.batch, args.size, args.device)
+                    print("\n".join(host_profile(step, args.steps, args.device)), flush=True)
             del model
     if args.out:
         out = Path(args.out) / f"network-step-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"

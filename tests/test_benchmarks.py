@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,31 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
     with pytest.raises(SystemExit):
         network_step.main([*args, "--providers", "torch,cudnn"])
     assert "--providers: cudnn not among torch, native, triton, triton-dispatch" in capsys.readouterr().err
+
+
+def test_the_network_steps_host_profile_names_the_costliest_functions_and_bnlabs_share():
+    """network_step.py --profile: per step, the functions with the most time of their own (a busy loop in
+    the step among them), and the share in bnlab's files (here a bnlab layer's forward and backward)."""
+    import network_step
+
+    import bnlab.nn
+
+    layer, x = bnlab.nn.BatchNorm2d(3, backend="native"), torch.randn(4, 3, 2, 2, requires_grad=True)
+
+    def busy() -> None:
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+
+    def step() -> None:
+        layer(x).sum().backward()
+        busy()
+
+    lines = network_step.host_profile(step, steps=3, device="cpu", top=4)
+    assert lines[0].startswith("    host profile: ") and " ms a step under cProfile" in lines[0]
+    assert len(lines) == 6 and any("(busy)" in line or "perf_counter" in line for line in lines[1:5]), lines
+    share = float(lines[-1].split("bnlab's own Python: ")[1].split(" ms")[0])
+    assert 0 < share < 20, lines
 
 
 def _recording_knob(time_steps, seen: list):
