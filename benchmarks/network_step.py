@@ -14,7 +14,8 @@ session 17's host rows). Whether the kernels' GPU time wins inside a real step, 
 overlap the convolutions' GPU time, is what this measures: torchvision's model (bf16 autocast, SGD with
 momentum, random data and labels) with torch's BatchNorm2d ("torch"), or converted to bnlab's layers with
 backend "native" or "triton" ("triton-dispatch": the DIRECT_LAUNCH knob off, every launch through Triton's
-dispatch, the default before session 23); the same weights
+dispatch, the default before session 23; "triton-fused": each BN+ReLU and BN+add+ReLU then one fused call,
+`bnlab.tools.fuse_bn_relu`); the same weights
 for each. Each step is timed wall-clock from its start to
 the next step's (the GPU synchronized once after the timed steps: a host-bound loop shows as a longer
 step, as it would in training), median over the steps after a warm-up that compiles the kernels; and
@@ -45,9 +46,12 @@ from torch import nn
 import bnlab.nn
 from bnlab import kernels
 from bnlab.gpubench import knobs_set
+from bnlab.tools import fuse_bn_relu
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-PROVIDERS = ("torch", "native", "triton", "triton-dispatch")  # (-dispatch: the kernels' DIRECT_LAUNCH off)
+# (-dispatch: the kernels' DIRECT_LAUNCH off; -fused: then bnlab.tools.fuse_bn_relu, BN+ReLU and BN+add+ReLU
+# as one call each)
+PROVIDERS = ("torch", "native", "triton", "triton-dispatch", "triton-fused")
 
 
 def tiny_model(num_classes: int = 10) -> nn.Module:
@@ -74,7 +78,9 @@ def prepared(model: nn.Module, provider: str, layout: str, device: str) -> nn.Mo
     """A copy of `model` with the provider's BN layers, on `device` in `layout`."""
     model = copy.deepcopy(model)
     if provider != "torch":
-        model = bnlab.nn.convert(model, backend=provider.removesuffix("-dispatch"))
+        model = bnlab.nn.convert(model, backend=provider.split("-")[0])
+    if provider.endswith("-fused"):
+        model = fuse_bn_relu(model)
     return model.to(device=device, memory_format=LAYOUTS[layout])
 
 

@@ -246,36 +246,39 @@ def test_the_ncu_driver_runs_training_steps_and_names_the_plans():
 def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monkeypatch):
     """benchmarks/network_step.py on CPU with the tiny model: each layout with torch's layers, bnlab's
     native ones and the Triton kernels (the interpreter; "triton-dispatch" with the DIRECT_LAUNCH knob off,
-    for its steps only), the converted models holding bnlab's layers with that backend, a CSV row each; a
-    provider it does not know is refused by name."""
+    for its steps only; "triton-fused" with BN+ReLU fused), the converted models holding bnlab's layers with
+    that backend, a CSV row each; a provider it does not know is refused by name."""
     import csv
 
     import network_step
 
     import bnlab.nn
 
-    for provider in ("triton", "triton-dispatch"):
+    for provider in ("triton", "triton-dispatch", "triton-fused"):
         converted = network_step.prepared(network_step.tiny_model(), provider, "channels_last", "cpu")
         layers = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         assert layers and all(type(m) is bnlab.nn.BatchNorm2d and m.backend == "triton" for m in layers)
-        assert converted[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert converted.get_submodule("0").weight.is_contiguous(memory_format=torch.channels_last)
+        assert getattr(converted, "fused_bn_relu", None) == (["1", "4"] if provider.endswith("fused") else None)
     args = ["--model", "tiny", "--device", "cpu", "--batch", "4", "--size", "8", "--steps", "2", "--warmup", "1"]
     knob_seen = []
     monkeypatch.setattr(network_step, "time_steps", _recording_knob(network_step.time_steps, knob_seen))
     assert network_step.main([*args, "--out", str(tmp_path)]) == 0
-    assert knob_seen == [True, True, True, False] * 2 and network_step.kernels.load().DIRECT_LAUNCH
+    assert knob_seen == [True, True, True, False, True] * 2 and network_step.kernels.load().DIRECT_LAUNCH
     (written,) = tmp_path.glob("network-step-*.csv")
     with written.open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["layout"], r["provider"]) for r in rows] == [
         (layout, provider) for layout in ("nchw", "channels_last")
-        for provider in ("torch", "native", "triton", "triton-dispatch")
+        for provider in ("torch", "native", "triton", "triton-dispatch", "triton-fused")
     ]  # fmt: skip
     assert all(float(r["median_ms"]) > 0 and float(r["host_ms"]) > 0 for r in rows)
     assert "channels_last  triton" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         network_step.main([*args, "--providers", "torch,cudnn"])
-    assert "--providers: cudnn not among torch, native, triton, triton-dispatch" in capsys.readouterr().err
+    assert (
+        "--providers: cudnn not among torch, native, triton, triton-dispatch, triton-fused" in capsys.readouterr().err
+    )
 
 
 def test_the_network_steps_host_profile_names_the_costliest_functions_and_bnlabs_share():

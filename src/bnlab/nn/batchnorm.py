@@ -134,6 +134,11 @@ class _BatchNormMixin(_NamedLayer):
         self.name = name
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._normalize(input)
+
+    def _normalize(self, input: torch.Tensor, **epilogue: Any) -> torch.Tensor:
+        """`forward`, with `epilogue` (``residual=``, ``activation=``) passed on to the functional: the fused
+        ``activation(bn(input) + residual)`` of `bnlab.tools.fuse_bn_relu` (plain batch norm only)."""
         if input.dim() not in self._expected_dims:
             self._check_input_dim(input)
         # The same buffer logic as torch's _BatchNorm.forward, so behaviour matches flag for flag. Buffers and
@@ -157,6 +162,7 @@ class _BatchNormMixin(_NamedLayer):
             backend=self.backend,
             layer=self._label,
             **self._variant_options(),
+            **epilogue,
         )
 
     def extra_repr(self) -> str:
