@@ -80,6 +80,8 @@ def test_a_fused_resnet_trains_and_evaluates_as_the_unfused_one(backend, layout)
     torch.testing.assert_close(fused.eval()(x), model.eval()(x), **tol)
     model.load_state_dict(fused.state_dict())
     fused.load_state_dict(before)
+    with pytest.raises(TypeError, match=r"BatchNorm2d is not a bnlab BN layer.*from before fuse_bn_relu"):
+        bnlab.nn.convert(fused, to="torch")(x)
 
 
 class _Cases(nn.Module):

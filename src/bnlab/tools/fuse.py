@@ -46,7 +46,13 @@ class FuseError(ValueError):
 def bn_relu(layer: nn.Module, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(layer(input) + residual)`` (``relu(layer(input))`` without a residual) in one call of the bnlab
     BN `layer`: what the fused graph of `fuse_bn_relu` calls in place of the three nodes."""
-    return layer._normalize(input, residual=residual, activation="relu")
+    normalize = getattr(layer, "_normalize", None)
+    if normalize is None:
+        raise TypeError(
+            f"bn_relu: {type(layer).__name__} is not a bnlab BN layer, so it cannot run fused (a fused model "
+            f"converted back to torch's layers? Convert the model from before fuse_bn_relu instead)"
+        )
+    return normalize(input, residual=residual, activation="relu")
 
 
 def _fusable(module: nn.Module) -> bool:
