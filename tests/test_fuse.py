@@ -130,3 +130,19 @@ def test_an_untraceable_model_is_refused_with_the_way_out():
 
     with pytest.raises(FuseError, match=r"could not trace Branchy .*symbolically traceable.*model.backbone"):
         fuse_bn_relu(Branchy())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_residual_of_another_dtype_is_added_as_torch_adds(backend):
+    """``relu(bn(x) + residual)`` with a float32 residual and a bf16 input is float32, as in eager torch (the
+    fused kernels would write bf16: the add then runs as torch's, promoting), gradients included."""
+    from bnlab import functional as BF
+
+    x = torch.randn(4, 3, 2, 2).to(torch.bfloat16).requires_grad_()
+    residual = torch.randn(4, 3, 2, 2, requires_grad=True)
+    got = BF.batch_norm(x, None, None, training=True, backend=backend, residual=residual, activation="relu")
+    want = F.relu(F.batch_norm(x, None, None, training=True) + residual)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    got.sum().backward()
+    assert residual.grad is not None and torch.equal(residual.grad, (got > 0).float())

@@ -204,7 +204,8 @@ def _with_epilogue(
             f"{name}: residual has shape {tuple(residual.shape)} on {residual.device} but the input has "
             f"{tuple(input.shape)} on {input.device}; they must match (it is added to the normalized input)"
         )
-    if backends.fuses_epilogue(impl):
+    # (A residual of another dtype is added as torch adds, promoting: the fused kernels write the input's.)
+    if backends.fuses_epilogue(impl) and (residual is None or residual.dtype == input.dtype):
         return functools.partial(impl, residual=residual, activation=activation)
 
     def composed(*args: object) -> torch.Tensor:
