@@ -146,3 +146,27 @@ def test_a_residual_of_another_dtype_is_added_as_torch_adds(backend):
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     got.sum().backward()
     assert residual.grad is not None and torch.equal(residual.grad, (got > 0).float())
+
+
+def test_the_fused_calls_run_the_layers_hooks_so_precise_bn_works_on_a_fused_model():
+    """The fused graph calls each layer through ``__call__``: forward pre-hooks see its input (precise_bn's
+    do: the same population statistics as on the unfused model); a ReLU module with hooks is not fused."""
+    from bnlab.tools import precise_bn
+
+    model = bnlab.nn.convert(_net(), backend="native")
+    fused = fuse_bn_relu(model)
+    batches = [torch.randn(4, 3, 5, 5) for _ in range(3)]
+    precise_bn(model, batches, num_batches=3)
+    precise_bn(fused, batches, num_batches=3)
+    torch.testing.assert_close(fused.state_dict(), model.state_dict())
+    hooked = _net()
+    hooked[2].register_forward_hook(lambda *args: None)
+    assert fuse_bn_relu(bnlab.nn.convert(hooked)).fused_bn_relu == ["3.bn1", "3.bn2", "4.bn1", "4.bn2"]
+
+
+def test_the_layer_takes_the_residual_and_relu_itself_and_variants_refuse_them():
+    layer, x, residual = bnlab.nn.BatchNorm2d(3), torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(layer(x, residual=residual, activation="relu"), F.relu(layer(x) + residual))
+    ghost = bnlab.nn.GhostBatchNorm2d(3, ghost_batch_size=2)
+    with pytest.raises(ValueError, match=r"GhostBatchNorm2d\(3\): residual= and activation= are for plain"):
+        ghost(x, activation="relu")

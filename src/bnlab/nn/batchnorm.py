@@ -3,8 +3,9 @@
 Each class subclasses its ``torch.nn`` twin, so parameters, buffers, ``state_dict`` keys and versioning,
 ``reset_*`` methods and ``isinstance(m, torch.nn.BatchNorm2d)`` are torch's own, and checkpoints move both
 ways unchanged. What differs is ``forward``: it goes through ``bnlab.functional.batch_norm`` (switchable
-backends, clear errors that name the layer, protected running statistics), and the constructor takes a
-few keyword-only options (``small_batch``, ``nonfinite``, ``backend``, ``name``) documented there.
+backends, clear errors that name the layer, protected running statistics; keyword-only ``residual=`` and
+``activation=`` fuse ``relu(bn(x) + residual)``), and the constructor takes a few keyword-only options
+(``small_batch``, ``nonfinite``, ``backend``, ``name``) documented there.
 
 Traps worth knowing, as in torch: the batch is normalized with the *biased* variance (divided by m), while
 the running estimate uses the *unbiased* one (divided by m - 1); ``momentum`` is the weight of the new
@@ -133,12 +134,20 @@ class _BatchNormMixin(_NamedLayer):
         self.backend = backend
         self.name = name
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._normalize(input)
-
-    def _normalize(self, input: torch.Tensor, **epilogue: Any) -> torch.Tensor:
-        """`forward`, with `epilogue` (``residual=``, ``activation=``) passed on to the functional: the fused
-        ``activation(bn(input) + residual)`` of `bnlab.tools.fuse_bn_relu` (plain batch norm only)."""
+    def forward(
+        self, input: torch.Tensor, *, residual: torch.Tensor | None = None, activation: str | None = None
+    ) -> torch.Tensor:
+        """Batch norm of `input`; with ``residual=`` and/or ``activation="relu"``, ``relu(bn(input) +
+        residual)`` in one call (fused on the `triton` backend; `bnlab.tools.fuse_bn_relu` rewrites a model's
+        BN, add and ReLU into it). Hooks see `input`, and that result as the output."""
+        if residual is None and activation is None:
+            epilogue = _NO_OPTIONS
+        elif self._functional is F.batch_norm:
+            epilogue = {"residual": residual, "activation": activation}
+        else:
+            raise ValueError(
+                f"{self._label}: residual= and activation= are for plain batch norm; apply them after this layer"
+            )
         if input.dim() not in self._expected_dims:
             self._check_input_dim(input)
         # The same buffer logic as torch's _BatchNorm.forward, so behaviour matches flag for flag. Buffers and

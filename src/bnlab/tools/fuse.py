@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from bnlab.functional import batch_norm
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["FuseError", "bn_relu", "fuse_bn_relu"]
@@ -45,21 +46,19 @@ class FuseError(ValueError):
 
 def bn_relu(layer: nn.Module, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(layer(input) + residual)`` (``relu(layer(input))`` without a residual) in one call of the bnlab
-    BN `layer`: what the fused graph of `fuse_bn_relu` calls in place of the three nodes."""
-    normalize = getattr(layer, "_normalize", None)
-    if normalize is None:
+    BN `layer` (through its ``__call__``: its hooks run, as `bnlab.tools.precise_bn`'s do): what the fused
+    graph of `fuse_bn_relu` calls in place of the three nodes."""
+    if not _fusable(layer):
         raise TypeError(
             f"bn_relu: {type(layer).__name__} is not a bnlab BN layer, so it cannot run fused (a fused model "
             f"converted back to torch's layers? Convert the model from before fuse_bn_relu instead)"
         )
-    return normalize(input, residual=residual, activation="relu")
+    return layer(input, residual=residual, activation="relu")
 
 
 def _fusable(module: nn.Module) -> bool:
     """A bnlab plain-BN layer (or a subclass with the same functional): batch renorm and ghost BN are not."""
-    return isinstance(module, (BatchNorm1d, BatchNorm2d, BatchNorm3d)) and type(module)._functional is (
-        BatchNorm2d._functional
-    )
+    return isinstance(module, (BatchNorm1d, BatchNorm2d, BatchNorm3d)) and module._functional is batch_norm
 
 
 class _LeafBN(fx.Tracer):
@@ -70,8 +69,9 @@ class _LeafBN(fx.Tracer):
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), nn.ReLU)
+    if node.op == "call_module":  # (not one with hooks of its own: fused, it would not run)
+        module = modules.get(str(node.target))
+        return isinstance(module, nn.ReLU) and not (module._forward_hooks or module._forward_pre_hooks)
     if node.op == "call_function":  # (F.relu's `inplace`, positional or keyword, changes nothing once fused)
         flags = [*node.args[1:], *node.kwargs.values()]
         only_flags = set(node.kwargs) <= {"inplace"} and all(type(flag) is bool for flag in flags)
