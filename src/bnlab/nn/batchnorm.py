@@ -137,9 +137,9 @@ class _BatchNormMixin(_NamedLayer):
     def forward(
         self, input: torch.Tensor, *, residual: torch.Tensor | None = None, activation: str | None = None
     ) -> torch.Tensor:
-        """Batch norm of `input`; with ``residual=`` and/or ``activation="relu"``, ``relu(bn(input) +
-        residual)`` in one call (fused on the `triton` backend; `bnlab.tools.fuse_bn_relu` rewrites a model's
-        BN, add and ReLU into it). Hooks see `input`, and that result as the output."""
+        """Batch norm of `input`, then ``+ residual`` if given and the ``activation`` ("relu") if given, in one
+        call: ``relu(bn(input) + residual)`` is fused on the `triton` backend (`bnlab.tools.fuse_bn_relu`
+        rewrites a model's BN, add and ReLU into it). Hooks see `input`, and that result as the output."""
         if residual is None and activation is None:
             epilogue = _NO_OPTIONS
         elif self._functional is F.batch_norm:
