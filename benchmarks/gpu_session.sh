@@ -16,8 +16,9 @@
 #   host   where a small layer's host time goes (benchmarks/host_gpu.py), ~10-20 s, then compiled layers
 #          (default and reduce-overhead: four inductor compiles, ~1 min);
 #   network a whole torchvision ResNet-50 training step (bf16 autocast) with torch's BN layers, bnlab's
-#          native ones and the Triton kernels, both layouts (benchmarks/network_step.py; NETWORK_ARGS,
-#          NETWORK_S, default 240; untimed so far: the kernels' first compiles are in its warm-up);
+#          native ones and the Triton kernels, both layouts (benchmarks/network_step.py; NETWORK_ARGS, e.g.
+#          "--profile --graphs", NETWORK_S, default 240; ~35 s without them in run 23, the kernels' first
+#          compiles in its warm-up);
 #   variants ghost BN (ghosts read in place) and batch renorm (statistics from the kernel) beside the paths
 #          they ran before session 20 and a plain BN layer (benchmarks/variants_step.py; VARIANTS_ARGS,
 #          VARIANTS_S, default 120; untimed so far);
@@ -66,6 +67,7 @@ for step in "${steps[@]}"; do
       # cut short by its limit never reaches: session 5's runs lost the name of one failing test so)
       timeout "${TESTS_S:-100}" python3 -m pytest -v -p no:cacheprovider -n "$JOBS" --durations=5 \
         tests/test_triton.py tests/test_func_transforms.py tests/test_gpubench.py tests/test_launch.py \
+        tests/test_benchmarks.py::test_a_network_step_replayed_from_a_cuda_graph_trains_as_eager_steps_do \
         -k "not compiles_for_nvidia and not instruction_budget and not flags_slow_loops" 2>&1 \
         | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -15 ;;
     quick)

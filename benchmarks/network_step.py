@@ -7,6 +7,10 @@ Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/network_step.py [--m
 `--profile`: after each provider's rows, where the host's time to issue a step goes (cProfile over
 `--steps` more steps, each started on an idle GPU): the functions with the most time of their own, per
 step, and the share of the step in bnlab's own Python files.
+`--graphs` (CUDA): each provider's whole step (forward, backward, the optimizer's step) also captured in
+one CUDA graph and replayed (`graph_ms`, median of `--steps` replays, CUDA events): the step with no host
+in it, i.e. what the layers' GPU time is worth inside the network, as a training loop with CUDA graphs
+(or torch.compile's mode="reduce-overhead") sees it.
 
 Why: the bench (`bnlab bench --gpu`) times BN layers alone, replayed from CUDA graphs; `auto` keeps the
 native backend because a Python-called bnlab layer costs more host time than torch's (benchmarks/NOTES.md,
@@ -84,13 +88,16 @@ def prepared(model: nn.Module, provider: str, layout: str, device: str) -> nn.Mo
     return model.to(device=device, memory_format=LAYOUTS[layout])
 
 
-def training_step(model: nn.Module, layout: str, batch: int, size: int, device: str) -> Callable[[], None]:
-    """One training step of `model` (bf16 autocast, SGD with momentum) on fixed random data in `layout`."""
+def training_step(
+    model: nn.Module, layout: str, batch: int, size: int, device: str, graphable: bool = False
+) -> Callable[[], None]:
+    """One training step of `model` (bf16 autocast, SGD with momentum) on fixed random data in `layout`;
+    `graphable`: with autocast's cast cache off, as CUDA-graph capture needs (torch.cuda.graph's docs)."""
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=device, generator=gen).contiguous(memory_format=LAYOUTS[layout])
     labels = torch.randint(0, 10, (batch,), device=device, generator=gen)  # (every model has 10 classes or more)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, cache_enabled=not graphable)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -128,6 +135,35 @@ def time_steps(
         issued.append(time.perf_counter() - start)
     _synchronize(device)
     return [b - a for a, b in itertools.pairwise(marks)], issued
+
+
+def captured(step: Callable[[], None], warmup: int) -> Callable[[], None]:
+    """`step` captured whole in one CUDA graph, as a replay function (which keeps the graph alive). The
+    `warmup` steps (at least one) run first on a side stream, as torch.cuda.graph's docs ask: every lazy
+    first-call cost (Triton compiles and loads, the optimizer's momentum buffers, bnlab's counter slabs)
+    outside the capture. Each replay is one more training step of the model."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time_replays(replay: Callable[[], None], steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of `replay` on the GPU (CUDA events around each), after one."""
+    replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for begin, end in events:
+        begin.record()
+        replay()
+        end.record()
+    torch.cuda.synchronize()
+    return [begin.elapsed_time(end) / 1e3 for begin, end in events]
 
 
 def host_profile(step: Callable[[], None], steps: int, device: str, top: int = 12) -> list[str]:
@@ -177,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="a folder for the CSV (network-step-<date>.csv)")
     parser.add_argument("--profile", action="store_true", help="also profile the host's time to issue a step")
+    parser.add_argument("--graphs", action="store_true", help="also time each step replayed from a CUDA graph")
     args = parser.parse_args(argv)
     layouts, providers = args.layouts.split(","), args.providers.split(",")
     for option, values, known in (("--layouts", layouts, LAYOUTS), ("--providers", providers, PROVIDERS)):
@@ -184,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{option}: {', '.join(unknown)} not among {', '.join(known)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (--device cpu runs the tiny model)")
+    if args.graphs and args.device != "cuda":
+        parser.error(f"--graphs: CUDA graphs need --device cuda, not {args.device}")
     torch.manual_seed(0)
     base = build(args.model)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
@@ -192,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)  # fmt: skip
     rows = []
     for layout in layouts:
-        medians = {}
+        medians, graphed = {}, {}
         for provider in providers:
             model = prepared(base, provider, layout, args.device)
             dispatch = {"DIRECT_LAUNCH": False} if provider.endswith("-dispatch") else {}
@@ -200,15 +239,25 @@ def main(argv: list[str] | None = None) -> int:
                 seconds, issued = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
             medians[provider] = statistics.median(seconds) * 1e3
             host_ms = statistics.median(issued) * 1e3
-            rows.append({"model": args.model, "batch": args.batch, "size": args.size, "layout": layout,
-                         "provider": provider, "median_ms": round(medians[provider], 3),
-                         "min_ms": round(min(seconds) * 1e3, 3), "host_ms": round(host_ms, 3), "device": name,
-                         "torch": torch.__version__,
-                         "triton": _triton_version(), "date": f"{datetime.date.today()}"})  # fmt: skip
             first = providers[0]
             against = f"  ({medians[provider] / medians[first]:.3f}x {first})" if provider != first else ""
             print(f"  {layout:14s} {provider:13s} {medians[provider]:9.2f} ms{against}; the host issues one in "
                   f"{host_ms:.2f} ms", flush=True)  # fmt: skip
+            if args.graphs:
+                with knobs_set(kernels.load(), dispatch):
+                    step = training_step(model, layout, args.batch, args.size, args.device, graphable=True)
+                    graphed[provider] = statistics.median(time_replays(captured(step, args.warmup), args.steps)) * 1e3
+                del step
+                torch.cuda.empty_cache()  # (the graph's memory pool, before the next provider's)
+                versus = f" ({graphed[provider] / graphed[first]:.3f}x {first}'s)" if provider != first else ""
+                print(f"  {'':14s} {'':13s} {graphed[provider]:9.2f} ms replayed from one CUDA graph{versus}",
+                      flush=True)  # fmt: skip
+            rows.append({"model": args.model, "batch": args.batch, "size": args.size, "layout": layout,
+                         "provider": provider, "median_ms": round(medians[provider], 3),
+                         "min_ms": round(min(seconds) * 1e3, 3), "host_ms": round(host_ms, 3),
+                         "graph_ms": round(graphed[provider], 3) if provider in graphed else "", "device": name,
+                         "torch": torch.__version__,
+                         "triton": _triton_version(), "date": f"{datetime.date.today()}"})  # fmt: skip
             if args.profile:
                 with knobs_set(kernels.load(), dispatch):
                     step = training_step(model, layout, args.batch, args.size, args.device)

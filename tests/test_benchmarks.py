@@ -279,6 +279,40 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
     assert (
         "--providers: cudnn not among torch, native, triton, triton-dispatch, triton-fused" in capsys.readouterr().err
     )
+    assert all(r["graph_ms"] == "" for r in rows)  # (no --graphs)
+    with pytest.raises(SystemExit):
+        network_step.main([*args, "--graphs"])
+    assert "--graphs: CUDA graphs need --device cuda, not cpu" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", ["torch", "triton", "triton-fused"])
+def test_a_network_step_replayed_from_a_cuda_graph_trains_as_eager_steps_do(provider):
+    """network_step.py --graphs: the whole step (forward, backward, SGD's step) captured in one CUDA graph;
+    its warm-up steps and replays move the weights and running statistics as as many eager steps do, and
+    count the batches (bnlab's layers inside a capture: their counters, the guard, no late reports)."""
+    import network_step
+
+    torch.manual_seed(0)
+    base = network_step.tiny_model()
+    eager, graphed = (network_step.prepared(base, provider, "channels_last", "cuda") for _ in range(2))
+    start = {key: value.clone() for key, value in eager.state_dict().items()}
+    step = network_step.training_step(eager, "channels_last", 8, 16, "cuda", graphable=True)
+    for _ in range(2 + 3):
+        step()
+    replay = network_step.captured(network_step.training_step(graphed, "channels_last", 8, 16, "cuda", True), 2)
+    for _ in range(3):
+        replay()
+    torch.cuda.synchronize()
+    after = graphed.state_dict()
+    for key, value in eager.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert int(after[key]) == int(value) == 5, key
+            continue
+        moved, expected = after[key] - start[key], value - start[key]
+        assert expected.abs().max() > 0, key  # (every tensor compared here moves in training)
+        torch.testing.assert_close(moved, expected, rtol=0.02, atol=0.02 * float(expected.abs().max()), msg=key)
 
 
 def test_the_network_steps_host_profile_names_the_costliest_functions_and_bnlabs_share():
