@@ -5,8 +5,8 @@ Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/network_step.py [--m
     [--steps 20] [--out DIR]
 (`--model tiny --device cpu --batch 4 --size 16 --steps 2` runs every line on CPU, for the tests.)
 `--profile`: after each provider's rows, where the host's time to issue a step goes (cProfile over
-`--steps` more steps, each started on an idle GPU): the functions with the most time of their own, per
-step, and the share of the step in bnlab's own Python files.
+`--steps` more steps, each started on an idle GPU, backward on the calling thread: `host_profile`): the
+functions with the most time of their own, per step, and the share of the step in bnlab's own Python files.
 `--graphs` (CUDA): each provider's whole step (forward, backward, the optimizer's step) also captured in
 one CUDA graph and replayed (`graph_ms`, median of `--steps` replays, CUDA events): the step with no host
 in it, i.e. what the layers' GPU time is worth inside the network, as a training loop with CUDA graphs
@@ -168,18 +168,28 @@ def time_replays(replay: Callable[[], None], steps: int) -> list[float]:
 
 def host_profile(step: Callable[[], None], steps: int, device: str, top: int = 12) -> list[str]:
     """Where the host's time to issue `step` goes (cProfile over `steps` calls, each on an idle GPU): the
-    `top` functions by time of their own, in us and calls a step, then bnlab's share of the step."""
+    `top` functions by time of their own, in us and calls a step, then bnlab's share of the step.
+
+    Autograd's multithreading is off meanwhile: on a GPU its engine runs backward on a thread of its own
+    (one a device), which cProfile, a profiler of the calling thread, would not see, and bnlab's backward
+    is Python (an autograd.Function) that runs there. Off, backward runs on the calling thread: seen,
+    without the hand-off between the two threads (host_gpu.py's "autograd multithreading off" rows say
+    what that hand-off costs)."""
     profile = cProfile.Profile()
-    for _ in range(steps):
+    with torch.autograd.set_multithreading_enabled(False):
+        for _ in range(steps):
+            _synchronize(device)
+            profile.enable()
+            step()
+            profile.disable()
         _synchronize(device)
-        profile.enable()
-        step()
-        profile.disable()
-    _synchronize(device)
     stats = pstats.Stats(profile).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, ...)}
     total = sum(entry[2] for entry in stats.values())
     ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
-    lines = [f"    host profile: {total / steps * 1e3:.2f} ms a step under cProfile; most time of their own:"]
+    lines = [
+        f"    host profile: {total / steps * 1e3:.2f} ms a step under cProfile (backward on the calling thread); "
+        f"most time of their own:"
+    ]
     for (path, line, name), (_, calls, own, *_rest) in ranked:
         where = f"{Path(path).name}:{line}({name})" if line else name
         lines.append(f"      {own / steps * 1e6:9.1f} us {calls / steps:7.1f} calls  {where}")

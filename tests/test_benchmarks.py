@@ -317,7 +317,8 @@ def test_a_network_step_replayed_from_a_cuda_graph_trains_as_eager_steps_do(prov
 
 def test_the_network_steps_host_profile_names_the_costliest_functions_and_bnlabs_share():
     """network_step.py --profile: per step, the functions with the most time of their own (a busy loop in
-    the step among them), and the share in bnlab's files (here a bnlab layer's forward and backward)."""
+    the step among them), and the share in bnlab's files (here a bnlab layer's forward and backward), with
+    autograd's multithreading off meanwhile (and on again after)."""
     import network_step
 
     import bnlab.nn
@@ -329,11 +330,16 @@ def test_the_network_steps_host_profile_names_the_costliest_functions_and_bnlabs
         while time.perf_counter() < end:
             pass
 
+    threaded = []
+
     def step() -> None:
         layer(x).sum().backward()
         busy()
+        threaded.append(torch.autograd.is_multithreading_enabled())
 
     lines = network_step.host_profile(step, steps=3, device="cpu", top=4)
+    # (backward on the calling thread, where cProfile sees it: on a GPU autograd runs it on its own thread)
+    assert threaded == [False] * 3 and torch.autograd.is_multithreading_enabled()
     assert lines[0].startswith("    host profile: ") and " ms a step under cProfile" in lines[0]
     assert len(lines) == 6 and any("(busy)" in line or "perf_counter" in line for line in lines[1:5]), lines
     share = float(lines[-1].split("bnlab's own Python: ")[1].split(" ms")[0])
