@@ -11,6 +11,10 @@ functions with the most time of their own, per step, and the share of the step i
 one CUDA graph and replayed (`graph_ms`, median of `--steps` replays, CUDA events): the step with no host
 in it, i.e. what the layers' GPU time is worth inside the network, as a training loop with CUDA graphs
 (or torch.compile's mode="reduce-overhead") sees it.
+`--compile MODE`: each provider's model under torch.compile(mode=MODE) (the optimizer's step eager), its
+first compiles in the warm-up steps (at least 3 there): bnlab's layers run as opaque custom ops among
+inductor's fused kernels, torch's BN is inductor's own; with "reduce-overhead" inductor replays CUDA graphs.
+Each compile of ResNet-50 takes tens of seconds: ask for one layout and the providers that matter.
 
 Why: the bench (`bnlab bench --gpu`) times BN layers alone, replayed from CUDA graphs; `auto` keeps the
 native backend because a Python-called bnlab layer costs more host time than torch's (benchmarks/NOTES.md,
@@ -56,6 +60,7 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 # (-dispatch: the kernels' DIRECT_LAUNCH off; -fused: then bnlab.tools.fuse_bn_relu, BN+ReLU and BN+add+ReLU
 # as one call each)
 PROVIDERS = ("torch", "native", "triton", "triton-dispatch", "triton-fused")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def tiny_model(num_classes: int = 10) -> nn.Module:
@@ -224,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="a folder for the CSV (network-step-<date>.csv)")
     parser.add_argument("--profile", action="store_true", help="also profile the host's time to issue a step")
     parser.add_argument("--graphs", action="store_true", help="also time each step replayed from a CUDA graph")
+    parser.add_argument("--compile", default=None, choices=COMPILE_MODES, help="each model under torch.compile")
     args = parser.parse_args(argv)
     layouts, providers = args.layouts.split(","), args.providers.split(",")
     for option, values, known in (("--layouts", layouts, LAYOUTS), ("--providers", providers, PROVIDERS)):
@@ -233,17 +239,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device here (--device cpu runs the tiny model)")
     if args.graphs and args.device != "cuda":
         parser.error(f"--graphs: CUDA graphs need --device cuda, not {args.device}")
+    if args.graphs and args.compile:
+        parser.error("--graphs and --compile: one at a time (a compiled step is not captured here)")
+    if args.compile and args.warmup < 3:
+        parser.error(
+            f"--compile: at least 3 warm-up steps (the compiles, CUDA-graph trees' recording), not {args.warmup}"
+        )
     torch.manual_seed(0)
     base = build(args.model)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    compiled = f", torch.compile(mode={args.compile!r})" if args.compile else ""
     print(f"{name}; torch {torch.__version__}; {args.model} batch {args.batch} at {args.size}x{args.size}, bf16 "
-          f"autocast, SGD; ms a training step (median of {args.steps} after {args.warmup} warm-up steps)",
+          f"autocast, SGD{compiled}; ms a training step (median of {args.steps} after {args.warmup} warm-up steps)",
           flush=True)  # fmt: skip
     rows = []
     for layout in layouts:
         medians, graphed = {}, {}
         for provider in providers:
             model = prepared(base, provider, layout, args.device)
+            if args.compile:
+                torch._dynamo.reset()  # (each provider compiled afresh: no cache entry of another model's)
+                model = torch.compile(model, mode=args.compile)
             dispatch = {"DIRECT_LAUNCH": False} if provider.endswith("-dispatch") else {}
             with knobs_set(kernels.load(), dispatch):
                 seconds, issued = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
@@ -265,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"model": args.model, "batch": args.batch, "size": args.size, "layout": layout,
                          "provider": provider, "median_ms": round(medians[provider], 3),
                          "min_ms": round(min(seconds) * 1e3, 3), "host_ms": round(host_ms, 3),
-                         "graph_ms": round(graphed[provider], 3) if provider in graphed else "", "device": name,
+                         "graph_ms": round(graphed[provider], 3) if provider in graphed else "",
+                         "compile": args.compile or "", "device": name,
                          "torch": torch.__version__,
                          "triton": _triton_version(), "date": f"{datetime.date.today()}"})  # fmt: skip
             if args.profile:

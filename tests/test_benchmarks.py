@@ -279,10 +279,44 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
     assert (
         "--providers: cudnn not among torch, native, triton, triton-dispatch, triton-fused" in capsys.readouterr().err
     )
-    assert all(r["graph_ms"] == "" for r in rows)  # (no --graphs)
+    assert all(r["graph_ms"] == "" and r["compile"] == "" for r in rows)  # (no --graphs, no --compile)
     with pytest.raises(SystemExit):
         network_step.main([*args, "--graphs"])
     assert "--graphs: CUDA graphs need --device cuda, not cpu" in capsys.readouterr().err
+
+
+def test_the_network_step_compiles_each_providers_model_afresh_when_asked(tmp_path, capsys, monkeypatch):
+    """network_step.py --compile MODE: each provider's model under torch.compile with that mode (a stand-in
+    here: inductor's compiles take minutes on the CI's cores), dynamo reset before each, the mode in the
+    header and in every CSV row; too few warm-up steps for the compiles and a mode it does not know are
+    refused."""
+    import csv
+
+    import network_step
+
+    compiled, resets = [], []
+
+    def compile_(model, mode):
+        compiled.append((hasattr(model, "fused_bn_relu"), mode))
+        return model
+
+    monkeypatch.setattr(network_step.torch, "compile", compile_)
+    monkeypatch.setattr(network_step.torch._dynamo, "reset", lambda: resets.append(len(compiled)))
+    args = ["--model", "tiny", "--device", "cpu", "--batch", "4", "--size", "8", "--steps", "1",
+            "--providers", "torch,triton-fused", "--layouts", "channels_last"]  # fmt: skip
+    assert network_step.main([*args, "--compile", "reduce-overhead", "--out", str(tmp_path)]) == 0
+    assert compiled == [(False, "reduce-overhead"), (True, "reduce-overhead")] and resets == [0, 1]  # (fused 2nd)
+    (written,) = tmp_path.glob("network-step-*.csv")
+    with written.open() as f:
+        assert [r["compile"] for r in csv.DictReader(f)] == ["reduce-overhead"] * 2
+    assert "torch.compile(mode='reduce-overhead')" in capsys.readouterr().out
+    for bad, message in (
+        (["--compile", "default", "--warmup", "2"], "--compile: at least 3 warm-up steps"),
+        (["--compile", "fast"], "invalid choice: 'fast'"),
+    ):
+        with pytest.raises(SystemExit):
+            network_step.main([*args, *bad])
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.gpu
