@@ -11,6 +11,9 @@ functions with the most time of their own, per step, and the share of the step i
 one CUDA graph and replayed (`graph_ms`, median of `--steps` replays, CUDA events): the step with no host
 in it, i.e. what the layers' GPU time is worth inside the network, as a training loop with CUDA graphs
 (or torch.compile's mode="reduce-overhead") sees it.
+`--kernels`: after each provider's rows, the kernels one eager step runs on the GPU (torch.profiler), the
+ones with the most GPU time by name, and bnlab's kernels' share: where a step's GPU time goes, e.g. a copy
+of every gradient into its layer's layout.
 `--compile MODE`: each provider's model under torch.compile(mode=MODE) (the optimizer's step eager), its
 first compiles in the warm-up steps (at least 3 there): bnlab's layers run as opaque custom ops among
 inductor's fused kernels, torch's BN is inductor's own; with "reduce-overhead" inductor replays CUDA graphs.
@@ -171,6 +174,42 @@ def time_replays(replay: Callable[[], None], steps: int) -> list[float]:
     return [begin.elapsed_time(end) / 1e3 for begin, end in events]
 
 
+def kernel_table(step: Callable[[], None], device: str, top: int = 15) -> list[str]:
+    """The kernels one `step` runs on the GPU (torch.profiler's CUDA activity, after one step unprofiled):
+    how many and their GPU time, the `top` names by time with their count and time, then bnlab's Triton
+    kernels' share. On CPU (the tests) the CPU's top-level ops stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    activity, kind = (ProfilerActivity.CUDA, "CUDA") if cuda else (ProfilerActivity.CPU, "CPU")
+    step()
+    _synchronize(device)
+    with profile(activities=[activity]) as prof:
+        step()
+        _synchronize(device)
+    per_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name != kind or (not cuda and event.cpu_parent is not None):
+            continue
+        entry = per_name.setdefault(event.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += (event.device_time if cuda else event.cpu_time) / 1e3  # (ms)
+    launches, total = sum(n for n, _ in per_name.values()), sum(t for _, t in per_name.values())
+    ranked = sorted(per_name.items(), key=lambda item: item[1][1], reverse=True)[:top]
+    unit = "GPU" if cuda else "CPU"
+    lines = [f"    kernels: {launches} a step, {total:.2f} ms of {unit} time; the {len(ranked)} with the most:"]
+    lines += [f"      {ms:8.3f} ms {count:5d}  {name[:100]}" for name, (count, ms) in ranked]
+    ours = {name: entry for name, entry in per_name.items() if name in _bnlab_kernel_names()}
+    mine_ms, mine_n = sum(t for _, t in ours.values()), sum(n for n, _ in ours.values())
+    lines.append(f"      bnlab's kernels: {mine_n} a step, {mine_ms:.2f} ms ({mine_ms / total if total else 0:.0%})")
+    return lines
+
+
+def _bnlab_kernel_names() -> set[str]:
+    """The names bnlab's Triton kernels run under on a GPU (their functions' names)."""
+    return {name for name in dir(kernels.load()) if name.endswith("_kernel")}
+
+
 def host_profile(step: Callable[[], None], steps: int, device: str, top: int = 12) -> list[str]:
     """Where the host's time to issue `step` goes (cProfile over `steps` calls, each on an idle GPU): the
     `top` functions by time of their own, in us and calls a step, then bnlab's share of the step.
@@ -229,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="a folder for the CSV (network-step-<date>.csv)")
     parser.add_argument("--profile", action="store_true", help="also profile the host's time to issue a step")
     parser.add_argument("--graphs", action="store_true", help="also time each step replayed from a CUDA graph")
+    parser.add_argument("--kernels", action="store_true", help="also list the kernels of one step by GPU time")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES, help="each model under torch.compile")
     args = parser.parse_args(argv)
     layouts, providers = args.layouts.split(","), args.providers.split(",")
@@ -289,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
                 with knobs_set(kernels.load(), dispatch):
                     step = training_step(model, layout, args.batch, args.size, args.device)
                     print("\n".join(host_profile(step, args.steps, args.device)), flush=True)
+            if args.kernels:
+                with knobs_set(kernels.load(), dispatch):
+                    step = training_step(model, layout, args.batch, args.size, args.device)
+                    print("\n".join(kernel_table(step, args.device)), flush=True)
             del model
     if args.out:
         out = Path(args.out) / f"network-step-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"

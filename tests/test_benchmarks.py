@@ -288,8 +288,8 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
 def test_the_network_step_compiles_each_providers_model_afresh_when_asked(tmp_path, capsys, monkeypatch):
     """network_step.py --compile MODE: each provider's model under torch.compile with that mode (a stand-in
     here: inductor's compiles take minutes on the CI's cores), dynamo reset before each, the mode in the
-    header and in every CSV row; too few warm-up steps for the compiles and a mode it does not know are
-    refused."""
+    header and in every CSV row (and --kernels' table after each provider's rows); too few warm-up steps
+    for the compiles and a mode it does not know are refused."""
     import csv
 
     import network_step
@@ -304,12 +304,13 @@ def test_the_network_step_compiles_each_providers_model_afresh_when_asked(tmp_pa
     monkeypatch.setattr(network_step.torch._dynamo, "reset", lambda: resets.append(len(compiled)))
     args = ["--model", "tiny", "--device", "cpu", "--batch", "4", "--size", "8", "--steps", "1",
             "--providers", "torch,triton-fused", "--layouts", "channels_last"]  # fmt: skip
-    assert network_step.main([*args, "--compile", "reduce-overhead", "--out", str(tmp_path)]) == 0
+    assert network_step.main([*args, "--compile", "reduce-overhead", "--kernels", "--out", str(tmp_path)]) == 0
     assert compiled == [(False, "reduce-overhead"), (True, "reduce-overhead")] and resets == [0, 1]  # (fused 2nd)
     (written,) = tmp_path.glob("network-step-*.csv")
     with written.open() as f:
         assert [r["compile"] for r in csv.DictReader(f)] == ["reduce-overhead"] * 2
-    assert "torch.compile(mode='reduce-overhead')" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "torch.compile(mode='reduce-overhead')" in out and out.count("    kernels: ") == 2  # (--kernels)
     for bad, message in (
         (["--compile", "default", "--warmup", "2"], "--compile: at least 3 warm-up steps"),
         (["--compile", "fast"], "invalid choice: 'fast'"),
@@ -378,6 +379,32 @@ def test_the_network_steps_host_profile_names_the_costliest_functions_and_bnlabs
     assert len(lines) == 6 and any("(busy)" in line or "perf_counter" in line for line in lines[1:5]), lines
     share = float(lines[-1].split("bnlab's own Python: ")[1].split(" ms")[0])
     assert 0 < share < 20, lines
+
+
+def test_the_network_steps_kernel_table_ranks_a_steps_work_by_time():
+    """network_step.py --kernels: the work of one step by name, most time first, with counts, a total and
+    bnlab's kernels' share (on CPU the top-level ops stand in for kernels: a large matmul comes first)."""
+    import network_step
+
+    import bnlab.nn
+
+    layer, x = bnlab.nn.BatchNorm2d(3, backend="native"), torch.randn(4, 3, 2, 2, requires_grad=True)
+    big = torch.randn(400, 400)
+
+    def step() -> None:
+        layer(x).sum().backward()
+        for _ in range(3):
+            big @ big
+
+    lines = network_step.kernel_table(step, "cpu", top=3)
+    assert len(lines) == 5, lines
+    head = lines[0].split()
+    assert head[:2] == ["kernels:", str(int(head[1]))] and int(head[1]) > 3 and "ms of CPU time" in lines[0]
+    assert lines[1].split()[2:] == ["3", "aten::matmul"], lines  # (3 calls, the most time)
+    times = [float(line.split()[0]) for line in lines[1:4]]
+    assert times == sorted(times, reverse=True)
+    assert lines[-1].strip().startswith("bnlab's kernels: 0 a step, 0.00 ms")
+    assert {"_stats_kernel", "_apply_kernel", "_guard_kernel"} <= network_step._bnlab_kernel_names()
 
 
 def _recording_knob(time_steps, seen: list):
