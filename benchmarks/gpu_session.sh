@@ -17,8 +17,8 @@
 #          (default and reduce-overhead: four inductor compiles, ~1 min);
 #   network a whole torchvision ResNet-50 training step (bf16 autocast) with torch's BN layers, bnlab's
 #          native ones and the Triton kernels, both layouts (benchmarks/network_step.py; NETWORK_ARGS, e.g.
-#          "--profile --graphs", NETWORK_S, default 240; ~35 s without them in run 23, the kernels' first
-#          compiles in its warm-up);
+#          "--profile --graphs --kernels", NETWORK_S, default 240; ~35 s without them in run 23, the
+#          kernels' first compiles in its warm-up);
 #   variants ghost BN (ghosts read in place) and batch renorm (statistics from the kernel) beside the paths
 #          they ran before session 20 and a plain BN layer (benchmarks/variants_step.py; VARIANTS_ARGS,
 #          VARIANTS_S, default 120; untimed so far);
