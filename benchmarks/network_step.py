@@ -42,6 +42,7 @@ import copy
 import cProfile
 import csv
 import datetime
+import functools
 import itertools
 import pstats
 import statistics
@@ -242,6 +243,30 @@ def host_profile(step: Callable[[], None], steps: int, device: str, top: int = 1
     return lines
 
 
+def _graph_ms(model: nn.Module, layout: str, args: argparse.Namespace, knobs: dict) -> float:
+    """The median ms of `model`'s whole training step replayed from one CUDA graph (`captured`)."""
+    with knobs_set(kernels.load(), knobs):
+        step = training_step(model, layout, args.batch, args.size, args.device, graphable=True)
+        replay = captured(step, args.warmup)
+        try:
+            return statistics.median(time_replays(replay, args.steps)) * 1e3
+        finally:
+            del replay, step
+            torch.cuda.empty_cache()  # (the graph's memory pool, before the next provider's)
+
+
+def _graph_line(graphed: dict[str, float], provider: str, first: str, measure: Callable[[], float]) -> str:
+    """`measure()` into `graphed[provider]`, as the line that reports it (against `first`'s); a failure
+    (a capture that fails in one provider's layers) is reported on the line and leaves no number, so that
+    the other providers' rows still come."""
+    try:
+        graphed[provider] = measure()
+    except RuntimeError as error:
+        return f"not replayed from a CUDA graph: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    versus = f" ({graphed[provider] / graphed[first]:.3f}x {first}'s)" if provider != first and first in graphed else ""
+    return f"{graphed[provider]:9.2f} ms replayed from one CUDA graph{versus}"
+
+
 def _triton_version() -> str:
     try:
         import triton
@@ -310,14 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {layout:14s} {provider:13s} {medians[provider]:9.2f} ms{against}; the host issues one in "
                   f"{host_ms:.2f} ms", flush=True)  # fmt: skip
             if args.graphs:
-                with knobs_set(kernels.load(), dispatch):
-                    step = training_step(model, layout, args.batch, args.size, args.device, graphable=True)
-                    graphed[provider] = statistics.median(time_replays(captured(step, args.warmup), args.steps)) * 1e3
-                del step
-                torch.cuda.empty_cache()  # (the graph's memory pool, before the next provider's)
-                versus = f" ({graphed[provider] / graphed[first]:.3f}x {first}'s)" if provider != first else ""
-                print(f"  {'':14s} {'':13s} {graphed[provider]:9.2f} ms replayed from one CUDA graph{versus}",
-                      flush=True)  # fmt: skip
+                measure = functools.partial(_graph_ms, model, layout, args, dispatch)
+                print(f"  {'':29s}{_graph_line(graphed, provider, first, measure)}", flush=True)
             rows.append({"model": args.model, "batch": args.batch, "size": args.size, "layout": layout,
                          "provider": provider, "median_ms": round(medians[provider], 3),
                          "min_ms": round(min(seconds) * 1e3, 3), "host_ms": round(host_ms, 3),

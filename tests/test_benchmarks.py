@@ -320,6 +320,30 @@ def test_the_network_step_compiles_each_providers_model_afresh_when_asked(tmp_pa
         assert message in capsys.readouterr().err
 
 
+def test_a_network_step_that_cannot_be_replayed_from_a_graph_says_why_and_leaves_the_others_rows():
+    """network_step.py --graphs: each provider's line, its time against the first provider's; a capture
+    that fails is reported on its line with no number (the rows of the providers after it still come), and
+    a later provider's line then has no ratio against it."""
+    import network_step
+
+    def failing() -> float:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    graphed: dict[str, float] = {}
+    assert (
+        network_step._graph_line(graphed, "torch", "torch", lambda: 20.0) == "    20.00 ms replayed from one CUDA graph"
+    )
+    line = network_step._graph_line(graphed, "triton", "torch", lambda: 15.0)
+    assert line == "    15.00 ms replayed from one CUDA graph (0.750x torch's)"
+    line = network_step._graph_line(graphed, "native", "torch", failing)
+    assert (
+        line
+        == "not replayed from a CUDA graph: RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    )
+    assert graphed == {"torch": 20.0, "triton": 15.0}
+    assert network_step._graph_line({}, "triton", "torch", lambda: 15.0).endswith("CUDA graph")  # (no torch row)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("provider", ["torch", "triton", "triton-fused"])
