@@ -11,6 +11,11 @@ registered with `torch.library.custom_op` and with the low-level `torch.library.
 backend uses), and bnlab's and torch's BatchNorm2d under torch.compile (inductor), training forward+backward
 and inference under no_grad (20th percentile: inductor's wrappers are noisy on a shared VM).
 The last row times a training forward+backward through each of the backend's two autograd.Functions.
+`--chain` (session 24) times instead a training step of 53 BN layers in a row (ResNet-50's count; tiny
+bf16 tensors, one backward a step, the layers' default policy on the GPU's path: the deferred check, the
+guard kernel a stand-in that writes a "kept" verdict as the kernel would), per layer, the providers
+alternating: what a network's step pays per layer on the host, where the isolated rows above also carry
+each step's fixed costs (torch.autograd.grad's, the engine's).
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def _p20_us(fn, reps: int = 1500) -> float:
 
 def main() -> None:
     K = kernels.load()
+    if "--chain" in sys.argv[1:]:
+        _print_chain_rows(K)
+        return
     with _kernels_replaced(K, lambda kernel: _Recorder(kernel, None)):
         _print_rows(K)
         if "--compiled" in sys.argv[1:]:
@@ -179,6 +187,61 @@ def _alternating_medians_us(fns, reps: int = 1500, warmup: int = 100) -> list[fl
         for fn, kept in zip(fns, samples, strict=True):
             kept.extend(_samples_us(fn, 1, 0))
     return [statistics.median(kept) for kept in samples]
+
+
+class _VerdictWriting(_Recorder):
+    """A stubbed kernel; the guard's stand-in writes the verdict word a finite update gets (kept, the old
+    statistics finite), so that the late reports read what they would on a GPU."""
+
+    def __getitem__(self, grid):
+        if getattr(getattr(self.kernel, "fn", None), "__name__", "") == "_guard_kernel":
+            verdict = kernels.VERDICT_ARRIVED | kernels.VERDICT_KEPT | kernels.VERDICT_WERE_FINITE
+            return lambda *args, **options: args[4].fill_(verdict)  # (args[4]: the verdict's pointer)
+        return super().__getitem__(grid)
+
+
+def _print_chain_rows(K, layers: int = 53, steps: int = 60) -> None:
+    """`--chain`: see the module doc. 20th percentile of `steps` steps a provider, per layer."""
+    import bnlab.nn
+
+    channels = 16
+    x = torch.randn(2, channels, 2, 2, dtype=torch.bfloat16, requires_grad=True)
+    makers = {
+        "torch": lambda: torch.nn.BatchNorm2d(channels),
+        "native": lambda: bnlab.nn.BatchNorm2d(channels, backend="native"),
+        "triton": lambda: bnlab.nn.BatchNorm2d(channels, backend="triton"),
+        "triton, nonfinite='ignore'": lambda: bnlab.nn.BatchNorm2d(channels, backend="triton", nonfinite="ignore"),
+    }
+
+    def chain(make):
+        row = [make() for _ in range(layers)]
+
+        def step() -> None:
+            h = x
+            for layer in row:
+                h = layer(h)
+            h.float().sum().backward()
+
+        return step
+
+    deferred = BF.DEFERRED_CHECK_DEVICES
+    BF.DEFERRED_CHECK_DEVICES = deferred | {"cpu"}  # (the GPU's path: no host sync a layer)
+    try:
+        with _kernels_replaced(K, lambda kernel: _VerdictWriting(kernel, None)):
+            steps_of = {label: chain(make) for label, make in makers.items()}
+            for step in steps_of.values():
+                _samples_us(step, 0, warmup=5)
+            samples = {label: [] for label in steps_of}
+            for _ in range(steps):
+                for label, step in steps_of.items():
+                    samples[label].extend(_samples_us(step, 1, 0))
+    finally:
+        BF.DEFERRED_CHECK_DEVICES = deferred
+    print(f"{layers} BN layers in a row (2x{channels}x2x2 bf16, one backward a step, kernels stubbed), us a layer, "
+          f"20th percentile of {steps} steps:")  # fmt: skip
+    for label, kept in samples.items():
+        note = "  (its CPU kernels on tiny tensors included)" if label == "torch" else ""
+        print(f"{label:>28}: {sorted(kept)[steps // 5] / layers:6.1f}{note}")
 
 
 if __name__ == "__main__":
