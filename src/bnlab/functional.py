@@ -279,8 +279,7 @@ def _update_guarded(
             output = impl(input, running_mean, running_var, weight, bias, True, factor, eps, guard=verdict,
                           num_batches_tracked=num_batches_tracked)  # fmt: skip
         else:
-            scratch = _joined(running_mean, running_var)
-            updated = scratch[:channels].view_as(running_mean), scratch[channels:].view_as(running_var)
+            updated = _scratch_copy(running_mean, running_var)
             output = impl(input, *updated, weight, bias, True, factor, eps)
             if not _guard_update((running_mean, running_var), updated, verdict, num_batches_tracked):
                 old = _joined(running_mean, running_var)
@@ -318,6 +317,17 @@ def _update_guarded(
 def _joined(running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
     """A copy of the running statistics, mean then variance, in one flat tensor (one small kernel)."""
     return torch.cat((running_mean.reshape(-1), running_var.reshape(-1)))
+
+
+def _scratch_copy(running_mean: torch.Tensor, running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the running statistics for a backend to update in place (one small kernel, one buffer),
+    each shaped as its original. (Stacked and unbound where the shapes agree, as they do in every layer:
+    half the host time of slicing a flat copy, which is the general case's.)"""
+    if running_mean.shape == running_var.shape and running_mean.dtype == running_var.dtype:
+        mean, var = torch.stack((running_mean, running_var)).unbind(0)
+        return mean, var
+    scratch, channels = _joined(running_mean, running_var), running_mean.numel()
+    return scratch[:channels].view_as(running_mean), scratch[channels:].view_as(running_var)
 
 
 def _commit_if_finite(
