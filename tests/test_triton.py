@@ -1597,3 +1597,22 @@ def test_launches_make_their_tensors_device_current(monkeypatch):
     x = make_input((4, 3, 5)).to(DEVICE)
     K.forward(x, None, None, None, None, training=True, momentum=0.1, eps=1e-5)
     assert entered == [x.device]
+
+
+@pytest.mark.parametrize("transformed", [False, True])
+def test_a_training_step_plans_its_launches_once_unless_transformed(monkeypatch, transformed):
+    """The backward takes the launch plan its forward made (kept on the autograd context): one planning a
+    step through the plain autograd.Function; the one for torch.func's transforms plans each direction."""
+    calls = []
+    planned = K.make_plan
+    monkeypatch.setattr(K, "make_plan", lambda *args, **kwargs: calls.append(args[1]) or planned(*args, **kwargs))
+    monkeypatch.setattr(TB, "_transformed", lambda: transformed)  # (which Function the call takes)
+    x = make_input((4, 3, 5, 5), "channels_last").requires_grad_()
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    dy = make_input((4, 3, 5, 5), "channels_last", seed=1)
+    y = BF.batch_norm(x, torch.zeros(3), torch.ones(3), w, b, True, backend="triton")
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    assert calls == [K.ROWS] * (2 if transformed else 1)
+    y = BF.batch_norm(x, torch.zeros(3), torch.ones(3), w, b, True, backend="native")
+    for got, expected in zip(grads, torch.autograd.grad(y, (x, w, b), dy), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
