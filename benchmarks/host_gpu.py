@@ -16,6 +16,8 @@ back to back, one synchronize at the end), so the differences between lines loca
   and the launchers with every kernel stubbed (bnlab's own Python);
 - the launchers, the functional call and the layer through Triton's dispatch (DIRECT_LAUNCH off; on, the
   default since session 23, skips it after a specialization's first launch: `bnlab.kernels.launch`);
+- 53 layers in a row (`--chain-layers`) with one backward a step, torch's, bnlab's native and triton, per
+  layer: what a network's step pays for each layer, its fixed costs paid once a step (session 24);
 - eager torch and torch.compile for comparison (compile last: it starts worker processes and threads),
   and whole layers (bnlab's, torch's) compiled, also with mode="reduce-overhead" (CUDA graphs: the
   kernels replayed without host time; bnlab's run as custom ops in the graph).
@@ -103,6 +105,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--calls", type=int, default=300, help="calls per timing (default 300)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile lines")
+    parser.add_argument("--chain-layers", type=int, default=53, help="layers in a row for the chain rows (53)")
     args = parser.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -194,6 +197,18 @@ def main() -> int:
     with torch.autograd.set_multithreading_enabled(False):
         for label, fn in rows[4:5] + rows[6:7]:
             print(f"  {timed(fn):8.1f}  {label}, autograd multithreading off", flush=True)
+    # Layers in a row with one backward a step, as in a network: the step's fixed costs (the engine's start,
+    # its hand-off to the device thread) paid once, so per layer what a network's step pays for each
+    # (host_overhead.py --chain has the same with the kernels stubbed, on any machine).
+    n = args.chain_layers
+    for label, make in (
+        ("torch", lambda: torch.nn.BatchNorm2d(C)),
+        ("bnlab native", lambda: bnlab.nn.BatchNorm2d(C, backend="native")),
+        ("bnlab triton", lambda: bnlab.nn.BatchNorm2d(C, backend="triton")),
+    ):
+        step = _chain_step([make().to(device) for _ in range(n)], x, dy)
+        us = per_call_us(step, max(2, args.calls // n), device) / n  # (about as many layer calls as a row's)
+        print(f"  {us:8.1f}  {label} layers, {n} in a row: forward + backward, a layer", flush=True)
     if args.no_compile:
         return 0
     compiled = torch.compile(F.batch_norm, dynamic=False)
@@ -213,6 +228,18 @@ def main() -> int:
             print(f"  {timed(step):8.1f}  {label} layer under torch.compile(mode={mode!r}): forward + backward",
                   flush=True)  # fmt: skip
     return 0
+
+
+def _chain_step(layers: list[torch.nn.Module], x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    """A training step of `layers` in a row (their default policies) from `x`, one backward of `dy`."""
+
+    def step() -> None:
+        h = x
+        for layer in layers:
+            h = layer(h)
+        h.backward(dy)
+
+    return step
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:

@@ -59,11 +59,13 @@ def test_the_compile_warm_up_runs_every_first_stage_setting_in_worker_processes(
 def test_the_host_time_breakdown_runs_every_line():
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "host_gpu.py"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parent.parent / "src")}
-    argv = ["--device", "cpu", "--calls", "2", "--no-compile", "--dtype", "float32", "--shape", "4,3,5,5"]
+    argv = ["--device", "cpu", "--calls", "2", "--no-compile", "--dtype", "float32", "--shape", "4,3,5,5",
+            "--chain-layers", "3"]  # fmt: skip
     done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert len(lines) == 21 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
+    assert len(lines) == 24 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
+    assert done.stdout.count("layers, 3 in a row: forward + backward, a layer") == 3
     assert done.stdout.count("autograd multithreading off") == 2
     assert done.stdout.count(", Triton's dispatch") == 4
     assert "Triton: one launch of _single_tile_forward_kernel over an empty grid" in done.stdout
