@@ -48,7 +48,7 @@ import pstats
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -176,20 +176,25 @@ def time_replays(replay: Callable[[], None], steps: int) -> list[float]:
 
 
 def kernel_table(step: Callable[[], None], device: str, top: int = 15) -> list[str]:
-    """The kernels one `step` runs on the GPU (torch.profiler's CUDA activity, after one step unprofiled):
-    how many and their GPU time, the `top` names by time with their count and time, then bnlab's Triton
-    kernels' share. On CPU (the tests) the CPU's top-level ops stand in for kernels."""
+    """The kernels one `step` runs on the GPU (torch.profiler's CUDA activity, after one step unprofiled),
+    as `kernel_lines` says them. On CPU (the tests) the CPU's top-level ops stand in for kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
-    activity, kind = (ProfilerActivity.CUDA, "CUDA") if cuda else (ProfilerActivity.CPU, "CPU")
     step()
     _synchronize(device)
-    with profile(activities=[activity]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         step()
         _synchronize(device)
+    return kernel_lines(prof.events(), cuda, top)
+
+
+def kernel_lines(events: Iterable, cuda: bool, top: int = 15) -> list[str]:
+    """How many kernels `events` (torch.profiler's) hold and their time, the `top` names by time with their
+    count and time, then bnlab's Triton kernels' share: GPU events (`cuda`), else top-level CPU events."""
+    kind = "CUDA" if cuda else "CPU"
     per_name: dict[str, list[float]] = {}
-    for event in prof.events():
+    for event in events:
         if event.device_type.name != kind or (not cuda and event.cpu_parent is not None):
             continue
         entry = per_name.setdefault(event.name, [0, 0.0])

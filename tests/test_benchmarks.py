@@ -407,29 +407,54 @@ def test_the_network_steps_host_profile_names_the_costliest_functions_and_bnlabs
     assert 0 < share < 20, lines
 
 
-def test_the_network_steps_kernel_table_ranks_a_steps_work_by_time():
-    """network_step.py --kernels: the work of one step by name, most time first, with counts, a total and
-    bnlab's kernels' share (on CPU the top-level ops stand in for kernels: a large matmul comes first)."""
+def test_the_network_steps_kernel_lines_rank_kernels_by_time_with_counts_and_bnlabs_share():
+    """network_step.py --kernels: the GPU events of a step by name, most time first, with counts, a total and
+    bnlab's Triton kernels' share; CPU events and (in CPU mode, the tests' stand-in) nested ones left out."""
+    from types import SimpleNamespace
+
+    import network_step
+
+    def event(name, device, us, parent=None):
+        kind = SimpleNamespace(name=device)
+        return SimpleNamespace(name=name, device_type=kind, device_time=us, cpu_time=us, cpu_parent=parent)
+
+    events = [event("_stats_kernel", "CUDA", 300.0), event("_apply_kernel", "CUDA", 200.0),
+              event("_stats_kernel", "CUDA", 300.0), event("cudnn_conv", "CUDA", 1000.0),
+              event("copy_kernel", "CUDA", 100.0), event("aten::batch_norm", "CPU", 5000.0)]  # fmt: skip
+    assert network_step.kernel_lines(events, cuda=True, top=2) == [
+        "    kernels: 5 a step, 1.90 ms of GPU time; the 2 with the most:",
+        "         1.000 ms     1  cudnn_conv",
+        "         0.600 ms     2  _stats_kernel",
+        "      bnlab's kernels: 3 a step, 0.80 ms (42%)",
+    ]
+    cpu = [event("aten::mm", "CPU", 2000.0), event("aten::addmm", "CPU", 500.0, parent=object())]
+    assert (
+        network_step.kernel_lines(cpu, cuda=False)[0]
+        == "    kernels: 1 a step, 2.00 ms of CPU time; the 1 with the most:"
+    )
+
+
+def test_the_network_steps_kernel_table_profiles_one_step():
+    """kernel_table on CPU (its top-level ops stand in for kernels): a step of three matmuls and a layer's
+    forward and backward, profiled once after one unprofiled step; every line a time, the counts right."""
     import network_step
 
     import bnlab.nn
 
     layer, x = bnlab.nn.BatchNorm2d(3, backend="native"), torch.randn(4, 3, 2, 2, requires_grad=True)
-    big = torch.randn(400, 400)
+    big, calls = torch.randn(400, 400), []
 
     def step() -> None:
+        calls.append(1)
         layer(x).sum().backward()
         for _ in range(3):
             big @ big
 
-    lines = network_step.kernel_table(step, "cpu", top=3)
-    assert len(lines) == 5, lines
-    head = lines[0].split()
-    assert head[:2] == ["kernels:", str(int(head[1]))] and int(head[1]) > 3 and "ms of CPU time" in lines[0]
-    assert lines[1].split()[2:] == ["3", "aten::matmul"], lines  # (3 calls, the most time)
-    times = [float(line.split()[0]) for line in lines[1:4]]
-    assert times == sorted(times, reverse=True)
-    assert lines[-1].strip().startswith("bnlab's kernels: 0 a step, 0.00 ms")
+    lines = network_step.kernel_table(step, "cpu", top=10)
+    assert len(calls) == 2 and lines[0].startswith("    kernels: ") and "ms of CPU time" in lines[0]
+    times = [float(line.split()[0]) for line in lines[1:-1]]
+    assert times == sorted(times, reverse=True) and 1 <= len(times) <= 10
+    assert any(line.split()[2:] == ["3", "aten::matmul"] for line in lines[1:-1]), lines
     assert {"_stats_kernel", "_apply_kernel", "_guard_kernel"} <= network_step._bnlab_kernel_names()
 
 
