@@ -28,7 +28,11 @@ import time
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the backend then accepts CPU tensors
 
 import torch
-from host_gpu import _kernels_replaced, _Recorder  # (the kernels' no-op stand-ins, shared with host_gpu.py)
+from host_gpu import (
+    _chain_step,
+    _kernels_replaced,
+    _Recorder,
+)  # (the kernels' no-op stand-ins, shared with host_gpu.py)
 
 from bnlab import functional as BF
 from bnlab import kernels
@@ -182,11 +186,16 @@ def _routed(route, x, rm, rv, w, b, training: bool):
 
 def _alternating_medians_us(fns, reps: int = 1500, warmup: int = 100) -> list[float]:
     """The median microseconds of each of `fns`, their calls alternating."""
+    return [statistics.median(kept) for kept in _alternating_samples_us(fns, reps, warmup)]
+
+
+def _alternating_samples_us(fns, reps: int, warmup: int) -> list[list[float]]:
+    """Microseconds of each of `reps` calls of each of `fns` (after `warmup` each), their calls alternating."""
     samples = [_samples_us(fn, 0, warmup) for fn in fns]
     for _ in range(reps):
         for fn, kept in zip(fns, samples, strict=True):
             kept.extend(_samples_us(fn, 1, 0))
-    return [statistics.median(kept) for kept in samples]
+    return samples
 
 
 class _VerdictWriting(_Recorder):
@@ -213,33 +222,17 @@ def _print_chain_rows(K, layers: int = 53, steps: int = 60) -> None:
         "triton, nonfinite='ignore'": lambda: bnlab.nn.BatchNorm2d(channels, backend="triton", nonfinite="ignore"),
     }
 
-    def chain(make):
-        row = [make() for _ in range(layers)]
-
-        def step() -> None:
-            h = x
-            for layer in row:
-                h = layer(h)
-            h.float().sum().backward()
-
-        return step
-
     deferred = BF.DEFERRED_CHECK_DEVICES
     BF.DEFERRED_CHECK_DEVICES = deferred | {"cpu"}  # (the GPU's path: no host sync a layer)
     try:
         with _kernels_replaced(K, lambda kernel: _VerdictWriting(kernel, None)):
-            steps_of = {label: chain(make) for label, make in makers.items()}
-            for step in steps_of.values():
-                _samples_us(step, 0, warmup=5)
-            samples = {label: [] for label in steps_of}
-            for _ in range(steps):
-                for label, step in steps_of.items():
-                    samples[label].extend(_samples_us(step, 1, 0))
+            chains = [_chain_step([make() for _ in range(layers)], x) for make in makers.values()]
+            samples = _alternating_samples_us(chains, reps=steps, warmup=5)
     finally:
         BF.DEFERRED_CHECK_DEVICES = deferred
     print(f"{layers} BN layers in a row (2x{channels}x2x2 bf16, one backward a step, kernels stubbed), us a layer, "
           f"20th percentile of {steps} steps:")  # fmt: skip
-    for label, kept in samples.items():
+    for label, kept in zip(makers, samples, strict=True):
         note = "  (its CPU kernels on tiny tensors included)" if label == "torch" else ""
         print(f"{label:>28}: {sorted(kept)[steps // 5] / layers:6.1f}{note}")
 

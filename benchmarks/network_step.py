@@ -205,7 +205,8 @@ def kernel_lines(events: Iterable, cuda: bool, top: int = 15) -> list[str]:
     unit = "GPU" if cuda else "CPU"
     lines = [f"    kernels: {launches} a step, {total:.2f} ms of {unit} time; the {len(ranked)} with the most:"]
     lines += [f"      {ms:8.3f} ms {count:5d}  {name[:100]}" for name, (count, ms) in ranked]
-    ours = {name: entry for name, entry in per_name.items() if name in _bnlab_kernel_names()}
+    names = _bnlab_kernel_names()
+    ours = {name: entry for name, entry in per_name.items() if name in names}
     mine_ms, mine_n = sum(t for _, t in ours.values()), sum(n for n, _ in ours.values())
     lines.append(f"      bnlab's kernels: {mine_n} a step, {mine_ms:.2f} ms ({mine_ms / total if total else 0:.0%})")
     return lines
@@ -349,14 +350,13 @@ def main(argv: list[str] | None = None) -> int:
                          "compile": args.compile or "", "device": name,
                          "torch": torch.__version__,
                          "triton": _triton_version(), "date": f"{datetime.date.today()}"})  # fmt: skip
-            if args.profile:
+            if args.profile or args.kernels:
                 with knobs_set(kernels.load(), dispatch):
                     step = training_step(model, layout, args.batch, args.size, args.device)
-                    print("\n".join(host_profile(step, args.steps, args.device)), flush=True)
-            if args.kernels:
-                with knobs_set(kernels.load(), dispatch):
-                    step = training_step(model, layout, args.batch, args.size, args.device)
-                    print("\n".join(kernel_table(step, args.device)), flush=True)
+                    if args.profile:
+                        print("\n".join(host_profile(step, args.steps, args.device)), flush=True)
+                    if args.kernels:
+                        print("\n".join(kernel_table(step, args.device)), flush=True)
             del model
     if args.out:
         out = Path(args.out) / f"network-step-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
