@@ -27,9 +27,9 @@ momentum, random data and labels) with torch's BatchNorm2d ("torch"), or convert
 backend "native" or "triton" ("triton-dispatch": the DIRECT_LAUNCH knob off, every launch through Triton's
 dispatch, the default before session 23; "triton-fused": each BN+ReLU and BN+add+ReLU then one fused call,
 `bnlab.tools.fuse_bn_relu`); the same weights
-for each. Each step is timed wall-clock from its start to
-the next step's (the GPU synchronized once after the timed steps: a host-bound loop shows as a longer
-step, as it would in training), median over the steps after a warm-up that compiles the kernels; and
+for each. Steps are timed wall-clock in windows of WINDOW run back to back, the GPU synchronized at each
+window's ends (a host-bound loop shows as a longer step, as it would in training): the median over the
+windows of a window's time a step, after a warm-up that compiles the kernels; and
 the host's time to issue one step on an idle GPU (`host_ms`: a step about that long is host-bound, where
 the layers' host time, e.g. Triton's launches, decides; a step of more kernels than the driver queues,
 about a thousand, waits for the GPU within it too).
@@ -43,7 +43,6 @@ import cProfile
 import csv
 import datetime
 import functools
-import itertools
 import pstats
 import statistics
 import sys
@@ -65,6 +64,12 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 # as one call each)
 PROVIDERS = ("torch", "native", "triton", "triton-dispatch", "triton-fused")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# Steps timed together, the GPU synchronized before and after (`time_steps`). Not one step alone: the host
+# runs ahead of the GPU, by up to ~1000 queued kernels or many replayed graphs, so the wall time between
+# two steps' calls is the host's time to issue one until that queue is full (run 24's reduce-overhead
+# rows, timed so, said 6 ms a step: the host's). A window's first step starts on an idle GPU: the window's
+# time is its steps' GPU time plus one step's head start, which five steps make a fifth of.
+WINDOW = 5
 
 
 def tiny_model(num_classes: int = 10) -> nn.Module:
@@ -121,21 +126,21 @@ def training_step(
 def time_steps(
     model: nn.Module, layout: str, batch: int, size: int, steps: int, warmup: int, device: str
 ) -> tuple[list[float], list[float]]:
-    """Seconds of each of `steps` training steps after `warmup` (see the module doc), the input in `layout`;
-    then, for `steps` more, the seconds the host takes to issue one step that starts on an idle GPU (the
+    """Seconds a training step takes after `warmup` (see the module doc), the input in `layout`: one number
+    a window of WINDOW steps run back to back, the GPU synchronized at the window's ends (`steps` // WINDOW
+    windows); then, for `steps` more, the seconds the host takes to issue one step that starts on an idle GPU (the
     call alone, the GPU synchronized before it: where a step takes about that long, it is host-bound)."""
     step = training_step(model, layout, batch, size, device)
     for _ in range(warmup):
         step()
-    _synchronize(device)
-    marks = [time.perf_counter()]
-    for _ in range(steps):
-        step()
-        marks.append(time.perf_counter())
-    _synchronize(device)
-    end = time.perf_counter()
-    # (the last step ends when the GPU is done: its mark moves to after the synchronize)
-    marks[-1] = end
+    per_window, seconds = min(WINDOW, steps), []
+    for _ in range(max(1, steps // per_window)):
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(per_window):
+            step()
+        _synchronize(device)
+        seconds.append((time.perf_counter() - start) / per_window)
     issued = []
     for _ in range(steps):
         _synchronize(device)
@@ -143,7 +148,7 @@ def time_steps(
         step()
         issued.append(time.perf_counter() - start)
     _synchronize(device)
-    return [b - a for a, b in itertools.pairwise(marks)], issued
+    return seconds, issued
 
 
 def captured(step: Callable[[], None], warmup: int) -> Callable[[], None]:
@@ -183,10 +188,28 @@ def kernel_table(step: Callable[[], None], device: str, top: int = 15) -> list[s
     cuda = device == "cuda"
     step()
     _synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    # (CPU activity too on a GPU: the CUDA runtime's calls are host events, `runtime_lines`)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         step()
         _synchronize(device)
-    return kernel_lines(prof.events(), cuda, top)
+    events = prof.events()
+    return kernel_lines(events, cuda, top) + (runtime_lines(events) if cuda else [])
+
+
+def runtime_lines(events: Iterable, top: int = 6) -> list[str]:
+    """The CUDA runtime and driver calls among `events` (host events named cuda*/cu*) by host time: where
+    a step's host waits on the GPU (a synchronize, a blocking copy, an allocation) rather than runs."""
+    per_name: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type.name == "CPU" and event.name.startswith("cu") and not event.name.startswith("cudnn"):
+            entry = per_name.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.cpu_time / 1e3  # (ms)
+    ranked = sorted(per_name.items(), key=lambda item: item[1][1], reverse=True)[:top]
+    calls, total = sum(n for n, _ in per_name.values()), sum(t for _, t in per_name.values())
+    return [f"    CUDA runtime calls: {calls} a step, {total:.2f} ms of host time; by time: "
+            + ", ".join(f"{name} {count}x {ms:.2f} ms" for name, (count, ms) in ranked)]  # fmt: skip
 
 
 def kernel_lines(events: Iterable, cuda: bool, top: int = 15) -> list[str]:
@@ -321,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     compiled = f", torch.compile(mode={args.compile!r})" if args.compile else ""
     print(f"{name}; torch {torch.__version__}; {args.model} batch {args.batch} at {args.size}x{args.size}, bf16 "
-          f"autocast, SGD{compiled}; ms a training step (median of {args.steps} after {args.warmup} warm-up steps)",
+          f"autocast, SGD{compiled}; ms a training step (median of {max(1, args.steps // min(WINDOW, args.steps))} "
+          f"windows of {min(WINDOW, args.steps)} steps after {args.warmup} warm-up steps)",
           flush=True)  # fmt: skip
     rows = []
     for layout in layouts:

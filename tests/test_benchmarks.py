@@ -287,6 +287,34 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
     assert "--graphs: CUDA graphs need --device cuda, not cpu" in capsys.readouterr().err
 
 
+def test_a_network_step_is_timed_to_the_gpus_end_not_the_hosts(monkeypatch):
+    """network_step.time_steps on a simulated GPU a step takes 4 units of and a host that issues one in 1:
+    4 a step, not the host's 1 (a step's calls return long before the GPU has run it; run 24 timed the
+    wall time between calls and reported the host's issue time for CUDA-graph steps); and, each step on
+    an idle GPU, the host's 1."""
+    import types
+
+    import network_step
+
+    clock = types.SimpleNamespace(host=0.0, gpu=0.0)
+
+    def step() -> None:
+        clock.host += 1.0
+        clock.gpu = max(clock.gpu, clock.host) + 4.0  # (the step's work queued behind what is there)
+
+    def synchronize(device: str) -> None:
+        clock.host = max(clock.host, clock.gpu)
+
+    monkeypatch.setattr(network_step, "training_step", lambda *args, **kwargs: step)
+    monkeypatch.setattr(network_step, "_synchronize", synchronize)
+    monkeypatch.setattr(network_step, "time", types.SimpleNamespace(perf_counter=lambda: clock.host))
+    seconds, issued = network_step.time_steps(None, "nchw", 4, 8, steps=10, warmup=2, device="cuda")
+    assert len(seconds) == 10 // network_step.WINDOW and len(issued) == 10
+    # (a window's first step starts on an idle GPU: its host second before the GPU starts, over 5 steps)
+    assert seconds == [pytest.approx(4.0 + 1.0 / network_step.WINDOW)] * 2
+    assert issued == [1.0] * 10
+
+
 def test_the_network_step_compiles_each_providers_model_afresh_when_asked(tmp_path, capsys, monkeypatch):
     """network_step.py --compile MODE: each provider's model under torch.compile with that mode (a stand-in
     here: inductor's compiles take minutes on the CI's cores), dynamo reset before each, the mode in the
@@ -409,7 +437,8 @@ def test_the_network_steps_host_profile_names_the_costliest_functions_and_bnlabs
 
 def test_the_network_steps_kernel_lines_rank_kernels_by_time_with_counts_and_bnlabs_share():
     """network_step.py --kernels: the GPU events of a step by name, most time first, with counts, a total and
-    bnlab's Triton kernels' share; CPU events and (in CPU mode, the tests' stand-in) nested ones left out."""
+    bnlab's Triton kernels' share; CPU events and (in CPU mode, the tests' stand-in) nested ones left out.
+    Then the CUDA runtime's calls (host events) by time, cuDNN's ops not among them."""
     from types import SimpleNamespace
 
     import network_step
@@ -432,6 +461,13 @@ def test_the_network_steps_kernel_lines_rank_kernels_by_time_with_counts_and_bnl
         network_step.kernel_lines(cpu, cuda=False)[0]
         == "    kernels: 1 a step, 2.00 ms of CPU time; the 1 with the most:"
     )
+    runtime = [event("cudaLaunchKernel", "CPU", 5.0), event("cudaStreamSynchronize", "CPU", 9000.0),
+               event("cudaLaunchKernel", "CPU", 7.0), event("cudnn_conv", "CPU", 50.0),
+               event("cudaMalloc", "CUDA", 1.0)]  # fmt: skip
+    assert network_step.runtime_lines(events + runtime, top=2) == [
+        "    CUDA runtime calls: 3 a step, 9.01 ms of host time; by time: cudaStreamSynchronize 1x 9.00 ms, "
+        "cudaLaunchKernel 2x 0.01 ms"
+    ]
 
 
 def test_the_network_steps_kernel_table_profiles_one_step():
