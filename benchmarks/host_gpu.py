@@ -200,14 +200,19 @@ def main() -> int:
     # Layers in a row with one backward a step, as in a network: the step's fixed costs (the engine's start,
     # its hand-off to the device thread) paid once, so per layer what a network's step pays for each
     # (host_overhead.py --chain has the same with the kernels stubbed, on any machine).
+    # The last row: the split plans (two kernels a direction) that most of a network's layers take, where
+    # this small shape takes the single tile (one a direction): run 24's ResNet-50 step paid ~500 us a layer
+    # over torch's on the host against the single-tile chain's ~210.
     n = args.chain_layers
-    for label, make in (
-        ("torch", lambda: torch.nn.BatchNorm2d(C)),
-        ("bnlab native", lambda: bnlab.nn.BatchNorm2d(C, backend="native")),
-        ("bnlab triton", lambda: bnlab.nn.BatchNorm2d(C, backend="triton")),
+    for label, make, knobs in (
+        ("torch", lambda: torch.nn.BatchNorm2d(C), {}),
+        ("bnlab native", lambda: bnlab.nn.BatchNorm2d(C, backend="native"), {}),
+        ("bnlab triton", lambda: bnlab.nn.BatchNorm2d(C, backend="triton"), {}),
+        ("bnlab triton (split plans)", lambda: bnlab.nn.BatchNorm2d(C, backend="triton"), {"SINGLE_TILE_MAX": 0}),
     ):
         step = _chain_step([make().to(device) for _ in range(n)], x)
-        us = per_call_us(step, max(2, args.calls // n), device) / n  # (about as many layer calls as a row's)
+        with knobs_set(K, knobs):
+            us = per_call_us(step, max(2, args.calls // n), device) / n  # (about as many layer calls as a row's)
         print(f"  {us:8.1f}  {label} layers, {n} in a row: forward + backward, a layer", flush=True)
     if args.no_compile:
         return 0

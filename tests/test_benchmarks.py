@@ -64,8 +64,8 @@ def test_the_host_time_breakdown_runs_every_line():
     done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert len(lines) == 24 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
-    assert done.stdout.count("layers, 3 in a row: forward + backward, a layer") == 3
+    assert len(lines) == 25 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
+    assert done.stdout.count("layers, 3 in a row: forward + backward, a layer") == 4
     assert done.stdout.count("autograd multithreading off") == 2
     assert done.stdout.count(", Triton's dispatch") == 4
     assert "Triton: one launch of _single_tile_forward_kernel over an empty grid" in done.stdout
