@@ -106,6 +106,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=300, help="calls per timing (default 300)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile lines")
     parser.add_argument("--chain-layers", type=int, default=53, help="layers in a row for the chain rows (53)")
+    parser.add_argument("--profile-chain", action="store_true",
+                        help="then cProfile the split-plan triton chain: where its host time goes")  # fmt: skip
     args = parser.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -214,6 +216,15 @@ def main() -> int:
         with knobs_set(K, knobs):
             us = per_call_us(step, max(2, args.calls // n), device) / n  # (about as many layer calls as a row's)
         print(f"  {us:8.1f}  {label} layers, {n} in a row: forward + backward, a layer", flush=True)
+    if args.profile_chain:
+        # (network_step.py's profile: autograd's multithreading off, so that cProfile sees the backward too)
+        from network_step import host_profile
+
+        step = _chain_step([bnlab.nn.BatchNorm2d(C, backend="triton").to(device) for _ in range(n)], x)
+        with knobs_set(K, {"SINGLE_TILE_MAX": 0}):
+            step()
+            print(f"  split-plan triton chain of {n} layers, a step (divide by {n} for a layer):")
+            print("\n".join(host_profile(step, max(2, args.calls // n), device, top=30)), flush=True)
     if args.no_compile:
         return 0
     compiled = torch.compile(F.batch_norm, dynamic=False)

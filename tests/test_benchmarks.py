@@ -60,10 +60,12 @@ def test_the_host_time_breakdown_runs_every_line():
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "host_gpu.py"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parent.parent / "src")}
     argv = ["--device", "cpu", "--calls", "2", "--no-compile", "--dtype", "float32", "--shape", "4,3,5,5",
-            "--chain-layers", "3"]  # fmt: skip
+            "--chain-layers", "3", "--profile-chain"]  # fmt: skip
     done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
+    rows, profile = done.stdout.split("  split-plan triton chain of 3 layers")  # (the chain's profile last)
+    lines = [line for line in rows.splitlines() if line.startswith("  ")]
+    assert "host profile:" in profile and "bnlab's own Python:" in profile, profile
     assert len(lines) == 25 and all(float(line.split()[0]) > 0 for line in lines), done.stdout
     assert done.stdout.count("layers, 3 in a row: forward + backward, a layer") == 4
     assert done.stdout.count("autograd multithreading off") == 2
