@@ -102,10 +102,10 @@ class _FusedBatchNorm(torch.autograd.Function):
 def _forward(x, weight, bias, residual, rest, plan=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     running_mean, running_var, training, momentum, eps, relu, layout, guard, counter, ghosts = rest
     # (save_stats: a call comes here only where autograd records it, or under a transform or compile)
-    args = (x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, True, layout)
+    args = (x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, True)
     if torch.compiler.is_compiling():  # (bnlab.functional guards the update with torch ops there)
         return torch.ops.bnlab.triton_forward(*args)  # (training: `batch_norm` traces inference)
-    return _forward_kernels(*args, guard, counter, ghosts, plan)  # type: ignore[return-value]
+    return _forward_kernels(*args, layout, guard, counter, ghosts, plan)  # type: ignore[return-value]
 
 
 def _backward_either(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -130,11 +130,11 @@ def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
     args = (kl.to_layout(dy, ctx.layout), x, weight, bias, residual, mean, invstd, ctx.training, ctx.relu, need_x,
-            need_w or need_b, need_z, ctx.layout)  # fmt: skip
+            need_w or need_b, need_z)  # fmt: skip
     if torch.compiler.is_compiling():  # (ghost batches in place are eager only: see `batch_norm`)
         dx, dweight, dbias, dz = torch.ops.bnlab.triton_backward(*args)
     else:
-        dx, dweight, dbias, dz = _backward_kernels(*args, ghosts=ctx.ghosts, plan=ctx.plan)
+        dx, dweight, dbias, dz = _backward_kernels(*args, ctx.layout, ghosts=ctx.ghosts, plan=ctx.plan)
     # dweight and dbias are float32: cast (a copy) only for parameters kept in another dtype.
     if need_w and dweight.dtype != weight.dtype:
         dweight = dweight.to(weight.dtype)
@@ -278,21 +278,45 @@ def _filled(tensors: tuple[torch.Tensor | None, ...], like: torch.Tensor) -> tup
     return tuple(t if t is not None else like.new_empty(0, dtype=torch.float32) for t in tensors)
 
 
+# The ops take their tensors in whatever layout inductor gives them (tag flexible_layout) and decide the
+# kernels' layout from x at run time (not while tracing: the tensors' strides then are eager's). Why: with
+# the default constraint (exact strides) inductor copied every layer's input into the strides traced from
+# eager and its output back wherever it lays a model out otherwise: its layout optimization runs an NCHW
+# conv net's convolutions channels-last, and then each bnlab layer cost a copy each way in forward and in
+# backward (seen on CPU, tests/test_triton.py; on an H200, run 24, ResNet-50 NCHW under reduce-overhead:
+# 27.8 ms a step with bnlab's fused layers against inductor's own BN at 20.3).
+
+
+def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """(x, its kernel layout): as it is where the kernels address it in place, else a contiguous copy."""
+    layout = kl.layout_of(x)
+    return (x, layout) if layout is not None else (x.contiguous(), kl.PLANES)
+
+
+def _like_kernel_input(x: torch.Tensor, channels: bool = True) -> torch.Tensor:
+    """An empty tensor with the strides the kernels give an output like `x` (`_kernel_input`'s), for the fakes;
+    `channels` False: an empty float32 stand-in for an output not asked for."""
+    if not channels:
+        return x.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(x if kl.layout_of(x) is not None else x.contiguous())
+
+
 def _forward_filled(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
-    eps: float, relu: bool, save_stats: bool, layout: str,
+    eps: float, relu: bool, save_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    x, layout = _kernel_input(x)
+    residual = kl.to_layout(residual, layout) if residual is not None else None
     out = _forward_kernels(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
                            save_stats, layout)  # fmt: skip
     return _filled(out, x)  # type: ignore[return-value]
 
 
-def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, save_stats,
-                  layout):  # fmt: skip
+def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, save_stats):
     channels = x.shape[1] if training or save_stats else 0
     stats = [x.new_empty(channels, dtype=torch.float32) for _ in range(2)]
-    return torch.empty_like(x), *stats  # (x is in a kernel layout: y has its strides)
+    return _like_kernel_input(x), *stats
 
 
 _LIBRARY = torch.library.Library("bnlab", "FRAGMENT")  # (kept: the registrations last as long as it)
@@ -300,8 +324,10 @@ _LIBRARY = torch.library.Library("bnlab", "FRAGMENT")  # (kept: the registration
 
 def _op(name: str, body: Callable, fake: Callable, mutates: tuple[str, ...] = ()) -> None:
     """`body` as the op ``bnlab::name`` on every device (its schema inferred from the type hints, with the
-    arguments in `mutates` marked written), `fake` its implementation for fake tensors (torch.compile)."""
-    _LIBRARY.define(name + torch.library.infer_schema(body, mutates_args=mutates))
+    arguments in `mutates` marked written; its tensors in any layout), `fake` its implementation for fake
+    tensors (torch.compile)."""
+    schema = name + torch.library.infer_schema(body, mutates_args=mutates)
+    _LIBRARY.define(schema, tags=(torch.Tag.flexible_layout,))
     _LIBRARY.impl(name, body, "CompositeExplicitAutograd")
     torch.library.register_fake(f"bnlab::{name}", fake, lib=_LIBRARY)
 
@@ -309,20 +335,20 @@ def _op(name: str, body: Callable, fake: Callable, mutates: tuple[str, ...] = ()
 def _backward_filled(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor, training: bool, relu: bool,
-    need_input: bool, need_params: bool, need_residual: bool, layout: str,
+    need_input: bool, need_params: bool, need_residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    x, layout = _kernel_input(x)  # (the forward's: the same x; dy and the residual then laid out as it)
+    dy = kl.to_layout(dy, layout)
+    residual = kl.to_layout(residual, layout) if residual is not None else None
     out = _backward_kernels(dy, x, weight, bias, residual, mean, invstd, training, relu, need_input, need_params,
                             need_residual, layout)  # fmt: skip
     return _filled(out, x)  # type: ignore[return-value]
 
 
-def _backward_fake(dy, x, weight, bias, residual, mean, invstd, training, relu, need_input, need_params, need_residual,
-                   layout):  # fmt: skip
-    def like_x(wanted: bool) -> torch.Tensor:
-        return torch.empty_like(x) if wanted else x.new_empty(0, dtype=torch.float32)
-
+def _backward_fake(dy, x, weight, bias, residual, mean, invstd, training, relu, need_input, need_params,
+                   need_residual):  # fmt: skip
     params = [x.new_empty(mean.shape[0] if need_params else 0, dtype=torch.float32) for _ in range(2)]
-    return like_x(need_input), *params, like_x(need_residual and residual is not None)
+    return _like_kernel_input(x, need_input), *params, _like_kernel_input(x, need_residual and residual is not None)
 
 
 _op("triton_forward", _forward_filled, _forward_fake, mutates=("running_mean", "running_var"))
