@@ -927,6 +927,22 @@ def test_layouts_are_recognised():
     assert K.layout_of(torch.empty(4, 5, 3).transpose(1, 2)) == K.ROWS  # (N, C, L) with C contiguous
     assert K.layout_of(torch.empty(4, 6, 5)[:, ::2]) is None
 
+    # the channels-last test asked of the tensor (no view) agrees with the general one through a view, size-1
+    # dimensions included
+    def through_a_view(t: torch.Tensor) -> str | None:
+        if t.is_contiguous():
+            return K.ROWS if math.prod(t.shape[2:]) == 1 else K.PLANES
+        return K.ROWS if t.movedim(1, -1).is_contiguous() else None
+
+    for shape in [(4, 3, 5, 2), (1, 3, 5, 2), (4, 1, 5, 2), (4, 3, 1, 2), (4, 3, 5, 1), (1, 3, 1, 1), (2, 3, 1, 4, 1)]:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        for t in (torch.empty(shape).contiguous(memory_format=fmt), torch.empty(shape).transpose(2, 3)):
+            assert K.layout_of(t) == through_a_view(t), (shape, t.stride())
+    t = torch.empty(4, 3, 5, 2).contiguous(memory_format=torch.channels_last)
+    assert K.to_layout(t, K.ROWS) is t  # (no view made for a tensor already laid out)
+    assert K.layout_of(K.to_layout(t, K.PLANES)) == K.PLANES
+    assert K.layout_of(K.to_layout(t.contiguous(), K.ROWS)) == K.ROWS
+
 
 # ---- the kernels compile for real GPUs (ahead of time, no GPU needed) -----------------------------------
 
@@ -1652,9 +1668,15 @@ def test_launches_make_their_tensors_device_current(monkeypatch):
     import contextlib
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(K, "_several_gpus", lambda: True)
     assert isinstance(K._made_current(torch.device("cuda", 1)), torch.cuda.device)
     for device in (torch.device("cuda", 0), torch.device("cpu")):
         assert isinstance(K._made_current(device), contextlib.nullcontext)
+    # (a process that sees one GPU does not ask which is current: it is that one)
+    monkeypatch.setattr(K, "_several_gpus", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("asked for the current device"))
+    assert isinstance(K._made_current(torch.device("cuda", 0)), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     entered = []
     monkeypatch.setattr(K, "_made_current", lambda device: entered.append(device) or contextlib.nullcontext())
     x = make_input((4, 3, 5)).to(DEVICE)

@@ -904,11 +904,22 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
 
 def _made_current(device: torch.device) -> contextlib.AbstractContextManager:
     """`device` made the current CUDA device for the duration: Triton launches on the current one (a tensor
-    on cuda:1 while cuda:0 is current would be read through the wrong context); a no-op where it already is
-    (one integer comparison), as in a process per GPU."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+    on cuda:1 while cuda:0 is current would be read through the wrong context); a no-op where it already is,
+    or where the process sees one GPU (nothing to ask then), as in a process per GPU."""
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and _several_gpus()
+        and device.index != torch.cuda.current_device()
+    ):
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+@functools.cache
+def _several_gpus() -> bool:
+    """Whether this process sees more than one GPU (fixed once CUDA is initialized: CUDA_VISIBLE_DEVICES)."""
+    return torch.cuda.device_count() > 1
 
 
 def _on_input_device(fn):
