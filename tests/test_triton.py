@@ -754,6 +754,12 @@ def test_a_launch_over_more_than_one_wave_runs_fewer_slices(monkeypatch):
     ((grid, args, options),) = kernel.launches
     assert grid == (32, 4) and args == (32,) and options == {"SPLITS": 4}  # 132 // 32 blocks = 4 slices
     assert K._FITTED == {(kernel, plan): K.replace(plan, per_split=32, splits=4)}
+    # (uncut: the plan itself, nothing recorded; one slice a block has nothing left to cut)
+    monkeypatch.setattr(K, "_resident", lambda kernel, args, options, device: 10**6)
+    monkeypatch.setattr(K, "_FITTED", {})
+    assert K._launch(kernel, plan, torch.device("cpu"), lambda p: (), lambda p: {}) is plan and K._FITTED == {}
+    whole = K.replace(plan, per_split=plan.tiles, splits=1)
+    assert K.within(whole, 1) is whole
     monkeypatch.setattr(K, "_one_wave_on", lambda device: False)
     K._launch(kernel, plan, torch.device("cpu"), lambda p: (p.per_split,), lambda p: {"SPLITS": p.splits})
     assert kernel.launches[-1][0] == plan.grid

@@ -726,7 +726,8 @@ def within(plan: Plan, programs: int) -> Plan:
     units = plan.channel_programs
     if plan.single or units * plan.splits <= programs:
         return plan
-    return _resliced(plan, _cdiv(plan.tiles, max(1, programs // units)))
+    per_split = _cdiv(plan.tiles, max(1, programs // units))
+    return plan if per_split == plan.per_split else _resliced(plan, per_split)  # (uncut: the plan itself)
 
 
 _RESIDENT: dict[tuple, int] = {}
@@ -767,7 +768,7 @@ def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of) -> Pl
     args, options = args_of(plan), options_of(plan)
     if _one_wave_on(device):
         fitted = within(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
-        if fitted != plan:
+        if fitted is not plan:  # (`within` returns the plan itself uncut: no field-by-field comparison)
             _FITTED[(kernel, plan)] = plan = fitted
             args, options = args_of(plan), options_of(plan)
     _run(kernel, plan.grid, args, options, device)
