@@ -1464,6 +1464,42 @@ def test_torch_compile_runs_the_kernels_as_custom_ops_in_one_graph(monkeypatch, 
     assert "bnlab" not in graphs["forward"][1] and "copy_" not in graphs["forward"][1]
 
 
+def test_torch_compile_with_dynamic_shapes_trains_as_eager():
+    """torch.compile(dynamic=True, fullgraph=True) over a conv and a bnlab layer: batches of other sizes and
+    a channels-last one through the same graph (the fakes' strides from symbolic shapes), outputs, every
+    gradient and the running statistics as eager's."""
+    import copy
+
+    import bnlab.nn
+
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), bnlab.nn.BatchNorm2d(4, backend="triton"), torch.nn.ReLU()
+    ).to(DEVICE)
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    graphs = []
+
+    def counted(gm, example_inputs):  # (aot_eager, each graph dynamo hands it counted)
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=counted, fullgraph=True, dynamic=True)
+    made = []
+    for seed, (n, layout) in enumerate([(2, "contiguous"), (5, "contiguous"), (3, "contiguous"), (3, "channels_last")]):
+        x = make_input((n, 3, 5, 5), layout, seed=seed).to(DEVICE)
+        y, expected = compiled(x), eager(x)
+        y.sum().backward()
+        expected.sum().backward()
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        made.append(len(graphs))
+    assert made[0] == made[1] == made[2], f"graphs made so far, a batch: {made}"  # (another layout may recompile)
+    for (name, theirs), ours in zip(eager.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4, msg=name)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+
 @pytest.mark.slow
 def test_inductor_hands_the_ops_the_layout_it_chose(monkeypatch):
     """Under inductor with its layout optimization (convolutions channels-last in an NCHW model: on CPU with
