@@ -38,11 +38,13 @@ about a thousand, waits for the GPU within it too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import csv
 import datetime
 import functools
+import gc
 import pstats
 import statistics
 import sys
@@ -124,15 +126,23 @@ def training_step(
 
 
 def time_steps(
-    model: nn.Module, layout: str, batch: int, size: int, steps: int, warmup: int, device: str
-) -> tuple[list[float], list[float]]:
+    model: nn.Module, layout: str, batch: int, size: int, steps: int, warmup: int, device: str,
+    gc_time: GcTime | None = None,
+) -> tuple[list[float], list[float]]:  # fmt: skip
     """Seconds a training step takes after `warmup` (see the module doc), the input in `layout`: one number
     a window of WINDOW steps run back to back, the GPU synchronized at the window's ends (`steps` // WINDOW
-    windows); then, for `steps` more, the seconds the host takes to issue one step that starts on an idle GPU (the
-    call alone, the GPU synchronized before it: where a step takes about that long, it is host-bound)."""
+    windows); then, for `steps` more, the seconds the host takes to issue one step that starts on an idle GPU
+    (the call alone, the GPU synchronized before it: where a step takes about that long, it is host-bound).
+    `gc_time`: entered over the timed steps (not the warm-up's, whose first calls make objects once)."""
     step = training_step(model, layout, batch, size, device)
     for _ in range(warmup):
         step()
+    with gc_time if gc_time is not None else contextlib.nullcontext():
+        return _timed_steps(step, steps, device)
+
+
+def _timed_steps(step: Callable[[], None], steps: int, device: str) -> tuple[list[float], list[float]]:
+    """`time_steps`' two timings of an already warm `step`."""
     per_window, seconds = min(WINDOW, steps), []
     for _ in range(max(1, steps // per_window)):
         _synchronize(device)
@@ -296,6 +306,38 @@ def _graph_line(graphed: dict[str, float], provider: str, first: str, measure: C
     return f"{graphed[provider]:9.2f} ms replayed from one CUDA graph{versus}"
 
 
+class GcTime:
+    """Python's garbage collections while it is entered, by generation, and the time they took (gc's
+    callbacks): a host that runs more Python objects through a step (bnlab's layers: autograd contexts,
+    plans, tuples) may pay for collections the step's own profile does not name."""
+
+    def __init__(self) -> None:
+        self.seconds, self.counts, self._start = [0.0] * 3, [0] * 3, 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.counts[info["generation"]] += 1
+
+    def __enter__(self) -> GcTime:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def ms(self, steps: int) -> float:
+        """The collections' time a step, over `steps` steps (ms)."""
+        return sum(self.seconds) / max(1, steps) * 1e3
+
+    def line(self, steps: int) -> str:
+        """The collections and their time a step, over `steps` steps."""
+        counts = "/".join(str(n) for n in self.counts)
+        return f"Python's gc {self.ms(steps):.2f} ms a step ({counts} collections of generations 0/1/2, {steps} steps)"
+
+
 def _triton_version() -> str:
     try:
         import triton
@@ -356,20 +398,25 @@ def main(argv: list[str] | None = None) -> int:
                 torch._dynamo.reset()  # (each provider compiled afresh: no cache entry of another model's)
                 model = torch.compile(model, mode=args.compile)
             dispatch = {"DIRECT_LAUNCH": False} if provider.endswith("-dispatch") else {}
+            gc_time = GcTime()
             with knobs_set(kernels.load(), dispatch):
-                seconds, issued = time_steps(model, layout, args.batch, args.size, args.steps, args.warmup, args.device)
+                seconds, issued = time_steps(
+                    model, layout, args.batch, args.size, args.steps, args.warmup, args.device, gc_time
+                )
             medians[provider] = statistics.median(seconds) * 1e3
             host_ms = statistics.median(issued) * 1e3
+            stepped = len(seconds) * min(WINDOW, args.steps) + len(issued)  # (the steps GcTime saw)
             first = providers[0]
             against = f"  ({medians[provider] / medians[first]:.3f}x {first})" if provider != first else ""
             print(f"  {layout:14s} {provider:13s} {medians[provider]:9.2f} ms{against}; the host issues one in "
-                  f"{host_ms:.2f} ms", flush=True)  # fmt: skip
+                  f"{host_ms:.2f} ms; {gc_time.line(stepped)}", flush=True)  # fmt: skip
             if args.graphs:
                 measure = functools.partial(_graph_ms, model, layout, args, dispatch)
                 print(f"  {'':29s}{_graph_line(graphed, provider, first, measure)}", flush=True)
             rows.append({"model": args.model, "batch": args.batch, "size": args.size, "layout": layout,
                          "provider": provider, "median_ms": round(medians[provider], 3),
                          "min_ms": round(min(seconds) * 1e3, 3), "host_ms": round(host_ms, 3),
+                         "gc_ms": round(gc_time.ms(stepped), 3),
                          "graph_ms": round(graphed[provider], 3) if provider in graphed else "",
                          "compile": args.compile or "", "device": name,
                          "torch": torch.__version__,

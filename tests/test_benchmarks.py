@@ -317,6 +317,23 @@ def test_a_network_step_is_timed_to_the_gpus_end_not_the_hosts(monkeypatch):
     assert issued == [1.0] * 10
 
 
+def test_the_network_steps_gc_time_counts_collections_by_generation():
+    """network_step.GcTime: the collections Python ran while it was entered (here two of generation 0 and one
+    of 2, forced) and their time, a step; none after it is left."""
+    import gc
+
+    import network_step
+
+    with network_step.GcTime() as timed:
+        gc.collect(0)
+        gc.collect(0)
+        gc.collect(2)
+    gc.collect(1)
+    assert timed.counts == [2, 0, 1] and all(s >= 0 for s in timed.seconds) and sum(timed.seconds) > 0
+    assert timed.line(4).endswith("(2/0/1 collections of generations 0/1/2, 4 steps)")
+    assert timed.line(4).startswith(f"Python's gc {sum(timed.seconds) / 4 * 1e3:.2f} ms a step")
+
+
 def test_the_network_step_compiles_each_providers_model_afresh_when_asked(tmp_path, capsys, monkeypatch):
     """network_step.py --compile MODE: each provider's model under torch.compile with that mode (a stand-in
     here: inductor's compiles take minutes on the CI's cores), dynamo reset before each, the mode in the
