@@ -327,7 +327,10 @@ def _op(name: str, body: Callable, fake: Callable, mutates: tuple[str, ...] = ()
     arguments in `mutates` marked written; its tensors in any layout), `fake` its implementation for fake
     tensors (torch.compile)."""
     schema = name + torch.library.infer_schema(body, mutates_args=mutates)
-    _LIBRARY.define(schema, tags=(torch.Tag.flexible_layout,))
+    # (the tag came with torch 2.5/2.6's stride-keeping default for custom ops; before it, inductor was free
+    #  to lay their tensors out anyway)
+    flexible = getattr(torch.Tag, "flexible_layout", None)
+    _LIBRARY.define(schema, tags=(flexible,) if flexible is not None else ())
     _LIBRARY.impl(name, body, "CompositeExplicitAutograd")
     torch.library.register_fake(f"bnlab::{name}", fake, lib=_LIBRARY)
 
