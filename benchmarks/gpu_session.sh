@@ -113,7 +113,8 @@ for step in "${steps[@]}"; do
           | tee -a "$OUT/profile.log" | tail -40
       done ;;
     host)
-      timeout "${HOST_S:-120}" python3 benchmarks/host_gpu.py 2>&1 | tee "$OUT/host.log" | tail -20 ;;
+      # (HOST_ARGS: e.g. "--no-compile --profile-chain": cProfile of 53 split-plan layers in a row, session 25)
+      timeout "${HOST_S:-120}" python3 benchmarks/host_gpu.py ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | tail -50 ;;
     network)
       # (NETWORK_ARGS: e.g. "--model resnet50 --batch 128 --layouts channels_last")
       timeout "${NETWORK_S:-240}" python3 benchmarks/network_step.py --out "$OUT" ${NETWORK_ARGS:-} 2>&1 \
