@@ -205,24 +205,27 @@ def main() -> int:
     # The last row: the split plans (two kernels a direction) that most of a network's layers take, where
     # this small shape takes the single tile (one a direction): run 24's ResNet-50 step paid ~500 us a layer
     # over torch's on the host against the single-tile chain's ~210.
-    n = args.chain_layers
-    for label, make, knobs in (
-        ("torch", lambda: torch.nn.BatchNorm2d(C), {}),
-        ("bnlab native", lambda: bnlab.nn.BatchNorm2d(C, backend="native"), {}),
-        ("bnlab triton", lambda: bnlab.nn.BatchNorm2d(C, backend="triton"), {}),
-        ("bnlab triton (split plans)", lambda: bnlab.nn.BatchNorm2d(C, backend="triton"), {"SINGLE_TILE_MAX": 0}),
-    ):
-        step = _chain_step([make().to(device) for _ in range(n)], x)
+    n, split = args.chain_layers, "bnlab triton (split plans)"
+    chains = {
+        label: (_chain_step([make().to(device) for _ in range(n)], x), knobs)
+        for label, make, knobs in (
+            ("torch", lambda: torch.nn.BatchNorm2d(C), {}),
+            ("bnlab native", lambda: bnlab.nn.BatchNorm2d(C, backend="native"), {}),
+            ("bnlab triton", lambda: bnlab.nn.BatchNorm2d(C, backend="triton"), {}),
+            (split, lambda: bnlab.nn.BatchNorm2d(C, backend="triton"), {"SINGLE_TILE_MAX": 0}),
+        )
+    }
+    for label, (step, knobs) in chains.items():
         with knobs_set(K, knobs):
             us = per_call_us(step, max(2, args.calls // n), device) / n  # (about as many layer calls as a row's)
         print(f"  {us:8.1f}  {label} layers, {n} in a row: forward + backward, a layer", flush=True)
     if args.profile_chain:
-        # (network_step.py's profile: autograd's multithreading off, so that cProfile sees the backward too)
+        # (network_step.py's profile: autograd's multithreading off, so that cProfile sees the backward too;
+        #  the chain warm from its row above)
         from network_step import host_profile
 
-        step = _chain_step([bnlab.nn.BatchNorm2d(C, backend="triton").to(device) for _ in range(n)], x)
-        with knobs_set(K, {"SINGLE_TILE_MAX": 0}):
-            step()
+        step, knobs = chains[split]
+        with knobs_set(K, knobs):
             print(f"  split-plan triton chain of {n} layers, a step (divide by {n} for a layer):")
             print("\n".join(host_profile(step, max(2, args.calls // n), device, top=30)), flush=True)
     if args.no_compile:

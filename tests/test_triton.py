@@ -1494,10 +1494,7 @@ def test_torch_compile_with_dynamic_shapes_trains_as_eager():
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
         made.append(len(graphs))
     assert made[0] == made[1] == made[2], f"graphs made so far, a batch: {made}"  # (another layout may recompile)
-    for (name, theirs), ours in zip(eager.named_parameters(), model.parameters(), strict=True):
-        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4, msg=name)
-    for key, value in eager.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    _trained_alike(model, eager)
 
 
 @pytest.mark.slow
@@ -1546,10 +1543,16 @@ def test_inductor_hands_the_ops_the_layout_it_chose(monkeypatch):
     expected = eager(x)
     expected.square().sum().backward()
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    _trained_alike(model, eager, atol=1e-5, rtol=1e-5)
+
+
+def _trained_alike(model: torch.nn.Module, eager: torch.nn.Module, **state_tolerance: float) -> None:
+    """`model`'s gradients as `eager`'s (to 1e-4), and its state (running statistics included) as `eager`'s
+    (`state_tolerance`: assert_close's, its defaults without)."""
     for (name, theirs), ours in zip(eager.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4, msg=name)
     for key, value in eager.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key, **state_tolerance)
 
 
 def test_the_kernels_custom_ops_pass_torchs_op_checks():

@@ -298,7 +298,7 @@ def _like_kernel_input(x: torch.Tensor, channels: bool = True) -> torch.Tensor:
     `channels` False: an empty float32 stand-in for an output not asked for."""
     if not channels:
         return x.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(x if kl.layout_of(x) is not None else x.contiguous())
+    return torch.empty_like(_kernel_input(x)[0])
 
 
 def _forward_filled(
