@@ -16,6 +16,12 @@ bf16 tensors, one backward a step, the layers' default policy on the GPU's path:
 guard kernel a stand-in that writes a "kept" verdict as the kernel would), per layer, the providers
 alternating: what a network's step pays per layer on the host, where the isolated rows above also carry
 each step's fixed costs (torch.autograd.grad's, the engine's).
+`--network` (session 26) times instead a training step of ResNet-50's layers at a sixteenth of their width
+(network_step.py's `narrow_resnet50`: 53 BN layers between convolutions, batch 2 at 32x32, channels-last,
+bf16 autocast, SGD; kernels stubbed, the GPU's deferred-check path as in `--chain`) with torch's BN layers,
+bnlab's triton ones, and none (BN removed): a BN layer's host time within a network, (step - the step
+without BN) / 53, beside the same layers' in a chain of BN layers alone (split plans, as the network's):
+what `network_step.py` measures on a GPU host, where the chain's rows had left ~200 us a layer unexplained.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ from host_gpu import (
     _Recorder,
 )  # (the kernels' no-op stand-ins, shared with host_gpu.py)
 
+import bnlab.nn
 from bnlab import functional as BF
 from bnlab import kernels
 from bnlab.backends import triton_backend as TB
+from bnlab.gpubench import knobs_set
 
 
 def _samples_us(fn, reps: int, warmup: int) -> list[float]:
@@ -63,6 +71,9 @@ def main() -> None:
     K = kernels.load()
     if "--chain" in sys.argv[1:]:
         _print_chain_rows(K)
+        return
+    if "--network" in sys.argv[1:]:
+        _print_network_rows(K)
         return
     with _kernels_replaced(K, lambda kernel: _Recorder(kernel, None)):
         _print_rows(K)
@@ -235,6 +246,43 @@ def _print_chain_rows(K, layers: int = 53, steps: int = 60) -> None:
     for label, kept in zip(makers, samples, strict=True):
         note = "  (its CPU kernels on tiny tensors included)" if label == "torch" else ""
         print(f"{label:>28}: {sorted(kept)[steps // 5] / layers:6.1f}{note}")
+
+
+def _print_network_rows(K, steps: int = 60, size: int = 32) -> None:
+    """`--network`: see the module doc. Medians of `steps` steps a provider, alternating."""
+    import network_step as NS
+
+    base = NS.narrow_resnet50()
+    layers = NS.bn_layers(base)
+    providers = ("torch", "triton", "none")
+    channels = 64 // 16
+    x = torch.randn(2, channels, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    deferred, threads = BF.DEFERRED_CHECK_DEVICES, torch.get_num_threads()
+    BF.DEFERRED_CHECK_DEVICES = deferred | {"cpu"}  # (the GPU's path: no host sync a layer)
+    torch.set_num_threads(1)  # (the convolutions' CPU work on one thread: steadier; on a GPU host it is the GPU's)
+    try:
+        with _kernels_replaced(K, lambda kernel: _VerdictWriting(kernel, None)):
+            networks = [NS.training_step(NS.prepared(base, p, "channels_last", "cpu"), "channels_last", 2, size, "cpu")
+                        for p in providers]  # fmt: skip
+            network = dict(zip(providers, _alternating_samples_us(networks, reps=steps, warmup=3), strict=True))
+            with knobs_set(K, {"SINGLE_TILE_MAX": 0}):  # (split plans, as the network's layers get)
+                makers = (
+                    lambda: torch.nn.BatchNorm2d(channels),
+                    lambda: bnlab.nn.BatchNorm2d(channels, backend="triton"),
+                )
+                chains = [_chain_step([make() for _ in range(layers)], x) for make in makers]
+                chain = _alternating_samples_us(chains, reps=steps, warmup=3)
+    finally:
+        BF.DEFERRED_CHECK_DEVICES = deferred
+        torch.set_num_threads(threads)
+    median = {p: statistics.median(samples) for p, samples in network.items()}
+    print(f"narrow ResNet-50 ({layers} BN layers; batch 2 at {size}x{size}, channels-last, bf16 autocast, SGD; "
+          f"kernels stubbed), median of {steps} steps, ms: "
+          + ", ".join(f"{p} {median[p] / 1e3:.2f}" for p in providers))  # fmt: skip
+    print(f"a BN layer's host time, us: in the network (step - the step without BN, / {layers}) / in a chain of "
+          f"{layers} BN layers alone (2x{channels}x8x8 bf16, split plans; median)")  # fmt: skip
+    for p, samples in zip(("torch", "triton"), chain, strict=True):
+        print(f"{p:>8}: {(median[p] - median['none']) / layers:6.1f} / {statistics.median(samples) / layers:6.1f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Usage (on a GPU machine): PYTHONPATH=src python3 benchmarks/network_step.py [--model resnet50]
     [--batch 128] [--size 224] [--layouts nchw,channels_last] [--providers torch,native,triton]
     [--steps 20] [--out DIR]
-(`--model tiny --device cpu --batch 4 --size 16 --steps 2` runs every line on CPU, for the tests.)
+(`--model tiny --device cpu --batch 4 --size 16 --steps 2` runs every line on CPU, for the tests;
+`--model resnet50-narrow` is ResNet-50's layers at a sixteenth of the width, without torchvision.)
 `--profile`: after each provider's rows, where the host's time to issue a step goes (cProfile over
 `--steps` more steps, each started on an idle GPU, backward on the calling thread: `host_profile`): the
 functions with the most time of their own, per step, and the share of the step in bnlab's own Python files.
@@ -26,8 +27,9 @@ overlap the convolutions' GPU time, is what this measures: torchvision's model (
 momentum, random data and labels) with torch's BatchNorm2d ("torch"), or converted to bnlab's layers with
 backend "native" or "triton" ("triton-dispatch": the DIRECT_LAUNCH knob off, every launch through Triton's
 dispatch, the default before session 23; "triton-fused": each BN+ReLU and BN+add+ReLU then one fused call,
-`bnlab.tools.fuse_bn_relu`); the same weights
-for each. Steps are timed wall-clock in windows of WINDOW run back to back, the GPU synchronized at each
+`bnlab.tools.fuse_bn_relu`), or with no BN layers at all ("none": each replaced by nn.Identity, the
+baseline that a BN layer's own host time in the network is measured against: each layout's last line); the
+same weights for each. Steps are timed wall-clock in windows of WINDOW run back to back, the GPU synchronized at each
 window's ends (a host-bound loop shows as a longer step, as it would in training): the median over the
 windows of a window's time a step, after a warm-up that compiles the kernels; and
 the host's time to issue one step on an idle GPU (`host_ms`: a step about that long is host-bound, where
@@ -63,8 +65,8 @@ from bnlab.tools import fuse_bn_relu
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # (-dispatch: the kernels' DIRECT_LAUNCH off; -fused: then bnlab.tools.fuse_bn_relu, BN+ReLU and BN+add+ReLU
-# as one call each)
-PROVIDERS = ("torch", "native", "triton", "triton-dispatch", "triton-fused")
+# as one call each; none: the BN layers removed, the baseline of a BN layer's own share of the host's time)
+PROVIDERS = ("torch", "native", "triton", "triton-dispatch", "triton-fused", "none")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # Steps timed together, the GPU synchronized before and after (`time_steps`). Not one step alone: the host
 # runs ahead of the GPU, by up to ~1000 queued kernels or many replayed graphs, so the wall time between
@@ -83,10 +85,54 @@ def tiny_model(num_classes: int = 10) -> nn.Module:
     )  # fmt: skip
 
 
+class _Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck block (v1.5: the stride on the 3x3 convolution), `width` channels
+    inside, 4 * `width` out."""
+
+    def __init__(self, inputs: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inputs, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(inputs, 4 * width, 1, stride, bias=False), nn.BatchNorm2d(4 * width))
+            if stride != 1 or inputs != 4 * width
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+def narrow_resnet50(divisor: int = 16, num_classes: int = 10) -> nn.Module:
+    """ResNet-50's layers (torchvision's order: 53 BN layers, each after its convolution, BN+add+ReLU at each
+    block's end) with every width divided by `divisor`, without torchvision: the host's work of a ResNet-50
+    step at a size a CPU runs quickly (`host_overhead.py --network`)."""
+    stem = 64 // divisor
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+    ]  # fmt: skip
+    inputs = stem
+    for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)):
+        for block in range(blocks):
+            layers.append(_Bottleneck(inputs, width // divisor, 2 if block == 0 and stage > 0 else 1))
+            inputs = 4 * (width // divisor)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, num_classes))
+
+
 def build(name: str) -> nn.Module:
-    """torchvision's `name` (random weights), or `tiny_model` for "tiny"."""
+    """torchvision's `name` (random weights), `tiny_model` for "tiny", `narrow_resnet50` for
+    "resnet50-narrow"."""
     if name == "tiny":
         return tiny_model()
+    if name == "resnet50-narrow":
+        return narrow_resnet50()
     try:
         import torchvision
     except ImportError as exc:
@@ -95,13 +141,40 @@ def build(name: str) -> nn.Module:
 
 
 def prepared(model: nn.Module, provider: str, layout: str, device: str) -> nn.Module:
-    """A copy of `model` with the provider's BN layers, on `device` in `layout`."""
+    """A copy of `model` with the provider's BN layers (none for "none"), on `device` in `layout`."""
     model = copy.deepcopy(model)
-    if provider != "torch":
+    if provider == "none":
+        model = without_bn(model)
+    elif provider != "torch":
         model = bnlab.nn.convert(model, backend=provider.split("-")[0])
     if provider.endswith("-fused"):
         model = fuse_bn_relu(model)
     return model.to(device=device, memory_format=LAYOUTS[layout])
+
+
+def bn_layers(model: nn.Module) -> int:
+    """How many BN layers `model` has (torch's or bnlab's)."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def without_bn(model: nn.Module) -> nn.Module:
+    """`model` with each BN layer replaced by nn.Identity (in place): the same step with no normalization."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, nn.Identity())
+        else:
+            without_bn(child)
+    return model
+
+
+def bn_host_lines(host_ms: dict[str, float], layers: int) -> list[str]:
+    """Each provider's host time a BN layer in the network: its step's issue time over the step's without
+    BN layers ("none"), over `layers`; [] without a "none" row. Not a chain of BN layers alone (host_gpu.py's
+    rows): within a network the same Python runs between convolutions and costs more (session 26, dev VM)."""
+    if "none" not in host_ms or layers == 0:
+        return []
+    return [f"{provider}: {(ms - host_ms['none']) / layers * 1e3:.0f} us" for provider, ms in host_ms.items()
+            if provider != "none"]  # fmt: skip
 
 
 def training_step(
@@ -389,9 +462,9 @@ def main(argv: list[str] | None = None) -> int:
           f"autocast, SGD{compiled}; ms a training step (median of {max(1, args.steps // min(WINDOW, args.steps))} "
           f"windows of {min(WINDOW, args.steps)} steps after {args.warmup} warm-up steps)",
           flush=True)  # fmt: skip
-    rows = []
+    rows, layers = [], bn_layers(base)
     for layout in layouts:
-        medians, graphed = {}, {}
+        medians, graphed, hosts = {}, {}, {}
         for provider in providers:
             model = prepared(base, provider, layout, args.device)
             if args.compile:
@@ -404,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                     model, layout, args.batch, args.size, args.steps, args.warmup, args.device, gc_time
                 )
             medians[provider] = statistics.median(seconds) * 1e3
-            host_ms = statistics.median(issued) * 1e3
+            host_ms = hosts[provider] = statistics.median(issued) * 1e3
             stepped = len(seconds) * min(WINDOW, args.steps) + len(issued)  # (the steps GcTime saw)
             first = providers[0]
             against = f"  ({medians[provider] / medians[first]:.3f}x {first})" if provider != first else ""
@@ -429,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
                     if args.kernels:
                         print("\n".join(kernel_table(step, args.device)), flush=True)
             del model
+        if per_layer := bn_host_lines(hosts, layers):
+            print(f"  {layout}: a BN layer's host time in this network (issue time over the network's without its "
+                  f"{layers} BN layers, per layer): {', '.join(per_layer)}", flush=True)  # fmt: skip
     if args.out:
         out = Path(args.out) / f"network-step-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)

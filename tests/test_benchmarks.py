@@ -268,25 +268,62 @@ def test_the_network_step_times_every_provider_and_layout(tmp_path, capsys, monk
     knob_seen = []
     monkeypatch.setattr(network_step, "time_steps", _recording_knob(network_step.time_steps, knob_seen))
     assert network_step.main([*args, "--out", str(tmp_path)]) == 0
-    assert knob_seen == [True, True, True, False, True] * 2 and network_step.kernels.load().DIRECT_LAUNCH
+    assert knob_seen == [True, True, True, False, True, True] * 2 and network_step.kernels.load().DIRECT_LAUNCH
     (written,) = tmp_path.glob("network-step-*.csv")
     with written.open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["layout"], r["provider"]) for r in rows] == [
         (layout, provider) for layout in ("nchw", "channels_last")
-        for provider in ("torch", "native", "triton", "triton-dispatch", "triton-fused")
+        for provider in ("torch", "native", "triton", "triton-dispatch", "triton-fused", "none")
     ]  # fmt: skip
     assert all(float(r["median_ms"]) > 0 and float(r["host_ms"]) > 0 for r in rows)
-    assert "channels_last  triton" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "channels_last  triton" in out
+    # (each layout's last line: a BN layer's host time over the network's without BN, for each other provider)
+    per_layer = [line for line in out.splitlines() if "a BN layer's host time in this network" in line]
+    assert len(per_layer) == 2 and all(line.count(" us") == 5 and "none:" not in line for line in per_layer), out
     with pytest.raises(SystemExit):
         network_step.main([*args, "--providers", "torch,cudnn"])
     assert (
-        "--providers: cudnn not among torch, native, triton, triton-dispatch, triton-fused" in capsys.readouterr().err
+        "--providers: cudnn not among torch, native, triton, triton-dispatch, triton-fused, none"
+        in capsys.readouterr().err
     )
     assert all(r["graph_ms"] == "" and r["compile"] == "" for r in rows)  # (no --graphs, no --compile)
     with pytest.raises(SystemExit):
         network_step.main([*args, "--graphs"])
     assert "--graphs: CUDA graphs need --device cuda, not cpu" in capsys.readouterr().err
+
+
+def test_the_network_steps_baseline_has_no_bn_layers_and_a_bn_layers_host_time_is_measured_against_it():
+    """Provider "none" removes every BN layer (nn.Identity in its place, the rest shared); a BN layer's host
+    time is (a provider's host time - none's) / the layers; without a "none" row there is no such line.
+    The narrow ResNet-50 has ResNet-50's 53 BN layers and trains at 32x32."""
+    import network_step as NS
+
+    model = NS.narrow_resnet50()
+    assert NS.bn_layers(model) == 53 and NS.bn_layers(NS.build("resnet50-narrow")) == 53
+    bare = NS.prepared(model, "none", "nchw", "cpu")
+    assert NS.bn_layers(bare) == 0 and NS.bn_layers(model) == 53  # (a copy: the model keeps its layers)
+    assert sum(isinstance(m, torch.nn.Identity) for m in bare.modules()) == 53
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in bare.modules()) == 53
+    NS.training_step(bare, "channels_last", 2, 32, "cpu")()
+    assert NS.bn_host_lines({"torch": 10.0, "triton": 20.0, "none": 8.0}, 4) == ["torch: 500 us", "triton: 3000 us"]
+    assert NS.bn_host_lines({"torch": 10.0}, 4) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="stubbed kernels on CPU tensors: a CPU machine's check")
+def test_the_host_overhead_network_rows_put_a_bn_layer_in_a_network_beside_one_in_a_chain():
+    """benchmarks/host_overhead.py --network (two steps each): a row for torch's and for triton's BN layers,
+    each a layer's host time in the network and in a chain, both positive."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{bench}{os.pathsep}{bench.parent / 'src'}"}
+    code = "import host_overhead as H; H._print_network_rows(H.kernels.load(), steps=2)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(":")[0].strip(): line.split(":")[1].split("/") for line in done.stdout.splitlines()
+            if line.startswith(" ")}  # fmt: skip
+    assert set(rows) == {"torch", "triton"} and all(float(v) > 0 for row in rows.values() for v in row), done.stdout
+    assert "narrow ResNet-50 (53 BN layers;" in done.stdout
 
 
 def test_a_network_step_is_timed_to_the_gpus_end_not_the_hosts(monkeypatch):
