@@ -733,6 +733,23 @@ def test_plans_are_cut_to_one_wave_by_taking_fewer_slices():
     assert K.within(single, 1) == single
 
 
+def test_a_plans_derived_values_are_its_own_after_a_change_of_fields():
+    """Grid, tiles and shape arguments are computed once per plan (cached): a plan made from another by
+    changing fields (a cut to one wave, a layout's other tiles) has its own, not the first one's."""
+    from dataclasses import replace
+
+    plan = K.plan_for(K.ROWS, 64, 256, 196, target_programs=528)
+    first = (plan.grid, plan.tiles, plan.s_blocks, plan.shape_args)  # (cached now)
+    cut = K.within(plan, plan.channel_programs * 2)
+    assert cut.splits == 2 and cut.grid == (plan.channel_programs, 2) and cut.shape_args[5] == cut.per_split
+    narrower = replace(plan, block_b=plan.block_b // 2)
+    assert narrower.channel_programs == 2 * plan.channel_programs and narrower.grid[0] == narrower.channel_programs
+    taller = replace(plan, block_a=plan.block_a * 2)
+    assert taller.tiles == -(-plan.tiles // 2) and taller.shape_args[4] == taller.tiles
+    assert (plan.grid, plan.tiles, plan.s_blocks, plan.shape_args) == first and hash(cut) != hash(plan)
+    assert plan == replace(plan) and plan.shape_args == (64, 256, 196, plan.s_blocks, plan.tiles, plan.per_split)
+
+
 class _Recorder:
     """Stands in for a Triton kernel: records each launch's grid and arguments."""
 

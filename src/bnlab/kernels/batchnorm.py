@@ -73,17 +73,20 @@ class Plan:
     apply: Plan | None = None  # the elementwise passes' tiles where the reductions' differ (`planned`)
     ghosts: int = 1  # ghost batches side by side as channels, read in place (see above)
 
-    @property
+    # (Derived values, each computed once per plan: every launch asks for several. cached_property writes the
+    #  instance's __dict__ directly, which a frozen dataclass allows; they are not fields: equality, hashing and
+    #  `replace` see the fields only.)
+    @functools.cached_property
     def channel_programs(self) -> int:
         if self.layout == ROWS:
             return self.ghosts * _cdiv(self.C // self.ghosts, self.block_b)
         return self.C // self.group if self.group else self.C
 
-    @property
+    @functools.cached_property
     def grid(self) -> tuple[int, int]:
         return (self.channel_programs, self.splits)
 
-    @property
+    @functools.cached_property
     def s_blocks(self) -> int:
         return _cdiv(self.S, self.block_b)
 
@@ -92,11 +95,16 @@ class Plan:
         """Planes: the samples one tile covers (device `_samples_per_tile`)."""
         return self.block_b // self.S if self.packed else self.block_a
 
-    @property
+    @functools.cached_property
     def tiles(self) -> int:
         if self.layout == ROWS:
             return _cdiv(self.N * self.S, self.block_a)
         return _cdiv(self.N, self.samples_per_tile) * self.s_blocks
+
+    @functools.cached_property
+    def shape_args(self) -> tuple[int, ...]:
+        """The kernels' shape arguments over this plan (N, C, S, s_blocks, tiles, per_split)."""
+        return (self.N, self.C, self.S, self.s_blocks, self.tiles, self.per_split)
 
 
 def _spatial_block(S: int, tile: int, min_run: int = 64, max_run: int = 1024) -> int:
@@ -660,7 +668,7 @@ def _planes_code(plan: Plan) -> int:
 
 
 def _shape_args(plan: Plan) -> tuple[int, ...]:
-    return (plan.N, plan.C, plan.S, plan.s_blocks, plan.tiles, plan.per_split)
+    return plan.shape_args
 
 
 def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
