@@ -108,9 +108,9 @@ def test_every_split_launch_asks_for_a_power_of_two_of_warps(monkeypatch, traini
     asked = []
     launch = K._launch
 
-    def recorded(kernel, plan, device, args_of, options_of, *rest, **kw):
-        asked.append((kernel.fn.__name__, options_of(plan)["num_warps"]))
-        return launch(kernel, plan, device, args_of, options_of, *rest, **kw)
+    def recorded(kernel, plan, device, args_of, options_of, flags=()):
+        asked.append((kernel.fn.__name__, options_of(plan, *flags)["num_warps"]))
+        return launch(kernel, plan, device, args_of, options_of, flags)
 
     monkeypatch.setattr(K, "_launch", recorded)
     x, z, dy, w, b = _operands((6, 3, 5, 5), "contiguous", torch.float32)
@@ -420,8 +420,8 @@ def test_second_reads_with_an_eviction_hint_match_the_reference(monkeypatch, lay
     monkeypatch.setattr(K, "SECOND_READ_EVICTION", "evict_first")
     seen = []
     launch = K._launch
-    monkeypatch.setattr(K, "_launch", lambda kernel, plan, device, args_of, options_of: seen.append(
-        options_of(plan).get("EVICT")) or launch(kernel, plan, device, args_of, options_of))  # fmt: skip
+    monkeypatch.setattr(K, "_launch", lambda kernel, plan, device, args_of, options_of, flags=(): seen.append(
+        options_of(plan, *flags).get("EVICT")) or launch(kernel, plan, device, args_of, options_of, flags))  # fmt: skip
     x, z, dy, w, b = _operands((6, 5, 4, 3), layout, torch.float32)
     _training_step_matches_reference(x, z, dy, w, b)
     assert seen == [None, "evict_first", None, "evict_first"]  # (statistics, normalize, gradient sums, dx)
@@ -1744,6 +1744,50 @@ def test_launches_make_their_tensors_device_current(monkeypatch):
     x = make_input((4, 3, 5)).to(DEVICE)
     K.forward(x, None, None, None, None, training=True, momentum=0.1, eps=1e-5)
     assert entered == [x.device]
+
+
+def test_later_steps_reuse_plans_and_launch_decisions_until_a_knob_is_set(monkeypatch):
+    """Plans and each split launch's options and one-wave cut are decided once per layer shape (`_PLANS`,
+    `_PASSES`, `_DECIDED`): a second training step decides nothing anew and launches as the first did;
+    setting an attribute of the kernels' module (a knob) forgets them all, and the next step runs with it."""
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)  # (split plans: four decided launches a step)
+    decided = []
+    decide = K._decide
+    monkeypatch.setattr(K, "_decide", lambda *args: decided.append(args[0].fn.__name__) or decide(*args))
+    x = make_input((6, 5, 4, 3), "channels_last").to(DEVICE).requires_grad_()
+    w = torch.ones(5, device=DEVICE, requires_grad=True)
+    b = torch.zeros(5, device=DEVICE, requires_grad=True)
+    dy = make_input((6, 5, 4, 3), "channels_last", seed=1).to(DEVICE)
+    rm, rv = torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(BF.batch_norm(x, rm, rv, w, b, True, backend="triton"), (x, w, b), dy)
+
+    first = step()
+    assert sorted(decided) == ["_apply_kernel", "_grad_kernel", "_input_grad_kernel", "_stats_kernel"]
+    plans, decisions = dict(K._PLANS), dict(K._DECIDED)
+    second = step()
+    assert len(decided) == 4 and K._PLANS == plans and all(K._DECIDED[k] is v for k, v in decisions.items())
+    for a, c in zip(first, second, strict=True):
+        torch.testing.assert_close(a, c)
+    monkeypatch.setattr(K, "SECOND_READ_EVICTION", "evict_first")
+    assert K._PLANS == {} and K._PASSES == {} and K._DECIDED == {}
+    step()
+    assert len(decided) == 8
+    evict = {key[0].fn.__name__: options.get("EVICT") for key, (_, options) in K._DECIDED.items()}
+    assert evict == {"_stats_kernel": None, "_apply_kernel": "evict_first", "_grad_kernel": None,
+                     "_input_grad_kernel": "evict_first"}  # fmt: skip
+
+
+def test_the_plan_and_launch_memos_start_afresh_when_full(monkeypatch):
+    """A memo holds at most MEMO_LIMIT entries (a BatchNorm1d over a varying number of rows would otherwise
+    grow it every call): when full it is emptied, then fills again."""
+    monkeypatch.setattr(K, "MEMO_LIMIT", 3)
+    sizes = []
+    for rows in range(2, 12):
+        K.make_plan(torch.empty(rows, 4, 3), K.PLANES)
+        sizes.append(len(K._PLANS))
+    assert max(sizes) == 3 and sizes[:4] == [1, 2, 3, 1]
 
 
 @pytest.mark.parametrize("transformed", [False, True])

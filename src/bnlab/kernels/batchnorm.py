@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import threading
+import types
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -72,6 +74,13 @@ class Plan:
     reduce_warps: int = 0  # split plans: warps per program of the reductions (others: 0, unused)
     apply: Plan | None = None  # the elementwise passes' tiles where the reductions' differ (`planned`)
     ghosts: int = 1  # ghost batches side by side as channels, read in place (see above)
+
+    def __hash__(self) -> int:  # (the fields' hash, once: plans key the launch memos, looked up every call)
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in fields(self)))
 
     # (Derived values, each computed once per plan: every launch asks for several. cached_property writes the
     #  instance's __dict__ directly, which a frozen dataclass allows; they are not fields: equality, hashing and
@@ -258,7 +267,16 @@ def _blocks(
 def _elementwise_passes(plan: Plan, device: torch.device) -> Plan:
     """How normalize and dx run over `plan` (over `plan.apply`'s tiles where it has them): `elementwise_plan`
     at the elementwise passes' target of programs."""
-    return elementwise_plan(plan.apply or plan, _target_programs(device, plan.layout, elementwise=True))
+    key = (plan, device)
+    passes = _PASSES.get(key)
+    if passes is None:
+        target = _target_programs(device, plan.layout, elementwise=True)
+        passes = _remembered(_PASSES, key, elementwise_plan(plan.apply or plan, target))
+    return passes
+
+
+# `_elementwise_passes`' plans, by (plan, device). Cleared as `_DECIDED` is.
+_PASSES: dict[tuple, Plan] = {}
 
 
 def programs_per_sm(layout: str, elementwise: bool = False, small: bool = False) -> int:
@@ -561,13 +579,22 @@ def _late_options(apply: Plan, late: tuple[int, int] | None) -> dict[str, int | 
 def make_plan(x: torch.Tensor, layout: str, ghosts: int = 1, **overrides: int) -> Plan:
     """The plan for `x` laid out as `layout` (`overrides`: as `planned`'s); with `ghosts` > 1, for its
     `ghosts` ghost batches side by side as channels, read in place (see `Plan`)."""
-    if x.shape[0] % ghosts:
-        raise ValueError(f"make_plan: a batch of {x.shape[0]} samples does not split into {ghosts} ghost batches")
-    itemsize = x.element_size()
-    small = _small(x.device, x.numel() * itemsize)
-    target = _target_programs(x.device, layout, small=small)
-    N, C, S = x.shape[0] // ghosts, x.shape[1] * ghosts, math.prod(x.shape[2:])
-    return planned(layout, N, C, S, itemsize, target, small, ghosts=ghosts, **overrides)
+    key = (x.shape, x.dtype, x.device, layout, ghosts, *overrides.items())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if x.shape[0] % ghosts:
+            raise ValueError(f"make_plan: a batch of {x.shape[0]} samples does not split into {ghosts} ghost batches")
+        itemsize = x.element_size()
+        small = _small(x.device, x.numel() * itemsize)
+        target = _target_programs(x.device, layout, small=small)
+        N, C, S = x.shape[0] // ghosts, x.shape[1] * ghosts, math.prod(x.shape[2:])
+        plan = _remembered(_PLANS, key, planned(layout, N, C, S, itemsize, target, small, ghosts=ghosts, **overrides))
+    return plan
+
+
+# make_plan's plans, by (shape, dtype, device, layout, ghosts, overrides): one Plan object per layer shape,
+# which `_launch`'s and `_elementwise_passes`' memos then find by identity. Cleared as `_DECIDED` is.
+_PLANS: dict[tuple, Plan] = {}
 
 
 def planned(
@@ -769,18 +796,46 @@ def _one_wave_on(device: torch.device) -> bool:
     return ONE_WAVE and device.type == "cuda"
 
 
-def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of) -> Plan:
+def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of, flags: tuple = ()) -> Plan:
     """Launch `kernel` over `plan`, first cut to one wave (ONE_WAVE) on a GPU; the plan launched.
-    `args_of(plan)`, `options_of(plan)`: its arguments and its constexprs and options (both may change with
-    the slices, e.g. the combine's step)."""
-    args, options = args_of(plan), options_of(plan)
+    `args_of(plan)`: its arguments; `options_of(plan, *flags)`: its constexprs and options (both may change
+    with the slices, e.g. the combine's step), a function of the plan, `flags` (hashable) and the module's
+    knobs only: the cut and the options are decided once per (kernel, plan, flags, device) (`_DECIDED`)."""
+    key = (kernel, plan, flags, device)
+    decided = _DECIDED.get(key)
+    if decided is None:
+        decided = _remembered(_DECIDED, key, _decide(kernel, plan, device, args_of(plan), options_of, flags))
+    launched, options = decided
+    _run(kernel, launched.grid, args_of(launched), options, device)
+    return launched
+
+
+def _decide(kernel, plan: Plan, device: torch.device, args: tuple, options_of, flags: tuple) -> tuple[Plan, dict]:
+    """(the plan `_launch` runs, its options): `plan` cut to one wave on a GPU (`args`: a launch's over
+    `plan`, for the compiled variant's occupancy)."""
+    options = options_of(plan, *flags)
     if _one_wave_on(device):
         fitted = within(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
         if fitted is not plan:  # (`within` returns the plan itself uncut: no field-by-field comparison)
             _FITTED[(kernel, plan)] = plan = fitted
-            args, options = args_of(plan), options_of(plan)
-    _run(kernel, plan.grid, args, options, device)
-    return plan
+            options = options_of(plan, *flags)
+    return plan, options
+
+
+# What `_launch` decided, by (kernel, plan, flags, device): ~3 us of Python a launch on the dev VM, the
+# same every step. Cleared whenever an attribute of this module is set (a knob, a test's stand-in: `_Knobs`).
+_DECIDED: dict[tuple, tuple[Plan, dict]] = {}
+# Entries a memo keeps at most: shapes that change every call (a BatchNorm1d over a varying number of rows)
+# would otherwise grow them without end; a full memo starts afresh.
+MEMO_LIMIT = 4096
+
+
+def _remembered(memo: dict, key: tuple, value: object) -> object:
+    """`value`, kept in `memo` under `key` (the memo emptied first when it holds MEMO_LIMIT entries)."""
+    if len(memo) >= MEMO_LIMIT:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 # The plans `_launch` cut, by (kernel, planned): what a launch of that plan ran (for `describe_plans`).
@@ -1028,13 +1083,23 @@ def forward(
     _launch(
         _apply_kernel, apply, x.device,
         lambda p: (x, z, y, *stats, *params, *combined, *_shape_args(p), eps, momentum, *(late or (0, 0))),
-        lambda p: dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late),
-                       HAS_RUNNING=has_running and late is not None, EVICT=SECOND_READ_EVICTION, **epilogue,
-                       **_block_args(p)),
+        _apply_options, (from_running, late, has_running and late is not None, *epilogue.values()),
     )  # fmt: skip
     if guarded:
         guard_update(running, updated, guard, num_batches_tracked)
     return (y, None, None) if from_running else (y, mean, invstd)
+
+
+_EPILOGUE = ("HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "RELU")  # (the kernels' epilogue flags, in this order)
+
+
+def _apply_options(
+    p: Plan, from_running: bool, late: tuple[int, int] | None, has_running: bool, *epilogue: bool
+) -> dict:
+    """The normalize kernel's constexprs and options over `p` (`forward`; `epilogue`: _EPILOGUE's values)."""
+    return dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late),
+                HAS_RUNNING=has_running, EVICT=SECOND_READ_EVICTION, **dict(zip(_EPILOGUE, epilogue, strict=True)),
+                **_block_args(p))  # fmt: skip
 
 
 def _launch_statistics(
@@ -1052,10 +1117,15 @@ def _launch_statistics(
     return _launch(
         _stats_kernel, plan, x.device,
         lambda p: (x, *partials, *stats, *running, *updated, *_shape_args(p), eps, momentum),
-        lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=update is not None,
-                       LATE=late_ok and _late(p, itemsize), **_stats_loop(p, itemsize),
-                       **_block_args(p, reduction=True)),
+        _stats_options, (update is not None, late_ok, itemsize),
     )  # fmt: skip
+
+
+def _stats_options(p: Plan, has_running: bool, late_ok: bool, itemsize: int) -> dict:
+    """The statistics kernel's constexprs and options over `p` (`_launch_statistics`)."""
+    return dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), HAS_RUNNING=has_running,
+                LATE=late_ok and _late(p, itemsize), **_stats_loop(p, itemsize),
+                **_block_args(p, reduction=True))  # fmt: skip
 
 
 @_on_input_device
@@ -1177,11 +1247,8 @@ def backward(
         late = None  # (first row, rows) of the partials that dx combines (LATE_COMBINE)
         if reduce:
             reduced = _launch(
-                _grad_kernel, plan, x.device,
-                lambda p: (*sums_args, *_shape_args(p)),
-                lambda p: dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
-                               LATE=late_ok and _late(p, itemsize), **sums_options,
-                               **_block_args(p, reduction=True)),
+                _grad_kernel, plan, x.device, lambda p: (*sums_args, *_shape_args(p)), _grad_options,
+                (late_ok, itemsize, *sums_options.values()),
             )  # fmt: skip
             late = _late_rows(reduced, itemsize) if late_ok else None
         if elementwise:
@@ -1190,7 +1257,40 @@ def backward(
                 _input_grad_kernel, apply, x.device,
                 lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *combined, *_shape_args(p),
                            *(late or (0, 0))),
-                lambda p: dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late), **writes,
-                               EVICT=SECOND_READ_EVICTION, **flags, **_block_args(p)),
+                _input_grad_options, (training, late, *writes.values(), *flags.values()),
             )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz
+
+
+def _grad_options(p: Plan, late_ok: bool, itemsize: int, write_dz: bool, *epilogue: bool) -> dict:
+    """The gradient sums kernel's constexprs and options over `p` (`backward`; `epilogue`: _EPILOGUE's)."""
+    return dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
+                LATE=late_ok and _late(p, itemsize), WRITE_DZ=write_dz, **dict(zip(_EPILOGUE, epilogue, strict=True)),
+                **_block_args(p, reduction=True))  # fmt: skip
+
+
+def _input_grad_options(
+    p: Plan, training: bool, late: tuple[int, int] | None, write_dx: bool, write_dz: bool, *epilogue: bool
+) -> dict:
+    """The dx kernel's constexprs and options over `p` (`backward`; `epilogue`: _EPILOGUE's values)."""
+    return dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late), WRITE_DX=write_dx,
+                WRITE_DZ=write_dz, EVICT=SECOND_READ_EVICTION, **dict(zip(_EPILOGUE, epilogue, strict=True)),
+                **_block_args(p))  # fmt: skip
+
+
+# ---- knobs and memos ------------------------------------------------------------------------------------
+
+
+class _Knobs(types.ModuleType):
+    """This module's type: setting any of its attributes (a knob, as `bnlab.gpubench.knobs_set` and the
+    tests do; a stand-in for a kernel or a helper) forgets the plans and launch decisions made before
+    (`_PLANS`, `_PASSES`, `_DECIDED`), which depend on them. (A knob's dict changed in place is not seen:
+    set a new one.)"""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        for memo in (_PLANS, _PASSES, _DECIDED):
+            memo.clear()
+
+
+sys.modules[__name__].__class__ = _Knobs
