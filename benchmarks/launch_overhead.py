@@ -8,7 +8,9 @@ What it times, per launch of one of bnlab's kernels with the arguments a bf16 fo
   device and stream, launch metadata) with its cache holding a stand-in for the compiled kernel, whose
   launcher calls the launch hooks as Triton's C launcher does and launches nothing;
 - direct: `bnlab.kernels.launch.launch` on the same kernel and arguments (its cache key, then the same
-  stand-in launcher, without hooks).
+  stand-in launcher, without hooks);
+- variant: the same with a token for the kernel and its options in the key instead of the options (session
+  26: bnlab's split launches pass one).
 The GPU's own launch (the C launcher, the driver) comes on top of both, the same for each. Minimum and
 median over 7 runs of `--calls` launches (after 20), microseconds a launch.
 """
@@ -90,10 +92,12 @@ def main() -> int:
     kernel._do_compile = compiled_already
     x = torch.empty(256 * 64 * 49, dtype=torch.bfloat16)
     call_args, options = _apply_call(x)
-    grid, cuda0 = (1, 131), torch.device("cuda", 0)
+    grid, cuda0, token = (1, 131), torch.device("cuda", 0), object()
     rows = {
         "Triton": lambda: kernel[grid](*call_args, **options),
         "direct": lambda: L.launch(kernel, grid, call_args, options, cuda0),
+        # (as bnlab's split launches call it since session 26: a token for the kernel and its options)
+        "variant": lambda: L.launch(kernel, grid, call_args, options, cuda0, variant=token),
     }
     print(f"Triton {triton.__version__}, torch {torch.__version__}; {kernel.fn.__name__}, {len(call_args)} "
           f"arguments and {len(options)} constexprs/options; us a launch (min, median of 7):")  # fmt: skip

@@ -109,6 +109,23 @@ def test_another_specialization_goes_through_triton_first(hooks):
     assert len(kernel.slow) == len(calls) + 2 and len(kernel.runs) == len(calls)
 
 
+def test_a_variant_stands_for_the_kernel_and_options_in_the_key(hooks):
+    """With `variant` (a caller's token for one kernel and its options) the key holds it instead of the
+    options: the same variant and specialization launch directly, another variant, a misaligned pointer or
+    another device go through Triton first, and no variant's key meets a key made from options."""
+    kernel, x = _Kernel(), torch.zeros(64)
+    options, token, other = {"BLOCK": 32}, object(), object()
+    L.launch(kernel, (1,), (x, x, 48, 0.1), options, CUDA0, variant=token)
+    L.launch(kernel, (1,), (x, x, 64, 0.2), options, CUDA0, variant=token)
+    assert len(kernel.slow) == 1 and len(kernel.runs) == 1
+    for args, device, variant in (((x, x, 48, 0.1), CUDA0, other), ((x[1:], x, 48, 0.1), CUDA0, token),
+                                  ((x, x, 48, 0.1), torch.device("cuda", 1), token),
+                                  ((x, x, 48, 0.1), CUDA0, None)):  # fmt: skip
+        L.launch(kernel, (1,), args, options, device, variant=variant)
+    assert len(kernel.slow) == 5 and len(kernel.runs) == 1
+    assert sum(key[0] is L._VARIANT for key in L._COMPILED) == 4 and len(L._COMPILED) == 5
+
+
 def test_launch_hooks_in_use_send_every_launch_through_triton(hooks):
     kernel, x = _Kernel(), torch.zeros(64)
     hooks.launch_enter_hook.calls.append(print)  # (a profiler's hook: Triton must call it)

@@ -1774,7 +1774,7 @@ def test_later_steps_reuse_plans_and_launch_decisions_until_a_knob_is_set(monkey
     assert K._PLANS == {} and K._PASSES == {} and K._DECIDED == {}
     step()
     assert len(decided) == 8
-    evict = {key[0].fn.__name__: options.get("EVICT") for key, (_, options) in K._DECIDED.items()}
+    evict = {key[0].fn.__name__: options.get("EVICT") for key, (_, options, _) in K._DECIDED.items()}
     assert evict == {"_stats_kernel": None, "_apply_kernel": "evict_first", "_grad_kernel": None,
                      "_input_grad_kernel": "evict_first"}  # fmt: skip
 

@@ -520,10 +520,13 @@ def _grad_stages(plan: Plan) -> int:
 DIRECT_LAUNCH = True
 
 
-def _run(kernel, grid: tuple[int, ...], args: tuple, options: dict, device: torch.device) -> None:
-    """``kernel[grid](*args, **options)``, through `bnlab.kernels.launch` on a GPU with DIRECT_LAUNCH."""
+def _run(
+    kernel, grid: tuple[int, ...], args: tuple, options: dict, device: torch.device, variant: object = None
+) -> None:
+    """``kernel[grid](*args, **options)``, through `bnlab.kernels.launch` on a GPU with DIRECT_LAUNCH
+    (`variant`: as `launch.launch`'s)."""
     if DIRECT_LAUNCH and device.type == "cuda":
-        _direct_launch(kernel, grid, args, options, device)
+        _direct_launch(kernel, grid, args, options, device, variant)
     else:
         kernel[grid](*args, **options)
 
@@ -805,26 +808,39 @@ def _launch(kernel, plan: Plan, device: torch.device, args_of, options_of, flags
     decided = _DECIDED.get(key)
     if decided is None:
         decided = _remembered(_DECIDED, key, _decide(kernel, plan, device, args_of(plan), options_of, flags))
-    launched, options = decided
-    _run(kernel, launched.grid, args_of(launched), options, device)
+    launched, options, variant = decided
+    _run(kernel, launched.grid, args_of(launched), options, device, variant)
     return launched
 
 
-def _decide(kernel, plan: Plan, device: torch.device, args: tuple, options_of, flags: tuple) -> tuple[Plan, dict]:
-    """(the plan `_launch` runs, its options): `plan` cut to one wave on a GPU (`args`: a launch's over
-    `plan`, for the compiled variant's occupancy)."""
+def _decide(
+    kernel, plan: Plan, device: torch.device, args: tuple, options_of, flags: tuple
+) -> tuple[Plan, dict, object]:
+    """(the plan `_launch` runs, its options, the token of (kernel, options) in `_VARIANTS`: the direct
+    launch's `variant`): `plan` cut to one wave on a GPU (`args`: a launch's over `plan`, for the compiled
+    variant's occupancy)."""
     options = options_of(plan, *flags)
     if _one_wave_on(device):
         fitted = within(plan, _resident(kernel, args, options, device) * _gpu(device)[0])
         if fitted is not plan:  # (`within` returns the plan itself uncut: no field-by-field comparison)
             _FITTED[(kernel, plan)] = plan = fitted
             options = options_of(plan, *flags)
-    return plan, options
+    try:
+        variant = _VARIANTS.setdefault((kernel, *options.items()), object())
+    except TypeError:  # (an unhashable option value: the launch keys the options itself)
+        variant = None
+    return plan, options, variant
+
+
+# A token for each (kernel, options) a decision launched: it stands for them in the direct launch's key
+# (`launch.launch`'s `variant`) across the memos' clearing. An object compared by identity, which the keys
+# that hold it keep alive: no other token can ever equal it, even were this dict replaced.
+_VARIANTS: dict[tuple, object] = {}
 
 
 # What `_launch` decided, by (kernel, plan, flags, device): ~3 us of Python a launch on the dev VM, the
 # same every step. Cleared whenever an attribute of this module is set (a knob, a test's stand-in: `_Knobs`).
-_DECIDED: dict[tuple, tuple[Plan, dict]] = {}
+_DECIDED: dict[tuple, tuple[Plan, dict, object]] = {}
 # Entries a memo keeps at most: shapes that change every call (a BatchNorm1d over a varying number of rows)
 # would otherwise grow them without end; a full memo starts afresh.
 MEMO_LIMIT = 4096
