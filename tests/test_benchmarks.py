@@ -314,7 +314,8 @@ def test_the_network_steps_baseline_has_no_bn_layers_and_a_bn_layers_host_time_i
 @pytest.mark.skipif(torch.cuda.is_available(), reason="stubbed kernels on CPU tensors: a CPU machine's check")
 def test_the_host_overhead_network_rows_put_a_bn_layer_in_a_network_beside_one_in_a_chain():
     """benchmarks/host_overhead.py --network (two steps each): a row for torch's and for triton's BN layers,
-    each a layer's host time in the network and in a chain, both positive."""
+    each a layer's host time in the network (a difference of two steps' medians: its sign is noise at two
+    steps on a loaded machine) and in a chain (positive)."""
     bench = Path(__file__).resolve().parent.parent / "benchmarks"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{bench}{os.pathsep}{bench.parent / 'src'}"}
     code = "import host_overhead as H; H._print_network_rows(H.kernels.load(), steps=2)"
@@ -322,7 +323,8 @@ def test_the_host_overhead_network_rows_put_a_bn_layer_in_a_network_beside_one_i
     assert done.returncode == 0, done.stderr
     rows = {line.split(":")[0].strip(): line.split(":")[1].split("/") for line in done.stdout.splitlines()
             if line.startswith(" ")}  # fmt: skip
-    assert set(rows) == {"torch", "triton"} and all(float(v) > 0 for row in rows.values() for v in row), done.stdout
+    assert set(rows) == {"torch", "triton"} and all(len(row) == 2 for row in rows.values()), done.stdout
+    assert all(float(network) == float(network) and float(chain) > 0 for network, chain in rows.values())
     assert "narrow ResNet-50 (53 BN layers;" in done.stdout
 
 
