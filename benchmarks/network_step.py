@@ -61,6 +61,7 @@ from torch import nn
 import bnlab.nn
 from bnlab import kernels
 from bnlab.gpubench import knobs_set
+from bnlab.nn._swap import replace_modules
 from bnlab.tools import fuse_bn_relu
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -159,12 +160,9 @@ def bn_layers(model: nn.Module) -> int:
 
 def without_bn(model: nn.Module) -> nn.Module:
     """`model` with each BN layer replaced by nn.Identity (in place): the same step with no normalization."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, nn.Identity())
-        else:
-            without_bn(child)
-    return model
+    return replace_modules(
+        model, lambda _, m: nn.Identity() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None, inplace=True
+    )
 
 
 def bn_host_lines(host_ms: dict[str, float], layers: int) -> list[str]:

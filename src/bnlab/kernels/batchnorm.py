@@ -697,10 +697,6 @@ def _planes_code(plan: Plan) -> int:
     return 2 if plan.packed else 1
 
 
-def _shape_args(plan: Plan) -> tuple[int, ...]:
-    return plan.shape_args
-
-
 def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
     """The tile constexprs and launch options of `plan`'s kernels (`reduction`: of its split reductions,
     which also take GATHER_SUMS: grouped planes' per-channel sums by GATHER_GROUPED_SUMS)."""
@@ -1059,9 +1055,7 @@ def forward(
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
     invstd = torch.empty(C, device=x.device, dtype=torch.float32)
     dummy = mean
-    epilogue = dict(
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu
-    )
+    epilogue = _epilogue(weight, bias, residual, relu)
     params = (weight if weight is not None else dummy, bias if bias is not None else dummy)
     has_running = running_mean is not None
     running = (running_mean, running_var) if has_running else (dummy, dummy)
@@ -1098,7 +1092,7 @@ def forward(
     combined = (*partials[:3], *running, *updated) if late else (dummy,) * 7
     _launch(
         _apply_kernel, apply, x.device,
-        lambda p: (x, z, y, *stats, *params, *combined, *_shape_args(p), eps, momentum, *(late or (0, 0))),
+        lambda p: (x, z, y, *stats, *params, *combined, *p.shape_args, eps, momentum, *(late or (0, 0))),
         _apply_options, (from_running, late, has_running and late is not None, *epilogue.values()),
     )  # fmt: skip
     if guarded:
@@ -1107,6 +1101,14 @@ def forward(
 
 
 _EPILOGUE = ("HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "RELU")  # (the kernels' epilogue flags, in this order)
+
+
+def _epilogue(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None, relu: bool
+) -> dict[str, bool]:
+    """The kernels' epilogue constexprs, by name in _EPILOGUE's order: the option builders take their values
+    positionally (`_apply_options`, `_grad_options`, `_input_grad_options`)."""
+    return dict(zip(_EPILOGUE, (weight is not None, bias is not None, residual is not None, relu), strict=True))
 
 
 def _apply_options(
@@ -1132,7 +1134,7 @@ def _launch_statistics(
     running, updated = update if update is not None else (unread, unread)
     return _launch(
         _stats_kernel, plan, x.device,
-        lambda p: (x, *partials, *stats, *running, *updated, *_shape_args(p), eps, momentum),
+        lambda p: (x, *partials, *stats, *running, *updated, *p.shape_args, eps, momentum),
         _stats_options, (update is not None, late_ok, itemsize),
     )  # fmt: skip
 
@@ -1214,7 +1216,7 @@ def backward(
         plan = make_plan(x, layout, ghosts)
     C, itemsize = plan.C, x.element_size()
     dummy = mean
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu)
+    flags = _epilogue(weight, bias, residual, relu)
     tensors = (
         x, residual if residual is not None else x, mean, invstd,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
@@ -1249,11 +1251,11 @@ def backward(
         if reduce:
             partials = _partials(plan, x.device, 2)  # (one wave cuts slices: never more rows than these)
             sums_args = (dy, *tensors, dz if dz_early else dy, *partials, dweight, dbias, coef)
-            sums_options = dict(WRITE_DZ=dz_early, **flags)
+        dx_flags = flags  # (the sums pass keeps `flags`)
         if dz_early:  # dx from g: dz read as dy, through no mask and no residual
             dy, tensors = dz, (x, x, *tensors[2:])
             outputs, writes = (outputs[0], dy), {**writes, "WRITE_DZ": False}
-            flags = {**flags, "HAS_RESIDUAL": False, "RELU": False}
+            dx_flags = {**flags, "HAS_RESIDUAL": False, "RELU": False}
         elementwise = dx is not None or (dz is not None and not dz_early)
         apply = _elementwise_passes(plan, x.device) if elementwise else plan
 
@@ -1263,17 +1265,17 @@ def backward(
         late = None  # (first row, rows) of the partials that dx combines (LATE_COMBINE)
         if reduce:
             reduced = _launch(
-                _grad_kernel, plan, x.device, lambda p: (*sums_args, *_shape_args(p)), _grad_options,
-                (late_ok, itemsize, *sums_options.values()),
+                _grad_kernel, plan, x.device, lambda p: (*sums_args, *p.shape_args), _grad_options,
+                (late_ok, itemsize, dz_early, *flags.values()),
             )  # fmt: skip
             late = _late_rows(reduced, itemsize) if late_ok else None
         if elementwise:
             combined = (*partials[:2], dweight, dbias) if late else (dummy,) * 4
             _launch(
                 _input_grad_kernel, apply, x.device,
-                lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *combined, *_shape_args(p),
+                lambda p: (dy, *tensors[:2], *outputs, *tensors[2:], coef, *combined, *p.shape_args,
                            *(late or (0, 0))),
-                _input_grad_options, (training, late, *writes.values(), *flags.values()),
+                _input_grad_options, (training, late, *writes.values(), *dx_flags.values()),
             )  # fmt: skip
     return dx, (dweight if need_params else None), (dbias if need_params else None), dz
 
