@@ -212,10 +212,16 @@ def time_steps(
         return _timed_steps(step, steps, device)
 
 
+def _windows(steps: int) -> tuple[int, int]:
+    """(windows, steps a window) that `_timed_steps` times for `steps` steps."""
+    per_window = min(WINDOW, steps)
+    return max(1, steps // per_window), per_window
+
+
 def _timed_steps(step: Callable[[], None], steps: int, device: str) -> tuple[list[float], list[float]]:
     """`time_steps`' two timings of an already warm `step`."""
-    per_window, seconds = min(WINDOW, steps), []
-    for _ in range(max(1, steps // per_window)):
+    (windows, per_window), seconds = _windows(steps), []
+    for _ in range(windows):
         _synchronize(device)
         start = time.perf_counter()
         for _ in range(per_window):
@@ -455,10 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     base = build(args.model)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    windows, per_window = _windows(args.steps)
     compiled = f", torch.compile(mode={args.compile!r})" if args.compile else ""
     print(f"{name}; torch {torch.__version__}; {args.model} batch {args.batch} at {args.size}x{args.size}, bf16 "
-          f"autocast, SGD{compiled}; ms a training step (median of {max(1, args.steps // min(WINDOW, args.steps))} "
-          f"windows of {min(WINDOW, args.steps)} steps after {args.warmup} warm-up steps)",
+          f"autocast, SGD{compiled}; ms a training step (median of {windows} windows of {per_window} steps after "
+          f"{args.warmup} warm-up steps)",
           flush=True)  # fmt: skip
     rows, layers = [], bn_layers(base)
     for layout in layouts:
@@ -476,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             medians[provider] = statistics.median(seconds) * 1e3
             host_ms = hosts[provider] = statistics.median(issued) * 1e3
-            stepped = len(seconds) * min(WINDOW, args.steps) + len(issued)  # (the steps GcTime saw)
+            stepped = windows * per_window + len(issued)  # (the steps GcTime saw)
             first = providers[0]
             against = f"  ({medians[provider] / medians[first]:.3f}x {first})" if provider != first else ""
             print(f"  {layout:14s} {provider:13s} {medians[provider]:9.2f} ms{against}; the host issues one in "
