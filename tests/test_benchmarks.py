@@ -578,6 +578,22 @@ def test_a_profile_log_reads_as_whole_sums_and_the_fastest_setting_per_shape(cap
     assert profile_sums.main([str(log), "--layout", "NCHW"]) == 1
 
 
+def test_a_profile_log_reads_as_each_kernels_excess_over_copy_speed(capsys):
+    """profile_sums.py --kernels on run 14's channels-last profile: each kernel of the first setting against
+    its tensor passes at the log's copy speed (4252 GB/s), and the excess summed over ResNet-50's layers:
+    the two reductions hold most of it (session 27's reading); a layout the log lacks is an error."""
+    import profile_sums
+
+    log = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h200-2026-11-27" / "profile-run14-cl.log"
+    assert profile_sums.main([str(log), "--kernels"]) == 0
+    out = capsys.readouterr().out
+    # 256x256x14x14 bf16 is 25.69 MB a tensor: 6.04 us a pass at 4252 GB/s; the statistics kernel took 18.9
+    assert "  256x256x14x14    x11       18.9 ( +12.9)         11.6 (  -0.5)         23.5 ( +11.4)" in out
+    assert ("excess over ResNet-50's 53 layers of these shapes, ms: _stats_kernel +0.803, _apply_kernel +0.165, "
+            "_grad_kernel +0.563, _input_grad_kernel +0.037") in out  # fmt: skip
+    assert profile_sums.main([str(log), "--kernels", "--layout", "NCHW"]) == 1
+
+
 def test_the_variants_step_times_each_variant_beside_its_earlier_path(tmp_path, monkeypatch):
     """benchmarks/variants_step.py on CPU (the interpreter, a tiny shape): a CSV row per (layout, row); each
     row's layer runs the path it names (ghosts in place or laid side by side, renorm's statistics from the
