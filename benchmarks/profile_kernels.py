@@ -70,6 +70,11 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
+            # (session 27) channels-last reductions in 16-warp programs of 4x the tiles, one an SM: 4x fewer
+            # slices, one combine level (REDUCTION_ROWS_TILE_SCALE; sm_90, Triton 3.6: 127 and 118 registers,
+            # no spills, the loops' instructions a value as at the defaults)
+            {"REDUCTION_ROWS_TILE_SCALE": 4, "REDUCTION_WARPS": {"planes": 4, "rows": 16},
+             "PROGRAMS_PER_SM": {"planes": 2, "rows": 1}, "SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 1}},
             # session 16's defaults: NCHW grouped reductions' per-channel sums by segmented scans, and the
             # combine's last level in the reductions (run 17 made the gather and, for 2-byte planes, the late
             # combine the defaults: the bf16 NCHW sum 0.960 of the step)
@@ -118,6 +123,11 @@ SETS = {
         [(shape, "channels_last") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
+            # (session 27) channels-last reductions in 16-warp programs of 4x the tiles, one an SM: 4x fewer
+            # slices, one combine level (REDUCTION_ROWS_TILE_SCALE; sm_90, Triton 3.6: 127 and 118 registers,
+            # no spills, the loops' instructions a value as at the defaults)
+            {"REDUCTION_ROWS_TILE_SCALE": 4, "REDUCTION_WARPS": {"planes": 4, "rows": 16},
+             "PROGRAMS_PER_SM": {"planes": 2, "rows": 1}, "SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 1}},
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             # the reductions' alone (default 64 channels since run 13; run 10: all passes, below)
@@ -172,6 +182,7 @@ PRINTED_KNOBS = (
     "STATS_PREFETCH",
     "STATS_PREFETCH_FLOAT32",
     "SECOND_READ_EVICTION",
+    "REDUCTION_ROWS_TILE_SCALE",
 )
 # Knobs that act only through the plan, the gradient sums' depth and the reductions' constexprs: a setting
 # of these alone that leaves them as they are would time the same kernels again.
@@ -192,6 +203,7 @@ PLAN_KNOBS = {
     "GATHER_GROUPED_SUMS",
     "STATS_PREFETCH",
     "STATS_PREFETCH_FLOAT32",
+    "REDUCTION_ROWS_TILE_SCALE",
 }
 
 

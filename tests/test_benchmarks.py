@@ -172,14 +172,13 @@ def test_the_gpu_session_script_parses_and_its_default_candidates_are_knobs():
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    defaults = subprocess.run(
-        ["bash", "-c", f'eval "$(grep "^DEFAULT_CANDIDATES=" {script})"; printf %s "$DEFAULT_CANDIDATES"'],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    settings = defaults.split(";")
+    settings = _default_candidates(script)
     assert len(settings) >= 2 and all(setting for setting in settings)
     for setting in settings:
         assert gpubench.parse_knobs(setting.split())
+    assert dict(gpubench.parse_knobs(settings[0].split()))["REDUCTION_WARPS"] == {"planes": 4, "rows": 16}  # (quoting)
+    with pytest.raises(ValueError, match="REDUCTION_ROWS_BLOCK_BYTES"):  # (a knob renamed in session 14)
+        gpubench.parse_knobs(["REDUCTION_ROWS_BLOCK_BYTES=128"])
     for _, _, variants in profile_kernels.SETS.values():
         for knobs in variants:
             gpubench.parse_knobs([f"{name}={value!r}" for name, value in knobs.items()])
@@ -224,17 +223,11 @@ def test_the_two_read_gap_sums_layers_against_copy_speed_and_compile(tmp_path, c
         two_read_gap.main([str(path), "--dtype", "float16"])
 
 
-def test_the_gpu_sessions_default_candidates_are_knobs_the_kernels_have():
-    """benchmarks/gpu_session.sh's DEFAULT_CANDIDATES parse as the bench's --knob settings (a renamed knob
-    left in them would fail on borrowed device time, after the tests and the quick bench)."""
-    from bnlab.gpubench import parse_knobs
-
-    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh").read_text()
-    line = next(line for line in script.splitlines() if line.startswith("DEFAULT_CANDIDATES="))
-    settings = line.partition("=")[2].strip('"').split(";")
-    assert settings and all(parse_knobs(setting.split()) for setting in settings)
-    with pytest.raises(ValueError, match="REDUCTION_ROWS_BLOCK_BYTES"):
-        parse_knobs(["REDUCTION_ROWS_BLOCK_BYTES=128"])
+def _default_candidates(script: Path) -> list[str]:
+    """gpu_session.sh's DEFAULT_CANDIDATES as bash expands them (they name WIDE_ROWS), one setting each."""
+    names = "^(WIDE_ROWS|DEFAULT_CANDIDATES)="
+    expand = f'eval "$(grep -E "{names}" {script})"; printf %s "$DEFAULT_CANDIDATES"'
+    return subprocess.run(["bash", "-c", expand], check=True, capture_output=True, text=True).stdout.split(";")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU session runs it under ncu")

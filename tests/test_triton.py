@@ -889,6 +889,36 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeyp
     assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
 
 
+def test_channels_last_reductions_may_take_wider_programs_over_fewer_slices(monkeypatch):
+    """REDUCTION_ROWS_TILE_SCALE with REDUCTION_WARPS' rows as many times NUM_WARPS (session 27's
+    candidate): bf16 256x256x14x14 channels-last's reductions at one 16-warp program an H200 multiprocessor
+    take tiles of 256 x 64 values (a thread holds 32, as at the defaults' 64 x 64 over 4 warps) over 4 x 33
+    programs, whose partials are one combine group (the step scaled by the warps: 128 rows, not 32),
+    against 4 x 131 and 5 groups at the defaults; the elementwise passes keep their tiles. A training step
+    in such plans (several slices, combine steps of several rows) matches the reference."""
+    default = K.planned(K.ROWS, 256, 256, 196, 2, 4 * 132, small=True)
+    assert (default.block_a, default.block_b, default.grid, K._split_block(default)) == (64, 64, (4, 131), 32)
+    monkeypatch.setattr(K, "REDUCTION_ROWS_TILE_SCALE", 4)
+    monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: 4, K.ROWS: 16})
+    wide = K.planned(K.ROWS, 256, 256, 196, 2, 1 * 132, small=True)
+    assert (wide.block_a, wide.block_b, wide.grid, wide.reduce_warps) == (256, 64, (4, 33), 16)
+    assert K._split_block(wide) == 64 and K._block_args(wide, reduction=True)["num_warps"] == 16
+    assert (wide.apply.block_a, wide.apply.block_b, wide.apply.num_warps) == (default.apply.block_a, 128, 4)
+    assert K._combine_block(wide.apply, 33, wide.apply.num_warps) == 16  # (an elementwise combine: 4 warps)
+    monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
+    monkeypatch.setattr(K, "TILE", 32)
+    monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 64)  # (float32: elementwise blocks of 16 channels)
+    for knob in ("REDUCTION_ROWS_BLOCK_CHANNELS", "SMALL_REDUCTION_ROWS_BLOCK_CHANNELS"):  # (a GPU: small)
+        monkeypatch.setattr(K, knob, 4)
+    monkeypatch.setattr(K, "COMBINE_VALUES", 8)  # (2 rows a step at 4 warps, 8 at 16)
+    monkeypatch.setattr(K, "_target_programs", lambda device, layout, elementwise=False, small=False: 16)
+    x, z, dy, w, b = _operands((7, 12, 9, 5), "channels_last", torch.float32)
+    plan = K.make_plan(x, K.ROWS)
+    assert (plan.block_a, plan.block_b, plan.reduce_warps, plan.apply.block_a, plan.apply.block_b) == (32, 4, 16, 2, 16)
+    assert plan.splits > 1 and K._split_block(plan) == 8
+    _training_step_matches_reference(x, z, dy, w, b)
+
+
 def test_tiles_hold_at_most_tile_bytes_of_data(monkeypatch):
     """At TILE_BYTES of 8192 float32 tiles take half the values of 16-bit ones; TILE still caps both."""
     monkeypatch.setattr(K, "TILE", 4096)
@@ -1038,16 +1068,24 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("plans", ["default", "small"])
+@pytest.mark.parametrize("plans", ["default", "small", "wide"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     """`small`: the reductions of every tensor within L2 at a full wave (SMALL_PROGRAMS_PER_SM 8: ONE_WAVE
     cuts the grid to what fits), and the rows layout's reductions in blocks of 32 bf16 channels
-    (REDUCTION_ROWS_BLOCK_CHANNELS 32)."""
+    (REDUCTION_ROWS_BLOCK_CHANNELS 32). `wide` (session 27's candidate): the rows layout's reductions in
+    16-warp programs of 4x the tiles, one a multiprocessor (REDUCTION_ROWS_TILE_SCALE)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
+    if plans == "wide" and layout == "contiguous" and len(shape) == 4:
+        pytest.skip("the knobs change the rows layout's plans only")
     if plans == "small":
         monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 32)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
+    if plans == "wide":
+        monkeypatch.setattr(K, "REDUCTION_ROWS_TILE_SCALE", 4)
+        monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: 4, K.ROWS: 16})
+        monkeypatch.setattr(K, "PROGRAMS_PER_SM", {K.PLANES: 2, K.ROWS: 1})
+        monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 4, K.ROWS: 1})
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(shape, generator=gen, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)

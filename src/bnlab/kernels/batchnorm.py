@@ -411,6 +411,20 @@ REDUCTION_ROWS_BLOCK_CHANNELS = 64
 # against 78.9 / 78.4; the larger layers slower at 32 (51 MB: 0.975-1.035; 56x56: up to 1.11). Predicted
 # on the bf16 channels-last sum: ~-0.04 ms (0.3%). A candidate until a run of the whole sums: 64, as above.
 SMALL_REDUCTION_ROWS_BLOCK_CHANNELS = 64
+# ... and their tiles, this many times the elementwise passes' (TILE, TILE_BYTES): with REDUCTION_WARPS'
+# rows as many times NUM_WARPS, each thread holds the values it holds at the defaults (the same registers,
+# the same bytes in flight an SM at proportionally fewer programs), while a program covers that many times
+# the rows: that many times fewer slices a channel block, so fewer partials and, with `_combine_block`'s
+# step scaled by the warps, one combine level where there were two. Session 27 (no GPU): run 14's profile
+# read kernel by kernel (`python benchmarks/profile_sums.py LOG --kernels`) has each channels-last
+# reduction 8-17 us over its traffic at copy speed whatever the layer's size (statistics 12-17 us, gradient
+# sums 8-14 below 56x56), 1.37 ms of the bf16 channels-last sum's excess (its bar needs 0.45 ms less), and
+# ncu (run 16, 256x256x14x14 statistics, 4 x 131 programs) the multiprocessors active 58% of the kernel's
+# time, against 74-86% for the NCHW statistics and both layouts' dx: a tail after the loops (arrivals and a
+# two-level combine of 131 partials). At 4 (with 16 warps and 1 program an SM) that layer's statistics take
+# 4 x 33 programs of 256 x 64 values a tile, one combine level. A candidate (profile sets `small` and
+# `cl`), untimed.
+REDUCTION_ROWS_TILE_SCALE = 1
 # The elementwise passes' loads of their inputs (x, the residual; dx's dy too), the last read of them in
 # their direction, with this eviction policy: "" (the default) or "evict_first", so that while a pass
 # writes its output the lines it has read leave L2 before those it has yet to read (the second pass walks
@@ -428,7 +442,8 @@ SECOND_READ_EVICTION = ""
 # bf16 NCHW forward+backward 256x256x14x14 89.0 -> 72.9 us, 256x512x14x14 143.6 -> 126.7, 256x512x7x7
 # 52.2 -> 47.0, the bf16 NCHW sum 13.05 -> 12.70 ms (0.973), float32 0.985, other layers unchanged: on.
 GATHER_GROUPED_SUMS = True
-# Partials that the last program of a channel block loads per step ([split_block, channels] values).
+# Partials that the last program of a channel block loads per step ([split_block, channels] values), for a
+# program of NUM_WARPS warps; one of more warps takes proportionally more (`_combine_block`).
 COMBINE_VALUES = 2048
 # Split training directions: the reductions' last combine level (the whole combine where a channel block's
 # slices are one group of SPLIT_BLOCK, as at NCHW 7x7/14x14) done at the start of every elementwise
@@ -541,15 +556,16 @@ def _program_channels(plan: Plan) -> int:
     return plan.block_b if plan.layout == ROWS else plan.group or 1
 
 
-def _combine_block(plan: Plan, rows: int) -> int:
-    """Rows a step of a combine of `rows` partial rows over the channels of `plan`'s programs: at most
-    COMBINE_VALUES values a step."""
-    return max(1, min(_pow2(rows), COMBINE_VALUES // _program_channels(plan)))
+def _combine_block(plan: Plan, rows: int, warps: int) -> int:
+    """Rows a step of a combine of `rows` partial rows over the channels of `plan`'s programs of `warps`
+    warps: at most COMBINE_VALUES values a step for NUM_WARPS warps (as many values a thread for more)."""
+    values = COMBINE_VALUES * max(1, warps // NUM_WARPS)
+    return max(1, min(_pow2(rows), values // _program_channels(plan)))
 
 
 def _split_block(plan: Plan) -> int:
     """The reductions' groups of slices (device `_gather`): a combine step over all of `plan`'s slices."""
-    return _combine_block(plan, plan.splits)
+    return _combine_block(plan, plan.splits, plan.reduce_warps or plan.num_warps)
 
 
 def _late_knob(layout: str, itemsize: int) -> bool:
@@ -576,7 +592,7 @@ def _late_rows(reduced: Plan, itemsize: int) -> tuple[int, int] | None:
 def _late_options(apply: Plan, late: tuple[int, int] | None) -> dict[str, int | bool]:
     """The elementwise kernels' LATE constexprs over `apply` for `late` (`_late_rows`); one variant where
     not late."""
-    return {"LATE": late is not None, "COMBINE_BLOCK": _combine_block(apply, late[1]) if late else 1}
+    return {"LATE": late is not None, "COMBINE_BLOCK": _combine_block(apply, late[1], apply.num_warps) if late else 1}
 
 
 def make_plan(x: torch.Tensor, layout: str, ghosts: int = 1, **overrides: int) -> Plan:
@@ -615,7 +631,7 @@ def planned(
     if layout != ROWS:
         return plan
     channels = SMALL_REDUCTION_ROWS_BLOCK_CHANNELS if small else REDUCTION_ROWS_BLOCK_CHANNELS
-    own = {"block_channels": min(knobs["block_channels"], channels)}
+    own = {"block_channels": min(knobs["block_channels"], channels), "tile": knobs["tile"] * REDUCTION_ROWS_TILE_SCALE}
     reduce = plan_for(layout, N, C, S, target_programs=target_programs, **{**knobs, **own})
     return plan if reduce == plan else replace(reduce, apply=plan)
 
