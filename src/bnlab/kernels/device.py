@@ -331,11 +331,15 @@ def _slice(pid_s, TILES, tiles_per_split):
 def _arrive(counter_ptr, expected):
     """Count this program in; True for the last of `expected`, who also zeroes the counter for the next
     launch. The barrier makes every thread's stores precede the release; the acquire makes the others'
-    stores visible to the last one, which reads them with .cg loads (L2, never a stale L1)."""
+    stores visible to the last one, which reads them with .cg loads (L2, never a stale L1). The zeroing is
+    a plain store (session 27; it was an acq_rel exchange): nothing in this launch touches the counter
+    after its last arrival, and the launch's end orders the store before the next launch's atomics. The
+    exchange cost each combine level's critical path a fence, an atomic from every thread and an L1
+    invalidation (sm_90 machine code, Triton 3.6: one predicated store now)."""
     tl.debug_barrier()
     last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == expected - 1
     if last:
-        tl.atomic_xchg(counter_ptr, 0)
+        tl.store(counter_ptr, 0)
     return last
 
 
