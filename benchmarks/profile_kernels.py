@@ -57,6 +57,15 @@ VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "N
 # Grids as planned, over one wave where they are (session 8's default cuts them): profiled only on the
 # shapes whose launches at the defaults were cut (`_was_cut`), i.e. after the defaults.
 NO_WAVE_CUT = {"ONE_WAVE": False}
+# (session 27) channels-last reductions in 16-warp programs of 4x the tiles, one an SM: 4x fewer slices, one
+# combine level (REDUCTION_ROWS_TILE_SCALE; sm_90, Triton 3.6: 127 and 118 registers, no spills, the loops'
+# instructions a value as at the defaults). gpu_session.sh's DEFAULT_CANDIDATES hold the same setting.
+WIDE_ROWS = {
+    "REDUCTION_ROWS_TILE_SCALE": 4,
+    "REDUCTION_WARPS": {"planes": 4, "rows": 16},
+    "PROGRAMS_PER_SM": {"planes": 2, "rows": 1},
+    "SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 1},
+}
 VARIANTS = (
     {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
     {"PLANES_MAX_RUN": 4096},  # NCHW 56x56: a whole plane a tile (1 x 4096) instead of 4 x 1024
@@ -70,11 +79,7 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
-            # (session 27) channels-last reductions in 16-warp programs of 4x the tiles, one an SM: 4x fewer
-            # slices, one combine level (REDUCTION_ROWS_TILE_SCALE; sm_90, Triton 3.6: 127 and 118 registers,
-            # no spills, the loops' instructions a value as at the defaults)
-            {"REDUCTION_ROWS_TILE_SCALE": 4, "REDUCTION_WARPS": {"planes": 4, "rows": 16},
-             "PROGRAMS_PER_SM": {"planes": 2, "rows": 1}, "SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 1}},
+            WIDE_ROWS,
             # session 16's defaults: NCHW grouped reductions' per-channel sums by segmented scans, and the
             # combine's last level in the reductions (run 17 made the gather and, for 2-byte planes, the late
             # combine the defaults: the bf16 NCHW sum 0.960 of the step)
@@ -123,11 +128,7 @@ SETS = {
         [(shape, "channels_last") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
-            # (session 27) channels-last reductions in 16-warp programs of 4x the tiles, one an SM: 4x fewer
-            # slices, one combine level (REDUCTION_ROWS_TILE_SCALE; sm_90, Triton 3.6: 127 and 118 registers,
-            # no spills, the loops' instructions a value as at the defaults)
-            {"REDUCTION_ROWS_TILE_SCALE": 4, "REDUCTION_WARPS": {"planes": 4, "rows": 16},
-             "PROGRAMS_PER_SM": {"planes": 2, "rows": 1}, "SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 1}},
+            WIDE_ROWS,
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             # the reductions' alone (default 64 channels since run 13; run 10: all passes, below)

@@ -176,7 +176,7 @@ def test_the_gpu_session_script_parses_and_its_default_candidates_are_knobs():
     assert len(settings) >= 2 and all(setting for setting in settings)
     for setting in settings:
         assert gpubench.parse_knobs(setting.split())
-    assert dict(gpubench.parse_knobs(settings[0].split()))["REDUCTION_WARPS"] == {"planes": 4, "rows": 16}  # (quoting)
+    assert dict(gpubench.parse_knobs(settings[0].split())) == profile_kernels.WIDE_ROWS  # (one setting, two spellings)
     with pytest.raises(ValueError, match="REDUCTION_ROWS_BLOCK_BYTES"):  # (a knob renamed in session 14)
         gpubench.parse_knobs(["REDUCTION_ROWS_BLOCK_BYTES=128"])
     for _, _, variants in profile_kernels.SETS.values():

@@ -889,6 +889,15 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeyp
     assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
 
 
+def _reductions_wide(monkeypatch) -> None:
+    """Session 27's candidate (benchmarks/profile_kernels.py's WIDE_ROWS): the rows layout's reductions in
+    16-warp programs of 4x the tiles, one a multiprocessor."""
+    monkeypatch.setattr(K, "REDUCTION_ROWS_TILE_SCALE", 4)
+    monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: 4, K.ROWS: 16})
+    monkeypatch.setattr(K, "PROGRAMS_PER_SM", {K.PLANES: 2, K.ROWS: 1})
+    monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 4, K.ROWS: 1})
+
+
 def test_channels_last_reductions_may_take_wider_programs_over_fewer_slices(monkeypatch):
     """REDUCTION_ROWS_TILE_SCALE with REDUCTION_WARPS' rows as many times NUM_WARPS (session 27's
     candidate): bf16 256x256x14x14 channels-last's reductions at one 16-warp program an H200 multiprocessor
@@ -898,8 +907,7 @@ def test_channels_last_reductions_may_take_wider_programs_over_fewer_slices(monk
     in such plans (several slices, combine steps of several rows) matches the reference."""
     default = K.planned(K.ROWS, 256, 256, 196, 2, 4 * 132, small=True)
     assert (default.block_a, default.block_b, default.grid, K._split_block(default)) == (64, 64, (4, 131), 32)
-    monkeypatch.setattr(K, "REDUCTION_ROWS_TILE_SCALE", 4)
-    monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: 4, K.ROWS: 16})
+    _reductions_wide(monkeypatch)
     wide = K.planned(K.ROWS, 256, 256, 196, 2, 1 * 132, small=True)
     assert (wide.block_a, wide.block_b, wide.grid, wide.reduce_warps) == (256, 64, (4, 33), 16)
     assert K._split_block(wide) == 64 and K._block_args(wide, reduction=True)["num_warps"] == 16
@@ -1082,10 +1090,7 @@ def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, 
         monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 32)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
     if plans == "wide":
-        monkeypatch.setattr(K, "REDUCTION_ROWS_TILE_SCALE", 4)
-        monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: 4, K.ROWS: 16})
-        monkeypatch.setattr(K, "PROGRAMS_PER_SM", {K.PLANES: 2, K.ROWS: 1})
-        monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 4, K.ROWS: 1})
+        _reductions_wide(monkeypatch)
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(shape, generator=gen, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
