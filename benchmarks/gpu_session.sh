@@ -39,10 +39,12 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/bnlab-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/bnlab-cache/inductor
 OUT="${OUT:-/tmp/bnlab-gpu}"
 LAST_CSV=benchmarks/results/h200-2026-11-28/gpu-nvidia-h200-20261128-171038.csv  # (run 23: the last H200 run at the defaults)
-# (session 27: channels-last reductions in 16-warp programs of 4x the tiles, one an SM, then the same with the
-# last combine left to the elementwise passes; knobs of a setting apart by spaces, no spaces within a value)
+# (session 27: channels-last reductions in 16-warp programs of 4x the tiles, one an SM, then the same with their
+# loads deeper through shared memory: profile_kernels.py's WIDE_ROWS and WIDE_DEEP; knobs of a setting apart by
+# spaces, no spaces within a value)
 WIDE_ROWS="REDUCTION_ROWS_TILE_SCALE=4 REDUCTION_WARPS={'planes':4,'rows':16} PROGRAMS_PER_SM={'planes':2,'rows':1} SMALL_PROGRAMS_PER_SM={'planes':4,'rows':1}"
-DEFAULT_CANDIDATES="$WIDE_ROWS;$WIDE_ROWS LATE_COMBINE={'planes':True,'rows':True}"
+DEEP="STATS_PREFETCH={'planes':False,'rows':False} STATS_STAGES={'planes':3,'rows':4}"
+DEFAULT_CANDIDATES="$WIDE_ROWS;$WIDE_ROWS $DEEP"
 JOBS=$(nproc)
 mkdir -p "$OUT"
 steps=("$@")

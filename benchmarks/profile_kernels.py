@@ -59,13 +59,19 @@ VARIANT_SHAPES = ([(256, 256, 56, 56), "channels_last"], [(256, 256, 56, 56), "N
 NO_WAVE_CUT = {"ONE_WAVE": False}
 # (session 27) channels-last reductions in 16-warp programs of 4x the tiles, one an SM: 4x fewer slices, one
 # combine level (REDUCTION_ROWS_TILE_SCALE; sm_90, Triton 3.6: 127 and 118 registers, no spills, the loops'
-# instructions a value as at the defaults). gpu_session.sh's DEFAULT_CANDIDATES hold the same setting.
+# instructions a value as at the defaults). gpu_session.sh's first default candidate.
 WIDE_ROWS = {
     "REDUCTION_ROWS_TILE_SCALE": 4,
     "REDUCTION_WARPS": {"planes": 4, "rows": 16},
     "PROGRAMS_PER_SM": {"planes": 2, "rows": 1},
     "SMALL_PROGRAMS_PER_SM": {"planes": 4, "rows": 1},
 }
+# ... and the 2-byte statistics' loads 3 tiles ahead through shared memory instead of one prefetched in
+# registers: more bytes in flight at the same registers (sm_90, Triton 3.6: 128, no spills, 96 KB of shared
+# memory, one program an SM; 4-warp programs lost at 2 deep in bf16, run 10). The gradient sums stay 2 deep:
+# 3 would take float32's 64 KB tiles of dy and x past the shared memory an SM has (kernel_sass.py: no program
+# fits). gpu_session.sh's second default candidate.
+WIDE_DEEP = {**WIDE_ROWS, "STATS_PREFETCH": {"planes": False, "rows": False}, "STATS_STAGES": {"planes": 3, "rows": 4}}
 VARIANTS = (
     {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
     {"PLANES_MAX_RUN": 4096},  # NCHW 56x56: a whole plane a tile (1 x 4096) instead of 4 x 1024
@@ -80,6 +86,8 @@ SETS = {
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
             WIDE_ROWS,
+            WIDE_DEEP,
+            {**WIDE_ROWS, "LATE_COMBINE": {"planes": True, "rows": True}},  # (one group: no combine in the reductions)
             # session 16's defaults: NCHW grouped reductions' per-channel sums by segmented scans, and the
             # combine's last level in the reductions (run 17 made the gather and, for 2-byte planes, the late
             # combine the defaults: the bf16 NCHW sum 0.960 of the step)
@@ -129,6 +137,8 @@ SETS = {
         (
             {},
             WIDE_ROWS,
+            WIDE_DEEP,
+            {**WIDE_ROWS, "LATE_COMBINE": {"planes": True, "rows": True}},  # (one group: no combine in the reductions)
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             # the reductions' alone (default 64 channels since run 13; run 10: all passes, below)

@@ -176,7 +176,8 @@ def test_the_gpu_session_script_parses_and_its_default_candidates_are_knobs():
     assert len(settings) >= 2 and all(setting for setting in settings)
     for setting in settings:
         assert gpubench.parse_knobs(setting.split())
-    assert dict(gpubench.parse_knobs(settings[0].split())) == profile_kernels.WIDE_ROWS  # (one setting, two spellings)
+    spelled = [dict(gpubench.parse_knobs(setting.split())) for setting in settings]  # (one setting, two spellings)
+    assert spelled == [profile_kernels.WIDE_ROWS, profile_kernels.WIDE_DEEP]
     with pytest.raises(ValueError, match="REDUCTION_ROWS_BLOCK_BYTES"):  # (a knob renamed in session 14)
         gpubench.parse_knobs(["REDUCTION_ROWS_BLOCK_BYTES=128"])
     for _, _, variants in profile_kernels.SETS.values():
@@ -224,8 +225,8 @@ def test_the_two_read_gap_sums_layers_against_copy_speed_and_compile(tmp_path, c
 
 
 def _default_candidates(script: Path) -> list[str]:
-    """gpu_session.sh's DEFAULT_CANDIDATES as bash expands them (they name WIDE_ROWS), one setting each."""
-    names = "^(WIDE_ROWS|DEFAULT_CANDIDATES)="
+    """gpu_session.sh's DEFAULT_CANDIDATES as bash expands them (they name WIDE_ROWS and DEEP), one setting each."""
+    names = "^(WIDE_ROWS|DEEP|DEFAULT_CANDIDATES)="
     expand = f'eval "$(grep -E "{names}" {script})"; printf %s "$DEFAULT_CANDIDATES"'
     return subprocess.run(["bash", "-c", expand], check=True, capture_output=True, text=True).stdout.split(";")
 

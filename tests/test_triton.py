@@ -889,13 +889,17 @@ def test_channels_last_split_plans_take_blocks_of_the_channels_asked_for(monkeyp
     assert K.plan_for(K.PLANES, 256, 64, 3136, target_programs=264, block_channels=32) == planes  # (rows only)
 
 
-def _reductions_wide(monkeypatch) -> None:
-    """Session 27's candidate (benchmarks/profile_kernels.py's WIDE_ROWS): the rows layout's reductions in
-    16-warp programs of 4x the tiles, one a multiprocessor."""
+def _reductions_wide(monkeypatch, deep: bool = False) -> None:
+    """Session 27's candidates (benchmarks/profile_kernels.py's WIDE_ROWS, and with `deep` WIDE_DEEP): the
+    rows layout's reductions in 16-warp programs of 4x the tiles, one a multiprocessor (the 2-byte
+    statistics' loads 4 stages deep through shared memory)."""
     monkeypatch.setattr(K, "REDUCTION_ROWS_TILE_SCALE", 4)
     monkeypatch.setattr(K, "REDUCTION_WARPS", {K.PLANES: 4, K.ROWS: 16})
     monkeypatch.setattr(K, "PROGRAMS_PER_SM", {K.PLANES: 2, K.ROWS: 1})
     monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 4, K.ROWS: 1})
+    if deep:
+        monkeypatch.setattr(K, "STATS_PREFETCH", {K.PLANES: False, K.ROWS: False})
+        monkeypatch.setattr(K, "STATS_STAGES", {K.PLANES: 3, K.ROWS: 4})
 
 
 def test_channels_last_reductions_may_take_wider_programs_over_fewer_slices(monkeypatch):
@@ -1076,21 +1080,22 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("plans", ["default", "small", "wide"])
+@pytest.mark.parametrize("plans", ["default", "small", "wide", "wide-deep"])
 def test_real_shapes_on_the_gpu_match_the_reference(monkeypatch, shape, layout, dtype, plans):
     """`small`: the reductions of every tensor within L2 at a full wave (SMALL_PROGRAMS_PER_SM 8: ONE_WAVE
     cuts the grid to what fits), and the rows layout's reductions in blocks of 32 bf16 channels
-    (REDUCTION_ROWS_BLOCK_CHANNELS 32). `wide` (session 27's candidate): the rows layout's reductions in
-    16-warp programs of 4x the tiles, one a multiprocessor (REDUCTION_ROWS_TILE_SCALE)."""
+    (REDUCTION_ROWS_BLOCK_CHANNELS 32). `wide` and `wide-deep` (session 27's candidates): the rows layout's
+    reductions in 16-warp programs of 4x the tiles, one a multiprocessor (REDUCTION_ROWS_TILE_SCALE), the
+    2-byte statistics' loads deeper through shared memory in the second."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("2-D input has one layout")
-    if plans == "wide" and layout == "contiguous" and len(shape) == 4:
+    if plans.startswith("wide") and layout == "contiguous" and len(shape) == 4:
         pytest.skip("the knobs change the rows layout's plans only")
     if plans == "small":
         monkeypatch.setattr(K, "REDUCTION_ROWS_BLOCK_CHANNELS", 32)
         monkeypatch.setattr(K, "SMALL_PROGRAMS_PER_SM", {K.PLANES: 8, K.ROWS: 8})
-    if plans == "wide":
-        _reductions_wide(monkeypatch)
+    if plans.startswith("wide"):
+        _reductions_wide(monkeypatch, deep=plans == "wide-deep")
     gen = torch.Generator(device="cuda").manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(shape, generator=gen, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
