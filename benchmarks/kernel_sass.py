@@ -60,9 +60,7 @@ REDUCTIONS = ("stats", "grad sums")  # the passes that run REDUCTION_WARPS warps
 # LATE_COMBINE=...` sets them then).
 LATE = {
     "LATE": lambda plan, itemsize: K._late_knob(plan.layout, itemsize),
-    "COMBINE_BLOCK": lambda plan, itemsize: (
-        K._combine_block(plan, 16, plan.num_warps) if K._late_knob(plan.layout, itemsize) else 1
-    ),
+    "COMBINE_BLOCK": lambda plan, itemsize: K._combine_block(plan, 16) if K._late_knob(plan.layout, itemsize) else 1,
 }
 KERNELS = {  # name: (kernel, its other constexprs)
     "stats": (  # (its loop's constexprs as the launcher computes them: a function of the plan and value size)

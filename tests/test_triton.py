@@ -916,7 +916,7 @@ def test_channels_last_reductions_may_take_wider_programs_over_fewer_slices(monk
     assert (wide.block_a, wide.block_b, wide.grid, wide.reduce_warps) == (256, 64, (4, 33), 16)
     assert K._split_block(wide) == 64 and K._block_args(wide, reduction=True)["num_warps"] == 16
     assert (wide.apply.block_a, wide.apply.block_b, wide.apply.num_warps) == (default.apply.block_a, 128, 4)
-    assert K._combine_block(wide.apply, 33, wide.apply.num_warps) == 16  # (an elementwise combine: 4 warps)
+    assert K._combine_block(wide.apply, 33) == 16  # (an elementwise combine: 4 warps)
     monkeypatch.setattr(K, "SINGLE_TILE_MAX", 0)
     monkeypatch.setattr(K, "TILE", 32)
     monkeypatch.setattr(K, "ROWS_BLOCK_BYTES", 64)  # (float32: elementwise blocks of 16 channels)

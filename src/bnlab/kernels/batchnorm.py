@@ -556,16 +556,23 @@ def _program_channels(plan: Plan) -> int:
     return plan.block_b if plan.layout == ROWS else plan.group or 1
 
 
-def _combine_block(plan: Plan, rows: int, warps: int) -> int:
-    """Rows a step of a combine of `rows` partial rows over the channels of `plan`'s programs of `warps`
-    warps: at most COMBINE_VALUES values a step for NUM_WARPS warps (as many values a thread for more)."""
-    values = COMBINE_VALUES * max(1, warps // NUM_WARPS)
+def _program_warps(plan: Plan, reduction: bool = False) -> int:
+    """Warps a program of `plan`'s kernels runs (`reduction`: of its split reductions; a single-tile plan has
+    no reduce_warps, and inference's backward still runs its split reduction over it)."""
+    return (plan.reduce_warps or plan.num_warps) if reduction else plan.num_warps
+
+
+def _combine_block(plan: Plan, rows: int, reduction: bool = False) -> int:
+    """Rows a step of a combine of `rows` partial rows over the channels of `plan`'s programs (`reduction`:
+    its reductions', else its elementwise passes'): at most COMBINE_VALUES values a step for NUM_WARPS warps,
+    as many values a thread for programs of more."""
+    values = COMBINE_VALUES * max(1, _program_warps(plan, reduction) // NUM_WARPS)
     return max(1, min(_pow2(rows), values // _program_channels(plan)))
 
 
 def _split_block(plan: Plan) -> int:
     """The reductions' groups of slices (device `_gather`): a combine step over all of `plan`'s slices."""
-    return _combine_block(plan, plan.splits, plan.reduce_warps or plan.num_warps)
+    return _combine_block(plan, plan.splits, reduction=True)
 
 
 def _late_knob(layout: str, itemsize: int) -> bool:
@@ -592,7 +599,7 @@ def _late_rows(reduced: Plan, itemsize: int) -> tuple[int, int] | None:
 def _late_options(apply: Plan, late: tuple[int, int] | None) -> dict[str, int | bool]:
     """The elementwise kernels' LATE constexprs over `apply` for `late` (`_late_rows`); one variant where
     not late."""
-    return {"LATE": late is not None, "COMBINE_BLOCK": _combine_block(apply, late[1], apply.num_warps) if late else 1}
+    return {"LATE": late is not None, "COMBINE_BLOCK": _combine_block(apply, late[1]) if late else 1}
 
 
 def make_plan(x: torch.Tensor, layout: str, ghosts: int = 1, **overrides: int) -> Plan:
@@ -721,8 +728,7 @@ def _block_args(plan: Plan, reduction: bool = False) -> dict[str, int | bool]:
         "BLOCK_B": plan.block_b,
         "PLANES": _planes_code(plan),
         "GHOSTS": plan.ghosts,
-        # (a single-tile plan has no reduce_warps; inference's backward still runs its split reduction)
-        "num_warps": (plan.reduce_warps or plan.num_warps) if reduction else plan.num_warps,
+        "num_warps": _program_warps(plan, reduction),
         "enable_fp_fusion": FP_FUSION,
     }
     if reduction:
