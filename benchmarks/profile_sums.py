@@ -24,6 +24,7 @@ import collections
 import math
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,15 +37,23 @@ _KERNEL = re.compile(r"\s+([\d.]+) us\s+[\d.]+x\s+[\d.]+%\s+(\w+)$")
 PASSES = {"_stats_kernel": 1, "_apply_kernel": 2, "_grad_kernel": 2, "_input_grad_kernel": 3}
 
 
-def read(text: str, layout: str, dtype: str) -> dict[str, dict[str, float]]:
-    """{setting (its knobs' text): {shape: graph-timed step, us}} for one layout and dtype, in log order."""
-    steps: dict[str, dict[str, float]] = collections.defaultdict(dict)
+def _shapes(text: str, layout: str, dtype: str) -> Iterator[tuple[str, str, list[str]]]:
+    """(shape, setting: its knobs' text, the block's lines after its header) of each profiled shape of one
+    layout and dtype, in log order."""
     for block in re.split(r"\n(?=\d+x)", text):
         lines = block.splitlines()
         header = _HEADER.match(lines[0]) if lines else None
-        graph = [line for line in lines[1:] if line.strip().startswith("graph")]
-        if header and graph and header.group(2) == layout and header.group(3) == dtype:
-            steps[header.group(4)][header.group(1)] = float(graph[0].split()[1])
+        if header and header.group(2) == layout and header.group(3) == dtype:
+            yield header.group(1), header.group(4), lines[1:]
+
+
+def read(text: str, layout: str, dtype: str) -> dict[str, dict[str, float]]:
+    """{setting (its knobs' text): {shape: graph-timed step, us}} for one layout and dtype, in log order."""
+    steps: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for shape, setting, lines in _shapes(text, layout, dtype):
+        graph = [line for line in lines if line.strip().startswith("graph")]
+        if graph:
+            steps[setting][shape] = float(graph[0].split()[1])
     return steps
 
 
@@ -52,15 +61,11 @@ def read_kernels(text: str, layout: str, dtype: str) -> dict[str, dict[str, floa
     """{shape: {kernel: mean us a step}} of the log's first setting for one layout and dtype."""
     first: str | None = None
     kernels: dict[str, dict[str, float]] = {}
-    for block in re.split(r"\n(?=\d+x)", text):
-        lines = block.splitlines()
-        header = _HEADER.match(lines[0]) if lines else None
-        if not header or header.group(2) != layout or header.group(3) != dtype:
-            continue
-        first = first or header.group(4)
-        if header.group(4) == first:
-            rows = (_KERNEL.match(line) for line in lines[1:])
-            kernels[header.group(1)] = {m.group(2): float(m.group(1)) for m in rows if m}
+    for shape, setting, lines in _shapes(text, layout, dtype):
+        first = first or setting
+        if setting == first:
+            rows = (_KERNEL.match(line) for line in lines)
+            kernels[shape] = {m.group(2): float(m.group(1)) for m in rows if m}
     return kernels
 
 
@@ -71,7 +76,7 @@ def print_kernels(log: Path, text: str, layout: str, dtype: str, layers: collect
     if not kernels or not copy:
         print(f"profile_sums: no {dtype} {layout} kernels (or no copy speed) in {log}", file=sys.stderr)
         return 1
-    gbps, itemsize = float(copy.group(1)), torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    gbps, itemsize = float(copy.group(1)), getattr(torch, dtype).itemsize
     print(f"{log.name}: {dtype} {layout}, the first setting's kernels, us a step (+ excess over their tensor "
           f"passes at {gbps:.0f} GB/s)")  # fmt: skip
     print(f"  {'shape':16s} {'':3s}" + "".join(f"{name:>22s}" for name in PASSES))
