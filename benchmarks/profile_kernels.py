@@ -72,6 +72,9 @@ WIDE_ROWS = {
 # 3 would take float32's 64 KB tiles of dy and x past the shared memory an SM has (kernel_sass.py: no program
 # fits). gpu_session.sh's second default candidate.
 WIDE_DEEP = {**WIDE_ROWS, "STATS_PREFETCH": {"planes": False, "rows": False}, "STATS_STAGES": {"planes": 3, "rows": 4}}
+# (profile sets `small` and `cl`: both, then the wide reductions with the last combine left to the
+# elementwise passes: one group, so no combine in the reductions at all)
+WIDE = (WIDE_ROWS, WIDE_DEEP, {**WIDE_ROWS, "LATE_COMBINE": {"planes": True, "rows": True}})
 VARIANTS = (
     {"APPLY_STAGES": {"planes": 2, "rows": 2}},  # the elementwise passes' loads pipelined too
     {"PLANES_MAX_RUN": 4096},  # NCHW 56x56: a whole plane a tile (1 x 4096) instead of 4 x 1024
@@ -85,9 +88,7 @@ SETS = {
          ((256, 256, 14, 14), "channels_last")],
         (  # most wanted first (a run cut short keeps the first settings)
             {},  # the defaults
-            WIDE_ROWS,
-            WIDE_DEEP,
-            {**WIDE_ROWS, "LATE_COMBINE": {"planes": True, "rows": True}},  # (one group: no combine in the reductions)
+            *WIDE,
             # session 16's defaults: NCHW grouped reductions' per-channel sums by segmented scans, and the
             # combine's last level in the reductions (run 17 made the gather and, for 2-byte planes, the late
             # combine the defaults: the bf16 NCHW sum 0.960 of the step)
@@ -136,9 +137,7 @@ SETS = {
         [(shape, "channels_last") for shape in dict.fromkeys(shape for _, shape in resnet50_bn_shapes(256))],
         (
             {},
-            WIDE_ROWS,
-            WIDE_DEEP,
-            {**WIDE_ROWS, "LATE_COMBINE": {"planes": True, "rows": True}},  # (one group: no combine in the reductions)
+            *WIDE,
             # narrower blocks: fewer slices a block for the same programs (run 4: 7x7 statistics 19.6 us for
             # 12.8 MB at 131 slices of 3 tiles, then a combine of 131 partials)
             # the reductions' alone (default 64 channels since run 13; run 10: all passes, below)
