@@ -26,10 +26,12 @@ what `network_step.py` measures on a GPU host, where the chain's rows had left ~
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the backend then accepts CPU tensors
 
@@ -220,6 +222,19 @@ class _VerdictWriting(_Recorder):
         return super().__getitem__(grid)
 
 
+@contextlib.contextmanager
+def _stubbed_gpu_path(K) -> Iterator[None]:
+    """Within the block, the kernels stubbed (the guard's stand-in writing a "kept" verdict) and CPU layers on
+    the GPU's path of the update check (deferred: no host sync a layer), as `--chain` and `--network` time."""
+    deferred = BF.DEFERRED_CHECK_DEVICES
+    BF.DEFERRED_CHECK_DEVICES = deferred | {"cpu"}
+    try:
+        with _kernels_replaced(K, lambda kernel: _VerdictWriting(kernel, None)):
+            yield
+    finally:
+        BF.DEFERRED_CHECK_DEVICES = deferred
+
+
 def _print_chain_rows(K, layers: int = 53, steps: int = 60) -> None:
     """`--chain`: see the module doc. 20th percentile of `steps` steps a provider, per layer."""
     import bnlab.nn
@@ -233,14 +248,9 @@ def _print_chain_rows(K, layers: int = 53, steps: int = 60) -> None:
         "triton, nonfinite='ignore'": lambda: bnlab.nn.BatchNorm2d(channels, backend="triton", nonfinite="ignore"),
     }
 
-    deferred = BF.DEFERRED_CHECK_DEVICES
-    BF.DEFERRED_CHECK_DEVICES = deferred | {"cpu"}  # (the GPU's path: no host sync a layer)
-    try:
-        with _kernels_replaced(K, lambda kernel: _VerdictWriting(kernel, None)):
-            chains = [_chain_step([make() for _ in range(layers)], x) for make in makers.values()]
-            samples = _alternating_samples_us(chains, reps=steps, warmup=5)
-    finally:
-        BF.DEFERRED_CHECK_DEVICES = deferred
+    with _stubbed_gpu_path(K):
+        chains = [_chain_step([make() for _ in range(layers)], x) for make in makers.values()]
+        samples = _alternating_samples_us(chains, reps=steps, warmup=5)
     print(f"{layers} BN layers in a row (2x{channels}x2x2 bf16, one backward a step, kernels stubbed), us a layer, "
           f"20th percentile of {steps} steps:")  # fmt: skip
     for label, kept in zip(makers, samples, strict=True):
@@ -257,11 +267,10 @@ def _print_network_rows(K, steps: int = 60, size: int = 32) -> None:
     providers = ("torch", "triton", "none")
     channels = 64 // 16
     x = torch.randn(2, channels, 8, 8, dtype=torch.bfloat16, requires_grad=True)
-    deferred, threads = BF.DEFERRED_CHECK_DEVICES, torch.get_num_threads()
-    BF.DEFERRED_CHECK_DEVICES = deferred | {"cpu"}  # (the GPU's path: no host sync a layer)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # (the convolutions' CPU work on one thread: steadier; on a GPU host it is the GPU's)
     try:
-        with _kernels_replaced(K, lambda kernel: _VerdictWriting(kernel, None)):
+        with _stubbed_gpu_path(K):
             networks = [NS.training_step(NS.prepared(base, p, "channels_last", "cpu"), "channels_last", 2, size, "cpu")
                         for p in providers]  # fmt: skip
             network = dict(zip(providers, _alternating_samples_us(networks, reps=steps, warmup=3), strict=True))
@@ -273,7 +282,6 @@ def _print_network_rows(K, steps: int = 60, size: int = 32) -> None:
                 chains = [_chain_step([make() for _ in range(layers)], x) for make in makers]
                 chain = _alternating_samples_us(chains, reps=steps, warmup=3)
     finally:
-        BF.DEFERRED_CHECK_DEVICES = deferred
         torch.set_num_threads(threads)
     median = {p: statistics.median(samples) for p, samples in network.items()}
     print(f"narrow ResNet-50 ({layers} BN layers; batch 2 at {size}x{size}, channels-last, bf16 autocast, SGD; "
