@@ -293,10 +293,10 @@ def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, str]:
     return (x, layout) if layout is not None else (x.contiguous(), kl.PLANES)
 
 
-def _like_kernel_input(x: torch.Tensor, channels: bool = True) -> torch.Tensor:
+def _like_kernel_input(x: torch.Tensor, wanted: bool = True) -> torch.Tensor:
     """An empty tensor with the strides the kernels give an output like `x` (`_kernel_input`'s), for the fakes;
-    `channels` False: an empty float32 stand-in for an output not asked for."""
-    if not channels:
+    `wanted` False: an empty float32 stand-in for an output not asked for."""
+    if not wanted:
         return x.new_empty(0, dtype=torch.float32)
     return torch.empty_like(_kernel_input(x)[0])
 
