@@ -1129,8 +1129,14 @@ def _epilogue(
     weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None, relu: bool
 ) -> dict[str, bool]:
     """The kernels' epilogue constexprs, by name in _EPILOGUE's order: the option builders take their values
-    positionally (`_apply_options`, `_grad_options`, `_input_grad_options`)."""
-    return dict(zip(_EPILOGUE, (weight is not None, bias is not None, residual is not None, relu), strict=True))
+    positionally (`_apply_options`, `_grad_options`, `_input_grad_options`) and name them again
+    (`_epilogue_named`)."""
+    return _epilogue_named((weight is not None, bias is not None, residual is not None, relu))
+
+
+def _epilogue_named(flags: tuple[bool, ...]) -> dict[str, bool]:
+    """The epilogue flags `flags` (in _EPILOGUE's order) by their constexprs' names."""
+    return dict(zip(_EPILOGUE, flags, strict=True))
 
 
 def _apply_options(
@@ -1138,7 +1144,7 @@ def _apply_options(
 ) -> dict:
     """The normalize kernel's constexprs and options over `p` (`forward`; `epilogue`: _EPILOGUE's values)."""
     return dict(FROM_RUNNING=from_running, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late),
-                HAS_RUNNING=has_running, EVICT=SECOND_READ_EVICTION, **dict(zip(_EPILOGUE, epilogue, strict=True)),
+                HAS_RUNNING=has_running, EVICT=SECOND_READ_EVICTION, **_epilogue_named(epilogue),
                 **_block_args(p))  # fmt: skip
 
 
@@ -1305,7 +1311,7 @@ def backward(
 def _grad_options(p: Plan, late_ok: bool, itemsize: int, write_dz: bool, *epilogue: bool) -> dict:
     """The gradient sums kernel's constexprs and options over `p` (`backward`; `epilogue`: _EPILOGUE's)."""
     return dict(SPLIT=p.splits > 1, SPLIT_BLOCK=_split_block(p), STAGES=_grad_stages(p),
-                LATE=late_ok and _late(p, itemsize), WRITE_DZ=write_dz, **dict(zip(_EPILOGUE, epilogue, strict=True)),
+                LATE=late_ok and _late(p, itemsize), WRITE_DZ=write_dz, **_epilogue_named(epilogue),
                 **_block_args(p, reduction=True))  # fmt: skip
 
 
@@ -1314,7 +1320,7 @@ def _input_grad_options(
 ) -> dict:
     """The dx kernel's constexprs and options over `p` (`backward`; `epilogue`: _EPILOGUE's values)."""
     return dict(TRAINING=training, STAGES=APPLY_STAGES[p.layout], **_late_options(p, late), WRITE_DX=write_dx,
-                WRITE_DZ=write_dz, EVICT=SECOND_READ_EVICTION, **dict(zip(_EPILOGUE, epilogue, strict=True)),
+                WRITE_DZ=write_dz, EVICT=SECOND_READ_EVICTION, **_epilogue_named(epilogue),
                 **_block_args(p))  # fmt: skip
 
 
